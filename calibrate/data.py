@@ -1,0 +1,87 @@
+"""Text sources. Evaluation reads only the WikiText-2 raw *test* split; calibration never does.
+
+Calibration sources (``--calib``):
+
+* ``c4`` (default): the bundled 2,000-record C4 validation sample
+* ``wikitext2-valid``: the bundled (tokenized, ``<unk>``-bearing) WikiText-2 validation split
+* a path to a UTF-8 text file (or ``.jsonl`` with a ``"text"`` field per line)
+* ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (needs ``datasets`` and a network)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quant.errors import QuantError
+
+DATA_DIR = Path(__file__).parent / "data"
+WIKITEXT2_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT2_VALID = DATA_DIR / "wikitext-2" / "valid.txt"
+C4_SAMPLE = DATA_DIR / "c4" / "c4_validation_2k.jsonl"
+CALIB_SOURCES = ("c4", "wikitext2-valid")
+
+
+def eval_text() -> str:
+    """WikiText-2 raw test as the standard protocol joins it: HF rows joined with ``"\\n\\n"``.
+
+    HF ``wikitext-2-raw-v1`` rows are the file's lines with their newline, blank lines (``" "``)
+    becoming ``""``; the joined text has 1,294,336 characters.
+    """
+    lines = WIKITEXT2_TEST.read_text(encoding="utf-8").split("\n")[:-1]
+    rows = ["" if line.strip() == "" else line + "\n" for line in lines]
+    return "\n\n".join(rows)
+
+
+def _jsonl_text(path: Path) -> str:
+    docs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise QuantError(f"{path}:{i + 1}: expected a JSON object with a 'text' field") from None
+    return "\n\n".join(docs)
+
+
+def load_calibration_text(source: str) -> str:
+    if source == "c4":
+        return _jsonl_text(C4_SAMPLE)
+    if source == "wikitext2-valid":
+        return WIKITEXT2_VALID.read_text(encoding="utf-8")
+    if source.startswith("hf:"):
+        name, cfg, split = (source[3:].split(":") + [None, None])[:3]
+        try:
+            import datasets
+        except ImportError:
+            raise QuantError("--calib hf:... needs the 'datasets' package: pip install datasets") from None
+        try:
+            ds = datasets.load_dataset(name, cfg, split=split or "train")
+        except Exception as e:
+            raise QuantError(f"cannot load dataset {source!r}: {str(e).splitlines()[0]}") from None
+        return "\n\n".join(t for t in ds["text"] if t)
+    path = Path(source)
+    if path.resolve() == WIKITEXT2_TEST.resolve():
+        raise QuantError("refusing to calibrate on the WikiText-2 test split, which is the evaluation text")
+    if not path.is_file():
+        raise QuantError(
+            f"calibration source {source!r} is not one of {CALIB_SOURCES}, a text file, or hf:NAME[:CONFIG[:SPLIT]]"
+        )
+    try:
+        return _jsonl_text(path) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QuantError(f"{path} is not UTF-8 text") from None
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows drawn at random offsets (seeded) from the tokenized source."""
+    if nsamples < 1 or seqlen < 2:
+        raise QuantError(f"need at least 1 calibration sample of 2+ tokens, got {nsamples} x {seqlen}")
+    ids = tokenizer(load_calibration_text(source), return_tensors="pt").input_ids[0]
+    if ids.numel() <= seqlen:
+        raise QuantError(f"calibration text {source!r} has {ids.numel()} tokens; need more than --seqlen {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

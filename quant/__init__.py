@@ -1,0 +1,30 @@
+"""lowbit: low-bit weight quantization for Hugging Face causal LMs.
+
+    from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quantized
+"""
+
+from quant import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)
+from quant.checkpoint import load_quantized, save_quantized
+from quant.errors import QuantError
+from quant.grid import QuantSpec
+from quant.models import load_model
+from quant.passes import PASSES, QuantContext, register_pass, run_pipeline
+from quant.quantizers import GPTQConfig, RTNConfig
+from quant.quantlinear import QuantLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPTQConfig",
+    "PASSES",
+    "QuantContext",
+    "QuantError",
+    "QuantLinear",
+    "QuantSpec",
+    "RTNConfig",
+    "load_model",
+    "load_quantized",
+    "register_pass",
+    "run_pipeline",
+    "save_quantized",
+]

