@@ -24,7 +24,15 @@ import torch
 import transformers
 
 from calibrate import calibration_windows
-from quant import GPTQConfig, QuantContext, RTNConfig, load_model, load_quantized, run_pipeline, save_quantized
+from quant import (
+    GPTQConfig,
+    QuantContext,
+    RTNConfig,
+    load_model,
+    load_quantized,
+    run_pipeline,
+    save_quantized,
+)
 from quant.perplexity import perplexity, tokenize_eval
 from quant.quantlinear import QuantLinear
 
@@ -57,23 +65,26 @@ def write_markdown(results: dict, meta: dict) -> None:
     lines = [
         "# Spine benchmark: SmolLM2-135M-Instruct, WikiText-2 raw test perplexity",
         "",
-        f"Protocol: test split joined with \"\\n\\n\", tokenized once, non-overlapping {meta['seqlen']}-token "
+        f'Protocol: test split joined with "\\n\\n", tokenized once, non-overlapping {meta["seqlen"]}-token '
         f"windows, ppl = exp(mean window NLL). fp32 on CPU ({meta['cpu']}). torch {meta['torch']}, "
         f"transformers {meta['transformers']}. Calibration: {meta['calibration']}.",
-        "Group 128 requested; layers whose input width (576) is not a multiple of 128 use group 64, "
-        "down_proj (1536) uses 128. Quantized: every q/k/v/o/gate/up/down; embeddings, norms, lm_head in fp32.",
         "",
-        "| setting | windows | perplexity | quantize wall (s) | checkpoint (MiB) | quantized linears / fp16 bytes | reload logits identical |",
+        "Group 128 requested: layers with 576 inputs (q/k/v/o/gate/up) use group 64, down_proj (1536 inputs) "
+        "uses 128. Every q/k/v/o/gate/up/down is quantized (asymmetric, integer zero-point, MSE clip); "
+        "embeddings, norms and lm_head stay fp32. GPTQ: act-order, damping 0.01, sequential q/k/v, o, gate/up, down.",
+        "",
+        "| setting | windows | perplexity | quantize wall (s) | weights on disk (MiB) "
+        "| quantized linears / their fp16 bytes | reload logits identical |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        s = r.get("sizes", {})
-        lines.append(
-            f"| {name} | {r['ppl']['windows']}/{r['ppl']['total_windows']} | {r['ppl']['ppl']:.2f} | "
-            f"{r.get('quantize_seconds', '-')} | "
-            f"{s['checkpoint_bytes'] / 2**20:.1f} | " if s else f"| {name} | {r['ppl']['windows']}/{r['ppl']['total_windows']} | {r['ppl']['ppl']:.2f} | - | - | "
-        )
-        lines[-1] += (f"{s['ratio_to_fp16']:.3f} | {r['reload_identical']} |" if s else "- | - |")
+        p, s = r["ppl"], r.get("sizes")
+        cells = [name, f"{p['windows']}/{p['total_windows']}", f"{p['ppl']:.2f}", str(r.get("quantize_seconds", "-"))]
+        if s:
+            cells += [f"{s['checkpoint_bytes'] / 2**20:.1f}", f"{s['ratio_to_fp16']:.3f}", str(r["reload_identical"])]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     (RESULTS / "spine.md").write_text("\n".join(lines) + "\n")
 
 
@@ -82,13 +93,17 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=0, help="0 = full test split (148 windows)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
+    ap.add_argument("--report-only", action="store_true", help="rewrite spine.md from spine.json and exit")
     args = ap.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS / "spine.json"
     doc = json.loads(out_json.read_text()) if out_json.exists() else {}
     results = doc.get("results", {})
+    if args.report_only:
+        write_markdown(results, doc["meta"])
+        return
     meta = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to fp32)",
         "seqlen": 2048,
@@ -117,7 +132,9 @@ def main() -> None:
             r["passes"] = run_pipeline(ctx, [step])
             r["quantize_seconds"] = round(time.perf_counter() - t0, 1)
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = save_quantized(lm.model, lm.tokenizer, Path(tmp) / "ckpt", {"method": step[0], "modules": ctx.modules})
+                ckpt = save_quantized(
+                    lm.model, lm.tokenizer, Path(tmp) / "ckpt", {"method": step[0], "modules": ctx.modules}
+                )
                 r["sizes"] = sizes(ckpt, lm.model)
                 reloaded, _ = load_quantized(ckpt)
                 with torch.no_grad():

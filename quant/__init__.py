@@ -1,6 +1,6 @@
 """lowbit: low-bit weight quantization for Hugging Face causal LMs.
 
-    from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quantized
+from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quantized
 """
 
 from quant import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)

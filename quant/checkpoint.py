@@ -112,12 +112,12 @@ def save_quantized(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        for fname, shard in zip(names, shards):
+        for fname, shard in zip(names, shards, strict=False):
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                "weight_map": {k: f for f, s in zip(names, shards) for k in s},
+                "weight_map": {k: f for f, s in zip(names, shards, strict=False) for k in s},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
@@ -209,7 +209,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
         except AttributeError:
             raise QuantError(f"corrupt checkpoint {path}: module {name} is not in the model") from None
         parent_name, _, child = name.rpartition(".")
-        q = QuantLinear(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
+        q = QuantLinear(
+            lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype
+        )
         setattr(model.get_submodule(parent_name), child, q)
     missing, unexpected = [], []
     try:

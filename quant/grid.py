@@ -95,7 +95,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (q - zero) * scale
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(
+    w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero (each ``[rows, 1]``, float32) for one group of columns ``w`` of shape ``[rows, cols]``.
 
     With ``clip="mse"`` the range is shrunk by factors in ``[1 - max_shrink, 1]`` and, per row, the

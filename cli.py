@@ -1,0 +1,223 @@
+"""``quantize``: the command line of the lowbit toolchain.
+
+quantize model [MODEL] --bits 4 --method gptq --out DIR     quantize, save, compare perplexity
+quantize eval MODEL_OR_DIR                                  WikiText-2 perplexity
+quantize inspect DIR                                        what a checkpoint holds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from quant.errors import QuantError
+
+app = typer.Typer(
+    help="Low-bit weight quantization for Hugging Face causal LMs (RTN, GPTQ; more methods as passes).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = (
+    "A local Hugging Face model folder, a Hub id (org/name; needs a network), or 'smollm2-135m' "
+    "(default: the embedded SmolLM2-135M-Instruct)."
+)
+
+
+def _eval(lm, max_windows: int, seqlen: int, label: str) -> dict:
+    from quant.perplexity import perplexity, tokenize_eval
+
+    return perplexity(lm.model, tokenize_eval(lm.tokenizer), seqlen=seqlen, max_windows=max_windows or None, desc=label)
+
+
+def _quantized_sizes(model) -> dict:
+    from quant.quantlinear import QuantLinear
+
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    qbytes = sum(b.numel() * b.element_size() for m in q for b in (m.qweight, m.scales, m.zeros))
+    n = sum(m.in_features * m.out_features for m in q)
+    return {
+        "quantized_linear_bytes": qbytes,
+        "quantized_params": n,
+        "bits_per_weight": round(8 * qbytes / max(n, 1), 3),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+@app.command("model")
+def model_cmd(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    bits: int = typer.Option(4, help="Weight bit width: 2, 3, 4 or 8."),
+    method: str = typer.Option("gptq", help="Quantizer: rtn (round to nearest, no data) or gptq (calibrated)."),
+    group_size: int = typer.Option(
+        128,
+        help="Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width "
+        "it does not divide uses the largest supported group that does (recorded per layer).",
+    ),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric (fixed zero-point) or asymmetric groups."),
+    clip: str = typer.Option("mse", help="Range per group: minmax, or mse (search the clipping that minimises error)."),
+    calib: str = typer.Option(
+        "c4",
+        help="Calibration text (gptq): c4 | wikitext2-valid (bundled), a .txt/.jsonl file, "
+        "or hf:NAME[:CONFIG[:SPLIT]].",
+    ),
+    nsamples: int = typer.Option(128, help="Number of calibration windows (gptq)."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window (gptq)."),
+    act_order: bool = typer.Option(True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal."),
+    damp: float = typer.Option(0.01, help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
+    out: Path = typer.Option(None, help="Output folder (default: ./<model>-<method>-w<bits>g<group>)."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure WikiText-2 perplexity, float and quantized."),
+    max_windows: int = typer.Option(
+        32, help="Perplexity windows of 2048 tokens (0 = the full test split, 148 windows for SmolLM2)."
+    ),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """Quantize a model's linear layers and write a packed safetensors checkpoint.
+
+    With no arguments: GPTQ 4-bit, group 128, on the embedded SmolLM2-135M, then prints its perplexity
+    next to the float model's on the first 32 WikiText-2 test windows.
+    """
+    import torch
+    import transformers
+
+    from calibrate import calibration_windows
+    from quant import QuantContext, run_pipeline, save_quantized
+    from quant.checkpoint import check_output_dir
+    from quant.models import load_model
+    from quant.passes import get_pass, quantizer_methods
+
+    info = get_pass(method)
+    if not info.quantizer:
+        raise QuantError(f"{method!r} is not a quantization method; use one of {', '.join(quantizer_methods())}")
+    kwargs = {"bits": bits, "group_size": group_size, "sym": sym, "clip": clip}
+    if method == "gptq":
+        kwargs.update(damp=damp, act_order=act_order)
+    config = info.config_cls(**kwargs)
+    config.spec()  # validates bits / group size / clip before any work
+    slug = Path(model).name if model else "smollm2-135m"
+    out = check_output_dir(out or Path(f"{slug}-{method}-w{bits}g{group_size}"), overwrite)
+
+    torch.manual_seed(seed)
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    if lm.quantized:
+        raise QuantError(f"{lm.source} is already quantized; pass the float model")
+    report: dict = {
+        "model": lm.source,
+        "method": method,
+        "versions": {"lowbit": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    if evaluate:
+        report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl")
+    calib_ids = None
+    if info.needs_calibration:
+        calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
+        report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids)
+    t0 = time.perf_counter()
+    passes = run_pipeline(ctx, [(method, config)])
+    report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+    report["passes"] = passes
+    report["sizes"] = _quantized_sizes(lm.model)
+    qc = {
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "modules": ctx.modules,
+        "not_quantized": ["embeddings", "lm_head", "norms"],
+        "passes": [{"name": p["name"], "config": p["config"]} for p in passes],
+        "calibration": report.get("calibration"),
+    }
+    out = save_quantized(lm.model, lm.tokenizer, out, qc, report, overwrite=overwrite)
+    groups = Counter(m["group_size"] for m in ctx.modules.values())
+    typer.echo(
+        f"quantized {len(ctx.modules)} linears in {report['quantize_seconds']} s "
+        f"(group sizes used: {dict(groups)}); {report['sizes']['bits_per_weight']} bits/weight with scales"
+    )
+    typer.echo(f"wrote {out}")
+    if evaluate:
+        report["perplexity_quantized"] = _eval(lm, max_windows, 2048, "quantized ppl")
+        _write_json_atomic(out / "quant_report.json", report)
+        f, q = report["perplexity_float"], report["perplexity_quantized"]
+        typer.echo(
+            f"WikiText-2 perplexity ({q['windows']}/{q['total_windows']} windows of 2048): "
+            f"float {f['ppl']:.3f}  ->  {method} w{bits} {q['ppl']:.3f}"
+        )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(
+        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
+    ),
+    max_windows: int = typer.Option(0, help="Evaluate only the first N windows (0 = the full test split)."),
+    seqlen: int = typer.Option(2048, help="Window length in tokens (2048 is the standard protocol)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """WikiText-2 (raw, test) perplexity: non-overlapping windows, ppl = exp(mean window NLL)."""
+    from quant.models import load_model
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl")}
+    typer.echo(json.dumps(res, indent=2))
+    if json_out:
+        _write_json_atomic(json_out, res)
+
+
+@app.command("inspect")
+def inspect_cmd(ckpt: Path = typer.Argument(..., help="A checkpoint folder written by `quantize model`.")) -> None:
+    """Summarise a quantized checkpoint: method, bits and groups per layer, sizes, recorded perplexity."""
+    from quant.checkpoint import read_quantization_config
+
+    if not ckpt.is_dir():
+        raise QuantError(f"{ckpt} is not a folder")
+    qc = read_quantization_config(ckpt)
+    mods = qc.get("modules", {})
+    typer.echo(f"{ckpt}: method {qc.get('method')}, format {qc['format_version']}, packing {qc['packing']}")
+    typer.echo(
+        f"  {len(mods)} quantized linears; bits {dict(Counter(m['bits'] for m in mods.values()))}; "
+        f"group sizes {dict(Counter(m['group_size'] for m in mods.values()))}; "
+        f"sym {dict(Counter(m['sym'] for m in mods.values()))}"
+    )
+    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    typer.echo(f"  weights on disk: {weights / 2**20:.1f} MiB")
+    rep = ckpt / "quant_report.json"
+    if rep.is_file():
+        r = json.loads(rep.read_text())
+        if "sizes" in r:
+            typer.echo(f"  quantized linears: {r['sizes']['bits_per_weight']} bits/weight including scales and zeros")
+        for key in ("perplexity_float", "perplexity_quantized"):
+            if key in r:
+                typer.echo(f"  {key}: {r[key]['ppl']:.3f} ({r[key]['windows']}/{r[key]['total_windows']} windows)")
+        if "quantize_seconds" in r:
+            typer.echo(f"  quantization wall time: {r['quantize_seconds']} s")
+
+
+def main() -> None:
+    try:
+        app()
+    except QuantError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; no partial output was written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The `quantize` command: help, a real run on a tiny model, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def assert_one_line_error(r, pattern):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and pattern in err[0], r.stderr
+
+
+def test_help_explains_every_option():
+    r = run("model", "--help")
+    assert r.returncode == 0
+    for opt in (
+        "--bits",
+        "--method",
+        "--group-size",
+        "--sym",
+        "--clip",
+        "--calib",
+        "--nsamples",
+        "--seqlen",
+        "--act-order",
+        "--damp",
+        "--seed",
+        "--out",
+        "--overwrite",
+        "--eval",
+        "--max-windows",
+        "--trust-remote-code",
+    ):
+        assert opt in r.stdout, opt
+    assert run("eval", "--help").returncode == 0 and run("inspect", "--help").returncode == 0
+
+
+def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    r = run(
+        "model",
+        tiny_dir,
+        "--method",
+        "gptq",
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "1",
+        "--out",
+        out,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "float" in r.stdout and "gptq w3" in r.stdout
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["perplexity_quantized"]["windows"] == 1 and report["quantize_seconds"] >= 0
+    r = run("inspect", out)
+    assert r.returncode == 0 and "14 quantized linears" in r.stdout and "{3: 14}" in r.stdout
+    r = run("eval", out, "--max-windows", "1", "--json", tmp_path / "ppl.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    assert res["quantized"] is True
+    assert res["ppl"] == pytest.approx(report["perplexity_quantized"]["ppl"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--method", "awq"], "unknown method or pass 'awq'"),
+        (["--bits", "5"], "bits must be one of"),
+        (["--group-size", "100"], "group size must be one of"),
+        (["--clip", "max"], "clip must be one of"),
+    ],
+)
+def test_bad_options(tmp_path, tiny_dir, args, pattern):
+    r = run("model", tiny_dir, "--out", tmp_path / "q", *args)
+    assert_one_line_error(r, pattern)
+    assert not (tmp_path / "q").exists()
+
+
+def test_missing_model(tmp_path):
+    assert_one_line_error(run("model", tmp_path / "nope", "--out", tmp_path / "q"), "not found")
+    assert_one_line_error(run("eval", tmp_path / "nope"), "not found")
+
+
+def test_existing_output_refused(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    out.mkdir()
+    assert_one_line_error(run("model", tiny_dir, "--out", out), "already exists")
+
+
+def test_nan_weights_refused(tmp_path, tiny_dir):
+    from safetensors.torch import load_file, save_file
+
+    f = tiny_dir / "model.safetensors"
+    state = load_file(str(f))
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    r = run("model", tiny_dir, "--method", "rtn", "--out", tmp_path / "q", "--no-eval")
+    assert_one_line_error(r, "NaN")
+    assert not (tmp_path / "q").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(d)
+    assert_one_line_error(run("model", d, "--out", tmp_path / "q"), "unsupported architecture 'gpt2'")
+
+
+def test_pickle_only_model_refused(tmp_path, tiny_dir):
+    (tiny_dir / "model.safetensors").rename(tiny_dir / "pytorch_model.bin")
+    assert_one_line_error(run("eval", tiny_dir), "only safetensors")
+
+
+def test_corrupt_checkpoint(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    assert run("model", tiny_dir, "--method", "rtn", "--no-eval", "--out", out).returncode == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    assert_one_line_error(run("eval", out, "--max-windows", "1"), "corrupt checkpoint")
+
+
+def test_bad_calibration_source(tmp_path, tiny_dir):
+    r = run("model", tiny_dir, "--calib", tmp_path / "missing.txt", "--out", tmp_path / "q", "--no-eval")
+    assert_one_line_error(r, "calibration source")
+
+
+def test_tiny_model_is_really_quantized(tmp_path, tiny_dir):
+    from quant import load_quantized
+
+    out = tmp_path / "q"
+    assert run("model", tiny_dir, "--method", "rtn", "--bits", "2", "--no-eval", "--out", out).returncode == 0
+    model, _ = load_quantized(out)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.bits == 2 and len(torch.unique(q.codes())) <= 4

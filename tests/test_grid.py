@@ -1,0 +1,83 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant.errors import QuantError
+from quant.grid import QuantSpec, check_finite, dequantize_weight, quantize_codes, quantize_rtn
+
+
+def _weight(seed, rows, cols):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[0, 0] = 0.4  # an outlier
+    return w
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group=st.sampled_from([32, 64, 128, -1]),
+    sym=st.booleans(),
+    clip=st.sampled_from(["minmax", "mse"]),
+    rows=st.integers(1, 6),
+    ngroups=st.integers(1, 4),
+    seed=st.integers(0, 2**31),
+)
+def test_quantize_dequantize_roundtrip(bits, group, sym, clip, rows, ngroups, seed):
+    cols = 128 * ngroups
+    w = _weight(seed, rows, cols)
+    spec = QuantSpec(bits, group, sym, clip)
+    qw = quantize_rtn(w, spec)
+    g = cols if group == -1 else group
+    assert qw.group_size == g
+    assert qw.codes.shape == (rows, cols) and qw.scales.shape == (rows, cols // g)
+    assert int(qw.codes.max()) <= 2**bits - 1 and int(qw.zeros.max()) <= 2**bits - 1
+    if sym:
+        assert bool((qw.zeros == 2 ** (bits - 1)).all())
+    deq = qw.dequantize()
+    # dequantized values lie on the grid: encoding them with the stored scale/zero gives the same codes
+    s = qw.scales.float().repeat_interleave(g, dim=1)
+    z = qw.zeros.float().repeat_interleave(g, dim=1)
+    assert torch.equal(quantize_codes(deq, s, z, bits).to(torch.uint8), qw.codes)
+    if clip == "minmax" and not sym:
+        # nothing is clipped: every error is at most half a step
+        step = qw.scales.float().repeat_interleave(g, dim=1)
+        assert bool(((w - deq).abs() <= step / 2 + 1e-6).all())
+
+
+def test_dequantize_matches_formula():
+    w = _weight(1, 4, 64)
+    qw = quantize_rtn(w, QuantSpec(4, 32, False, "minmax"))
+    manual = (qw.codes.float() - qw.zeros.float().repeat_interleave(32, 1)) * qw.scales.float().repeat_interleave(32, 1)
+    assert torch.equal(dequantize_weight(qw.codes, qw.scales, qw.zeros, 32), manual)
+
+
+def test_more_bits_less_error_and_mse_clip_helps():
+    w = _weight(2, 64, 256)
+    errs = {b: (quantize_rtn(w, QuantSpec(b, 64, clip="minmax")).dequantize() - w).norm() for b in (2, 3, 4, 8)}
+    assert errs[8] < errs[4] < errs[3] < errs[2]
+    mse = (quantize_rtn(w, QuantSpec(3, 64, clip="mse")).dequantize() - w).norm()
+    assert mse < errs[3]
+
+
+def test_group_fallback_for_widths_not_divisible():
+    spec = QuantSpec(4, 128)
+    assert spec.group_for(576) == 64  # SmolLM2 hidden size
+    assert spec.group_for(1536) == 128
+    assert QuantSpec(4, -1).group_for(576) == 576
+    with pytest.raises(QuantError, match="fits no group"):
+        spec.group_for(100)
+
+
+@pytest.mark.parametrize("kw", [{"bits": 5}, {"bits": 1}, {"group_size": 100}, {"clip": "foo"}])
+def test_invalid_specs(kw):
+    with pytest.raises(QuantError):
+        QuantSpec(**kw)
+
+
+def test_nan_weights_rejected():
+    w = torch.zeros(2, 32)
+    w[1, 3] = float("nan")
+    with pytest.raises(QuantError, match="NaN"):
+        check_finite(w, "layer")

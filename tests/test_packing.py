@@ -1,0 +1,44 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant.errors import QuantError
+from quant.packing import pack, packed_width, unpack
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 9), cols=st.integers(1, 100), seed=st.integers(0, 2**31))
+def test_pack_unpack_roundtrip(bits, rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (rows, packed_width(cols, bits))
+    assert torch.equal(unpack(packed, bits, cols), codes)
+
+
+def test_three_bit_layout_is_word_aligned():
+    # 10 codes per word at offsets 0, 3, ..., 27; the top two bits stay zero even for all-ones codes.
+    codes = torch.full((1, 20), 7, dtype=torch.uint8)
+    packed = pack(codes, 3)
+    assert packed.shape == (1, 2)
+    assert all((int(w) & 0xFFFFFFFF) == 2**30 - 1 for w in packed[0])
+    # code j sits in word j // 10 at bit 3 * (j % 10)
+    one = torch.zeros(1, 20, dtype=torch.uint8)
+    one[0, 13] = 5
+    assert (int(pack(one, 3)[0, 1]) & 0xFFFFFFFF) == 5 << 9
+
+
+def test_high_bit_codes_survive_signed_storage():
+    codes = torch.full((2, 8), 15, dtype=torch.uint8)  # fills all 32 bits: negative as int32
+    packed = pack(codes, 4)
+    assert int(packed[0, 0]) == -1
+    assert torch.equal(unpack(packed, 4, 8), codes)
+
+
+def test_out_of_range_codes_rejected():
+    with pytest.raises(QuantError):
+        pack(torch.tensor([[4]], dtype=torch.uint8), 2)
+    with pytest.raises(QuantError):
+        pack(torch.zeros(1, 4, dtype=torch.uint8), 5)
