@@ -143,11 +143,14 @@ def model_cmd(
         "calibration": report.get("calibration"),
     }
     out = save_quantized(lm.model, lm.tokenizer, out, qc, report, overwrite=overwrite)
-    groups = Counter(m["group_size"] for m in ctx.modules.values())
     typer.echo(
-        f"quantized {len(ctx.modules)} linears in {report['quantize_seconds']} s "
-        f"(group sizes used: {dict(groups)}); {report['sizes']['bits_per_weight']} bits/weight with scales"
+        f"quantized {len(ctx.modules)} linears in {report['quantize_seconds']} s; "
+        f"{report['sizes']['bits_per_weight']} bits/weight including scales and zeros"
     )
+    if group_size != -1:
+        fallback = Counter(m["group_size"] for m in ctx.modules.values() if m["group_size"] != group_size)
+        for g, n in sorted(fallback.items()):
+            typer.echo(f"note: group {group_size} does not divide the inputs of {n} layers; they use group {g}")
     typer.echo(f"wrote {out}")
     if evaluate:
         report["perplexity_quantized"] = _eval(lm, max_windows, 2048, "quantized ppl")
