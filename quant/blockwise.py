@@ -59,7 +59,7 @@ class BlockRunner:
         The forward stops as soon as that input is seen, so later parts of the block cost nothing.
         """
         n_in = first_reader.in_features
-        H = torch.zeros(n_in, n_in)
+        H = torch.zeros(n_in, n_in, device=first_reader.weight.device)
         count = 0
 
         def hook(_mod, args):
@@ -71,7 +71,7 @@ class BlockRunner:
 
         h = first_reader.register_forward_pre_hook(hook)
         try:
-            for x in self.inputs:
+            for x in self.inputs:  # one calibration window at a time
                 try:
                     self._call(block, x[None])
                 except _Stop:

@@ -19,7 +19,7 @@ from quant.grid import QuantizedWeight, QuantSpec, dequantize_codes, find_params
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹``; raises the damping if ``H`` is not positive definite."""
     diag_mean = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(5):
         lam = damp * (10**attempt) * diag_mean
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
@@ -44,24 +44,24 @@ def gptq_quantize(
     out, n = W.shape
     g = spec.group_for(n)
     n_groups = n // g
-    H = H.detach().float().clone()
+    H = H.detach().float().to(W.device, copy=True)
 
     dead = torch.diag(H) == 0  # inputs that never fire: weight irrelevant, quantize as 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     pos = torch.argsort(perm)  # pos[j]: where original column j sits in the processing order
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, damp)
 
     if not act_order:  # keep each group inside one lazy-update block, so its fit sees every update
         block_size = g * max(1, block_size // g) if g < n else n
-    scales = torch.zeros(out, n_groups)
-    zeros = torch.zeros(out, n_groups)
-    fitted = torch.zeros(n_groups, dtype=torch.bool)
+    scales = torch.zeros(out, n_groups, device=W.device)
+    zeros = torch.zeros_like(scales)
+    fitted = [False] * n_groups
     group_of = (perm // g).tolist()
-    codes = torch.zeros(out, n)
+    codes = torch.zeros_like(W)
 
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)

@@ -32,11 +32,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     k = codes_per_word(bits)
     rows, n = codes.shape
     words = packed_width(n, bits)
-    c = torch.zeros(rows, words * k, dtype=torch.int64)
+    c = torch.zeros(rows, words * k, dtype=torch.int64, device=codes.device)
     c[:, :n] = codes.to(torch.int64)
     if c.min() < 0 or c.max() >= 2**bits:
         raise QuantError(f"codes out of range for {bits}-bit packing")
-    shifts = torch.arange(k, dtype=torch.int64) * bits
+    shifts = torch.arange(k, dtype=torch.int64, device=codes.device) * bits
     packed = (c.view(rows, words, k) << shifts).sum(-1)  # disjoint bit fields: sum == bitwise or
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # reinterpret as signed int32
     return packed.to(torch.int32)
@@ -49,6 +49,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if words * k < n:
         raise QuantError(f"packed tensor too small: {words} words cannot hold {n} {bits}-bit codes")
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(k, dtype=torch.int64) * bits
+    shifts = torch.arange(k, dtype=torch.int64, device=packed.device) * bits
     codes = (p[..., None] >> shifts) & (2**bits - 1)
     return codes.view(rows, words * k)[:, :n].to(torch.uint8)

@@ -13,6 +13,7 @@ Quantizer passes consult ``ctx.spec_for(name, default)`` so a bit-allocation pas
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ class QuantContext:
     def install(self, name: str, q: QuantLinear, sym: bool) -> None:
         """Put a quantized linear in place of the float module ``name`` and record it."""
         parent, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent), child, q)
+        old = self.model.get_submodule(name)
+        device = next(itertools.chain(old.parameters(), old.buffers())).device
+        setattr(self.model.get_submodule(parent), child, q.to(device))
         self.modules[name] = {"bits": q.bits, "group_size": q.group_size, "sym": sym}
 
 
