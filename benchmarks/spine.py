@@ -38,13 +38,18 @@ from quant.quantlinear import QuantLinear
 
 RESULTS = Path(__file__).parent / "results"
 # Pairs first (the comparison that matters), the float reference last.
-SETTINGS = [
-    ("rtn-w3-g128", ("rtn", RTNConfig(bits=3, group_size=128))),
-    ("gptq-w3-g128", ("gptq", GPTQConfig(bits=3, group_size=128))),
-    ("rtn-w4-g128", ("rtn", RTNConfig(bits=4, group_size=128))),
-    ("gptq-w4-g128", ("gptq", GPTQConfig(bits=4, group_size=128))),
-    ("float", None),
-]
+SETTINGS = {
+    "rtn-w3-g128": ("rtn", RTNConfig(bits=3, group_size=128)),
+    "gptq-w3-g128": ("gptq", GPTQConfig(bits=3, group_size=128)),
+    "rtn-w4-g128": ("rtn", RTNConfig(bits=4, group_size=128)),
+    "gptq-w4-g128": ("gptq", GPTQConfig(bits=4, group_size=128)),
+    "float": None,
+}
+# Ablations, run with --only: the clipping choice of the group range.
+EXTRA = {
+    "rtn-w3-g128-minmax": ("rtn", RTNConfig(bits=3, group_size=128, clip="minmax")),
+    "rtn-w4-g128-minmax": ("rtn", RTNConfig(bits=4, group_size=128, clip="minmax")),
+}
 
 
 def sizes(ckpt: Path, model) -> dict:
@@ -61,16 +66,17 @@ def sizes(ckpt: Path, model) -> dict:
     }
 
 
-def write_markdown(results: dict, meta: dict) -> None:
+def write_markdown(results: dict, meta: dict, tag: str) -> None:
     lines = [
-        "# Spine benchmark: SmolLM2-135M-Instruct, WikiText-2 raw test perplexity",
+        f"# Benchmark `{tag}`: SmolLM2-135M-Instruct, WikiText-2 raw test perplexity",
         "",
         f'Protocol: test split joined with "\\n\\n", tokenized once, non-overlapping {meta["seqlen"]}-token '
         f"windows, ppl = exp(mean window NLL). fp32 on CPU ({meta['cpu']}). torch {meta['torch']}, "
         f"transformers {meta['transformers']}. Calibration: {meta['calibration']}.",
         "",
         "Group 128 requested: layers with 576 inputs (q/k/v/o/gate/up) use group 64, down_proj (1536 inputs) "
-        "uses 128. Every q/k/v/o/gate/up/down is quantized (asymmetric, integer zero-point, MSE clip); "
+        "uses 128. Every q/k/v/o/gate/up/down is quantized (asymmetric, integer zero-point, MSE clip "
+        "search unless the setting says minmax); "
         "embeddings, norms and lm_head stay fp32. GPTQ: act-order, damping 0.01, sequential q/k/v, o, gate/up, down.",
         "",
         "| setting | windows | perplexity | quantize wall (s) | weights on disk (MiB) "
@@ -85,7 +91,7 @@ def write_markdown(results: dict, meta: dict) -> None:
         else:
             cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    (RESULTS / "spine.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -94,15 +100,17 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
-    ap.add_argument("--report-only", action="store_true", help="rewrite spine.md from spine.json and exit")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
+    ap.add_argument("--only", nargs="+", choices=[*SETTINGS, *EXTRA], help="run just these settings")
+    ap.add_argument("--tag", default="spine", help="results go to benchmarks/results/<tag>.json and .md")
     args = ap.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "spine.json"
+    out_json = RESULTS / f"{args.tag}.json"
     doc = json.loads(out_json.read_text()) if out_json.exists() else {}
     results = doc.get("results", {})
     if args.report_only:
-        write_markdown(results, doc["meta"])
+        write_markdown(results, doc["meta"], args.tag)
         return
     meta = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to fp32)",
@@ -118,7 +126,9 @@ def main() -> None:
     ids = tokenize_eval(base.tokenizer)
     calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
     probe = ids[:128][None]
-    for name, step in SETTINGS:
+    chosen = args.only or list(SETTINGS)
+    for name in chosen:
+        step = {**SETTINGS, **EXTRA}[name]
         prev = results.get(name)
         if prev and not args.force and prev["ppl"]["windows"] == (args.max_windows or prev["ppl"]["total_windows"]):
             print(f"{name}: already measured, skipping")
@@ -146,7 +156,7 @@ def main() -> None:
         print(f"{name}: ppl {r['ppl']['ppl']:.3f}")
         results[name] = r
         out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        write_markdown(results, meta)
+        write_markdown(results, meta, args.tag)
 
 
 if __name__ == "__main__":
