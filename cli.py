@@ -67,7 +67,12 @@ def model_cmd(
         "it does not divide uses the largest supported group that does (recorded per layer).",
     ),
     sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric (fixed zero-point) or asymmetric groups."),
-    clip: str = typer.Option("mse", help="Range per group: minmax, or mse (search the clipping that minimises error)."),
+    clip: str = typer.Option(
+        None,
+        help="Range per group: minmax, or mse (search the clipping that minimises weight error). "
+        "Default: minmax for rtn, mse for gptq.",
+        show_default=False,
+    ),
     calib: str = typer.Option(
         "c4",
         help="Calibration text (gptq): c4 | wikitext2-valid (bundled), a .txt/.jsonl file, "
@@ -103,7 +108,9 @@ def model_cmd(
     info = get_pass(method)
     if not info.quantizer:
         raise QuantError(f"{method!r} is not a quantization method; use one of {', '.join(quantizer_methods())}")
-    kwargs = {"bits": bits, "group_size": group_size, "sym": sym, "clip": clip}
+    kwargs = {"bits": bits, "group_size": group_size, "sym": sym}
+    if clip is not None:
+        kwargs["clip"] = clip
     if method == "gptq":
         kwargs.update(damp=damp, act_order=act_order)
     config = info.config_cls(**kwargs)

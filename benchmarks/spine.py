@@ -39,9 +39,9 @@ from quant.quantlinear import QuantLinear
 RESULTS = Path(__file__).parent / "results"
 # Pairs first (the comparison that matters), the float reference last.
 SETTINGS = {
-    "rtn-w3-g128": ("rtn", RTNConfig(bits=3, group_size=128)),
+    "rtn-w3-g128": ("rtn", RTNConfig(bits=3, group_size=128, clip="mse")),
     "gptq-w3-g128": ("gptq", GPTQConfig(bits=3, group_size=128)),
-    "rtn-w4-g128": ("rtn", RTNConfig(bits=4, group_size=128)),
+    "rtn-w4-g128": ("rtn", RTNConfig(bits=4, group_size=128, clip="mse")),
     "gptq-w4-g128": ("gptq", GPTQConfig(bits=4, group_size=128)),
     "float": None,
 }
