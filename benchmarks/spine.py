@@ -49,6 +49,7 @@ SETTINGS = {
 EXTRA = {
     "rtn-w3-g128-minmax": ("rtn", RTNConfig(bits=3, group_size=128, clip="minmax")),
     "rtn-w4-g128-minmax": ("rtn", RTNConfig(bits=4, group_size=128, clip="minmax")),
+    "gptq-w3-g128-minmax": ("gptq", GPTQConfig(bits=3, group_size=128, clip="minmax")),
 }
 
 
