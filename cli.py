@@ -37,19 +37,6 @@ def _eval(lm, max_windows: int, seqlen: int, label: str) -> dict:
     return perplexity(lm.model, tokenize_eval(lm.tokenizer), seqlen=seqlen, max_windows=max_windows or None, desc=label)
 
 
-def _quantized_sizes(model) -> dict:
-    from quant.quantlinear import QuantLinear
-
-    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    qbytes = sum(b.numel() * b.element_size() for m in q for b in (m.qweight, m.scales, m.zeros))
-    n = sum(m.in_features * m.out_features for m in q)
-    return {
-        "quantized_linear_bytes": qbytes,
-        "quantized_params": n,
-        "bits_per_weight": round(8 * qbytes / max(n, 1), 3),
-    }
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -104,6 +91,7 @@ def model_cmd(
     from quant.checkpoint import check_output_dir
     from quant.models import load_model
     from quant.passes import get_pass, quantizer_methods
+    from quant.quantlinear import quantized_sizes
 
     info = get_pass(method)
     if not info.quantizer:
@@ -138,7 +126,7 @@ def model_cmd(
     passes = run_pipeline(ctx, [(method, config)])
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["passes"] = passes
-    report["sizes"] = _quantized_sizes(lm.model)
+    report["sizes"] = quantized_sizes(lm.model)
     qc = {
         "method": method,
         "bits": bits,

@@ -34,7 +34,7 @@ from quant import (
     save_quantized,
 )
 from quant.perplexity import perplexity, tokenize_eval
-from quant.quantlinear import QuantLinear
+from quant.quantlinear import quantized_sizes
 
 RESULTS = Path(__file__).parent / "results"
 # Pairs first (the comparison that matters), the float reference last.
@@ -54,17 +54,8 @@ EXTRA = {
 
 
 def sizes(ckpt: Path, model) -> dict:
-    qbytes = fp16 = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            qbytes += sum(b.numel() * b.element_size() for b in (m.qweight, m.scales, m.zeros))
-            fp16 += m.in_features * m.out_features * 2
-    return {
-        "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix == ".safetensors"),
-        "quantized_linear_bytes": qbytes,
-        "quantized_linear_fp16_bytes": fp16,
-        "ratio_to_fp16": round(qbytes / fp16, 4),
-    }
+    on_disk = sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix == ".safetensors")
+    return {"checkpoint_bytes": on_disk, **quantized_sizes(model)}
 
 
 def write_markdown(results: dict, meta: dict, tag: str) -> None:

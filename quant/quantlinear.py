@@ -85,3 +85,16 @@ def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
     finally:
         for m in layers:
             m._cached = None
+
+
+def quantized_sizes(model: nn.Module) -> dict:
+    """Bytes of every ``QuantLinear`` (codes + scales + zeros) against the same weights in fp16."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    qbytes = sum(b.numel() * b.element_size() for m in layers for b in (m.qweight, m.scales, m.zeros))
+    params = sum(m.in_features * m.out_features for m in layers)
+    return {
+        "quantized_linear_bytes": qbytes,
+        "quantized_linear_fp16_bytes": 2 * params,
+        "ratio_to_fp16": round(qbytes / max(2 * params, 1), 4),
+        "bits_per_weight": round(8 * qbytes / max(params, 1), 3),
+    }

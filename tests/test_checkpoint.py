@@ -136,3 +136,19 @@ def test_not_a_checkpoint(tmp_path, tiny_dir):
         load_quantized(tiny_dir)
     with pytest.raises(QuantError, match="no config.json"):
         load_quantized(tmp_path)
+
+
+def test_per_module_bits_override_reloads(tmp_path, tiny_llama, tokenizer, calib):
+    # a bit-allocation pass (NSDS) sets per-module bits through ctx.overrides; the checkpoint must keep them
+    ctx = QuantContext(tiny_llama, tokenizer, calib_ids=calib, progress=False)
+    ctx.overrides = {"model.layers.0.mlp.down_proj": {"bits": 2}, "model.layers.1.self_attn.q_proj": {"bits": 8}}
+    run_pipeline(ctx, [("gptq", GPTQConfig(bits=3, group_size=32))])
+    assert ctx.modules["model.layers.0.mlp.down_proj"]["bits"] == 2
+    assert ctx.modules["model.layers.1.self_attn.q_proj"]["bits"] == 8
+    assert ctx.modules["model.layers.0.mlp.up_proj"]["bits"] == 3
+    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", {"method": "gptq", "modules": ctx.modules})
+    model2, _ = load_quantized(out)
+    assert model2.model.layers[0].mlp.down_proj.bits == 2 and model2.model.layers[1].self_attn.q_proj.bits == 8
+    ids = torch.randint(0, 49152, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, model2(ids).logits)
