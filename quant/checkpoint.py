@@ -43,6 +43,7 @@ from quant.errors import QuantError
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
 
+QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -122,7 +123,7 @@ def save_quantized(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
 
-        qc = {"quant_method": "lowbit", "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
+        qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
         config = json.loads(model.config.to_json_string(use_diff=False))
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -156,7 +157,7 @@ def read_quantization_config(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({e})") from None
     qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "lowbit":
+    if qc.get("quant_method") != QUANT_METHOD:
         raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is missing)")
     if qc.get("format_version") != FORMAT_VERSION or qc.get("packing") != LAYOUT:
         raise QuantError(

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from quant.adapters import adapter_for_type
+from quant.checkpoint import QUANT_METHOD, load_quantized
 from quant.errors import QuantError
 
 EMBEDDED_NAME = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our own checkpoints
 
 
 def cache_dir() -> Path:
@@ -124,8 +124,6 @@ def load_model(
         if not path.is_dir():
             raise QuantError(f"{path} is a file; pass the model's folder")
         if is_quantized_dir(path):
-            from quant.checkpoint import load_quantized
-
             model, tok = load_quantized(path)
             return LoadedModel(model, tok, str(path), quantized=True)
         adapter_for_type(_read_config(path).get("model_type", "?"))
