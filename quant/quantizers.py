@@ -30,7 +30,7 @@ class RTNConfig:
 
 @dataclass
 class GPTQConfig(RTNConfig):
-    clip: str = "mse"  # what the spine benchmark measured GPTQ with; not yet ablated against min-max
+    clip: str = "mse"  # measured better than min-max for GPTQ at w3 on SmolLM2 (benchmarks/results/clip.md)
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     act_order: bool = True
     block_size: int = 128  # lazy-update block (columns)
