@@ -1,6 +1,8 @@
 """``quantize``: the command line of the lowbit toolchain.
 
 quantize model [MODEL] --bits 4 --method gptq --out DIR     quantize, save, compare perplexity
+quantize model --bits 2.5 --allocation nsds                 mixed precision at an average budget
+quantize allocate [MODEL] --bits 3                          NSDS scores and bits, without quantizing
 quantize eval MODEL_OR_DIR                                  WikiText-2 perplexity
 quantize inspect DIR                                        what a checkpoint holds
 """
@@ -46,8 +48,25 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 @app.command("model")
 def model_cmd(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
-    bits: int = typer.Option(4, help="Weight bit width: 2, 3, 4 or 8."),
+    bits: float = typer.Option(
+        4,
+        help="Weight bit width: 2, 3, 4 or 8. With --allocation, the average budget (fractions allowed, e.g. 2.5): "
+        "the quantized linears take no more bytes than uniform quantization at that width would.",
+    ),
     method: str = typer.Option("gptq", help="Quantizer: rtn (round to nearest, no data) or gptq (calibrated)."),
+    allocation: str = typer.Option(
+        "none",
+        help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
+        "or random (NSDS's mix of widths, shuffled; a baseline).",
+    ),
+    candidates: str = typer.Option("2,3,4", help="Allocation: the widths a layer may get, comma-separated."),
+    granularity: str = typer.Option("layer", help="Allocation: one width per block (layer) or per linear (module)."),
+    scheme: str = typer.Option(
+        "knapsack",
+        help="NSDS allocation rule: knapsack (minimise sensitivity-weighted predicted error under the budget) "
+        "or tiers (the paper's rule: widest width to the most sensitive layers, narrowest to the rest).",
+    ),
+    alloc_seed: int = typer.Option(0, help="Allocation: seed for --allocation random."),
     group_size: int = typer.Option(
         128,
         help="Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width "
@@ -96,6 +115,14 @@ def model_cmd(
     info = get_pass(method)
     if not info.quantizer:
         raise QuantError(f"{method!r} is not a quantization method; use one of {', '.join(quantizer_methods())}")
+    steps: list = []
+    if allocation != "none":
+        alloc_config = _allocation_config(bits, allocation, candidates, granularity, scheme, alloc_seed, group_size)
+        steps.append(("allocate", alloc_config))
+        bits = max(alloc_config.candidates)  # the quantizer's default width; allocate sets every layer's
+    elif bits != int(bits):
+        raise QuantError(f"--bits {bits} is fractional: a fractional average needs --allocation nsds|random")
+    bits = int(bits)
     kwargs = {"bits": bits, "group_size": group_size, "sym": sym}
     if clip is not None:
         kwargs["clip"] = clip
@@ -104,7 +131,8 @@ def model_cmd(
     config = info.config_cls(**kwargs)
     config.spec()  # validates bits / group size / clip before any work
     slug = Path(model).name if model else "smollm2-135m"
-    out = check_output_dir(out or Path(f"{slug}-{method}-w{bits}g{group_size}"), overwrite)
+    width = f"w{bits}" if not steps else f"{allocation}{steps[0][1].budget:g}"
+    out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
     torch.manual_seed(seed)
     lm = load_model(model, trust_remote_code=trust_remote_code)
@@ -123,13 +151,14 @@ def model_cmd(
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids)
     t0 = time.perf_counter()
-    passes = run_pipeline(ctx, [(method, config)])
+    passes = run_pipeline(ctx, [*steps, (method, config)])
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["passes"] = passes
     report["sizes"] = quantized_sizes(lm.model)
     qc = {
         "method": method,
-        "bits": bits,
+        "bits": bits if not steps else steps[0][1].budget,
+        "allocation": allocation,
         "group_size": group_size,
         "sym": sym,
         "modules": ctx.modules,
@@ -146,6 +175,10 @@ def model_cmd(
         fallback = Counter(m["group_size"] for m in ctx.modules.values() if m["group_size"] != group_size)
         for g, n in sorted(fallback.items()):
             typer.echo(f"note: group {group_size} does not divide the inputs of {n} layers; they use group {g}")
+    if ctx.allocation is not None:
+        from quant.allocation_plot import plot_allocation
+
+        typer.echo(f"allocation map: {plot_allocation(ctx.allocation, out / 'allocation.png')}")
     typer.echo(f"wrote {out}")
     if evaluate:
         report["perplexity_quantized"] = _eval(lm, max_windows, 2048, "quantized ppl")
@@ -153,8 +186,71 @@ def model_cmd(
         f, q = report["perplexity_float"], report["perplexity_quantized"]
         typer.echo(
             f"WikiText-2 perplexity ({q['windows']}/{q['total_windows']} windows of 2048): "
-            f"float {f['ppl']:.3f}  ->  {method} w{bits} {q['ppl']:.3f}"
+            f"float {f['ppl']:.3f}  ->  {method} {width} {q['ppl']:.3f}"
         )
+
+
+def _allocation_config(
+    bits: float, allocator: str, candidates: str, granularity: str, scheme: str, seed: int, group_size: int
+):
+    from quant.allocation import AllocationConfig
+
+    try:
+        cands = tuple(int(c) for c in candidates.split(","))
+    except ValueError:
+        raise QuantError(f"--candidates must be comma-separated integers, got {candidates!r}") from None
+    config = AllocationConfig(
+        budget=bits,
+        allocator=allocator,
+        candidates=cands,
+        granularity=granularity,
+        scheme=scheme,
+        seed=seed,
+        group_size=group_size,
+    )
+    config.validate()
+    return config
+
+
+@app.command("allocate")
+def allocate_cmd(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    bits: float = typer.Option(3.0, help="Average budget in bits (storage-matched to uniform at that width)."),
+    allocation: str = typer.Option("nsds", help="nsds, uniform, or random (NSDS's mix of widths, shuffled)."),
+    candidates: str = typer.Option("2,3,4", help="The widths a layer may get, comma-separated."),
+    granularity: str = typer.Option("layer", help="One width per block (layer) or per linear (module)."),
+    scheme: str = typer.Option("knapsack", help="knapsack (default) or tiers (the paper's widest/narrowest rule)."),
+    seed: int = typer.Option(0, help="Seed for --allocation random."),
+    group_size: int = typer.Option(128, help="The quantizer's group size (scales and zeros count in the budget)."),
+    png: Path = typer.Option(Path("allocation.png"), help="Where to write the allocation map."),
+    json_out: Path = typer.Option(None, "--json", help="Also write scores and bits as JSON to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """Score every layer with NSDS (weights only, no data) and print the bits each would get; no quantization."""
+    from quant.allocation import allocate, describe
+    from quant.allocation_plot import plot_allocation
+    from quant.models import load_model
+
+    config = _allocation_config(bits, allocation, candidates, granularity, scheme, seed, group_size)
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    if lm.quantized:
+        raise QuantError(f"{lm.source} is already quantized; pass the float model")
+    t0 = time.perf_counter()
+    alloc = allocate(lm.model, config)
+    seconds = time.perf_counter() - t0
+    if alloc.scores is not None:
+        from quant.nsds import describe as describe_scores
+
+        typer.echo(describe_scores(alloc.scores))
+        typer.echo(f"unembedding subspace: {alloc.scores.unembed_rank} of {alloc.scores.hidden} directions")
+    typer.echo(describe(alloc))
+    typer.echo(f"scored and allocated in {seconds:.1f} s")
+    typer.echo(f"allocation map: {plot_allocation(alloc, png)}")
+    if json_out:
+        res = {"model": lm.source, "seconds": round(seconds, 2), **alloc.summary()}
+        if alloc.scores is not None:
+            res["nsds"] = alloc.scores.to_dict()
+        _write_json_atomic(json_out, res)
 
 
 @app.command("eval")

@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-import transformers
+from common import meta as common_meta
+from common import run_setting
 
 from calibrate import calibration_windows
-from quant import (
-    GPTQConfig,
-    QuantContext,
-    RTNConfig,
-    load_model,
-    load_quantized,
-    run_pipeline,
-    save_quantized,
-)
-from quant.perplexity import perplexity, tokenize_eval
-from quant.quantlinear import quantized_sizes
+from quant import GPTQConfig, RTNConfig, load_model
+from quant.perplexity import tokenize_eval
 
 RESULTS = Path(__file__).parent / "results"
 # Pairs first (the comparison that matters), the float reference last.
@@ -51,11 +40,6 @@ EXTRA = {
     "rtn-w4-g128-minmax": ("rtn", RTNConfig(bits=4, group_size=128, clip="minmax")),
     "gptq-w3-g128-minmax": ("gptq", GPTQConfig(bits=3, group_size=128, clip="minmax")),
 }
-
-
-def sizes(ckpt: Path, model) -> dict:
-    on_disk = sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix == ".safetensors")
-    return {"checkpoint_bytes": on_disk, **quantized_sizes(model)}
 
 
 def write_markdown(results: dict, meta: dict, tag: str) -> None:
@@ -104,20 +88,12 @@ def main() -> None:
     if args.report_only:
         write_markdown(results, doc["meta"], args.tag)
         return
-    meta = {
-        "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to fp32)",
-        "seqlen": 2048,
-        "cpu": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "calibration": f"c4 bundled sample, {args.nsamples} x {args.seqlen} tokens, seed 0",
-    }
+    meta = common_meta(f"c4 bundled sample, {args.nsamples} x {args.seqlen} tokens, seed 0")
 
     torch.manual_seed(0)
     base = load_model()
     ids = tokenize_eval(base.tokenizer)
     calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
-    probe = ids[:128][None]
     chosen = args.only or list(SETTINGS)
     for name in chosen:
         step = {**SETTINGS, **EXTRA}[name]
@@ -126,25 +102,7 @@ def main() -> None:
             print(f"{name}: already measured, skipping")
             continue
         print(f"== {name}")
-        lm = load_model()
-        r: dict = {}
-        if step is not None:
-            ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib)
-            t0 = time.perf_counter()
-            r["passes"] = run_pipeline(ctx, [step])
-            r["quantize_seconds"] = round(time.perf_counter() - t0, 1)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = save_quantized(
-                    lm.model, lm.tokenizer, Path(tmp) / "ckpt", {"method": step[0], "modules": ctx.modules}
-                )
-                r["sizes"] = sizes(ckpt, lm.model)
-                reloaded, _ = load_quantized(ckpt)
-                with torch.no_grad():
-                    a = lm.model(probe).logits
-                    b = reloaded(probe).logits
-                r["reload_identical"] = bool(torch.equal(a, b))
-                del reloaded
-        r["ppl"] = perplexity(lm.model, ids, max_windows=args.max_windows or None, desc=name)
+        r, _ = run_setting([step] if step else [], calib, ids, args.max_windows or None, name)
         print(f"{name}: ppl {r['ppl']['ppl']:.3f}")
         results[name] = r
         out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -4,6 +4,7 @@ from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quanti
 """
 
 from quant import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)
+from quant.allocation import AllocationConfig, allocate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.errors import QuantError
 from quant.grid import QuantSpec
@@ -15,6 +16,8 @@ from quant.quantlinear import QuantLinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationConfig",
+    "allocate",
     "GPTQConfig",
     "PASSES",
     "QuantContext",

@@ -35,6 +35,7 @@ class QuantContext:
     overrides: dict[str, dict] = field(default_factory=dict)  # module name -> QuantSpec field overrides
     modules: dict[str, dict] = field(default_factory=dict)  # module name -> what was stored (bits, group, sym)
     progress: bool = True
+    allocation: object = None  # set by the "allocate" pass (quant.allocation.Allocation)
 
     @property
     def adapter(self) -> Adapter:

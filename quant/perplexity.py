@@ -53,4 +53,5 @@ def perplexity(
         "seqlen": seqlen,
         "dataset": "wikitext-2-raw-v1 test",
         "seconds": round(time.perf_counter() - t0, 2),
+        "window_nll": nlls,
     }

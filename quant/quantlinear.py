@@ -87,6 +87,14 @@ def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
             m._cached = None
 
 
+def storage_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """Bytes a ``QuantLinear`` of this shape stores: packed codes, fp16 scales, uint8 zeros (no bias).
+
+    ``group_size`` is the effective one (``QuantSpec.group_for``), so per-channel means ``in_features``.
+    """
+    return out_features * (4 * packed_width(in_features, bits) + 3 * (in_features // group_size))
+
+
 def quantized_sizes(model: nn.Module) -> dict:
     """Bytes of every ``QuantLinear`` (codes + scales + zeros) against the same weights in fp16."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -1,0 +1,60 @@
+"""What every benchmark does per setting: quantize, save, reload-check, measure perplexity."""
+
+from __future__ import annotations
+
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from quant import QuantContext, load_model, load_quantized, run_pipeline, save_quantized
+from quant.perplexity import perplexity
+from quant.quantlinear import quantized_sizes
+
+
+def meta(calibration: str) -> dict:
+    return {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to fp32)",
+        "seqlen": 2048,
+        "cpu": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "calibration": calibration,
+    }
+
+
+def run_setting(
+    steps: list[tuple[str, object]], calib: torch.Tensor, ids: torch.Tensor, max_windows: int | None, desc: str
+) -> tuple[dict, QuantContext | None]:
+    """Quantize a fresh float model with ``steps`` (none: the float reference) and measure it."""
+    lm = load_model()
+    r: dict = {}
+    ctx = None
+    if steps:
+        ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib)
+        t0 = time.perf_counter()
+        r["passes"] = run_pipeline(ctx, steps)
+        r["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+        probe = ids[:128][None]
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = save_quantized(
+                lm.model, lm.tokenizer, Path(tmp) / "ckpt", {"method": steps[-1][0], "modules": ctx.modules}
+            )
+            on_disk = sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix == ".safetensors")
+            r["sizes"] = {"checkpoint_bytes": on_disk, **quantized_sizes(lm.model)}
+            reloaded, _ = load_quantized(ckpt)
+            with torch.no_grad():
+                r["reload_identical"] = bool(torch.equal(lm.model(probe).logits, reloaded(probe).logits))
+            del reloaded
+    r["ppl"] = perplexity(lm.model, ids, max_windows=max_windows, desc=desc)
+    return r, ctx
+
+
+def ppl_first(r: dict, n: int = 32) -> float:
+    """Perplexity over the first ``n`` windows of a measured run (tracks the full split within 1-5%)."""
+    nll = r["ppl"]["window_nll"][:n]
+    return math.exp(sum(nll) / len(nll))

@@ -1,0 +1,259 @@
+"""Mixed-precision bit allocation under an average budget, as a pass that runs before any quantizer.
+
+The budget is honest about storage: ``budget = B`` means the quantized linears may take no more
+bytes (packed codes + fp16 scales + uint8 zeros, exactly as the checkpoint stores them) than a
+uniform B-bit quantization with the same groups; a fractional B interpolates linearly between the
+uniform ⌊B⌋- and ⌈B⌉-bit sizes. So uniform 3-bit meets ``budget=3`` exactly, and a mix may spend
+what 3-bit packing wastes (10 codes per int32 word: 3.2 bits per code) on wider layers.
+
+Allocators:
+
+- ``nsds``: NSDS scores (``quant.nsds``), no data. ``scheme="knapsack"`` (default) minimises a
+  predicted loss ``Σ_u imp_u · n_u · 4^(-b_u)``: weight error variance falls 4× per bit, and a unit's
+  importance is the odds ``S/(1-S)`` of its Soft-OR score, i.e. exponential in its robust z-score,
+  which is what the sigmoid undid. ``scheme="tiers"`` is the paper's rule: the most sensitive units
+  get the widest candidate, the rest the narrowest.
+- ``uniform``: every unit at B (B must be one of the candidates).
+- ``random``: the NSDS allocation's widths, shuffled among units of equal size (seeded): the same
+  mix and the same bits per weight, placement at random. This is the baseline that isolates the
+  value of the ranking.
+
+A unit is a whole block (``granularity="layer"``, as in the paper) or one linear (``"module"``;
+then each linear takes the score of its role: q/k the QK circuit, v/o the OV circuit).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from quant.adapters import LINEAR_ROLES, adapter_for
+from quant.errors import QuantError
+from quant.grid import SUPPORTED_BITS, QuantSpec
+from quant.nsds import ROLE_MODULES, ROLES, NSDSConfig, NSDSScores, nsds_scores
+from quant.passes import QuantContext, register_pass
+from quant.quantlinear import storage_bytes
+
+ALLOCATORS = ("nsds", "uniform", "random")
+SCHEMES = ("knapsack", "tiers")
+GRANULARITIES = ("layer", "module")
+
+
+@dataclass
+class AllocationConfig:
+    budget: float = 3.0  # average bits per weight, storage-matched to uniform (see module docstring)
+    allocator: str = "nsds"
+    candidates: tuple[int, ...] = (2, 3, 4)
+    granularity: str = "layer"
+    scheme: str = "knapsack"
+    seed: int = 0  # for allocator="random"
+    group_size: int = 128  # the quantizer's requested group: needed to count scale/zero bytes
+    nsds: NSDSConfig = field(default_factory=NSDSConfig)
+
+    def validate(self) -> None:
+        if self.allocator not in ALLOCATORS:
+            raise QuantError(f"unknown allocator {self.allocator!r}; choose from {', '.join(ALLOCATORS)}")
+        if self.scheme not in SCHEMES:
+            raise QuantError(f"unknown allocation scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}")
+        if self.granularity not in GRANULARITIES:
+            raise QuantError(f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}")
+        bad = [b for b in self.candidates if b not in SUPPORTED_BITS]
+        if bad or not self.candidates:
+            raise QuantError(f"candidate widths must be among {SUPPORTED_BITS}, got {list(self.candidates)}")
+        lo, hi = min(self.candidates), max(self.candidates)
+        if not (math.isfinite(self.budget) and lo <= self.budget <= hi):
+            raise QuantError(
+                f"a budget of {self.budget} bits cannot be met with candidate widths {sorted(self.candidates)}: "
+                f"the feasible range is {lo} to {hi} bits"
+            )
+        if self.allocator == "uniform" and self.budget not in self.candidates:
+            raise QuantError(f"uniform allocation needs a budget among the candidates {sorted(self.candidates)}")
+        QuantSpec(lo, self.group_size)  # validates the group size
+
+
+@dataclass
+class Unit:
+    """What receives one width: a block's linears, or one linear."""
+
+    label: str  # "12" or "12.down"
+    modules: list[tuple[str, int, int]]  # (name, out_features, in_features)
+    score: float = 0.0
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for _, o, i in self.modules)
+
+    def bytes_at(self, bits: int, group_size: int) -> int:
+        spec = QuantSpec(bits, group_size)
+        return sum(storage_bytes(o, i, bits, spec.group_for(i)) for _, o, i in self.modules)
+
+
+@dataclass
+class Allocation:
+    config: AllocationConfig
+    units: list[Unit]
+    bits: list[int]  # per unit
+    budget_bytes: int
+    scores: NSDSScores | None = None
+
+    def module_bits(self) -> dict[str, int]:
+        return {name: b for u, b in zip(self.units, self.bits, strict=True) for name, _, _ in u.modules}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(u.bytes_at(b, self.config.group_size) for u, b in zip(self.units, self.bits, strict=True))
+
+    @property
+    def params(self) -> int:
+        return sum(u.params for u in self.units)
+
+    def summary(self) -> dict:
+        counts = {str(b): self.bits.count(b) for b in sorted(set(self.bits))}
+        return {
+            "allocator": self.config.allocator,
+            "scheme": self.config.scheme if self.config.allocator != "uniform" else None,
+            "granularity": self.config.granularity,
+            "budget_bits": self.config.budget,
+            "candidates": list(self.config.candidates),
+            "units_per_width": counts,
+            "mean_code_bits": round(
+                sum(u.params * b for u, b in zip(self.units, self.bits, strict=True)) / self.params, 4
+            ),
+            "bits_per_weight": round(8 * self.used_bytes / self.params, 4),
+            "budget_bits_per_weight": round(8 * self.budget_bytes / self.params, 4),
+            "bits": {u.label: b for u, b in zip(self.units, self.bits, strict=True)},
+        }
+
+
+def make_units(model: nn.Module, granularity: str, scores: NSDSScores | None) -> list[Unit]:
+    adapter = adapter_for(model)
+    role_of = {m: ROLES.index(r) for r, ms in ROLE_MODULES.items() for m in ms}
+    units = []
+    for i, block in enumerate(adapter.blocks(model)):
+        mods = []
+        for r in LINEAR_ROLES:
+            w = adapter.role(block, r).weight
+            mods.append((f"{adapter.layers}.{i}.{adapter.roles[r]}", w.shape[0], w.shape[1]))
+        if granularity == "layer":
+            units.append(Unit(str(i), mods, float(scores.layer_score[i]) if scores else 0.0))
+        else:
+            for r, m in zip(LINEAR_ROLES, mods, strict=True):
+                s = float(scores.role_score[i, role_of[r]]) if scores else 0.0
+                units.append(Unit(f"{i}.{r}", [m], s))
+    return units
+
+
+def budget_bytes(units: list[Unit], budget: float, group_size: int) -> int:
+    lo, hi = math.floor(budget), math.ceil(budget)
+    f = budget - lo
+    return int(sum((1 - f) * u.bytes_at(lo, group_size) + f * u.bytes_at(hi, group_size) for u in units) + 0.5)
+
+
+def _importance(score: float) -> float:
+    s = min(max(score, 1e-6), 1 - 1e-6)
+    return s / (1 - s)
+
+
+def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int) -> list[int]:
+    """Greedy marginal allocation: start at the narrowest width and keep taking the upgrade with the
+    largest predicted-loss reduction per byte that still fits. The predicted loss is convex in bits,
+    so each unit's upgrades arrive in order and the greedy is optimal up to the last upgrade."""
+    cost = [[u.bytes_at(b, group_size) for b in cands] for u in units]
+    level = [0] * len(units)
+    used = sum(c[0] for c in cost)
+    while True:
+        best, best_ratio = None, 0.0
+        for j, u in enumerate(units):
+            if level[j] + 1 >= len(cands):
+                continue
+            extra = cost[j][level[j] + 1] - cost[j][level[j]]
+            if used + extra > limit:
+                continue
+            gain = _importance(u.score) * u.params * (4.0 ** -cands[level[j]] - 4.0 ** -cands[level[j] + 1])
+            if gain / max(extra, 1) > best_ratio:
+                best, best_ratio = j, gain / max(extra, 1)
+        if best is None:
+            return [cands[lv] for lv in level]
+        used += cost[best][level[best] + 1] - cost[best][level[best]]
+        level[best] += 1
+
+
+def tiers(units: list[Unit], cands: list[int], limit: int, group_size: int) -> list[int]:
+    """The paper's rule: widest width to the most sensitive units while the rest at the narrowest still
+    fits; leftover bytes lift the next units to intermediate widths."""
+    order = sorted(range(len(units)), key=lambda j: -units[j].score)
+    bits = [cands[0]] * len(units)
+    used = sum(u.bytes_at(cands[0], group_size) for u in units)
+    for wanted in reversed(cands[1:]):  # widest first, then what still fits
+        for j in order:
+            if bits[j] >= wanted:
+                continue
+            extra = units[j].bytes_at(wanted, group_size) - units[j].bytes_at(bits[j], group_size)
+            if used + extra <= limit:
+                bits[j], used = wanted, used + extra
+    return bits
+
+
+def shuffle_within_sizes(units: list[Unit], bits: list[int], seed: int) -> list[int]:
+    """Permute widths among units of the same shape: same mix, same bytes, random placement."""
+    rng = random.Random(seed)
+    out = list(bits)
+    shapes: dict[tuple, list[int]] = {}
+    for j, u in enumerate(units):
+        shapes.setdefault(tuple((o, i) for _, o, i in u.modules), []).append(j)
+    for idx in shapes.values():
+        vals = [bits[j] for j in idx]
+        rng.shuffle(vals)
+        for j, v in zip(idx, vals, strict=True):
+            out[j] = v
+    return out
+
+
+def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
+    """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only."""
+    config.validate()
+    cands = sorted(set(config.candidates))
+    scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
+    units = make_units(model, config.granularity, scores)
+    limit = budget_bytes(units, config.budget, config.group_size)
+    if config.allocator == "uniform":
+        bits = [int(config.budget)] * len(units)
+    else:
+        solve = knapsack if config.scheme == "knapsack" else tiers
+        bits = solve(units, cands, limit, config.group_size)
+        if config.allocator == "random":
+            bits = shuffle_within_sizes(units, bits, config.seed)
+    return Allocation(config, units, bits, limit, scores)
+
+
+def describe(alloc: Allocation) -> str:
+    """Table of units: score, rank (most sensitive first) and chosen bits; then the totals."""
+    order = sorted(range(len(alloc.units)), key=lambda j: -alloc.units[j].score)
+    rank = {j: r + 1 for r, j in enumerate(order)}
+    lines = [f"{'unit':>8}  {'score':>6}  {'rank':>4}  bits"]
+    for j, (u, b) in enumerate(zip(alloc.units, alloc.bits, strict=True)):
+        score = f"{u.score:6.3f}" if alloc.scores is not None else "     -"
+        lines.append(f"{u.label:>8}  {score}  {rank[j] if alloc.scores is not None else '-':>4}  {b}")
+    s = alloc.summary()
+    lines.append(
+        f"{alloc.config.allocator} allocation, budget {s['budget_bits']} bits: units per width {s['units_per_width']}; "
+        f"mean code width {s['mean_code_bits']}; {s['bits_per_weight']} bits/weight with scales and zeros "
+        f"(uniform-equivalent budget {s['budget_bits_per_weight']})"
+    )
+    return "\n".join(lines)
+
+
+@register_pass("allocate", AllocationConfig)
+def allocate_pass(ctx: QuantContext, config: AllocationConfig) -> dict:
+    """Set per-module bits for the quantizer that follows (through ``ctx.overrides``)."""
+    alloc = allocate(ctx.model, config)
+    for name, b in alloc.module_bits().items():
+        ctx.overrides.setdefault(name, {})["bits"] = b
+    ctx.allocation = alloc
+    summary = alloc.summary()
+    if alloc.scores is not None:
+        summary["nsds"] = alloc.scores.to_dict()
+    return summary

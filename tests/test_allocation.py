@@ -1,0 +1,132 @@
+"""Bit allocation: honest budgets, the allocators' contracts, the pass, reload, and the map."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant import AllocationConfig, QuantContext, QuantError, allocate, load_quantized, run_pipeline, save_quantized
+from quant.allocation import describe
+from quant.allocation_plot import plot_allocation
+from quant.quantizers import RTNConfig
+from quant.quantlinear import quantized_sizes
+
+LAYERS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256, head_dim=32)
+    with torch.no_grad():  # spread the sensitivities: heavy tails in a few blocks
+        for i, k in ((1, 60), (5, 20), (6, 8)):
+            for lin in (m.model.layers[i].mlp.down_proj, m.model.layers[i].self_attn.q_proj):
+                lin.weight[::5, ::3] *= k
+    return m
+
+
+@pytest.mark.parametrize("budget", [1.5, 4.5, float("nan")])
+def test_infeasible_budget_names_the_range(model, budget):
+    with pytest.raises(QuantError, match="feasible range is 2 to 4 bits"):
+        allocate(model, AllocationConfig(budget=budget))
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"allocator": "greedy"}, "unknown allocator"),
+        ({"scheme": "ilp"}, "unknown allocation scheme"),
+        ({"granularity": "head"}, "unknown granularity"),
+        ({"candidates": (2, 5)}, "candidate widths"),
+        ({"allocator": "uniform", "budget": 2.5}, "uniform allocation needs"),
+    ],
+)
+def test_bad_config(model, kw, msg):
+    with pytest.raises(QuantError, match=msg):
+        allocate(model, AllocationConfig(**kw))
+
+
+def test_uniform_spends_exactly_the_budget(model):
+    a = allocate(model, AllocationConfig(budget=3, allocator="uniform"))
+    assert set(a.bits) == {3} and a.used_bytes == a.budget_bytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    budget=st.floats(2.0, 4.0), scheme=st.sampled_from(["knapsack", "tiers"]), gran=st.sampled_from(["layer", "module"])
+)
+def test_budget_respected_and_nearly_spent(model, budget, scheme, gran):
+    a = allocate(model, AllocationConfig(budget=budget, scheme=scheme, granularity=gran, group_size=32))
+    assert a.used_bytes <= a.budget_bytes
+    # nothing affordable left: no unit could move up one candidate within the remaining bytes
+    left = a.budget_bytes - a.used_bytes
+    for u, b in zip(a.units, a.bits, strict=True):
+        if b < 4:
+            nxt = min(c for c in (2, 3, 4) if c > b)
+            assert u.bytes_at(nxt, 32) - u.bytes_at(b, 32) > left or scheme == "tiers"
+
+
+def test_more_sensitive_layers_never_get_fewer_bits(model):
+    for budget in (2.25, 2.5, 3.0, 3.5):
+        a = allocate(model, AllocationConfig(budget=budget))
+        order = sorted(range(LAYERS), key=lambda j: -a.units[j].score)
+        assert all(a.bits[i] >= a.bits[j] for i, j in zip(order, order[1:], strict=False)), (budget, a.bits)
+    a = allocate(model, AllocationConfig(budget=3.0))
+    assert a.bits[1] == 4 and min(a.bits) == 2  # the outlier block is protected; the budget is traded
+
+
+def test_tiers_is_the_papers_rule(model):
+    a = allocate(model, AllocationConfig(budget=3.0, scheme="tiers", candidates=(2, 4)))
+    order = sorted(range(LAYERS), key=lambda j: -a.units[j].score)
+    n4 = a.bits.count(4)
+    assert n4 >= LAYERS // 2 and all(a.bits[j] == 4 for j in order[:n4])
+
+
+def test_random_shuffles_the_same_mix(model):
+    ref = allocate(model, AllocationConfig(budget=2.5))
+    draws = [allocate(model, AllocationConfig(budget=2.5, allocator="random", seed=s)) for s in range(5)]
+    for d in draws:
+        assert sorted(d.bits) == sorted(ref.bits) and d.used_bytes == ref.used_bytes
+    assert any(d.bits != ref.bits for d in draws)
+    assert allocate(model, AllocationConfig(budget=2.5, allocator="random", seed=3)).bits == draws[3].bits
+
+
+def test_module_granularity_shares_role_scores(model):
+    a = allocate(model, AllocationConfig(budget=3.0, granularity="module"))
+    assert len(a.units) == 7 * LAYERS
+    by = {u.label: u.score for u in a.units}
+    assert by["2.q"] == by["2.k"] and by["2.v"] == by["2.o"]
+    assert len(a.module_bits()) == 7 * LAYERS
+
+
+def test_pass_sets_bits_and_checkpoint_reloads_exactly(tmp_path, model, tokenizer):
+    m = tiny_model(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256, head_dim=32)
+    m.load_state_dict(model.state_dict())
+    ctx = QuantContext(m, tokenizer, progress=False)
+    records = run_pipeline(
+        ctx, [("allocate", AllocationConfig(budget=2.5, group_size=32)), ("rtn", RTNConfig(group_size=32))]
+    )
+    alloc = ctx.allocation
+    assert {n: v["bits"] for n, v in ctx.modules.items()} == alloc.module_bits()
+    assert len(set(alloc.bits)) > 1
+    # the bytes the allocator counted are the bytes the model holds
+    assert quantized_sizes(m)["quantized_linear_bytes"] == alloc.used_bytes
+    assert records[0]["summary"]["bits_per_weight"] == pytest.approx(quantized_sizes(m)["bits_per_weight"], abs=1e-3)
+    out = save_quantized(m, tokenizer, tmp_path / "q", {"method": "rtn", "modules": ctx.modules})
+    m2, _ = load_quantized(out)
+    for name, b in alloc.module_bits().items():
+        assert m2.get_submodule(name).bits == b
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, m2(ids).logits)
+
+
+@pytest.mark.parametrize("gran", ["layer", "module"])
+def test_plot_and_table(tmp_path, model, gran):
+    a = allocate(model, AllocationConfig(budget=3.0, granularity=gran))
+    png = plot_allocation(a, tmp_path / "map.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    text = describe(a)
+    assert "bits/weight" in text and len(text.splitlines()) == len(a.units) + 2
+    u = allocate(model, AllocationConfig(budget=3.0, allocator="uniform"))
+    assert plot_allocation(u, tmp_path / "u.png").exists()
