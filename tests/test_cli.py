@@ -51,9 +51,15 @@ def test_help_explains_every_option():
         "--eval",
         "--max-windows",
         "--trust-remote-code",
+        "--allocation",
+        "--candidates",
+        "--granularity",
+        "--scheme",
+        "--alloc-seed",
     ):
         assert opt in r.stdout, opt
-    assert run("eval", "--help").returncode == 0 and run("inspect", "--help").returncode == 0
+    for cmd in ("eval", "inspect", "allocate"):
+        assert run(cmd, "--help").returncode == 0, cmd
 
 
 def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
@@ -96,6 +102,10 @@ def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
         (["--bits", "5"], "bits must be one of"),
         (["--group-size", "100"], "group size must be one of"),
         (["--clip", "max"], "clip must be one of"),
+        (["--bits", "2.5"], "fractional average needs --allocation"),
+        (["--bits", "1.5", "--allocation", "nsds"], "feasible range is 2 to 4 bits"),
+        (["--allocation", "magic"], "unknown allocator"),
+        (["--allocation", "nsds", "--candidates", "2,x"], "comma-separated integers"),
     ],
 )
 def test_bad_options(tmp_path, tiny_dir, args, pattern):
@@ -161,3 +171,36 @@ def test_tiny_model_is_really_quantized(tmp_path, tiny_dir):
     model, _ = load_quantized(out)
     q = model.model.layers[0].self_attn.q_proj
     assert q.bits == 2 and len(torch.unique(q.codes())) <= 4
+
+
+def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
+    png, js = tmp_path / "map.png", tmp_path / "alloc.json"
+    r = run("allocate", tiny_dir, "--bits", "2.5", "--group-size", "32", "--png", png, "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert "bits/weight" in r.stdout and "qk.nv" in r.stdout and png.stat().st_size > 0
+    res = json.loads(js.read_text())
+    assert sorted(res["bits"].values()) == [2, 3] and len(res["nsds"]["layer_score"]) == 2
+    out = tmp_path / "q"
+    r = run(
+        "model",
+        tiny_dir,
+        "--method",
+        "rtn",
+        "--bits",
+        "2.5",
+        "--allocation",
+        "nsds",
+        "--group-size",
+        "32",
+        "--no-eval",
+        "--out",
+        out,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "allocation.png").is_file()
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["allocation"] == "nsds" and cfg["bits"] == 2.5
+    layer_bits = {name.split(".")[2]: m["bits"] for name, m in cfg["modules"].items()}
+    assert layer_bits == {k: res["bits"][k] for k in ("0", "1")}
+    r = run("inspect", out)
+    assert r.returncode == 0 and "2: 7" in r.stdout and "3: 7" in r.stdout
