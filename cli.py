@@ -176,8 +176,10 @@ def model_cmd(
         for g, n in sorted(fallback.items()):
             typer.echo(f"note: group {group_size} does not divide the inputs of {n} layers; they use group {g}")
     if ctx.allocation is not None:
+        from quant.allocation import allocation_table
         from quant.allocation_plot import plot_allocation
 
+        typer.echo(allocation_table(ctx.allocation).splitlines()[-1])
         typer.echo(f"allocation map: {plot_allocation(ctx.allocation, out / 'allocation.png')}")
     typer.echo(f"wrote {out}")
     if evaluate:
@@ -227,7 +229,7 @@ def allocate_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
     """Score every layer with NSDS (weights only, no data) and print the bits each would get; no quantization."""
-    from quant.allocation import allocate, describe
+    from quant.allocation import allocate, allocation_table
     from quant.allocation_plot import plot_allocation
     from quant.models import load_model
 
@@ -239,11 +241,11 @@ def allocate_cmd(
     alloc = allocate(lm.model, config)
     seconds = time.perf_counter() - t0
     if alloc.scores is not None:
-        from quant.nsds import describe as describe_scores
+        from quant.nsds import score_table
 
-        typer.echo(describe_scores(alloc.scores))
+        typer.echo(score_table(alloc.scores))
         typer.echo(f"unembedding subspace: {alloc.scores.unembed_rank} of {alloc.scores.hidden} directions")
-    typer.echo(describe(alloc))
+    typer.echo(allocation_table(alloc))
     typer.echo(f"scored and allocated in {seconds:.1f} s")
     typer.echo(f"allocation map: {plot_allocation(alloc, png)}")
     if json_out:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from calibrate import calibration_windows
 from quant import AllocationConfig, GPTQConfig, load_model
 from quant.allocation import allocate
 from quant.allocation_plot import plot_allocation
+from quant.nsds import nsds_scores
 from quant.perplexity import tokenize_eval
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +47,8 @@ def settings() -> dict[str, AllocationConfig]:
     for s in SEEDS:  # interleaved so a partial run still covers both budgets
         for b in BUDGETS:
             out[f"random-{b}-s{s}"] = AllocationConfig(budget=b, allocator="random", seed=s)
+    for b in BUDGETS:  # ablation: the paper's rule (widest to the most sensitive, narrowest to the rest)
+        out[f"nsds-tiers-{b}"] = AllocationConfig(budget=b, scheme="tiers")
     return out
 
 
@@ -53,7 +57,8 @@ def write_markdown(results: dict, meta: dict) -> None:
         "# NSDS vs uniform vs random bit allocation: SmolLM2-135M-Instruct, GPTQ, WikiText-2 raw test",
         "",
         f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
-        f"Calibration: {meta['calibration']}. GPTQ defaults (asymmetric, MSE clip, act-order, damping 0.01); "
+        f"Calibration: {meta['calibration']}. NSDS scoring of the whole model: {meta.get('nsds_scoring_seconds')} s. "
+        "GPTQ defaults (asymmetric, MSE clip, act-order, damping 0.01); "
         "group 128 requested (576-input layers use 64). Bits per weight count packed codes, fp16 scales "
         "and uint8 zeros of every quantized linear.",
         "",
@@ -111,6 +116,9 @@ def main() -> None:
     base = load_model()
     ids = tokenize_eval(base.tokenizer)
     calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
+    t0 = time.perf_counter()
+    nsds_scores(base.model)
+    meta["nsds_scoring_seconds"] = round(time.perf_counter() - t0, 2)  # the whole model, weights only
     for b in BUDGETS:
         plot_allocation(allocate(base.model, AllocationConfig(budget=b)), RESULTS / f"allocation-nsds-{b}.png")
     del base

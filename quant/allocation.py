@@ -229,7 +229,7 @@ def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     return Allocation(config, units, bits, limit, scores)
 
 
-def describe(alloc: Allocation) -> str:
+def allocation_table(alloc: Allocation) -> str:
     """Table of units: score, rank (most sensitive first) and chosen bits; then the totals."""
     order = sorted(range(len(alloc.units)), key=lambda j: -alloc.units[j].score)
     rank = {j: r + 1 for r, j in enumerate(order)}
@@ -239,11 +239,16 @@ def describe(alloc: Allocation) -> str:
         lines.append(f"{u.label:>8}  {score}  {rank[j] if alloc.scores is not None else '-':>4}  {b}")
     s = alloc.summary()
     lines.append(
-        f"{alloc.config.allocator} allocation, budget {s['budget_bits']} bits: units per width {s['units_per_width']}; "
+        f"{alloc.config.allocator} allocation, budget {s['budget_bits']} bits: {mix_text(s['units_per_width'])}; "
         f"mean code width {s['mean_code_bits']}; {s['bits_per_weight']} bits/weight with scales and zeros "
         f"(uniform-equivalent budget {s['budget_bits_per_weight']})"
     )
     return "\n".join(lines)
+
+
+def mix_text(units_per_width: dict) -> str:
+    """{"2": 5, "3": 18} -> "5 x 2-bit, 18 x 3-bit"."""
+    return ", ".join(f"{n} x {b}-bit" for b, n in units_per_width.items())
 
 
 @register_pass("allocate", AllocationConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quant.adapters import LINEAR_ROLES
-from quant.allocation import Allocation
+from quant.allocation import Allocation, mix_text
 from quant.nsds import ROLES
 
 
@@ -73,8 +73,8 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     ax.set_title("bits chosen", fontsize=9)
     fig.suptitle(
         title
-        or f"{alloc.config.allocator} allocation, budget {s['budget_bits']} bits: {s['units_per_width']} units "
-        f"per width, {s['bits_per_weight']} bits/weight with scales",
+        or f"{alloc.config.allocator} allocation, budget {s['budget_bits']} bits: {mix_text(s['units_per_width'])} "
+        f"({alloc.config.granularity}s); {s['bits_per_weight']} bits/weight with scales and zeros",
         fontsize=9,
     )
     fig.tight_layout()

@@ -200,7 +200,7 @@ def nsds_scores(model: nn.Module, config: NSDSConfig | None = None) -> NSDSScore
     return NSDSScores(raw.float(), prob.float(), role_score.float(), layer.float(), p_u.shape[1], p_u.shape[0])
 
 
-def describe(scores: NSDSScores) -> str:
+def score_table(scores: NSDSScores) -> str:
     """A fixed-width table: per layer the Soft-OR score, its rank, and each role's NV/SE probability."""
     rank = {layer: r + 1 for r, layer in enumerate(scores.ranking())}
     head = "layer  score  rank  " + "  ".join(f"{r:>4}.nv {r:>4}.se" for r in ROLES)

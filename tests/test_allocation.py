@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quant import AllocationConfig, QuantContext, QuantError, allocate, load_quantized, run_pipeline, save_quantized
-from quant.allocation import describe
+from quant.allocation import allocation_table
 from quant.allocation_plot import plot_allocation
 from quant.quantizers import RTNConfig
 from quant.quantlinear import quantized_sizes
@@ -126,7 +126,7 @@ def test_plot_and_table(tmp_path, model, gran):
     a = allocate(model, AllocationConfig(budget=3.0, granularity=gran))
     png = plot_allocation(a, tmp_path / "map.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    text = describe(a)
+    text = allocation_table(a)
     assert "bits/weight" in text and len(text.splitlines()) == len(a.units) + 2
     u = allocate(model, AllocationConfig(budget=3.0, allocator="uniform"))
     assert plot_allocation(u, tmp_path / "u.png").exists()

@@ -93,3 +93,9 @@ def test_smollm2_scores(smollm2):
     assert torch.all(sc.layer_score[rank].diff() <= 0)  # most sensitive first
     assert 2 <= sc.unembed_rank <= sc.hidden == 576
     assert torch.equal(nsds_scores(smollm2.model).layer_score, sc.layer_score)  # deterministic
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_supported_architecture_scores(model_type):
+    sc = nsds_scores(tiny_model(model_type, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1))
+    assert sc.layer_score.shape == (4,) and torch.isfinite(sc.raw).all() and (sc.raw[:, :, 1] > 0).all()
