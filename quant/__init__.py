@@ -4,6 +4,7 @@ from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quanti
 """
 
 from quant import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)
+from quant import rotation as _rotation  # noqa: F401  (registers the rotate pass)
 from quant.allocation import AllocationConfig, allocate
 from quant.checkpoint import load_quantized, save_quantized
 from quant.errors import QuantError

@@ -1,0 +1,63 @@
+"""Mergeable rotation: Hadamard constructions, and the rotated float model is the same function."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from quant import QuantContext, run_pipeline
+from quant.errors import QuantError
+from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
+from quant.rotation import RotationConfig
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 576, 960, 896, 1536, 5120])
+def test_hadamard_is_orthonormal_with_flat_entries(n):
+    h = hadamard(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(h.abs(), torch.full_like(h, n**-0.5), atol=1e-12, rtol=0)
+
+
+def test_orders_without_construction():
+    assert not has_hadamard(9) and not has_hadamard(6) and not has_hadamard(0)
+    with pytest.raises(QuantError, match="no Hadamard construction for order 9"):
+        hadamard(9)
+    b = block_hadamard(576, 64)
+    torch.testing.assert_close(b @ b.T, torch.eye(576, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert b[:64, 64:].abs().max() == 0
+    r = random_orthogonal(50, seed=3)
+    torch.testing.assert_close(r.T @ r, torch.eye(50, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mode", ["hadamard", "groupwise", "random"])
+def test_rotated_tiny_model_is_the_same_function(model_type, mode):
+    kw = {"hidden_size": 96, "head_dim": 24} if mode != "groupwise" else {}
+    m = tiny_model(model_type, **kw)
+    with torch.no_grad():  # non-trivial norm scales, so folding is exercised
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 49152, (2, 16))
+    ref = _logits(m, ids)
+    info = run_pipeline(QuantContext(m, progress=False), [("rotate", RotationConfig(mode=mode, block=32))])
+    assert info[0]["summary"]["untied_embeddings"] is True
+    assert m.lm_head.weight is not m.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(m, ids), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_rotated_smollm2_is_the_same_function(smollm2, tokenizer):
+    from quant.models import load_model
+
+    lm = load_model()
+    ids = tokenizer("The capital of France is Paris. It is known for", return_tensors="pt").input_ids
+    ref = _logits(smollm2.model, ids)
+    info = run_pipeline(QuantContext(lm.model, progress=False), [("rotate", RotationConfig())])
+    assert info[0]["summary"]["rotation"] == "Hadamard 576"
+    out = _logits(lm.model, ids)
+    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert torch.equal(out[0, -1].argmax(), ref[0, -1].argmax())
