@@ -10,6 +10,8 @@ values of all its columns, so no ``g_idx`` is needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quant.errors import QuantError
@@ -31,6 +33,62 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise QuantError("GPTQ: the calibration Hessian is not positive definite even with 1000x damping")
 
 
+def gptq_loop(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    g: int,
+    fit_group: Callable[[int, torch.Tensor], None],
+    quantize_column: Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    damp: float,
+    act_order: bool,
+    block_size: int,
+) -> torch.Tensor:
+    """The GPTQ column loop, for any group quantizer. Returns the codes ``[out, n]`` (original order).
+
+    ``fit_group(gid, current)`` fits group ``gid`` on its columns' current (error-updated) values
+    ``[out, g]`` the first time one of them comes up; ``quantize_column(gid, j, w)`` rounds column
+    ``j`` of that group and returns ``(codes, dequantized)``.
+    """
+    out, n = W.shape
+    dead = torch.diag(H) == 0  # inputs that never fire: weight irrelevant, quantize as 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    pos = torch.argsort(perm)  # pos[j]: where original column j sits in the processing order
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, damp)
+
+    if not act_order:  # keep each group inside one lazy-update block, so its fit sees every update
+        block_size = g * max(1, block_size // g) if g < n else n
+    fitted = [False] * (n // g)
+    orig = perm.tolist()
+    codes = torch.zeros_like(W)
+
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            gid, j = divmod(orig[i1 + i], g)
+            if not fitted[gid]:
+                cols = pos[gid * g : (gid + 1) * g]
+                current = W[:, cols].clone()
+                inside = (cols >= i1) & (cols < i2)
+                current[:, inside] = W1[:, cols[inside] - i1]
+                fit_group(gid, current)
+                fitted[gid] = True
+            w = W1[:, i]
+            q, deq = quantize_column(gid, j, w)
+            codes[:, i1 + i] = q
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes[:, pos]
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -43,52 +101,22 @@ def gptq_quantize(
     W = weight.detach().float().clone()
     out, n = W.shape
     g = spec.group_for(n)
-    n_groups = n // g
-    H = H.detach().float().to(W.device, copy=True)
-
-    dead = torch.diag(H) == 0  # inputs that never fire: weight irrelevant, quantize as 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
-    pos = torch.argsort(perm)  # pos[j]: where original column j sits in the processing order
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, damp)
-
-    if not act_order:  # keep each group inside one lazy-update block, so its fit sees every update
-        block_size = g * max(1, block_size // g) if g < n else n
-    scales = torch.zeros(out, n_groups, device=W.device)
+    scales = torch.zeros(out, n // g, device=W.device)
     zeros = torch.zeros_like(scales)
-    fitted = [False] * n_groups
-    group_of = (perm // g).tolist()
-    codes = torch.zeros_like(W)
 
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            gid = group_of[i1 + i]
-            if not fitted[gid]:
-                cols = pos[gid * g : (gid + 1) * g]
-                current = W[:, cols].clone()
-                inside = (cols >= i1) & (cols < i2)
-                current[:, inside] = W1[:, cols[inside] - i1]
-                s, z = find_params(current, spec)
-                scales[:, gid], zeros[:, gid] = s[:, 0], z[:, 0]
-                fitted[gid] = True
-            w = W1[:, i]
-            s, z = scales[:, gid], zeros[:, gid]
-            q = quantize_codes(w, s, z, spec.bits)
-            codes[:, i1 + i] = q
-            err = (w - dequantize_codes(q, s, z)) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    def fit_group(gid: int, current: torch.Tensor) -> None:
+        s, z = find_params(current, spec)
+        scales[:, gid], zeros[:, gid] = s[:, 0], z[:, 0]
 
+    def quantize_column(gid: int, j: int, w: torch.Tensor):
+        s, z = scales[:, gid], zeros[:, gid]
+        q = quantize_codes(w, s, z, spec.bits)
+        return q, dequantize_codes(q, s, z)
+
+    H = H.detach().float().to(W.device, copy=True)
+    codes = gptq_loop(W, H, g, fit_group, quantize_column, damp, act_order, block_size)
     return QuantizedWeight(
-        codes=codes[:, pos].to(torch.uint8),
+        codes=codes.to(torch.uint8),
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.uint8),
         bits=spec.bits,

@@ -3,8 +3,9 @@
 Layout: codes stay in their weight's row order. Row ``r`` of a ``[out, in]`` code matrix becomes
 ``ceil(in / k)`` int32 words with ``k = 32 // bits`` codes per word: code ``j`` lives in word
 ``j // k`` at bit offset ``bits * (j % k)`` (little-endian within the word). No code straddles a
-word, so 3-bit packs 10 codes per word and leaves the top 2 bits zero (3.2 bits/code); 2-, 4- and
-8-bit fill their words exactly. Padding codes at the end of a row are zero.
+word, so 3-bit packs 10 codes per word and leaves the top 2 bits zero (3.2 bits/code); 1-, 2-, 4-
+and 8-bit fill their words exactly (1-bit: the sign planes of DSQ). Padding codes at the end of a
+row are zero.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ LAYOUT = "rowpack-int32-v1"
 
 
 def codes_per_word(bits: int) -> int:
-    if bits not in (2, 3, 4, 8):
-        raise QuantError(f"cannot pack {bits}-bit codes (supported: 2, 3, 4, 8)")
+    if bits not in (1, 2, 3, 4, 8):
+        raise QuantError(f"cannot pack {bits}-bit codes (supported: 1, 2, 3, 4, 8)")
     return 32 // bits
 
 

@@ -23,7 +23,29 @@ from quant.grid import QuantizedWeight, dequantize_weight
 from quant.packing import pack, packed_width, unpack
 
 
-class QuantLinear(nn.Module):
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is stored packed; ``forward`` dequantizes (or uses the cache that
+    :func:`dequantized_weights` fills) and runs a dense matmul. Subclasses define ``dequantize``."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    _cached: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def storage_buffers(self) -> list[torch.Tensor]:
+        """The tensors that hold the weight (not the bias): what its size on disk counts."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._cached if self._cached is not None and self._cached.dtype == x.dtype else self.dequantize(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+class QuantLinear(PackedLinear):
     def __init__(
         self,
         in_features: int,
@@ -63,9 +85,8 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._cached if self._cached is not None and self._cached.dtype == x.dtype else self.dequantize(x.dtype)
-        return F.linear(x, w, self.bias)
+    def storage_buffers(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales, self.zeros]
 
     def extra_repr(self) -> str:
         return (
@@ -76,8 +97,8 @@ class QuantLinear(nn.Module):
 
 @contextmanager
 def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
-    """Dequantize every ``QuantLinear`` once for a run of many forwards (evaluation), then drop it."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    """Dequantize every packed linear once for a run of many forwards (evaluation), then drop it."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     try:
         for m in layers:
             m._cached = m.dequantize(dtype)
@@ -96,9 +117,9 @@ def storage_bytes(out_features: int, in_features: int, bits: int, group_size: in
 
 
 def quantized_sizes(model: nn.Module) -> dict:
-    """Bytes of every ``QuantLinear`` (codes + scales + zeros) against the same weights in fp16."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    qbytes = sum(b.numel() * b.element_size() for m in layers for b in (m.qweight, m.scales, m.zeros))
+    """Bytes of every packed linear (codes and every scale and zero) against the same weights in fp16."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    qbytes = sum(b.numel() * b.element_size() for m in layers for b in m.storage_buffers())
     params = sum(m.in_features * m.out_features for m in layers)
     return {
         "quantized_linear_bytes": qbytes,
