@@ -16,14 +16,17 @@ Folder layout (format version 1)::
     packing         "rowpack-int32-v1" (see quant.packing)
     method          the quantizer pass ("rtn", "gptq", ...)
     bits, group_size, sym     the requested defaults
-    modules         {qualified name: {"bits", "group_size", "sym"}}: what each QuantLinear holds;
-                    group_size is the effective one for that layer
+    modules         {qualified name: {"bits", "group_size", "sym", "format"}}: what each packed linear
+                    holds; group_size is the effective one for that layer; format "uniform"
+                    (``QuantLinear``: qweight/scales/zeros, the default when absent) or "dsq"
+                    (``DSQLinear``: sign planes + per-(row, group) scales)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     passes          [{"name", "config"}] in the order they ran
 
-Each quantized linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``);
-see ``quant.quantlinear``. Everything else is the model's own state dict in its dtype; a tied
-``lm_head`` is stored once, as the embedding.
+Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), see
+``quant.quantlinear``; each DSQ linear ``<name>.planes`` and ``.row_scales``, see ``quant.dsqlinear``.
+Everything else is the model's own state dict in its dtype; a tied ``lm_head`` is stored once, as
+the embedding.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
@@ -186,6 +190,16 @@ def _verify_and_read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear)}
+
+
+def _valid(m: nn.Module) -> bool:
+    if isinstance(m, DSQLinear):
+        r = m.row_scales.float()
+        return bool(torch.isfinite(r).all() and (r >= 0).all())
+    return bool(torch.isfinite(m.scales.float()).all() and int(m.zeros.max()) <= 2**m.bits - 1)
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     """Rebuild a model saved by :func:`save_quantized`; returns ``(model, tokenizer)``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -210,9 +224,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
         except AttributeError:
             raise QuantError(f"corrupt checkpoint {path}: module {name} is not in the model") from None
         parent_name, _, child = name.rpartition(".")
-        q = QuantLinear(
-            lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype
-        )
+        cls = LINEAR_FORMATS.get(spec.get("format", "uniform"))
+        if cls is None:
+            raise QuantError(f"corrupt checkpoint {path}: {name} has unknown format {spec.get('format')!r}")
+        q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
         setattr(model.get_submodule(parent_name), child, q)
     missing, unexpected = [], []
     try:
@@ -228,8 +243,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
             f"(first: {(missing + unexpected)[0]})"
         )
     for name in qc["modules"]:
-        m = model.get_submodule(name)
-        if not torch.isfinite(m.scales.float()).all() or int(m.zeros.max()) > 2**m.bits - 1:
+        if not _valid(model.get_submodule(name)):
             raise QuantError(f"corrupt checkpoint {path}: {name} has invalid scales or zero-points")
     model.lowbit_config = qc
     model.eval()

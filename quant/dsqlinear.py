@@ -22,6 +22,8 @@ from quant.quantlinear import PackedLinear
 
 
 class DSQLinear(PackedLinear):
+    FORMAT = "dsq"
+
     def __init__(
         self,
         in_features: int,

@@ -24,7 +24,7 @@ from torch import nn
 from quant.adapters import Adapter, adapter_for
 from quant.errors import QuantError
 from quant.grid import QuantSpec
-from quant.quantlinear import QuantLinear
+from quant.quantlinear import PackedLinear
 
 
 @dataclass
@@ -45,13 +45,13 @@ class QuantContext:
         o = self.overrides.get(name)
         return dataclasses.replace(default, **o) if o else default
 
-    def install(self, name: str, q: QuantLinear, sym: bool) -> None:
+    def install(self, name: str, q: PackedLinear, sym: bool) -> None:
         """Put a quantized linear in place of the float module ``name`` and record it."""
         parent, _, child = name.rpartition(".")
         old = self.model.get_submodule(name)
         device = next(itertools.chain(old.parameters(), old.buffers())).device
         setattr(self.model.get_submodule(parent), child, q.to(device))
-        self.modules[name] = {"bits": q.bits, "group_size": q.group_size, "sym": sym}
+        self.modules[name] = {"bits": q.bits, "group_size": q.group_size, "sym": sym, "format": q.FORMAT}
 
 
 @dataclass(frozen=True)

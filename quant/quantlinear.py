@@ -27,6 +27,7 @@ class PackedLinear(nn.Module):
     """A linear layer whose weight is stored packed; ``forward`` dequantizes (or uses the cache that
     :func:`dequantized_weights` fills) and runs a dense matmul. Subclasses define ``dequantize``."""
 
+    FORMAT = ""  # recorded per module in the checkpoint; selects the class on load
     in_features: int
     out_features: int
     bits: int
@@ -46,6 +47,8 @@ class PackedLinear(nn.Module):
 
 
 class QuantLinear(PackedLinear):
+    FORMAT = "uniform"
+
     def __init__(
         self,
         in_features: int,
