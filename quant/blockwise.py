@@ -1,9 +1,11 @@
 """Block-by-block calibration: capture a block's inputs, let a pass quantize it, propagate its outputs.
 
-Only one activation stream (``[samples, seqlen, hidden]``) is held, plus the Hessian of whichever
+One activation stream (``[samples, seqlen, hidden]``) is held, plus the Hessian of whichever
 linear group is being quantized, so memory stays near one block's work plus the activations.
 The stream carries the *quantized* model's activations: each block is calibrated on the inputs it
-will really see.
+will really see. With ``keep_float=True`` a second stream carries the float model's activations
+(through a float copy of each block), for methods that compare the two: GPTAQ's asymmetric
+objective and D²Quant's deviation-aware correction.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ class _Stop(Exception):
 
 
 class BlockRunner:
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, keep_float: bool = False
+    ) -> None:
         self.blocks = blocks
         self.inputs, self.block_kwargs = self._capture_first_inputs(model, blocks[0], calib_ids)
+        self.float_inputs = self.inputs.clone() if keep_float else None
 
     @staticmethod
     @torch.no_grad()
@@ -80,11 +85,65 @@ class BlockRunner:
             h.remove()
         return H / max(count, 1)
 
+    def _input_of(self, block: nn.Module, module: nn.Module, x: torch.Tensor, output: bool = False) -> torch.Tensor:
+        """The input (or output) of ``module`` when ``block`` runs on ``x``, flattened to ``[tokens, features]``."""
+        got: list[torch.Tensor] = []
+
+        def hook(_mod, args, out=None):
+            t = out if output else args[0]
+            got.append(t.reshape(-1, t.shape[-1]).float())
+            raise _Stop
+
+        h = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
+        try:
+            self._call(block, x)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return got[0]
+
     @torch.no_grad()
-    def advance(self, block: nn.Module) -> None:
-        """Replace the stream by ``block``'s outputs (with whatever it now holds, quantized or not)."""
+    def hessian_and_cross(
+        self, block: nn.Module, reader: nn.Linear, float_block: nn.Module, float_reader: nn.Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H = E[x̃ x̃ᵀ]`` on the quantized stream and ``P = E[x x̃ᵀ]`` against the float stream.
+
+        ``x̃`` is ``reader``'s input in the (partly quantized) block, ``x`` the same input in the float
+        block on the float model's activations. GPTAQ's objective ``E‖W x - Ŵ x̃‖²`` is minimised
+        without constraint by ``W P H⁻¹``.
+        """
+        n = reader.in_features
+        H = torch.zeros(n, n, device=reader.weight.device)
+        P = torch.zeros_like(H)
+        for xq, xf in zip(self.inputs, self.float_inputs, strict=True):
+            a = self._input_of(block, reader, xq[None])
+            b = self._input_of(float_block, float_reader, xf[None])
+            H.addmm_(a.T, a)
+            P.addmm_(b.T, a)
+        count = self.inputs.shape[0] * self.inputs.shape[1]
+        return H / count, P / count
+
+    @torch.no_grad()
+    def mean_output_gap(self, block: nn.Module, module: nn.Module, float_block: nn.Module, float_module: nn.Module):
+        """Mean over calibration tokens of (float stream through ``float_module``) minus (quantized
+        stream through ``module``): the per-channel drift the quantized weights introduce."""
+        total = None
+        for xq, xf in zip(self.inputs, self.float_inputs, strict=True):
+            d = self._input_of(float_block, float_module, xf[None], True) - self._input_of(
+                block, module, xq[None], True
+            )
+            total = d.sum(0) if total is None else total + d.sum(0)
+        return total / (self.inputs.shape[0] * self.inputs.shape[1])
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module, float_block: nn.Module | None = None) -> None:
+        """Replace the stream by ``block``'s outputs (with whatever it now holds, quantized or not),
+        and the float stream by ``float_block``'s."""
         for i in range(self.inputs.shape[0]):
             self.inputs[i] = self._call(block, self.inputs[i : i + 1])[0]
+            if float_block is not None:
+                self.float_inputs[i] = self._call(float_block, self.float_inputs[i : i + 1])[0]
 
 
 def quantize_blockwise(

@@ -21,6 +21,8 @@ Folder layout (format version 1)::
                     (``QuantLinear``: qweight/scales/zeros, the default when absent) or "dsq"
                     (``DSQLinear``: sign planes + per-(row, group) scales)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
+    norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
+                    and added to the norm's output (``quant.dac``); RMSNorm has no bias of its own
     passes          [{"name", "config"}] in the order they ran
 
 Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), see
@@ -42,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
 from quant.packing import LAYOUT
@@ -229,6 +232,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
             raise QuantError(f"corrupt checkpoint {path}: {name} has unknown format {spec.get('format')!r}")
         q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
         setattr(model.get_submodule(parent_name), child, q)
+    for name in qc.get("norm_biases", []):
+        try:
+            norm = model.get_submodule(name)
+        except AttributeError:
+            raise QuantError(f"corrupt checkpoint {path}: norm {name} is not in the model") from None
+        add_norm_bias(norm, torch.zeros_like(norm.weight))
     missing, unexpected = [], []
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -101,7 +101,6 @@ def dsq_dequantize(codes: torch.Tensor, r: torch.Tensor, c: torch.Tensor | None 
     return w if c is None else w * c[None, :]
 
 
-
 @dataclass
 class DSQWeight:
     codes: torch.Tensor  # [out, n] uint8, bit k = sign of plane k

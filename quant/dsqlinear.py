@@ -47,9 +47,7 @@ class DSQLinear(PackedLinear):
         self._cached = None
 
     @classmethod
-    def from_codes(
-        cls, codes: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> DSQLinear:
+    def from_codes(cls, codes: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None) -> DSQLinear:
         """``codes[out, in]`` in ``[0, 2^bits)`` (bit k = plane k's sign), ``row_scales[out, groups, bits]``."""
         out, n = codes.shape
         groups, bits = row_scales.shape[1:]

@@ -36,6 +36,7 @@ class QuantContext:
     modules: dict[str, dict] = field(default_factory=dict)  # module name -> what was stored (bits, group, sym)
     progress: bool = True
     allocation: object = None  # set by the "allocate" pass (quant.allocation.Allocation)
+    norm_biases: list[str] = field(default_factory=list)  # norms given an output bias (DAC)
 
     @property
     def adapter(self) -> Adapter:

@@ -36,7 +36,7 @@ class GPTQConfig(RTNConfig):
     block_size: int = 128  # lazy-update block (columns)
 
 
-def _check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
+def check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
     """Validate every target before touching any: NaN/Inf weights and group fit fail fast."""
     names = ctx.adapter.linear_names(ctx.model)
     for name in names:
@@ -49,7 +49,7 @@ def _check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
 @register_pass("rtn", RTNConfig, quantizer=True)
 def rtn(ctx: QuantContext, config: RTNConfig) -> dict:
     spec = config.spec()
-    names = _check_model(ctx, spec)
+    names = check_model(ctx, spec)
     for name in tqdm(names, desc="rtn", disable=not ctx.progress, unit="layer"):
         lin = ctx.model.get_submodule(name)
         s = ctx.spec_for(name, spec)
@@ -60,7 +60,7 @@ def rtn(ctx: QuantContext, config: RTNConfig) -> dict:
 @register_pass("gptq", GPTQConfig, needs_calibration=True, quantizer=True)
 def gptq(ctx: QuantContext, config: GPTQConfig) -> dict:
     spec = config.spec()
-    names = _check_model(ctx, spec)
+    names = check_model(ctx, spec)
     adapter, prefix = ctx.adapter, ctx.adapter.layers
     n_blocks = len(adapter.blocks(ctx.model))
 
