@@ -53,7 +53,24 @@ def model_cmd(
         help="Weight bit width: 2, 3, 4 or 8. With --allocation, the average budget (fractions allowed, e.g. 2.5): "
         "the quantized linears take no more bytes than uniform quantization at that width would.",
     ),
-    method: str = typer.Option("gptq", help="Quantizer: rtn (round to nearest, no data) or gptq (calibrated)."),
+    method: str = typer.Option(
+        "gptq",
+        help="Quantizer: rtn (round to nearest, no data), gptq (calibrated), or d2quant (sub-4-bit: dual-scale "
+        "down_proj, deviation-aware norm correction, GPTAQ, Hadamard rotation).",
+    ),
+    backend: str = typer.Option("gptaq", help="d2quant: the solver for every layer: gptaq, gptq or rtn."),
+    dsq: bool = typer.Option(True, help="d2quant: dual-scale quantizer on down_proj (2 and 3 bits)."),
+    dac: bool = typer.Option(True, help="d2quant: deviation-aware correction (a bias on each post-attention norm)."),
+    rotation: bool = typer.Option(
+        None,
+        "--rotation/--no-rotation",
+        help="Mergeable Hadamard rotation of the residual stream before quantizing (default: on for d2quant, "
+        "off otherwise). Unties tied embeddings.",
+        show_default=False,
+    ),
+    rotation_mode: str = typer.Option(
+        "hadamard", help="Rotation: hadamard (full width), groupwise (block-diagonal, one block per group), random."
+    ),
     allocation: str = typer.Option(
         "none",
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
@@ -116,9 +133,11 @@ def model_cmd(
     if not info.quantizer:
         raise QuantError(f"{method!r} is not a quantization method; use one of {', '.join(quantizer_methods())}")
     steps: list = []
+    budget = None
     if allocation != "none":
         alloc_config = _allocation_config(bits, allocation, candidates, granularity, scheme, alloc_seed, group_size)
         steps.append(("allocate", alloc_config))
+        budget = alloc_config.budget
         bits = max(alloc_config.candidates)  # the quantizer's default width; allocate sets every layer's
     elif bits != int(bits):
         raise QuantError(f"--bits {bits} is fractional: a fractional average needs --allocation nsds|random")
@@ -126,12 +145,20 @@ def model_cmd(
     kwargs = {"bits": bits, "group_size": group_size, "sym": sym}
     if clip is not None:
         kwargs["clip"] = clip
-    if method == "gptq":
+    if method in ("gptq", "d2quant"):
         kwargs.update(damp=damp, act_order=act_order)
+    if method == "d2quant":
+        kwargs.update(backend=backend, dsq=dsq, dac=dac)
     config = info.config_cls(**kwargs)
+    if rotation if rotation is not None else method == "d2quant":
+        from quant.rotation import RotationConfig
+
+        rot = RotationConfig(mode=rotation_mode, block=group_size if group_size > 0 else 64, seed=seed)
+        rot.validate()
+        steps.append(("rotate", rot))
     config.spec()  # validates bits / group size / clip before any work
     slug = Path(model).name if model else "smollm2-135m"
-    width = f"w{bits}" if not steps else f"{allocation}{steps[0][1].budget:g}"
+    width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
     torch.manual_seed(seed)
@@ -157,12 +184,13 @@ def model_cmd(
     report["sizes"] = quantized_sizes(lm.model)
     qc = {
         "method": method,
-        "bits": bits if not steps else steps[0][1].budget,
+        "bits": bits if budget is None else budget,
         "allocation": allocation,
         "group_size": group_size,
         "sym": sym,
         "modules": ctx.modules,
         "not_quantized": ["embeddings", "lm_head", "norms"],
+        "norm_biases": ctx.norm_biases,
         "passes": [{"name": p["name"], "config": p["config"]} for p in passes],
         "calibration": report.get("calibration"),
     }

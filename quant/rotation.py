@@ -38,13 +38,16 @@ class RotationConfig:
     block: int = 64  # groupwise: the Hadamard block (match the quantization group)
     seed: int = 0  # random mode, and the fallback for widths without a Hadamard
 
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise QuantError(f"unknown rotation mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.mode == "groupwise" and not has_hadamard(self.block):
+            raise QuantError(f"no Hadamard of order {self.block} for the group-wise rotation")
+
 
 def rotation_matrix(d: int, config: RotationConfig) -> tuple[torch.Tensor, str]:
-    if config.mode not in MODES:
-        raise QuantError(f"unknown rotation mode {config.mode!r}; choose from {', '.join(MODES)}")
+    config.validate()
     if config.mode == "groupwise":
-        if not has_hadamard(config.block):
-            raise QuantError(f"no Hadamard of order {config.block} for the group-wise rotation")
         return block_hadamard(d, config.block), f"block-diagonal Hadamard {config.block}"
     if config.mode == "hadamard" and has_hadamard(d):
         return hadamard(d), f"Hadamard {d}"

@@ -56,6 +56,14 @@ def test_help_explains_every_option():
         "--granularity",
         "--scheme",
         "--alloc-seed",
+        "--backend",
+        "--dsq",
+        "--no-dsq",
+        "--dac",
+        "--no-dac",
+        "--rotation",
+        "--no-rotation",
+        "--rotation-mode",
     ):
         assert opt in r.stdout, opt
     for cmd in ("eval", "inspect", "allocate"):
@@ -105,6 +113,8 @@ def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
         (["--bits", "2.5"], "fractional average needs --allocation"),
         (["--bits", "1.5", "--allocation", "nsds"], "feasible range is 2 to 4 bits"),
         (["--allocation", "magic"], "unknown allocator"),
+        (["--method", "d2quant", "--backend", "awq"], "unknown backend"),
+        (["--method", "d2quant", "--rotation-mode", "dct"], "unknown rotation mode"),
         (["--allocation", "nsds", "--candidates", "2,x"], "comma-separated integers"),
     ],
 )
@@ -204,3 +214,35 @@ def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
     assert layer_bits == {k: res["bits"][k] for k in ("0", "1")}
     r = run("inspect", out)
     assert r.returncode == 0 and "2: 7" in r.stdout and "3: 7" in r.stdout
+
+
+def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
+    common = ["--bits", "2", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
+    out = tmp_path / "d2"
+    r = run("model", tiny_dir, "--method", "d2quant", *common, "--out", out)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert [p["name"] for p in qc["passes"]] == ["rotate", "d2quant"] and cfg["tie_word_embeddings"] is False
+    assert qc["modules"]["model.layers.0.mlp.down_proj"]["format"] == "dsq" and len(qc["norm_biases"]) == 2
+    r = run("eval", out, "--max-windows", "1")
+    assert r.returncode == 0, r.stderr
+    out2 = tmp_path / "ablate"
+    r = run(
+        "model",
+        tiny_dir,
+        "--method",
+        "d2quant",
+        *common,
+        "--no-dsq",
+        "--no-dac",
+        "--no-rotation",
+        "--backend",
+        "rtn",
+        "--out",
+        out2,
+    )
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out2 / "config.json").read_text())["quantization_config"]
+    assert [p["name"] for p in qc["passes"]] == ["d2quant"] and qc["norm_biases"] == []
+    assert {m["format"] for m in qc["modules"].values()} == {"uniform"}
