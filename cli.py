@@ -33,10 +33,11 @@ MODEL_HELP = (
 )
 
 
-def _eval(lm, max_windows: int, seqlen: int, label: str) -> dict:
+def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2") -> dict:
     from quant.perplexity import perplexity, tokenize_eval
 
-    return perplexity(lm.model, tokenize_eval(lm.tokenizer), seqlen=seqlen, max_windows=max_windows or None, desc=label)
+    ids = tokenize_eval(lm.tokenizer, dataset=dataset)
+    return perplexity(lm.model, ids, seqlen=seqlen, max_windows=max_windows or None, desc=label, dataset=dataset)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -98,8 +99,8 @@ def model_cmd(
     ),
     calib: str = typer.Option(
         "c4",
-        help="Calibration text (gptq): c4 | wikitext2-valid (bundled), a .txt/.jsonl file, "
-        "or hf:NAME[:CONFIG[:SPLIT]].",
+        help="Calibration text (gptq, d2quant): c4 (bundled C4 sample minus its evaluation slice) | c4-all | "
+        "wikitext2-valid, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]].",
     ),
     nsamples: int = typer.Option(128, help="Number of calibration windows (gptq)."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (gptq)."),
@@ -290,14 +291,20 @@ def eval_cmd(
     ),
     max_windows: int = typer.Option(0, help="Evaluate only the first N windows (0 = the full test split)."),
     seqlen: int = typer.Option(2048, help="Window length in tokens (2048 is the standard protocol)."),
+    dataset: str = typer.Option(
+        "wikitext2", help="wikitext2 (raw test split) or c4 (the bundled C4 evaluation slice, 1,000 records)."
+    ),
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
-    """WikiText-2 (raw, test) perplexity: non-overlapping windows, ppl = exp(mean window NLL)."""
+    """Perplexity on WikiText-2 (raw, test) or the C4 slice: non-overlapping windows, ppl = exp(mean window NLL)."""
     from quant.models import load_model
+    from quant.perplexity import EVAL_SETS
 
+    if dataset not in EVAL_SETS:
+        raise QuantError(f"unknown dataset {dataset!r}; choose from {', '.join(EVAL_SETS)}")
     lm = load_model(model, trust_remote_code=trust_remote_code)
-    res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl")}
+    res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl", dataset)}
     typer.echo(json.dumps(res, indent=2))
     if json_out:
         _write_json_atomic(json_out, res)

@@ -107,7 +107,9 @@ def main() -> None:
     out_json = RESULTS / "allocation.json"
     doc = json.loads(out_json.read_text()) if out_json.exists() else {}
     results = doc.get("results", {})
-    meta = doc.get("meta") or common_meta(f"c4 bundled sample, {args.nsamples} x {args.seqlen} tokens, seed 0")
+    meta = doc.get("meta") or common_meta(
+        f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0"
+    )
     if args.report_only:
         write_markdown(results, meta)
         return
@@ -115,7 +117,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = load_model()
     ids = tokenize_eval(base.tokenizer)
-    calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
+    calib = calibration_windows(base.tokenizer, "c4-all", args.nsamples, args.seqlen, seed=0)
     t0 = time.perf_counter()
     nsds_scores(base.model)
     meta["nsds_scoring_seconds"] = round(time.perf_counter() - t0, 2)  # the whole model, weights only

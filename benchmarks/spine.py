@@ -88,12 +88,12 @@ def main() -> None:
     if args.report_only:
         write_markdown(results, doc["meta"], args.tag)
         return
-    meta = common_meta(f"c4 bundled sample, {args.nsamples} x {args.seqlen} tokens, seed 0")
+    meta = common_meta(f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0")
 
     torch.manual_seed(0)
     base = load_model()
     ids = tokenize_eval(base.tokenizer)
-    calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
+    calib = calibration_windows(base.tokenizer, "c4-all", args.nsamples, args.seqlen, seed=0)
     chosen = args.only or list(SETTINGS)
     for name in chosen:
         step = {**SETTINGS, **EXTRA}[name]

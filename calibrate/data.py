@@ -2,7 +2,9 @@
 
 Calibration sources (``--calib``):
 
-* ``c4`` (default): the bundled 2,000-record C4 validation sample
+* ``c4`` (default): records 1,000-1,999 of the bundled 2,000-record C4 validation sample; the first
+  1,000 are the C4 evaluation slice (``c4_eval_text``), so calibration never sees them
+* ``c4-all``: all 2,000 records (what ``c4`` meant before the evaluation slice existed; overlaps it)
 * ``wikitext2-valid``: the bundled (tokenized, ``<unk>``-bearing) WikiText-2 validation split
 * a path to a UTF-8 text file (or ``.jsonl`` with a ``"text"`` field per line)
 * ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (needs ``datasets`` and a network)
@@ -21,7 +23,8 @@ DATA_DIR = Path(__file__).parent / "data"
 WIKITEXT2_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 WIKITEXT2_VALID = DATA_DIR / "wikitext-2" / "valid.txt"
 C4_SAMPLE = DATA_DIR / "c4" / "c4_validation_2k.jsonl"
-CALIB_SOURCES = ("c4", "wikitext2-valid")
+C4_EVAL_DOCS = 1000  # records [0, 1000) evaluate; [1000, 2000) calibrate
+CALIB_SOURCES = ("c4", "c4-all", "wikitext2-valid")
 
 
 def eval_text() -> str:
@@ -35,7 +38,7 @@ def eval_text() -> str:
     return "\n\n".join(rows)
 
 
-def _jsonl_text(path: Path) -> str:
+def _jsonl_docs(path: Path) -> list[str]:
     docs = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if line.strip():
@@ -43,11 +46,23 @@ def _jsonl_text(path: Path) -> str:
                 docs.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise QuantError(f"{path}:{i + 1}: expected a JSON object with a 'text' field") from None
-    return "\n\n".join(docs)
+    return docs
+
+
+def _jsonl_text(path: Path) -> str:
+    return "\n\n".join(_jsonl_docs(path))
+
+
+def c4_eval_text() -> str:
+    """The C4 evaluation slice: the first 1,000 records of the bundled sample joined with a single space
+    (QuaRot's ``c4_new`` joining; its 1,100 documents of shard 0 are not available offline)."""
+    return " ".join(_jsonl_docs(C4_SAMPLE)[:C4_EVAL_DOCS])
 
 
 def load_calibration_text(source: str) -> str:
     if source == "c4":
+        return "\n\n".join(_jsonl_docs(C4_SAMPLE)[C4_EVAL_DOCS:])
+    if source == "c4-all":
         return _jsonl_text(C4_SAMPLE)
     if source == "wikitext2-valid":
         return WIKITEXT2_VALID.read_text(encoding="utf-8")

@@ -14,12 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibrate.data import eval_text
+from calibrate.data import c4_eval_text, eval_text
 from quant.quantlinear import dequantized_weights
 
+EVAL_SETS = {
+    "wikitext2": (eval_text, "wikitext-2-raw-v1 test"),
+    "c4": (c4_eval_text, "c4 validation slice (bundled records 0-999)"),
+}
 
-def tokenize_eval(tokenizer, text: str | None = None) -> torch.Tensor:
-    return tokenizer(eval_text() if text is None else text, return_tensors="pt").input_ids[0]
+
+def tokenize_eval(tokenizer, text: str | None = None, dataset: str = "wikitext2") -> torch.Tensor:
+    return tokenizer(EVAL_SETS[dataset][0]() if text is None else text, return_tensors="pt").input_ids[0]
 
 
 @torch.no_grad()
@@ -30,6 +35,7 @@ def perplexity(
     max_windows: int | None = None,
     progress: bool = True,
     desc: str = "perplexity",
+    dataset: str = "wikitext2",
 ) -> dict:
     total = ids.numel() // seqlen
     n = total if not max_windows else min(total, max_windows)
@@ -51,7 +57,7 @@ def perplexity(
         "windows": n,
         "total_windows": total,
         "seqlen": seqlen,
-        "dataset": "wikitext-2-raw-v1 test",
+        "dataset": EVAL_SETS[dataset][1],
         "seconds": round(time.perf_counter() - t0, 2),
         "window_nll": nlls,
     }
