@@ -28,9 +28,15 @@ def meta(calibration: str) -> dict:
 
 
 def run_setting(
-    steps: list[tuple[str, object]], calib: torch.Tensor, ids: torch.Tensor, max_windows: int | None, desc: str
+    steps: list[tuple[str, object]],
+    calib: torch.Tensor,
+    ids: torch.Tensor,
+    max_windows: int | None,
+    desc: str,
+    extra_evals: dict[str, tuple[torch.Tensor, int | None, str]] | None = None,
 ) -> tuple[dict, QuantContext | None]:
-    """Quantize a fresh float model with ``steps`` (none: the float reference) and measure it."""
+    """Quantize a fresh float model with ``steps`` (none: the float reference) and measure it: WikiText-2
+    perplexity under ``r["ppl"]``, and each ``extra_evals[key] = (ids, max_windows, dataset)`` under ``r[key]``."""
     lm = load_model()
     r: dict = {}
     ctx = None
@@ -41,9 +47,8 @@ def run_setting(
         r["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         probe = ids[:128][None]
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = save_quantized(
-                lm.model, lm.tokenizer, Path(tmp) / "ckpt", {"method": steps[-1][0], "modules": ctx.modules}
-            )
+            qc = {"method": steps[-1][0], "modules": ctx.modules, "norm_biases": ctx.norm_biases}
+            ckpt = save_quantized(lm.model, lm.tokenizer, Path(tmp) / "ckpt", qc)
             on_disk = sum(f.stat().st_size for f in ckpt.iterdir() if f.suffix == ".safetensors")
             r["sizes"] = {"checkpoint_bytes": on_disk, **quantized_sizes(lm.model)}
             reloaded, _ = load_quantized(ckpt)
@@ -51,6 +56,8 @@ def run_setting(
                 r["reload_identical"] = bool(torch.equal(lm.model(probe).logits, reloaded(probe).logits))
             del reloaded
     r["ppl"] = perplexity(lm.model, ids, max_windows=max_windows, desc=desc)
+    for key, (eval_ids, n, dataset) in (extra_evals or {}).items():
+        r[key] = perplexity(lm.model, eval_ids, max_windows=n, desc=f"{desc} {dataset}", dataset=dataset)
     return r, ctx
 
 

@@ -125,16 +125,27 @@ class BlockRunner:
         return H / count, P / count
 
     @torch.no_grad()
-    def mean_output_gap(self, block: nn.Module, module: nn.Module, float_block: nn.Module, float_module: nn.Module):
-        """Mean over calibration tokens of (float stream through ``float_module``) minus (quantized
-        stream through ``module``): the per-channel drift the quantized weights introduce."""
-        total = None
+    def mean_output_gap(
+        self,
+        block: nn.Module,
+        module: nn.Module,
+        float_block: nn.Module,
+        float_module: nn.Module,
+        teacher_input: str = "float",
+        skip_first: int = 0,
+    ) -> torch.Tensor:
+        """Mean over calibration tokens of ``float_module``'s output in the float block minus ``module``'s
+        in the quantized block: the per-channel drift the quantized weights introduce. The float block
+        reads the float stream (``teacher_input="float"``) or the same quantized stream as the student
+        (``"quantized"``: only this block's drift). ``skip_first`` leaves out each window's first tokens."""
+        total, count = None, 0
         for xq, xf in zip(self.inputs, self.float_inputs, strict=True):
-            d = self._input_of(float_block, float_module, xf[None], True) - self._input_of(
-                block, module, xq[None], True
-            )
+            teacher_x = xf if teacher_input == "float" else xq
+            t = self._input_of(float_block, float_module, teacher_x[None], True)
+            d = (t - self._input_of(block, module, xq[None], True))[skip_first:]
             total = d.sum(0) if total is None else total + d.sum(0)
-        return total / (self.inputs.shape[0] * self.inputs.shape[1])
+            count += d.shape[0]
+        return total / count
 
     @torch.no_grad()
     def advance(self, block: nn.Module, float_block: nn.Module | None = None) -> None:

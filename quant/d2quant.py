@@ -11,7 +11,8 @@ Per block, in the order of methods.md §1.3:
 Backends: ``gptaq`` (default): GPTQ on the target ``W + W·E[(x - x̃) x̃ᵀ]·(H + λI)⁻¹``, which is the
 unconstrained minimiser of ``E‖W x − Ŵ x̃‖²`` (float inputs x, the quantized model's own inputs x̃):
 the asymmetric calibration of GPTAQ, as one closed-form target followed by ordinary GPTQ (the two
-have the same objective); ``gptq`` (inputs x̃ only); ``rtn`` (no Hessian; DAC still uses data).
+have the same objective), with the correction scaled by ``gptaq_alpha`` (0.25, as GPTAQ's release);
+``gptq`` (inputs x̃ only); ``rtn`` (no Hessian; DAC still uses data).
 The mergeable rotation is a separate pass (``rotate``) that runs first.
 """
 
@@ -45,6 +46,9 @@ class D2QuantConfig:
     dsq: bool = True
     dac: bool = True
     dsq_iters: int = 15
+    dac_teacher: str = "float"  # float: the float model's own activations; quantized: same input as the student
+    dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)
+    gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (GPTAQ's released default)
     sym: bool = False
     clip: str = "mse"  # for the uniform (non-DSQ) layers
     damp: float = 0.01
@@ -57,11 +61,12 @@ class D2QuantConfig:
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
 
 
-def gptaq_target(w: torch.Tensor, H: torch.Tensor, P: torch.Tensor, damp: float) -> torch.Tensor:
-    """``W + W (P − H)(H + λI)⁻¹``: equals ``W`` when the quantized inputs have not drifted."""
+def gptaq_target(w: torch.Tensor, H: torch.Tensor, P: torch.Tensor, damp: float, alpha: float = 1.0) -> torch.Tensor:
+    """``W + α W (P − H)(H + λI)⁻¹``: equals ``W`` when the quantized inputs have not drifted; with α = 1
+    and λ = 0 it is the least-squares map from the quantized inputs to the float outputs."""
     H, P, w64 = H.double(), P.double(), w.detach().double()
     A = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return (w64 + torch.linalg.solve(A, (w64 @ (P - H)).T).T).float()  # A is symmetric
+    return (w64 + alpha * torch.linalg.solve(A, (w64 @ (P - H)).T).T).float()  # A is symmetric
 
 
 def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
@@ -97,7 +102,7 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
             lin = adapter.role(block, role)
             name = f"{prefix}.{i}.{adapter.roles[role]}"
             s = ctx.spec_for(name, spec)
-            w = lin.weight if P is None else gptaq_target(lin.weight, H, P, config.damp)
+            w = lin.weight if P is None else gptaq_target(lin.weight, H, P, config.damp, config.gptaq_alpha)
             if role == "down" and config.dsq and s.bits in DSQ_BITS:
                 g = s.group_for(w.shape[1])
                 q = dsq_quantize(w, H, s.bits, g, config.dsq_iters, config.damp, config.act_order, config.block_size)
@@ -117,7 +122,8 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         quantize(i, block, fblock, ("o",))
         if config.dac:
             norm = adapter.role(block, "post_attention_norm")
-            mu = runner.mean_output_gap(block, norm, fblock, adapter.role(fblock, "post_attention_norm"))
+            fnorm = adapter.role(fblock, "post_attention_norm")
+            mu = runner.mean_output_gap(block, norm, fblock, fnorm, config.dac_teacher, config.dac_skip_first)
             add_norm_bias(norm, mu)
             dac_norms.append(f"{prefix}.{i}.{adapter.roles['post_attention_norm']}")
             dac_shift.append(round(float(mu.norm()), 5))

@@ -1,0 +1,114 @@
+"""D²Quant against RTN, GPTQ and GPTAQ at 3 and 2 bits, with its ablations, on SmolLM2-135M.
+
+Every setting quantizes a fresh float model (group 64: SmolLM2's 576-wide inputs take 64 anyway),
+saves and reloads the checkpoint (logits must be identical), and measures perplexity on the full
+WikiText-2 test split and on the first 32 windows of the bundled C4 evaluation slice. Calibration
+is the `c4` source, which never reads the C4 evaluation slice (and nothing reads WikiText-2 test).
+Bits per weight count every packed code, scale and zero-point of the quantized linears.
+
+    python benchmarks/d2quant.py                    # everything: several hours on 2 cores
+    python benchmarks/d2quant.py --only d2quant-w3 gptq-w3 --max-windows 4    # quick look
+
+Results are written after every setting to benchmarks/results/d2quant.{json,md}; a rerun skips
+settings already measured with the same window count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import meta as common_meta
+from common import run_setting
+
+from calibrate import calibration_windows
+from quant import GPTQConfig, RTNConfig, load_model
+from quant.d2quant import D2QuantConfig
+from quant.perplexity import tokenize_eval
+from quant.rotation import RotationConfig
+
+RESULTS = Path(__file__).parent / "results"
+GROUP = 64
+C4_WINDOWS = 32
+
+
+def settings() -> dict[str, list]:
+    out: dict[str, list] = {}
+    for b in (3, 2):
+        rot = ("rotate", RotationConfig(mode="hadamard"))
+        out[f"d2quant-w{b}"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
+        out[f"gptq-w{b}"] = [("gptq", GPTQConfig(bits=b, group_size=GROUP))]
+        out[f"gptaq-w{b}"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, dac=False))]
+        out[f"rtn-w{b}"] = [("rtn", RTNConfig(bits=b, group_size=GROUP))]
+        out[f"d2quant-w{b}-no-dsq"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False))]
+        out[f"d2quant-w{b}-no-dac"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dac=False))]
+        out[f"d2quant-w{b}-no-rotation"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
+    out["float"] = []
+    return out
+
+
+def write_markdown(results: dict, meta: dict) -> None:
+    lines = [
+        "# D²Quant vs RTN / GPTQ / GPTAQ: SmolLM2-135M-Instruct, group 64",
+        "",
+        f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
+        f"Calibration: {meta['calibration']}. WikiText-2: raw test split, all windows of 2048. "
+        f"C4: the first {C4_WINDOWS} windows of 2048 of the bundled evaluation slice.",
+        "",
+        "| setting | WikiText-2 ppl | C4 ppl | bits/weight (all scales) | quantize wall (s) | reload identical |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        s = r.get("sizes")
+        lines.append(
+            f"| {name} | {r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']}) "
+            f"| {r['ppl_c4']['ppl']:.2f} | {s['bits_per_weight'] if s else 16} | {r.get('quantize_seconds', '-')} "
+            f"| {r.get('reload_identical', '-')} |"
+        )
+    (RESULTS / "d2quant.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 windows (0 = the full test split)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
+    ap.add_argument("--only", nargs="+", help="run just these settings")
+    args = ap.parse_args()
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / "d2quant.json"
+    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results = doc.get("results", {})
+    meta = doc.get("meta") or common_meta(f"c4 (bundled, disjoint from the C4 slice), {args.nsamples} x {args.seqlen}")
+    if args.report_only:
+        write_markdown(results, meta)
+        return
+
+    torch.manual_seed(0)
+    base = load_model()
+    ids = tokenize_eval(base.tokenizer)
+    c4 = tokenize_eval(base.tokenizer, dataset="c4")
+    calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
+    del base
+    todo = settings()
+    for name in args.only or list(todo):
+        prev = results.get(name)
+        if prev and not args.force and prev["ppl"]["windows"] == (args.max_windows or prev["ppl"]["total_windows"]):
+            print(f"{name}: already measured, skipping")
+            continue
+        print(f"== {name}", flush=True)
+        extra = {"ppl_c4": (c4, C4_WINDOWS, "c4")}
+        r, _ = run_setting(todo[name], calib, ids, args.max_windows or None, name, extra)
+        print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}  c4 {r['ppl_c4']['ppl']:.3f}", flush=True)
+        results[name] = r
+        out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_markdown(results, meta)
+
+
+if __name__ == "__main__":
+    main()
