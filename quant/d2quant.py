@@ -58,6 +58,8 @@ class D2QuantConfig:
     def spec(self) -> QuantSpec:
         if self.backend not in BACKENDS:
             raise QuantError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.dac_teacher not in ("float", "quantized"):
+            raise QuantError(f"dac_teacher must be 'float' or 'quantized', got {self.dac_teacher!r}")
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
 
 
