@@ -16,15 +16,12 @@ benchmarks/results/allocation-nsds-<budget>.png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import RESULTS, bench_args, load_results, ppl_first, run_setting, run_settings, save_results
 from common import meta as common_meta
-from common import ppl_first, run_setting
 
 from calibrate import calibration_windows
 from quant import AllocationConfig, GPTQConfig, load_model
@@ -33,7 +30,6 @@ from quant.allocation_plot import plot_allocation
 from quant.nsds import nsds_scores
 from quant.perplexity import tokenize_eval
 
-RESULTS = Path(__file__).parent / "results"
 BUDGETS = (3.0, 2.5)
 SEEDS = range(5)
 
@@ -94,22 +90,9 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-windows", type=int, default=0, help="0 = full test split (148 windows)")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
-    ap.add_argument("--only", nargs="+", help="run just these settings")
-    args = ap.parse_args()
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "allocation.json"
-    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results = doc.get("results", {})
-    meta = doc.get("meta") or common_meta(
-        f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0"
-    )
+    args = bench_args(__doc__).parse_args()
+    out_json, results, meta = load_results("allocation")
+    meta = meta or common_meta(f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0")
     if args.report_only:
         write_markdown(results, meta)
         return
@@ -125,20 +108,20 @@ def main() -> None:
         plot_allocation(allocate(base.model, AllocationConfig(budget=b)), RESULTS / f"allocation-nsds-{b}.png")
     del base
     todo = settings()
-    for name in args.only or list(todo):
-        prev = results.get(name)
-        if prev and not args.force and prev["ppl"]["windows"] == (args.max_windows or prev["ppl"]["total_windows"]):
-            print(f"{name}: already measured, skipping")
-            continue
-        print(f"== {name}")
+
+    def measure(name: str) -> dict:
         steps = [("allocate", todo[name]), ("gptq", GPTQConfig(bits=4))]  # every module's bits come from allocate
         r, _ = run_setting(steps, calib, ids, args.max_windows or None, name)
         r["allocation"] = r["passes"][0]["summary"]
         r["allocation"].pop("nsds", None)
         print(f"{name}: ppl {r['ppl']['ppl']:.3f} (first 32 windows {ppl_first(r):.3f})", flush=True)
-        results[name] = r
-        out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        return r
+
+    def save() -> None:
+        save_results(out_json, meta, results)
         write_markdown(results, meta)
+
+    run_settings(args.only or list(todo), results, args, measure, save)
 
 
 if __name__ == "__main__":

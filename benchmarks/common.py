@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,3 +69,50 @@ def ppl_first(r: dict, n: int = 32) -> float:
     """Perplexity over the first ``n`` windows of a measured run (tracks the full split within 1-5%)."""
     nll = r["ppl"]["window_nll"][:n]
     return math.exp(sum(nll) / len(nll))
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def bench_args(description: str, only_choices: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes; a benchmark adds its own to the returned parser."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 windows (0 = the full test split, 148)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
+    ap.add_argument("--only", nargs="+", choices=only_choices, help="run just these settings")
+    return ap
+
+
+def load_results(tag: str) -> tuple[Path, dict, dict | None]:
+    """``benchmarks/results/<tag>.json``: (its path, the results so far, their meta or None)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{tag}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    return path, doc.get("results", {}), doc.get("meta")
+
+
+def save_results(path: Path, meta: dict, results: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    os.replace(tmp, path)
+
+
+def already_measured(prev: dict | None, max_windows: int) -> bool:
+    """A setting is skipped when measured before on the same number of windows."""
+    return bool(prev) and prev["ppl"]["windows"] == (max_windows or prev["ppl"]["total_windows"])
+
+
+def run_settings(
+    names: list[str], results: dict, args, measure: Callable[[str], dict], save: Callable[[], None]
+) -> None:
+    """Measure each named setting not measured yet, saving the results after every one."""
+    for name in names:
+        if not args.force and already_measured(results.get(name), args.max_windows):
+            print(f"{name}: already measured, skipping")
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = measure(name)
+        save()

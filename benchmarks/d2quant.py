@@ -15,13 +15,9 @@ settings already measured with the same window count.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
+from common import RESULTS, bench_args, load_results, run_setting, run_settings, save_results
 from common import meta as common_meta
-from common import run_setting
 
 from calibrate import calibration_windows
 from quant import GPTQConfig, RTNConfig, load_model
@@ -29,7 +25,6 @@ from quant.d2quant import D2QuantConfig
 from quant.perplexity import tokenize_eval
 from quant.rotation import RotationConfig
 
-RESULTS = Path(__file__).parent / "results"
 GROUP = 64
 C4_WINDOWS = 32
 
@@ -71,20 +66,9 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-windows", type=int, default=0, help="WikiText-2 windows (0 = the full test split)")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
-    ap.add_argument("--only", nargs="+", help="run just these settings")
-    args = ap.parse_args()
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "d2quant.json"
-    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results = doc.get("results", {})
-    meta = doc.get("meta") or common_meta(f"c4 (bundled, disjoint from the C4 slice), {args.nsamples} x {args.seqlen}")
+    args = bench_args(__doc__).parse_args()
+    out_json, results, meta = load_results("d2quant")
+    meta = meta or common_meta(f"c4 (bundled, disjoint from the C4 slice), {args.nsamples} x {args.seqlen} tokens")
     if args.report_only:
         write_markdown(results, meta)
         return
@@ -96,18 +80,17 @@ def main() -> None:
     calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
     del base
     todo = settings()
-    for name in args.only or list(todo):
-        prev = results.get(name)
-        if prev and not args.force and prev["ppl"]["windows"] == (args.max_windows or prev["ppl"]["total_windows"]):
-            print(f"{name}: already measured, skipping")
-            continue
-        print(f"== {name}", flush=True)
-        extra = {"ppl_c4": (c4, C4_WINDOWS, "c4")}
-        r, _ = run_setting(todo[name], calib, ids, args.max_windows or None, name, extra)
+
+    def measure(name: str) -> dict:
+        r, _ = run_setting(todo[name], calib, ids, args.max_windows or None, name, {"ppl_c4": (c4, C4_WINDOWS, "c4")})
         print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}  c4 {r['ppl_c4']['ppl']:.3f}", flush=True)
-        results[name] = r
-        out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        return r
+
+    def save() -> None:
+        save_results(out_json, meta, results)
         write_markdown(results, meta)
+
+    run_settings(args.only or list(todo), results, args, measure, save)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,14 @@ skips settings already measured with the same window count (use --force to redo 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
+from common import RESULTS, bench_args, load_results, run_setting, run_settings, save_results
 from common import meta as common_meta
-from common import run_setting
 
 from calibrate import calibration_windows
 from quant import GPTQConfig, RTNConfig, load_model
 from quant.perplexity import tokenize_eval
 
-RESULTS = Path(__file__).parent / "results"
 # Pairs first (the comparison that matters), the float reference last.
 SETTINGS = {
     "rtn-w3-g128": ("rtn", RTNConfig(bits=3, group_size=128, clip="mse")),
@@ -71,22 +66,12 @@ def write_markdown(results: dict, meta: dict, tag: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-windows", type=int, default=0, help="0 = full test split (148 windows)")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    ap.add_argument("--force", action="store_true", help="re-measure settings already in the results")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from the JSON and exit")
-    ap.add_argument("--only", nargs="+", choices=[*SETTINGS, *EXTRA], help="run just these settings")
+    ap = bench_args(__doc__, only_choices=[*SETTINGS, *EXTRA])
     ap.add_argument("--tag", default="spine", help="results go to benchmarks/results/<tag>.json and .md")
     args = ap.parse_args()
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / f"{args.tag}.json"
-    doc = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results = doc.get("results", {})
+    out_json, results, meta = load_results(args.tag)
     if args.report_only:
-        write_markdown(results, doc["meta"], args.tag)
+        write_markdown(results, meta, args.tag)
         return
     meta = common_meta(f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0")
 
@@ -94,19 +79,19 @@ def main() -> None:
     base = load_model()
     ids = tokenize_eval(base.tokenizer)
     calib = calibration_windows(base.tokenizer, "c4-all", args.nsamples, args.seqlen, seed=0)
-    chosen = args.only or list(SETTINGS)
-    for name in chosen:
-        step = {**SETTINGS, **EXTRA}[name]
-        prev = results.get(name)
-        if prev and not args.force and prev["ppl"]["windows"] == (args.max_windows or prev["ppl"]["total_windows"]):
-            print(f"{name}: already measured, skipping")
-            continue
-        print(f"== {name}")
+    every = {**SETTINGS, **EXTRA}
+
+    def measure(name: str) -> dict:
+        step = every[name]
         r, _ = run_setting([step] if step else [], calib, ids, args.max_windows or None, name)
         print(f"{name}: ppl {r['ppl']['ppl']:.3f}")
-        results[name] = r
-        out_json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        return r
+
+    def save() -> None:
+        save_results(out_json, meta, results)
         write_markdown(results, meta, args.tag)
+
+    run_settings(args.only or list(SETTINGS), results, args, measure, save)
 
 
 if __name__ == "__main__":

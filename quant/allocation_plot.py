@@ -9,6 +9,14 @@ from quant.allocation import Allocation, mix_text
 from quant.nsds import ROLES
 
 
+def _annotate(ax, values, fmt: str, dark_below: float, fontsize: int) -> None:
+    """Write each cell's value on a heatmap, white on dark cells."""
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            color = "white" if values[i, j] < dark_below else "black"
+            ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=fontsize, color=color)
+
+
 def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     import matplotlib
 
@@ -30,17 +38,7 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
         sc = alloc.scores
         heat = np.concatenate([sc.role_score.numpy(), sc.layer_score.numpy()[:, None]], 1)
         im = ax.imshow(heat, cmap="magma", vmin=0, vmax=1, aspect="auto")
-        for i in range(heat.shape[0]):
-            for j in range(heat.shape[1]):
-                ax.text(
-                    j,
-                    i,
-                    f"{heat[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if heat[i, j] < 0.6 else "black",
-                )
+        _annotate(ax, heat, "{:.2f}", dark_below=0.6, fontsize=6)
         ax.set_xticks(range(heat.shape[1]), [*ROLES, "layer S"])
         fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="sensitivity (MAD-Sigmoid, Soft-OR)")
         ax.set_title("NSDS scores (no data)", fontsize=9)
@@ -55,17 +53,7 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     cands = sorted(alloc.config.candidates)
     cmap = plt.get_cmap("viridis", len(cands))
     im = ax.imshow(bits, cmap=cmap, vmin=cands[0] - 0.5, vmax=cands[-1] + 0.5, aspect="auto")
-    for i in range(bits.shape[0]):
-        for j in range(bits.shape[1]):
-            ax.text(
-                j,
-                i,
-                f"{int(bits[i, j])}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if bits[i, j] < np.mean(cands) else "black",
-            )
+    _annotate(ax, bits, "{:.0f}", dark_below=float(np.mean(cands)), fontsize=7)
     cols = ["block"] if bits.shape[1] == 1 else list(LINEAR_ROLES)
     ax.set_xticks(range(bits.shape[1]), cols)
     ax.set_yticks(range(n_layers))

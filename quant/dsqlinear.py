@@ -33,18 +33,13 @@ class DSQLinear(PackedLinear):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
+        super().__init__(in_features, out_features, bits, group_size)
         words = packed_width(in_features, 1)
         self.register_buffer("planes", torch.zeros(bits, out_features, words, dtype=torch.int32))
         self.register_buffer(
             "row_scales", torch.zeros(out_features, in_features // group_size, bits, dtype=torch.float16)
         )
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        self._cached = None
+        self._register_bias(bias, dtype)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None) -> DSQLinear:
