@@ -49,6 +49,7 @@ class AllocationConfig:
     candidates: tuple[int, ...] = (2, 3, 4)
     granularity: str = "layer"
     scheme: str = "knapsack"
+    importance: str = "odds"  # knapsack weight of a unit: odds S/(1-S) of its score, or the score S itself
     seed: int = 0  # for allocator="random"
     group_size: int = 128  # the quantizer's requested group: needed to count scale/zero bytes
     nsds: NSDSConfig = field(default_factory=NSDSConfig)
@@ -58,6 +59,8 @@ class AllocationConfig:
             raise QuantError(f"unknown allocator {self.allocator!r}; choose from {', '.join(ALLOCATORS)}")
         if self.scheme not in SCHEMES:
             raise QuantError(f"unknown allocation scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}")
+        if self.importance not in ("odds", "score"):
+            raise QuantError(f"importance must be 'odds' or 'score', got {self.importance!r}")
         if self.granularity not in GRANULARITIES:
             raise QuantError(f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}")
         bad = [b for b in self.candidates if b not in SUPPORTED_BITS]
@@ -152,12 +155,12 @@ def budget_bytes(units: list[Unit], budget: float, group_size: int) -> int:
     return int(sum((1 - f) * u.bytes_at(lo, group_size) + f * u.bytes_at(hi, group_size) for u in units) + 0.5)
 
 
-def _importance(score: float) -> float:
+def _importance(score: float, kind: str = "odds") -> float:
     s = min(max(score, 1e-6), 1 - 1e-6)
-    return s / (1 - s)
+    return s / (1 - s) if kind == "odds" else s
 
 
-def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int) -> list[int]:
+def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int, importance: str = "odds") -> list[int]:
     """Greedy marginal allocation: start at the narrowest width and keep taking the upgrade with the
     largest predicted-loss reduction per byte that still fits. The predicted loss is convex in bits,
     so each unit's upgrades arrive in order and the greedy is optimal up to the last upgrade."""
@@ -172,7 +175,7 @@ def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int) -
             extra = cost[j][level[j] + 1] - cost[j][level[j]]
             if used + extra > limit:
                 continue
-            gain = _importance(u.score) * u.params * (4.0 ** -cands[level[j]] - 4.0 ** -cands[level[j] + 1])
+            gain = _importance(u.score, importance) * u.params * (4.0 ** -cands[level[j]] - 4.0 ** -cands[level[j] + 1])
             if gain / max(extra, 1) > best_ratio:
                 best, best_ratio = j, gain / max(extra, 1)
         if best is None:
@@ -222,8 +225,10 @@ def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     if config.allocator == "uniform":
         bits = [int(config.budget)] * len(units)
     else:
-        solve = knapsack if config.scheme == "knapsack" else tiers
-        bits = solve(units, cands, limit, config.group_size)
+        if config.scheme == "knapsack":
+            bits = knapsack(units, cands, limit, config.group_size, config.importance)
+        else:
+            bits = tiers(units, cands, limit, config.group_size)
         if config.allocator == "random":
             bits = shuffle_within_sizes(units, bits, config.seed)
     return Allocation(config, units, bits, limit, scores)

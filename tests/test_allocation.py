@@ -37,6 +37,7 @@ def test_infeasible_budget_names_the_range(model, budget):
         ({"allocator": "greedy"}, "unknown allocator"),
         ({"scheme": "ilp"}, "unknown allocation scheme"),
         ({"granularity": "head"}, "unknown granularity"),
+        ({"importance": "rank"}, "importance must be"),
         ({"candidates": (2, 5)}, "candidate widths"),
         ({"allocator": "uniform", "budget": 2.5}, "uniform allocation needs"),
     ],
