@@ -19,16 +19,12 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-from common import RESULTS, bench_args, load_results, ppl_first, run_setting, run_settings, save_results
-from common import meta as common_meta
+from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting
 
-from calibrate import calibration_windows
-from quant import AllocationConfig, GPTQConfig, load_model
+from quant import AllocationConfig, GPTQConfig
 from quant.allocation import allocate
 from quant.allocation_plot import plot_allocation
 from quant.nsds import nsds_scores
-from quant.perplexity import tokenize_eval
 
 BUDGETS = (3.0, 2.5)
 SEEDS = range(5)
@@ -90,17 +86,9 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    args = bench_args(__doc__).parse_args()
-    out_json, results, meta = load_results("allocation")
-    meta = meta or common_meta(f"c4-all (the whole bundled sample), {args.nsamples} x {args.seqlen} tokens, seed 0")
-    if args.report_only:
-        write_markdown(results, meta)
-        return
-
-    torch.manual_seed(0)
-    base = load_model()
-    ids = tokenize_eval(base.tokenizer)
-    calib = calibration_windows(base.tokenizer, "c4-all", args.nsamples, args.seqlen, seed=0)
+    calibration = "c4-all (the whole bundled sample), {nsamples} x {seqlen} tokens, seed 0"
+    args, meta, run = open_bench("allocation", __doc__, calibration, write_markdown)
+    base, ids, calib = eval_and_calibration(args, ("c4-all",))
     t0 = time.perf_counter()
     nsds_scores(base.model)
     meta["nsds_scoring_seconds"] = round(time.perf_counter() - t0, 2)  # the whole model, weights only
@@ -111,17 +99,13 @@ def main() -> None:
 
     def measure(name: str) -> dict:
         steps = [("allocate", todo[name]), ("gptq", GPTQConfig(bits=4))]  # every module's bits come from allocate
-        r, _ = run_setting(steps, calib, ids, args.max_windows or None, name)
+        r, _ = run_setting(steps, calib["c4-all"], ids, args.max_windows or None, name)
         r["allocation"] = r["passes"][0]["summary"]
         r["allocation"].pop("nsds", None)
         print(f"{name}: ppl {r['ppl']['ppl']:.3f} (first 32 windows {ppl_first(r):.3f})", flush=True)
         return r
 
-    def save() -> None:
-        save_results(out_json, meta, results)
-        write_markdown(results, meta)
-
-    run_settings(args.only or list(todo), results, args, measure, save)
+    run(args.only or list(todo), measure)
 
 
 if __name__ == "__main__":

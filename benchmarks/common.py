@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from calibrate import calibration_windows
 from quant import QuantContext, load_model, load_quantized, run_pipeline, save_quantized
-from quant.perplexity import perplexity
+from quant.perplexity import perplexity, tokenize_eval
 from quant.quantlinear import quantized_sizes
 
 
-def meta(calibration: str) -> dict:
+def common_meta(calibration: str) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to fp32)",
         "seqlen": 2048,
@@ -103,6 +104,46 @@ def save_results(path: Path, meta: dict, results: dict) -> None:
 def already_measured(prev: dict | None, max_windows: int) -> bool:
     """A setting is skipped when measured before on the same number of windows."""
     return bool(prev) and prev["ppl"]["windows"] == (max_windows or prev["ppl"]["total_windows"])
+
+
+def open_bench(
+    tag: str,
+    description: str,
+    calibration: str,
+    write_markdown: Callable[[dict, dict], None],
+    only_choices: list[str] | None = None,
+    default_windows: int = 0,
+):
+    """Parse the options, load ``results/<tag>.json``; on --report-only rewrite the table and exit.
+
+    Returns ``(args, meta, run)`` where ``run(names, measure)`` measures each setting not measured yet
+    and saves the JSON and Markdown after every one. ``calibration`` may use {nsamples} and {seqlen}.
+    """
+    args = bench_args(description, only_choices).parse_args()
+    args.max_windows = args.max_windows or default_windows
+    path, results, meta = load_results(tag)
+    meta = meta or common_meta(calibration.format(nsamples=args.nsamples, seqlen=args.seqlen))
+    if args.report_only:
+        write_markdown(results, meta)
+        raise SystemExit(0)
+    torch.manual_seed(0)
+
+    def save() -> None:
+        save_results(path, meta, results)
+        write_markdown(results, meta)
+
+    def run(names: list[str], measure: Callable[[str], dict]) -> None:
+        run_settings(names, results, args, measure, save)
+
+    return args, meta, run
+
+
+def eval_and_calibration(args, sources: tuple[str, ...]):
+    """The float model, the tokenized WikiText-2 test text, and seeded calibration windows per source."""
+    base = load_model()
+    ids = tokenize_eval(base.tokenizer)
+    calib = {src: calibration_windows(base.tokenizer, src, args.nsamples, args.seqlen, seed=0) for src in sources}
+    return base, ids, calib
 
 
 def run_settings(

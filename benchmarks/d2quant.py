@@ -15,12 +15,9 @@ settings already measured with the same window count.
 
 from __future__ import annotations
 
-import torch
-from common import RESULTS, bench_args, load_results, run_setting, run_settings, save_results
-from common import meta as common_meta
+from common import RESULTS, eval_and_calibration, open_bench, run_setting
 
-from calibrate import calibration_windows
-from quant import GPTQConfig, RTNConfig, load_model
+from quant import GPTQConfig, RTNConfig
 from quant.d2quant import D2QuantConfig
 from quant.perplexity import tokenize_eval
 from quant.rotation import RotationConfig
@@ -66,31 +63,20 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    args = bench_args(__doc__).parse_args()
-    out_json, results, meta = load_results("d2quant")
-    meta = meta or common_meta(f"c4 (bundled, disjoint from the C4 slice), {args.nsamples} x {args.seqlen} tokens")
-    if args.report_only:
-        write_markdown(results, meta)
-        return
-
-    torch.manual_seed(0)
-    base = load_model()
-    ids = tokenize_eval(base.tokenizer)
+    calibration = "c4 (bundled, disjoint from the C4 slice), {nsamples} x {seqlen} tokens"
+    args, _, run = open_bench("d2quant", __doc__, calibration, write_markdown)
+    base, ids, calib = eval_and_calibration(args, ("c4",))
     c4 = tokenize_eval(base.tokenizer, dataset="c4")
-    calib = calibration_windows(base.tokenizer, "c4", args.nsamples, args.seqlen, seed=0)
     del base
     todo = settings()
 
     def measure(name: str) -> dict:
-        r, _ = run_setting(todo[name], calib, ids, args.max_windows or None, name, {"ppl_c4": (c4, C4_WINDOWS, "c4")})
+        extra = {"ppl_c4": (c4, C4_WINDOWS, "c4")}
+        r, _ = run_setting(todo[name], calib["c4"], ids, args.max_windows or None, name, extra)
         print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}  c4 {r['ppl_c4']['ppl']:.3f}", flush=True)
         return r
 
-    def save() -> None:
-        save_results(out_json, meta, results)
-        write_markdown(results, meta)
-
-    run_settings(args.only or list(todo), results, args, measure, save)
+    run(args.only or list(todo), measure)
 
 
 if __name__ == "__main__":

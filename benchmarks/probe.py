@@ -9,16 +9,12 @@ benchmarks/results/probe.{json,md}. Not a substitute for the full-split benchmar
 
 from __future__ import annotations
 
-import torch
-from common import RESULTS, bench_args, load_results, ppl_first, run_setting, run_settings, save_results
-from common import meta as common_meta
+from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting
 
-from calibrate import calibration_windows
-from quant import AllocationConfig, GPTQConfig, load_model
+from quant import AllocationConfig, GPTQConfig
 from quant.allocation import allocate
 from quant.allocation_plot import plot_allocation
 from quant.d2quant import D2QuantConfig
-from quant.perplexity import tokenize_eval
 from quant.rotation import RotationConfig
 
 PROBES = {  # name -> (calibration source, steps)
@@ -53,19 +49,9 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    args = bench_args(__doc__, only_choices=list(PROBES)).parse_args()
-    args.max_windows = args.max_windows or 32
-    out_json, results, meta = load_results("probe")
-    meta = meta or common_meta(f"per probe (see table), {args.nsamples} x {args.seqlen} tokens, seed 0")
-    if args.report_only:
-        write_markdown(results, meta)
-        return
-    torch.manual_seed(0)
-    base = load_model()
-    ids = tokenize_eval(base.tokenizer)
-    calib = {
-        src: calibration_windows(base.tokenizer, src, args.nsamples, args.seqlen, seed=0) for src in ("c4", "c4-all")
-    }
+    calibration = "per probe (see table), {nsamples} x {seqlen} tokens, seed 0"
+    args, _, run = open_bench("probe", __doc__, calibration, write_markdown, list(PROBES), default_windows=32)
+    base, ids, calib = eval_and_calibration(args, ("c4", "c4-all"))
     for b in (2.5, 3.0):  # refresh the maps with the current plotting code
         plot_allocation(allocate(base.model, AllocationConfig(budget=b)), RESULTS / f"allocation-nsds-{b}.png")
     del base
@@ -77,11 +63,7 @@ def main() -> None:
         print(f"{name}: ppl {r['ppl']['ppl']:.3f} in {r['quantize_seconds']} s", flush=True)
         return r
 
-    def save() -> None:
-        save_results(out_json, meta, results)
-        write_markdown(results, meta)
-
-    run_settings(args.only or list(PROBES), results, args, measure, save)
+    run(args.only or list(PROBES), measure)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ skips settings already measured with the same window count (use --force to redo 
 from __future__ import annotations
 
 import torch
-from common import RESULTS, bench_args, load_results, run_setting, run_settings, save_results
-from common import meta as common_meta
+from common import RESULTS, bench_args, common_meta, load_results, run_setting, run_settings, save_results
 
 from calibrate import calibration_windows
 from quant import GPTQConfig, RTNConfig, load_model

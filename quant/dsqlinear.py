@@ -24,22 +24,10 @@ from quant.quantlinear import PackedLinear
 class DSQLinear(PackedLinear):
     FORMAT = "dsq"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        bias: bool = False,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(in_features, out_features, bits, group_size)
-        words = packed_width(in_features, 1)
-        self.register_buffer("planes", torch.zeros(bits, out_features, words, dtype=torch.int32))
-        self.register_buffer(
-            "row_scales", torch.zeros(out_features, in_features // group_size, bits, dtype=torch.float16)
-        )
-        self._register_bias(bias, dtype)
+    def _register_weight(self) -> None:
+        out, n, k = self.out_features, self.in_features, self.bits
+        self.register_buffer("planes", torch.zeros(k, out, packed_width(n, 1), dtype=torch.int32))
+        self.register_buffer("row_scales", torch.zeros(out, n // self.group_size, k, dtype=torch.float16))
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None) -> DSQLinear:

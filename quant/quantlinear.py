@@ -29,16 +29,27 @@ class PackedLinear(nn.Module):
 
     FORMAT = ""  # recorded per module in the checkpoint; selects the class on load
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self._register_weight()
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._cached: torch.Tensor | None = None  # dense weight, only inside dequantized_weights()
 
-    def _register_bias(self, bias: bool, dtype: torch.dtype) -> None:
-        self.register_buffer("bias", torch.zeros(self.out_features, dtype=dtype) if bias else None)
+    def _register_weight(self) -> None:
+        """Register the (zeroed) buffers that hold the packed weight."""
+        raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
@@ -55,21 +66,11 @@ class PackedLinear(nn.Module):
 class QuantLinear(PackedLinear):
     FORMAT = "uniform"
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        bias: bool = False,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(in_features, out_features, bits, group_size)
-        n_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
-        self._register_bias(bias, dtype)
+    def _register_weight(self) -> None:
+        out, n, n_groups = self.out_features, self.in_features, self.in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(out, packed_width(n, self.bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(out, n_groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out, n_groups, dtype=torch.uint8))
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
