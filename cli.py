@@ -126,7 +126,7 @@ def model_cmd(
     from calibrate import calibration_windows
     from quant import QuantContext, run_pipeline, save_quantized
     from quant.checkpoint import check_output_dir
-    from quant.models import load_model
+    from quant.models import base_model_info, load_model
     from quant.passes import get_pass, quantizer_methods
     from quant.quantlinear import quantized_sizes
 
@@ -168,6 +168,7 @@ def model_cmd(
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
     report: dict = {
         "model": lm.source,
+        "base_model": base_model_info(lm.source),
         "method": method,
         "versions": {"lowbit": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -337,6 +338,73 @@ def inspect_cmd(ckpt: Path = typer.Argument(..., help="A checkpoint folder writt
                 typer.echo(f"  {key}: {r[key]['ppl']:.3f} ({r[key]['windows']}/{r[key]['total_windows']} windows)")
         if "quantize_seconds" in r:
             typer.echo(f"  quantization wall time: {r['quantize_seconds']} s")
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Argument(..., help="A checkpoint folder written by `quantize model`."),
+    to_hub: str = typer.Option(None, help="Upload to this Hub repo (ORG/NAME); it is created if needed."),
+    private: bool = typer.Option(False, help="Create the Hub repo as private."),
+    revision: str = typer.Option(None, help="Upload to this branch (created if needed) instead of main."),
+    token: str = typer.Option(
+        None, help="Hub token (default: HF_TOKEN or the token stored by `hf auth login`).", show_default=False
+    ),
+    fmt: str = typer.Option(
+        "lowbit",
+        "--format",
+        help="lowbit: the checkpoint as is (loads with lowbit, or transformers after `import quant`). "
+        "gptq: the standard GPTQ layout that transformers+gptqmodel and vLLM load (uniform 2/4/8-bit only).",
+    ),
+    checkpoint_format: str = typer.Option(
+        "gptq", help="--format gptq: gptq (legacy v1 zero-points, read everywhere) or gptq_v2 (GPTQModel)."
+    ),
+    out: Path = typer.Option(None, help="Output folder: of --format gptq, or of --dry-run."),
+    dry_run: bool = typer.Option(False, help="Write exactly what would be uploaded into --out and list it."),
+    base_model: str = typer.Option(None, help="Base model id for the model card (default: recorded by the run)."),
+    license: str = typer.Option(None, help="License for the model card (default: the base model's)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Ship a checkpoint: upload it to the Hub with a model card, or convert it to the GPTQ format.
+
+    An interrupted upload resumes when run again: content already on the Hub is not sent twice.
+    """
+    import tempfile
+
+    from quant.checkpoint import check_output_dir, read_quantization_config
+    from quant.gptq_format import export_gptq
+    from quant.hub import stage, upload
+
+    if fmt not in ("lowbit", "gptq"):
+        raise QuantError(f"unknown --format {fmt!r}; choose lowbit or gptq")
+    if not ckpt.is_dir():
+        raise QuantError(f"{ckpt} is not a folder")
+    read_quantization_config(ckpt)
+    if dry_run and out is None:
+        raise QuantError("--dry-run writes what would be uploaded into --out FOLDER; pass --out")
+    if not (to_hub or dry_run or (fmt == "gptq" and out)):
+        raise QuantError("nothing to do: pass --to-hub ORG/NAME, --dry-run --out FOLDER, or --format gptq --out FOLDER")
+    if out is not None:
+        check_output_dir(out, overwrite)
+    card = {"base_model": base_model, "license": license, "fmt": fmt}
+    repo_id = to_hub or f"your-org/{ckpt.absolute().name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = None
+        if fmt == "gptq":
+            direct = out is not None and not to_hub and not dry_run
+            files = export_gptq(ckpt, out if direct else Path(tmp) / "gptq", checkpoint_format, overwrite)
+            if direct:
+                typer.echo(
+                    f"wrote GPTQ-format checkpoint {files}: {', '.join(sorted(f.name for f in files.iterdir()))}"
+                )
+                return
+        if dry_run:
+            names = stage(ckpt, out, repo_id, files=files, overwrite=overwrite, **card)
+            typer.echo(f"dry run: {len(names)} files that would be uploaded to {repo_id}, written to {out}:")
+            for n in names:
+                typer.echo(f"  {n}  ({(out / n).stat().st_size} bytes)")
+            return
+        url = upload(ckpt, to_hub, private=private, revision=revision, token=token, files=files, **card)
+    typer.echo(f"uploaded to {to_hub}: {url}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from quant import load_model, quantize_, GPTQConfig, save_quantized, load_quanti
 """
 
 from quant import d2quant as _d2quant  # noqa: F401  (registers the d2quant pass)
+from quant import hf_integration as _hf  # noqa: F401  (registers quant_method "lowbit" with transformers)
 from quant import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)
 from quant import rotation as _rotation  # noqa: F401  (registers the rotate pass)
 from quant.allocation import AllocationConfig, allocate

@@ -200,7 +200,7 @@ def _valid(m: nn.Module) -> bool:
     if isinstance(m, DSQLinear):
         r = m.row_scales.float()
         return bool(torch.isfinite(r).all() and (r >= 0).all())
-    return bool(torch.isfinite(m.scales.float()).all() and int(m.zeros.max()) <= 2**m.bits - 1)
+    return bool(torch.isfinite(m.scales.float()).all() and int(m.zeros.max()) <= 2**m.bits)  # 2^bits: GPTQ v1 imports
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None):

@@ -24,6 +24,7 @@ from quant.checkpoint import QUANT_METHOD, load_quantized
 from quant.errors import QuantError
 
 EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the GGUF was made from
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -100,7 +101,37 @@ def is_quantized_dir(path: str | Path) -> bool:
     if not (p / "config.json").is_file():
         return False
     qc = _read_config(p).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
+    return qc.get("quant_method") in (QUANT_METHOD, "gptq")  # ours, or a GPTQ export we can import
+
+
+def base_model_info(source: str) -> dict:
+    """``{"id", "license"}`` of the model a run started from, for the model card; "unknown" where not stated.
+
+    The embedded model's license is read from its GGUF metadata; a local folder's from its README.md
+    front matter; a Hub id's from its model card (one request, only when online).
+    """
+    path = Path(source)
+    if path == embedded_model_dir() or source in (EMBEDDED_NAME, "embedded"):
+        import gguf
+
+        field = gguf.GGUFReader(str(_gguf_path())).fields.get("general.license")
+        return {"id": EMBEDDED_BASE, "license": field.contents() if field is not None else "unknown"}
+    from huggingface_hub import ModelCard
+
+    readme = path / "README.md"
+    card = readme if readme.is_file() else (None if path.exists() else source)
+    data = None
+    if card is not None:
+        try:
+            data = ModelCard.load(card).data
+        except Exception:  # offline, no card, unparsable front matter: the card says "unknown"
+            data = None
+    base = getattr(data, "base_model", None)
+    base = base[0] if isinstance(base, list) and base else base
+    return {
+        "id": source if not path.exists() else base or path.name,
+        "license": getattr(data, "license", None) or "unknown",
+    }
 
 
 def resolve(name: str | None) -> str:
@@ -115,8 +146,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a float model or one of our quantized checkpoints, with its tokenizer."""
+    """Load a float model, one of our quantized checkpoints or a GPTQ-format one, with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quant.gptq_format import load_gptq
 
     source = resolve(name)
     path = Path(source)
@@ -124,7 +157,8 @@ def load_model(
         if not path.is_dir():
             raise QuantError(f"{path} is a file; pass the model's folder")
         if is_quantized_dir(path):
-            model, tok = load_quantized(path)
+            gptq = _read_config(path)["quantization_config"]["quant_method"] == "gptq"
+            model, tok = load_gptq(path) if gptq else load_quantized(path)
             return LoadedModel(model, tok, str(path), quantized=True)
         adapter_for_type(_read_config(path).get("model_type", "?"))
         if not any(path.glob("*.safetensors")):

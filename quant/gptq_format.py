@@ -1,0 +1,288 @@
+"""The GPTQ checkpoint format (``quant_method: "gptq"``): export ours into it, and import it into ours.
+
+The format is what transformers (through GPTQModel), vLLM and SGLang load. Per linear ``<name>``
+(K = in_features, N = out_features, ``pf = 32 // bits`` codes per int32 word):
+
+* ``qweight`` int32 ``[K / pf, N]``: codes packed along K (input row ``k`` in word ``k // pf`` at bit
+  offset ``bits * (k % pf)``): our row packing applied to the transposed code matrix.
+* ``qzeros``  int32 ``[K / g, N / pf]``: zero-points packed along N.
+* ``scales``  fp16  ``[K / g, N]``.
+* ``g_idx``   int32 ``[K]``: the group of each input row (``k // g`` without act-order).
+
+Both use ``w = (q - z) * s``, so our uniform codes, scales and zeros carry over bit for bit. The
+legacy v1 layout (``checkpoint_format: "gptq"``, the one every consumer reads) stores ``z - 1`` and
+loaders add 1 back; ``gptq_v2`` (GPTQModel) stores ``z``. A zero-point of 0 has no v1 encoding
+(``-1`` wraps and the +1 on load carries into the neighbouring field), so such checkpoints refuse v1.
+
+Only what the format can say is exported: one bit width (2, 4 or 8; 3-bit codes straddle words in
+GPTQ's layout and no serving kernel reads them) and one group size for every quantized linear, every
+linear of every block quantized, no DSQ codes, no DAC norm biases. Anything else is refused with the
+reason and the alternative (our own format, which ``quantize export --to-hub`` ships as is).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
+from quant.errors import QuantError
+from quant.packing import pack, unpack
+from quant.quantlinear import QuantLinear
+
+GPTQ_BITS = (2, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _gptq_tensors(q: QuantLinear, v1: bool) -> dict[str, torch.Tensor]:
+    maxq = 2**q.bits - 1
+    zeros = q.zeros.to(torch.int64)
+    if v1:
+        zeros = zeros - 1  # >= 0: zero-points of 0 were refused before anything was written
+    g = q.group_size
+    return {
+        "qweight": pack(q.codes(), q.bits).t().contiguous(),
+        "qzeros": pack((zeros & maxq).t(), q.bits).contiguous(),
+        "scales": q.scales.t().contiguous(),
+        "g_idx": (torch.arange(q.in_features, dtype=torch.int32) // g),
+    }
+
+
+def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, QuantLinear], v1: bool) -> tuple[int, int]:
+    """The one (bits, group size) of the checkpoint, or a QuantError that says why it has none."""
+    alt = "ship our own format instead (`quantize export DIR --to-hub ORG/NAME`), which keeps everything"
+    formats = {spec.get("format", "uniform") for spec in qc["modules"].values()}
+    if formats != {"uniform"}:
+        raise QuantError(
+            f"cannot export to GPTQ format: DSQ codes (sign planes + dual scales) have no GPTQ form; {alt}"
+        )
+    if qc.get("norm_biases"):
+        raise QuantError(
+            "cannot export to GPTQ format: the checkpoint has DAC norm biases, which stock model classes drop; "
+            f"quantize with --no-dac for a GPTQ-exportable model, or {alt}"
+        )
+    bits = {q.bits for q in linears.values()}
+    if len(bits) > 1:
+        raise QuantError(
+            f"cannot export to GPTQ format: mixed widths {sorted(bits)} (a bit allocation); GPTQ consumers take "
+            f"one width per model. Quantize with a single --bits, or {alt}"
+        )
+    (b,) = bits
+    if b not in GPTQ_BITS:
+        raise QuantError(
+            f"cannot export {b}-bit weights to GPTQ format: it supports {GPTQ_BITS} here (GPTQ's 3-bit layout "
+            f"straddles words and no serving kernel reads it); {alt}"
+        )
+    groups = {q.group_size if q.group_size != q.in_features else -1 for q in linears.values()}
+    if len(groups) > 1:
+        raise QuantError(
+            f"cannot export to GPTQ format: layers use group sizes {sorted(groups)} (the requested group does not "
+            "divide every layer's inputs) and GPTQ has one group size per model; quantize with a group size that "
+            "divides every width (--group-size 64 or 32 for SmolLM2), or " + alt
+        )
+    (g,) = groups
+    from quant.adapters import adapter_for
+
+    expected = set(adapter_for(model).linear_names(model))
+    if set(linears) != expected:
+        missing = sorted(expected - set(linears))
+        raise QuantError(
+            f"cannot export to GPTQ format: {len(missing)} block linears are not quantized (first: {missing[:1]}); "
+            f"GPTQ loaders quantize every one. {alt}"
+        )
+    if not v1 and any(int(q.zeros.max()) > 2**b - 1 for q in linears.values()):
+        raise QuantError(
+            "zero-points of 2^bits (from a v1 import) only exist in the v1 layout: use --checkpoint-format gptq"
+        )
+    if v1 and any(bool((q.zeros == 0).any()) for q in linears.values()):
+        raise QuantError(
+            "cannot write the legacy GPTQ v1 layout: some zero-points are 0, which v1 cannot store (it keeps zero-1). "
+            "Use --checkpoint-format gptq_v2 (GPTQModel reads it; vLLM reads only v1), or quantize with --sym"
+        )
+    return b, g
+
+
+def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq", overwrite: bool = False) -> Path:
+    """Write our checkpoint ``src`` in GPTQ format to ``out`` (atomically: temporary folder, then rename)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise QuantError(f"unknown GPTQ checkpoint format {checkpoint_format!r}; choose from {CHECKPOINT_FORMATS}")
+    qc = read_quantization_config(src)
+    out = check_output_dir(out, overwrite).absolute()
+    model, tok = load_quantized(src)
+    linears = {n: model.get_submodule(n) for n in qc["modules"]}
+    v1 = checkpoint_format == "gptq"
+    bits, group = _check_exportable(qc, model, linears, v1)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in linears and not name.endswith(".bias"):
+            continue
+        if name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False):
+            continue  # tied: stored once, as the embedding
+        state[name] = t.detach().contiguous()
+    for name, q in linears.items():
+        state.update({f"{name}.{k}": v for k, v in _gptq_tensors(q, v1).items()})
+
+    sym = all(spec.get("sym", False) for spec in qc["modules"].values())
+    gptq_config = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group,
+        "desc_act": False,  # our codes keep the natural column order; act-order only changed the solve order
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "true_sequential": True,
+        "meta": {
+            "quantizer": ["lowbit:0.1.0"],
+            "source_method": qc.get("method"),
+            "calibration": qc.get("calibration"),
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        config["quantization_config"] = gptq_config
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "quantize_config.json").write_text(json.dumps(gptq_config, indent=2))  # the file vLLM looks for
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
+        hint = f" (found {pickles[:2]}: pickled weights are never loaded)" if pickles else ""
+        raise QuantError(f"{path} has no .safetensors weights{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise QuantError(f"corrupt checkpoint {path}: cannot read {f.name} ({e})") from None
+    return state
+
+
+def _from_gptq(name: str, t: dict[str, torch.Tensor], bits: int, v1: bool, dtype: torch.dtype) -> QuantLinear:
+    pf = 32 // bits
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+    k, n = qweight.shape[0] * pf, qweight.shape[1]
+    n_groups = scales.shape[0]
+    if scales.shape[1] != n or qzeros.shape != (n_groups, (n + pf - 1) // pf) or k % n_groups:
+        raise QuantError(f"corrupt GPTQ checkpoint: {name} has inconsistent shapes {qweight.shape}/{qzeros.shape}")
+    g = k // n_groups
+    g_idx = t.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
+        raise QuantError(
+            f"{name}: act-order (desc_act) GPTQ checkpoints with a permuted g_idx are not supported: our layers "
+            "store contiguous groups. Re-export it with desc_act=False"
+        )
+    zeros = unpack(qzeros, bits, n).to(torch.int64)  # [G, N]
+    if v1:
+        zeros = zeros + 1  # v1 stores zero - 1; consumers add it back without wrapping
+    bias = t.get("bias")
+    q = QuantLinear(k, n, bits, g, bias=bias is not None, dtype=dtype)
+    q.qweight.copy_(pack(unpack(qweight.t().contiguous(), bits, k), bits))
+    q.scales.copy_(scales.t())
+    q.zeros.copy_(zeros.t())
+    if bias is not None:
+        q.bias.copy_(bias)
+    return q
+
+
+def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
+    """Load a GPTQ-format checkpoint (v1 or v2, 2/4/8-bit, no act-order permutation) into our ``QuantLinear``s.
+
+    Returns ``(model, tokenizer)`` like :func:`quant.checkpoint.load_quantized`; ``model.lowbit_config``
+    describes it in our terms, so it can be evaluated and re-exported.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from quant.adapters import adapter_for_type
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    gc = raw.get("quantization_config") or {}
+    if gc.get("quant_method") != "gptq":
+        raise QuantError(f"{path} is not a GPTQ checkpoint (quantization_config.quant_method is not 'gptq')")
+    bits, fmt = int(gc.get("bits", 0)), gc.get("checkpoint_format", "gptq")
+    if bits not in GPTQ_BITS:
+        raise QuantError(f"{path}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise QuantError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (supported: {CHECKPOINT_FORMATS})")
+    config = AutoConfig.from_pretrained(path)
+    adapter_for_type(config.model_type)
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = _read_weights(path)
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(state):
+        owner, _, leaf = key.rpartition(".")
+        if leaf in GPTQ_TENSORS:
+            by_layer.setdefault(owner, {})[leaf] = state.pop(key)
+    for owner, t in by_layer.items():
+        if f"{owner}.bias" in state:
+            t["bias"] = state.pop(f"{owner}.bias")
+        missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
+        if missing:
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} lacks {missing}")
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    modules = {}
+    for owner, t in by_layer.items():
+        try:
+            lin = model.get_submodule(owner)
+        except AttributeError:
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} is not in the model") from None
+        q = _from_gptq(owner, t, bits, fmt == "gptq", dtype)
+        if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} has the wrong shape")
+        parent, _, child = owner.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+        modules[owner] = {"bits": bits, "group_size": q.group_size, "sym": bool(gc.get("sym")), "format": "uniform"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = [k for k in missing if k.rpartition(".")[0] not in by_layer]  # zero biases absent in the file
+    if missing or unexpected:
+        raise QuantError(
+            f"corrupt GPTQ checkpoint {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+            f"(first: {(missing + unexpected)[0]})"
+        )
+    model.lowbit_config = {
+        "quant_method": "gptq",
+        "method": "gptq-import",
+        "bits": bits,
+        "group_size": gc.get("group_size"),
+        "sym": bool(gc.get("sym")),
+        "modules": modules,
+        "norm_biases": [],
+        "source": {"path": str(path), "checkpoint_format": fmt, "meta": gc.get("meta")},
+    }
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
