@@ -66,10 +66,8 @@ def _handler(state: HubState, base: list[str]):
             parts = path.split("/")
             if path.startswith("/api/models/") and "/preupload/" in path:
                 req = json.loads(body)
-                files = [
-                    {"path": f["path"], "uploadMode": "lfs" if f["size"] > REGULAR_MAX else "regular", "shouldIgnore": False}
-                    for f in req["files"]
-                ]
+                mode = {f["path"]: "lfs" if f["size"] > REGULAR_MAX else "regular" for f in req["files"]}
+                files = [{"path": p, "uploadMode": m, "shouldIgnore": False} for p, m in mode.items()]
                 return self._json(200, {"files": files})
             if path.startswith("/api/models/") and "/branch/" in path:
                 rid, branch = "/".join(parts[3:5]), parts[-1]

@@ -65,7 +65,11 @@ def test_gptq_export_matches_the_format(tmp_path, tokenizer, bits):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg | {"meta": None} == json.loads((out / "quantize_config.json").read_text()) | {"meta": None}
     assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["desc_act"], cfg["sym"]) == (
-        "gptq", bits, 32, False, True
+        "gptq",
+        bits,
+        32,
+        False,
+        True,
     )
     assert cfg["checkpoint_format"] == "gptq"
     ours, _ = load_quantized(ck)
