@@ -3,14 +3,14 @@
 One activation stream (``[samples, seqlen, hidden]``) is held, plus the Hessian of whichever
 linear group is being quantized, so memory stays near one block's work plus the activations.
 The stream carries the *quantized* model's activations: each block is calibrated on the inputs it
-will really see. With ``keep_float=True`` a second stream carries the float model's activations
-(through a float copy of each block), for methods that compare the two: GPTAQ's asymmetric
-objective and D²Quant's deviation-aware correction.
+will really see. ``run_staged`` runs one block stage by stage over all windows, so a pass can
+quantize each group as its input appears (one forward per block), and can carry a second, float
+stream through the block before quantizing it (GPTAQ's asymmetric objective, D²Quant's DAC).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -21,12 +21,9 @@ class _Stop(Exception):
 
 
 class BlockRunner:
-    def __init__(
-        self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, keep_float: bool = False
-    ) -> None:
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor) -> None:
         self.blocks = blocks
         self.inputs, self.block_kwargs = self._capture_first_inputs(model, blocks[0], calib_ids)
-        self.float_inputs = self.inputs.clone() if keep_float else None
 
     @staticmethod
     @torch.no_grad()
@@ -85,76 +82,78 @@ class BlockRunner:
             h.remove()
         return H / max(count, 1)
 
-    def _input_of(self, block: nn.Module, module: nn.Module, x: torch.Tensor, output: bool = False) -> torch.Tensor:
-        """The input (or output) of ``module`` when ``block`` runs on ``x``, flattened to ``[tokens, features]``."""
-        got: list[torch.Tensor] = []
-
-        def hook(_mod, args, out=None):
-            t = out if output else args[0]
-            got.append(t.reshape(-1, t.shape[-1]).float())
-            raise _Stop
-
-        h = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
-        try:
-            self._call(block, x)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        return got[0]
-
     @torch.no_grad()
-    def hessian_and_cross(
-        self, block: nn.Module, reader: nn.Linear, float_block: nn.Module, float_reader: nn.Linear
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H = E[x̃ x̃ᵀ]`` on the quantized stream and ``P = E[x x̃ᵀ]`` against the float stream.
-
-        ``x̃`` is ``reader``'s input in the (partly quantized) block, ``x`` the same input in the float
-        block on the float model's activations. GPTAQ's objective ``E‖W x - Ŵ x̃‖²`` is minimised
-        without constraint by ``W P H⁻¹``.
-        """
-        n = reader.in_features
-        H = torch.zeros(n, n, device=reader.weight.device)
-        P = torch.zeros_like(H)
-        for xq, xf in zip(self.inputs, self.float_inputs, strict=True):
-            a = self._input_of(block, reader, xq[None])
-            b = self._input_of(float_block, float_reader, xf[None])
-            H.addmm_(a.T, a)
-            P.addmm_(b.T, a)
-        count = self.inputs.shape[0] * self.inputs.shape[1]
-        return H / count, P / count
-
-    @torch.no_grad()
-    def mean_output_gap(
-        self,
-        block: nn.Module,
-        module: nn.Module,
-        float_block: nn.Module,
-        float_module: nn.Module,
-        teacher_input: str = "float",
-        skip_first: int = 0,
-    ) -> torch.Tensor:
-        """Mean over calibration tokens of ``float_module``'s output in the float block minus ``module``'s
-        in the quantized block: the per-channel drift the quantized weights introduce. The float block
-        reads the float stream (``teacher_input="float"``) or the same quantized stream as the student
-        (``"quantized"``: only this block's drift). ``skip_first`` leaves out each window's first tokens."""
-        total, count = None, 0
-        for xq, xf in zip(self.inputs, self.float_inputs, strict=True):
-            teacher_x = xf if teacher_input == "float" else xq
-            t = self._input_of(float_block, float_module, teacher_x[None], True)
-            d = (t - self._input_of(block, module, xq[None], True))[skip_first:]
-            total = d.sum(0) if total is None else total + d.sum(0)
-            count += d.shape[0]
-        return total / count
-
-    @torch.no_grad()
-    def advance(self, block: nn.Module, float_block: nn.Module | None = None) -> None:
-        """Replace the stream by ``block``'s outputs (with whatever it now holds, quantized or not),
-        and the float stream by ``float_block``'s."""
+    def advance(self, block: nn.Module) -> None:
+        """Replace the stream by ``block``'s outputs (with whatever it now holds, quantized or not)."""
         for i in range(self.inputs.shape[0]):
             self.inputs[i] = self._call(block, self.inputs[i : i + 1])[0]
-            if float_block is not None:
-                self.float_inputs[i] = self._call(float_block, self.float_inputs[i : i + 1])[0]
+
+
+def _input_to(module: nn.Module, call) -> torch.Tensor:
+    """The input ``module`` receives while ``call()`` runs; the call stops there."""
+    got: list[torch.Tensor] = []
+
+    def hook(_mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        call()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0]
+
+
+POST_ATTENTION_NORM = "post_attention_norm"
+
+
+@torch.no_grad()
+def run_staged(
+    block: nn.Module,
+    adapter,
+    x: torch.Tensor,
+    block_kwargs: dict,
+    visit: Callable[[str | tuple[str, ...], torch.Tensor], torch.Tensor | None],
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Run a pre-norm decoder block on every window of ``x`` ``[windows, seq, hidden]``, one stage at a time.
+
+    The block computes ``h = x + attn(norm1(x))`` and ``h + mlp(norm2(h))`` (every architecture the
+    adapters know). Before each sequential group of linears runs, ``visit(group, inputs)`` sees that
+    group's input for all windows at once and may quantize the group; ``visit("post_attention_norm",
+    out)`` sees norm2's output and may give the norm a bias (DAC), after which norm2 runs again. So each
+    block costs one forward, not one per group. The down_proj visit may return the input down_proj
+    now sees (DSQ absorbs a per-channel scale into up_proj, which has already run: ``xd · c``).
+    Windows run ``chunk`` at a time (faster than one by one or all at once on CPU; same numbers).
+    """
+
+    def each(fn, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(t[i : i + chunk]) for i in range(0, t.shape[0], chunk)])
+
+    def role(r: str) -> nn.Module:
+        return adapter.role(block, r)
+
+    attn = block.get_submodule(adapter.roles["o"].rpartition(".")[0])
+    mlp = block.get_submodule(adapter.roles["down"].rpartition(".")[0])
+    qkv, o, gate_up, down = adapter.sequential_groups
+
+    xa = each(role("input_norm"), x)
+    visit(qkv, xa)
+    attn_in = each(lambda c: _input_to(role("o"), lambda: attn(hidden_states=c, **block_kwargs)), xa)
+    del xa
+    visit(o, attn_in)
+    h = x + each(role("o"), attn_in)
+    del attn_in
+    norm2 = role(POST_ATTENTION_NORM)
+    visit(POST_ATTENTION_NORM, each(norm2, h))
+    xc = each(norm2, h)
+    visit(gate_up, xc)
+    xd = each(lambda c: _input_to(role("down"), lambda: mlp(c)), xc)
+    changed = visit(down, xd)
+    return h + each(role("down"), xd if changed is None else changed)
 
 
 def quantize_blockwise(

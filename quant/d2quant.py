@@ -8,6 +8,9 @@ Per block, in the order of methods.md §1.3:
 4. down_proj with DSQ (2 and 3 bits), whose per-column scale is then absorbed into up_proj;
 5. both activation streams advance through the block.
 
+Each block costs one float and one quantized forward (``quant.blockwise.run_staged``): every group
+is quantized as soon as its input has been computed for all calibration windows.
+
 Backends: ``gptaq`` (default): GPTQ on the target ``W + W·E[(x - x̃) x̃ᵀ]·(H + λI)⁻¹``, which is the
 unconstrained minimiser of ``E‖W x − Ŵ x̃‖²`` (float inputs x, the quantized model's own inputs x̃):
 the asymmetric calibration of GPTAQ, as one closed-form target followed by ordinary GPTQ (the two
@@ -18,13 +21,12 @@ The mergeable rotation is a separate pass (``rotate``) that runs first.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from quant.blockwise import BlockRunner
+from quant.blockwise import POST_ATTENTION_NORM, BlockRunner, run_staged
 from quant.dac import add_norm_bias
 from quant.dsq import DSQ_BITS, dsq_quantize
 from quant.dsqlinear import DSQLinear
@@ -46,7 +48,6 @@ class D2QuantConfig:
     dsq: bool = True
     dac: bool = True
     dsq_iters: int = 15
-    dac_teacher: str = "float"  # float: the float model's own activations; quantized: same input as the student
     dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)
     gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (GPTAQ's released default)
     sym: bool = False
@@ -58,8 +59,6 @@ class D2QuantConfig:
     def spec(self) -> QuantSpec:
         if self.backend not in BACKENDS:
             raise QuantError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        if self.dac_teacher not in ("float", "quantized"):
-            raise QuantError(f"dac_teacher must be 'float' or 'quantized', got {self.dac_teacher!r}")
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
 
 
@@ -88,18 +87,21 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
     blocks = adapter.blocks(model)
     two_streams = config.backend == "gptaq" or config.dac
-    runner = BlockRunner(model, blocks, ctx.calib_ids, keep_float=two_streams)
+    runner = BlockRunner(model, blocks, ctx.calib_ids)
+    float_stream = runner.inputs.clone() if two_streams else None
     dac_norms, dac_shift = [], []
 
-    def quantize(i: int, block, fblock, group: tuple[str, ...]) -> dict:
-        """Quantize one sequential group; returns the DSQ column scales if down went through DSQ."""
-        reader = adapter.role(block, group[0])
+    def quantize_group(
+        i: int, block, group: tuple[str, ...], xq: torch.Tensor, xf: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Quantize one sequential group from its inputs on the quantized (``xq``) and float (``xf``) streams;
+        returns down_proj's input after DSQ's column scale went into up_proj (up to fp16 rounding of up's scales)."""
         H = P = None
-        if config.backend == "gptq":
-            H = runner.hessian(block, reader)
-        elif config.backend == "gptaq":
-            H, P = runner.hessian_and_cross(block, reader, fblock, adapter.role(fblock, group[0]))
-        col_scales = {}
+        if config.backend != "rtn":
+            a = xq.reshape(-1, xq.shape[-1]).float()
+            H = a.T @ a / a.shape[0]
+            if config.backend == "gptaq":
+                P = xf.reshape(-1, xf.shape[-1]).float().T @ a / a.shape[0]
         for role in group:
             lin = adapter.role(block, role)
             name = f"{prefix}.{i}.{adapter.roles[role]}"
@@ -109,32 +111,34 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
                 g = s.group_for(w.shape[1])
                 q = dsq_quantize(w, H, s.bits, g, config.dsq_iters, config.damp, config.act_order, config.block_size)
                 ctx.install(name, DSQLinear.from_codes(q.codes, q.row_scales, lin.bias), sym=True)
-                col_scales[role] = q.col_scale
+                absorb_column_scale(adapter.role(block, "up"), q.col_scale)
+                return xq * q.col_scale.to(xq.dtype)
             elif H is None:
                 ctx.install(name, QuantLinear.from_quantized(quantize_rtn(w, s), lin.bias), s.sym)
             else:
                 qw = gptq_quantize(w, H, s, config.damp, config.act_order, config.block_size)
                 ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
-        return col_scales
+        return None
 
     for i in tqdm(range(len(blocks)), desc="d2quant", disable=not ctx.progress, unit="block"):
         block = blocks[i]
-        fblock = copy.deepcopy(block) if two_streams else None
-        quantize(i, block, fblock, ("q", "k", "v"))
-        quantize(i, block, fblock, ("o",))
-        if config.dac:
-            norm = adapter.role(block, "post_attention_norm")
-            fnorm = adapter.role(fblock, "post_attention_norm")
-            mu = runner.mean_output_gap(block, norm, fblock, fnorm, config.dac_teacher, config.dac_skip_first)
-            add_norm_bias(norm, mu)
-            dac_norms.append(f"{prefix}.{i}.{adapter.roles['post_attention_norm']}")
-            dac_shift.append(round(float(mu.norm()), 5))
-        quantize(i, block, fblock, ("gate", "up"))
-        c = quantize(i, block, fblock, ("down",)).get("down")
-        if c is not None:
-            absorb_column_scale(adapter.role(block, "up"), c)
-        runner.advance(block, fblock)
-        del fblock
+        float_in: dict = {}
+        if two_streams:  # the block is still float: carry the float stream through it, keeping each stage's input
+            float_stream = run_staged(block, adapter, float_stream, runner.block_kwargs, float_in.__setitem__)
+
+        def visit(stage, xq: torch.Tensor, i: int = i, block=block, float_in: dict = float_in) -> torch.Tensor | None:
+            if stage != POST_ATTENTION_NORM:
+                return quantize_group(i, block, stage, xq, float_in.get(stage))
+            if config.dac:  # attention is quantized: shift the norm's output back to the float mean
+                k = config.dac_skip_first
+                mu = (float_in[stage][:, k:] - xq[:, k:]).mean((0, 1))
+                add_norm_bias(adapter.role(block, POST_ATTENTION_NORM), mu)
+                dac_norms.append(f"{prefix}.{i}.{adapter.roles[POST_ATTENTION_NORM]}")
+                dac_shift.append(round(float(mu.norm()), 5))
+            return None
+
+        runner.inputs = run_staged(block, adapter, runner.inputs, runner.block_kwargs, visit)
+        del float_in
     ctx.norm_biases = dac_norms
     return {
         "backend": config.backend,

@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, run_pipeline, save_quantized
-from quant.blockwise import BlockRunner
+from quant.adapters import adapter_for
+from quant.blockwise import BlockRunner, run_staged
 from quant.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
-from quant.dac import add_norm_bias, norm_bias_names
+from quant.dac import norm_bias_names
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
 from quant.rotation import RotationConfig
@@ -26,17 +27,44 @@ def test_absorption_alone_leaves_the_float_model_unchanged(smollm2):
         torch.testing.assert_close(mlp(x), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_dac_bias_is_teacher_minus_student(tiny_llama, calib):
-    blocks = tiny_llama.model.layers
-    runner = BlockRunner(tiny_llama, blocks, calib[:2, :32], keep_float=True)
-    block, fblock = blocks[0], copy.deepcopy(blocks[0])
-    norm, fnorm = block.post_attention_layernorm, fblock.post_attention_layernorm
-    assert runner.mean_output_gap(block, norm, fblock, fnorm).abs().max() < 1e-6
-    add_norm_bias(fnorm, torch.full((64,), 0.2))  # teacher = student + 0.2
-    mu = runner.mean_output_gap(block, norm, fblock, fnorm)
-    torch.testing.assert_close(mu, torch.full((64,), 0.2), atol=1e-5, rtol=0)
-    add_norm_bias(norm, mu)
-    assert runner.mean_output_gap(block, norm, fblock, fnorm).abs().max() < 1e-5
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_staged_block_is_the_block(model_type, calib):
+    """run_staged computes exactly the block's output and shows each group its real input."""
+    model = tiny_model(model_type)
+    runner = BlockRunner(model, model.model.layers, calib[:5, :48])
+    block = model.model.layers[0]
+    seen: dict = {}
+    out = run_staged(block, adapter_for(model), runner.inputs, runner.block_kwargs, seen.__setitem__, chunk=2)
+    with torch.no_grad():
+        ref = torch.cat([runner._call(block, x[None]) for x in runner.inputs])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert list(seen) == [("q", "k", "v"), ("o",), "post_attention_norm", ("gate", "up"), ("down",)]
+        x = runner.inputs[3:4]
+        torch.testing.assert_close(seen[("q", "k", "v")][3:4], block.input_layernorm(x))
+        assert seen[("down",)].shape == (5, 48, 128)
+
+
+def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
+    """After the pass, block 0's corrected norm output has the float model's mean (first tokens excluded)."""
+    model = tiny_model()
+    float_model = copy.deepcopy(model)
+    ctx = QuantContext(model, tokenizer, calib_ids=calib)
+    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False)
+    run_pipeline(ctx, [("d2quant", cfg)])
+    assert ctx.norm_biases[0] == "model.layers.0.post_attention_layernorm"
+
+    def norm_out(m):
+        got = []
+        h = m.model.layers[0].post_attention_layernorm.register_forward_hook(lambda _m, _a, out: got.append(out))
+        with torch.no_grad():
+            m(calib)
+        h.remove()
+        return got[0][:, cfg.dac_skip_first :].mean((0, 1))
+
+    teacher, student = norm_out(float_model), norm_out(model)
+    torch.testing.assert_close(student, teacher, atol=1e-5, rtol=0)
+    bias = model.model.layers[0].post_attention_layernorm.bias
+    assert bias.abs().max() > 1e-3  # 2-bit attention really moved the mean, and DAC moved it back
 
 
 def test_gptaq_target_without_drift_is_the_weight():

@@ -1,0 +1,94 @@
+"""Does our GPTQ-format export load in another tool, with the same logits? (GPTQModel through transformers.)
+
+Quantizes SmolLM2-135M to 4 bits (symmetric, group 64: the layout vLLM's Marlin path accepts; the
+quantizer does not matter for the format, so RTN keeps this quick), saves our checkpoint, exports
+it with `quantize export --format gptq`, then loads the export with
+``transformers.AutoModelForCausalLM.from_pretrained`` (which hands GPTQ checkpoints to GPTQModel)
+and compares its logits and perplexity with our ``load_quantized`` on the same WikiText-2 windows.
+
+Needs a Python with ``gptqmodel`` and ``optimum`` installed (not a project dependency: GPTQModel
+pins newer torch than CPU CI uses); writes benchmarks/results/gptq_interop.{json,md}.
+
+    python benchmarks/gptq_interop.py --windows 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=4, help="WikiText-2 windows of 2048 to compare on")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import gptqmodel
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from quant import QuantContext, RTNConfig, load_quantized, run_pipeline, save_quantized
+    from quant.models import load_model
+    from quant.perplexity import perplexity, tokenize_eval
+
+    lm = load_model()
+    ctx = QuantContext(lm.model, lm.tokenizer)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=64, sym=True))])
+    ids = tokenize_eval(lm.tokenizer)
+    out: dict = {
+        "setting": "SmolLM2-135M-Instruct, RTN w4 g64 sym, fp32 on CPU",
+        "versions": {"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = save_quantized(lm.model, lm.tokenizer, Path(tmp) / "ck", {"method": "rtn", "modules": ctx.modules})
+        gq = Path(tmp) / "gptq"
+        r = subprocess.run(
+            [sys.executable, "-c", "import cli; cli.main()", "export", str(ck), "--format", "gptq", "--out", str(gq)],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        out["export"] = r.stdout.strip()
+        ours, _ = load_quantized(ck)
+        theirs = AutoModelForCausalLM.from_pretrained(gq, device_map="cpu", dtype=torch.float32).eval()
+        kinds = sorted({type(m).__name__ for m in theirs.modules() if "QuantLinear" in type(m).__name__
+                        or type(m).__module__.startswith("gptqmodel")})  # fmt: skip
+        out["their_layer_classes"] = kinds
+        x = ids[: 2048][None]
+        with torch.no_grad():
+            a, b = ours(x).logits, theirs(x).logits
+        out["logits"] = {
+            "max_abs_diff": float((a - b).abs().max()),
+            "rel_l2": float((a - b).norm() / a.norm()),
+            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        }
+        out["ppl_ours"] = perplexity(ours, ids, max_windows=args.windows, desc="ours")["ppl"]
+        out["ppl_gptqmodel"] = perplexity(theirs, ids, max_windows=args.windows, desc="gptqmodel")["ppl"]
+        out["windows"] = args.windows
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gptq_interop.json").write_text(json.dumps(out, indent=2))
+    lg = out["logits"]
+    (RESULTS / "gptq_interop.md").write_text(
+        "# GPTQ export loaded by GPTQModel (through transformers)\n\n"
+        f"{out['setting']}; gptqmodel {out['versions']['gptqmodel']}, transformers {out['versions']['transformers']}, "
+        f"torch {out['versions']['torch']}. Their layers: {', '.join(kinds)}.\n\n"
+        "| check | value |\n|---|---|\n"
+        f"| logits max abs diff (one 2048-token window) | {lg['max_abs_diff']:.3g} |\n"
+        f"| logits relative L2 diff | {lg['rel_l2']:.3g} |\n"
+        f"| argmax agreement | {lg['argmax_agreement']:.4f} |\n"
+        f"| WikiText-2 ppl, ours ({args.windows} windows) | {out['ppl_ours']:.4f} |\n"
+        f"| WikiText-2 ppl, GPTQModel ({args.windows} windows) | {out['ppl_gptqmodel']:.4f} |\n"
+    )
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
