@@ -55,7 +55,8 @@ def model_card(
     calib = qc.get("calibration") or {}
     sizes = report.get("sizes") or {}
     method = qc.get("method", "?")
-    passes = " (" + " → ".join(p["name"] for p in qc["passes"]) + ")" if qc.get("passes") else ""
+    names = [p["name"] for p in qc.get("passes", [])]
+    passes = f" ({' → '.join(names)})" if len(names) > 1 else ""
     width = "mixed " + "/".join(str(b) for b in sorted(bits)) if len(bits) > 1 else f"{next(iter(bits), '?')}"
 
     header = ["---", f"base_model: {base_id}" if base_id != "unknown" else "", f"license: {lic}",

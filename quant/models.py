@@ -181,4 +181,4 @@ def load_model(
     except Exception as e:
         raise QuantError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return LoadedModel(model, tok, source, quantized=False)
+    return LoadedModel(model, tok, source, quantized=hasattr(model, "lowbit_config"))  # ours, from the Hub

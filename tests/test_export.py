@@ -274,3 +274,17 @@ def test_smollm2_w4_gptq_round_trip_and_from_pretrained(tmp_path, smollm2):
         ref = ours(x).logits
         assert torch.equal(back(x).logits, ref)
         assert torch.equal(hf(x).logits, ref)
+
+
+def test_cli_evaluates_a_gptq_folder_like_the_original(tmp_path, tokenizer):
+    ck = quantized_tiny(tmp_path, tokenizer, [("rtn", RTNConfig(bits=4, group_size=32, sym=True))])
+    r = run("export", ck, "--format", "gptq", "--out", tmp_path / "gptq")
+    assert r.returncode == 0 and "quantize_config.json" in r.stdout, r.stderr
+    ppl = {}
+    for name in ("ck", "gptq"):
+        r = run("eval", tmp_path / name, "--max-windows", "1", "--json", tmp_path / f"{name}.json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["quantized"]
+        ppl[name] = res["ppl"]
+    assert ppl["ck"] == ppl["gptq"]
