@@ -62,7 +62,7 @@ def main() -> None:
         kinds = sorted({type(m).__name__ for m in theirs.modules() if "QuantLinear" in type(m).__name__
                         or type(m).__module__.startswith("gptqmodel")})  # fmt: skip
         out["their_layer_classes"] = kinds
-        x = ids[: 2048][None]
+        x = ids[:2048][None]
         with torch.no_grad():
             a, b = ours(x).logits, theirs(x).logits
         out["logits"] = {
