@@ -50,10 +50,44 @@ class Adapter:
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {r: self.role(block, r) for r in LINEAR_ROLES}
 
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        """The block's linears (names inside the block) in sequential groups: those reading the same input.
+
+        Dense: q/k/v, o, gate/up, down. Sparse MoE (after ``moe.experts.unfuse_experts``): q/k/v, o, every
+        expert's and the shared expert's gate/up, then their down projections. Routers stay float.
+        """
+        from moe.experts import is_moe_block
+
+        groups = [[self.roles[r] for r in group] for group in self.sequential_groups[:2]]
+        mlp_name = self.roles["down"].rpartition(".")[0]
+        mlp = block.get_submodule(mlp_name)
+        if not is_moe_block(mlp):
+            return groups + [[self.roles[r] for r in group] for group in self.sequential_groups[2:]]
+        experts = [f"{mlp_name}.experts.{e}" for e in range(len(mlp.experts))]
+        if getattr(mlp, "shared_expert", None) is not None:
+            experts.append(f"{mlp_name}.shared_expert")
+        gate_up = [f"{x}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
+        return [*groups, gate_up, [f"{x}.down_proj" for x in experts]]
+
     def linear_names(self, model: nn.Module) -> list[str]:
-        """Fully qualified names of every block linear, in block then role order."""
-        n = len(self.blocks(model))
-        return [f"{self.layers}.{i}.{self.roles[r]}" for i in range(n) for r in LINEAR_ROLES]
+        """Fully qualified names of every block linear, in block then group order."""
+        return [
+            f"{self.layers}.{i}.{name}"
+            for i, block in enumerate(self.blocks(model))
+            for group in self.linear_groups(block)
+            for name in group
+        ]
+
+    def is_moe(self, model: nn.Module) -> bool:
+        from moe.experts import is_moe_block
+
+        mlp = self.roles["down"].rpartition(".")[0]
+        return any(is_moe_block(b.get_submodule(mlp)) for b in self.blocks(model))
+
+    def require_dense(self, model: nn.Module, what: str) -> None:
+        """One clear error where a pass does not handle Mixture-of-Experts blocks (yet)."""
+        if self.is_moe(model):
+            raise QuantError(f"{what} does not support Mixture-of-Experts models yet; use --method rtn or gptq")
 
     def embeddings(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.embed_tokens)
@@ -65,7 +99,8 @@ class Adapter:
         return self.head(model).weight is self.embeddings(model).weight
 
 
-_LLAMA_LIKE = Adapter(model_types=("llama", "mistral", "qwen2", "qwen3"))
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # fused experts, unfused before quantizing
+_LLAMA_LIKE = Adapter(model_types=("llama", "mistral", "qwen2", "qwen3", *MOE_TYPES))
 ADAPTERS: dict[str, Adapter] = {t: _LLAMA_LIKE for t in _LLAMA_LIKE.model_types}
 
 

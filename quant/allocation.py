@@ -218,6 +218,7 @@ def shuffle_within_sizes(units: list[Unit], bits: list[int], seed: int) -> list[
 def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only."""
     config.validate()
+    adapter_for(model).require_dense(model, "bit allocation")
     cands = sorted(set(config.candidates))
     scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
     units = make_units(model, config.granularity, scores)

@@ -156,6 +156,32 @@ def run_staged(
     return h + each(role("down"), xd if changed is None else changed)
 
 
+@torch.no_grad()
+def expert_hessians(
+    runner: BlockRunner, block: nn.Module, linears: dict[str, nn.Module], mlp: nn.Module
+) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """Per-expert ``(E[x xᵀ], tokens)`` of each linear in a sparse-MoE group, from the tokens the router
+    sends it (the whole block runs, as in inference). The MoE block's input Hessian over all tokens is
+    returned under ``""`` for the fallback of experts that saw too few tokens."""
+    acc: dict[str, list] = {n: [None, 0] for n in [*linears, ""]}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        a = acc[name]
+        a[0] = x.T @ x if a[0] is None else a[0].addmm_(x.T, x)
+        a[1] += x.shape[0]
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: add(n, args[0])) for n, m in linears.items()]
+    hooks.append(mlp.register_forward_pre_hook(lambda _m, args: add("", args[0])))
+    try:
+        for x in runner.inputs:
+            runner._call(block, x[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (None if H is None else H / count, count) for n, (H, count) in acc.items()}
+
+
 def quantize_blockwise(
     model: nn.Module,
     adapter,
@@ -163,17 +189,36 @@ def quantize_blockwise(
     quantize_group,
     progress: Iterable | None = None,
 ) -> None:
-    """Drive ``quantize_group(block_index, block, {role: linear}, H)`` over every sequential group.
+    """Drive ``quantize_group(block_index, block, {name: linear}, {name: H or None})`` over every group.
 
-    Groups (``adapter.sequential_groups``: q/k/v, o, gate/up, down) are visited in order; each
-    group's Hessian is measured with the earlier groups of the same block already quantized.
+    Groups (``adapter.linear_groups``: q/k/v, o, gate/up, down; experts for MoE) are visited in order;
+    each group's Hessians are measured with the earlier groups of the same block already quantized.
+    A dense group shares one Hessian (its linears read the same input). In a sparse-MoE group each
+    expert gets the Hessian of the tokens routed to it; an expert's gate/up with fewer tokens than
+    inputs use the Hessian of all the block's tokens instead, its down (whose input only exists for
+    routed tokens) gets ``None``: the caller rounds it to nearest.
     """
+    from moe.experts import is_moe_block
+
     blocks = adapter.blocks(model)
     runner = BlockRunner(model, blocks, calib_ids)
+    mlp_name = adapter.roles["down"].rpartition(".")[0]
     for i in progress if progress is not None else range(len(blocks)):
         block = blocks[i]
-        for group in adapter.sequential_groups:
-            linears = {r: adapter.role(block, r) for r in group}
-            H = runner.hessian(block, linears[group[0]])
-            quantize_group(i, block, linears, H)
+        mlp = block.get_submodule(mlp_name)
+        for group in adapter.linear_groups(block):
+            linears = {n: block.get_submodule(n) for n in group}
+            if not (is_moe_block(mlp) and group[0].startswith(mlp_name)):
+                H = runner.hessian(block, linears[group[0]])
+                quantize_group(i, block, linears, dict.fromkeys(group, H))
+                continue
+            hs = expert_hessians(runner, block, linears, mlp)
+            H_all = hs.pop("")[0]
+            chosen = {}
+            for n, (H, count) in hs.items():
+                if count >= linears[n].in_features:
+                    chosen[n] = H
+                else:
+                    chosen[n] = None if n.endswith("down_proj") else H_all
+            quantize_group(i, block, linears, chosen)
         runner.advance(block)

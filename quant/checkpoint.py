@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe.experts import unfuse_experts
 from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
@@ -221,6 +222,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     state = _verify_and_read(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(".experts." in name for name in qc["modules"]):
+        unfuse_experts(model)  # quantized per expert (moe.experts)
     for name, spec in qc["modules"].items():
         try:
             lin = model.get_submodule(name)

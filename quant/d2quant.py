@@ -83,6 +83,7 @@ def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
 @register_pass("d2quant", D2QuantConfig, needs_calibration=True, quantizer=True)
 def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     spec = config.spec()
+    ctx.adapter.require_dense(ctx.model, "d2quant")
     check_model(ctx, spec)
     adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
     blocks = adapter.blocks(model)

@@ -18,6 +18,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from moe.experts import unfuse_experts
 from quant.checkpoint import FORMAT_VERSION, LINEAR_FORMATS, QUANT_METHOD
 from quant.dac import add_norm_bias
 from quant.errors import QuantError
@@ -54,6 +55,8 @@ class LowbitHfQuantizer(HfQuantizer):
 
         qc = self.quantization_config
         dtype = next(model.parameters()).dtype
+        if any(".experts." in name for name in qc.modules):
+            unfuse_experts(model)
         for name, spec in qc.modules.items():
             lin = model.get_submodule(name)
             cls = LINEAR_FORMATS.get(spec.get("format", "uniform"))

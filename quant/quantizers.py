@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from moe.experts import unfuse_experts
 from quant.blockwise import quantize_blockwise
 from quant.gptq import gptq_quantize
 from quant.grid import QuantSpec, check_finite, quantize_rtn
@@ -37,7 +38,10 @@ class GPTQConfig(RTNConfig):
 
 
 def check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
-    """Validate every target before touching any: NaN/Inf weights and group fit fail fast."""
+    """Validate every target before touching any: NaN/Inf weights and group fit fail fast.
+
+    Fused MoE experts are split into one linear per expert projection first (same function)."""
+    unfuse_experts(ctx.model)
     names = ctx.adapter.linear_names(ctx.model)
     for name in names:
         w = ctx.model.get_submodule(name).weight
@@ -64,13 +68,22 @@ def gptq(ctx: QuantContext, config: GPTQConfig) -> dict:
     adapter, prefix = ctx.adapter, ctx.adapter.layers
     n_blocks = len(adapter.blocks(ctx.model))
 
-    def quantize_group(i, block, linears, H):
-        for role, lin in linears.items():
-            name = f"{prefix}.{i}.{adapter.roles[role]}"
+    rounded: list[str] = []
+
+    def quantize_group(i, block, linears, hessians):
+        for rel, lin in linears.items():
+            name, H = f"{prefix}.{i}.{rel}", hessians[rel]
             s = ctx.spec_for(name, spec)
-            qw = gptq_quantize(lin.weight, H, s, config.damp, config.act_order, config.block_size)
+            if H is None:  # an expert's down_proj that the calibration tokens (almost) never reached
+                qw = quantize_rtn(lin.weight, s)
+                rounded.append(name)
+            else:
+                qw = gptq_quantize(lin.weight, H, s, config.damp, config.act_order, config.block_size)
             ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
 
     bar = tqdm(range(n_blocks), desc="gptq", disable=not ctx.progress, unit="block")
     quantize_blockwise(ctx.model, adapter, ctx.calib_ids, quantize_group, bar)
-    return {"layers": len(names), "calibration_tokens": int(ctx.calib_ids.numel())}
+    out = {"layers": len(names), "calibration_tokens": int(ctx.calib_ids.numel())}
+    if rounded:
+        out["rtn_fallback_experts"] = rounded
+    return out

@@ -113,6 +113,7 @@ def rotate(model: nn.Module, q: torch.Tensor) -> None:
 @register_pass("rotate", RotationConfig)
 def rotate_pass(ctx: QuantContext, config: RotationConfig) -> dict:
     model = ctx.model
+    ctx.adapter.require_dense(model, "the residual rotation")  # routers would need rotating too
     d = model.config.hidden_size
     q, kind = rotation_matrix(d, config)
     was_tied = ctx.adapter.is_tied(model)
