@@ -87,3 +87,62 @@ def test_passes_that_do_not_handle_moe_say_so(tokenizer, calib):
     ctx = QuantContext(tiny_moe("mixtral"), tokenizer, calib_ids=calib)
     with pytest.raises(QuantError, match="Mixture-of-Experts"):
         run_pipeline(ctx, [("d2quant", D2QuantConfig(bits=3, group_size=32))])
+
+
+def test_power_step_raises_alignment_monotonically():
+    from moe.mpi import power_retract, router_alignment
+
+    torch.manual_seed(0)
+    W = torch.randn(3, 48, 32, dtype=torch.float64)  # three random experts, gate_proj [F, D]
+    R = torch.randn(3, 32, dtype=torch.float64)
+    C = 2.5
+    prev = router_alignment(R, W).rayleigh
+    for _ in range(200):  # random Gaussian experts: small spectral gaps, slow but steady convergence
+        R = power_retract(R, W, C)
+        torch.testing.assert_close(R.norm(dim=-1), torch.full((3,), C, dtype=torch.float64))
+        now = router_alignment(R, W).rayleigh
+        assert all(b >= a - 1e-12 for a, b in zip(prev, now, strict=True)), (prev, now)
+        prev = now
+    final = router_alignment(R, W)
+    assert min(final.cosine) > 0.99 and min(final.rayleigh) > 0.99 and final.row_norm_cv < 1e-9
+
+
+def test_mpi_router_gates_with_the_aligned_weight_and_merges(tokenizer):
+    from moe.mpi import MPIRouter, expert_gate_weights, power_retract
+
+    model = tiny_moe("mixtral")
+    block = model.model.layers[0].mlp
+    raw = block.gate.weight.detach().clone()
+    router = MPIRouter(block.gate, block.experts, c_prime=4.0)
+    x = torch.randn(10, 64)
+    W = expert_gate_weights(block.experts).detach()
+    r_prime = power_retract(raw, W, 4.0 / 2)  # C = C'/sqrt(N), N = 4
+    logits, scores, idx = router(x)
+    torch.testing.assert_close(logits, x @ r_prime.T)
+    assert torch.equal(block.gate.weight, raw)  # the raw parameter is untouched by gating
+    logits.sum().backward()  # gradients reach the raw router, not the experts (stop-gradient default)
+    assert block.gate.weight.grad is not None and block.experts.gate_up_proj.grad is None
+    router.freeze()
+    torch.testing.assert_close(router(x)[0], logits.detach())
+    merged = router.merge()
+    torch.testing.assert_close(merged(x)[0], logits.detach())
+    assert torch.equal(merged(x)[2], idx)
+
+
+def test_align_routers_post_training_with_router_finetune(calib):
+    from moe.mpi import AlignConfig, align_routers, alignment
+    from moe.routing import compare_routing, router_logits
+
+    model = tiny_moe("qwen3_moe")
+    before = {n: a.summary() for n, a in alignment(model).items()}
+    ref = router_logits(model, calib[:2])
+    out = align_routers(model, AlignConfig(finetune_steps=4, lr=1e-2), calib)
+    assert len(out["finetune_loss"]) == 4 and all(v >= 0 for v in out["finetune_loss"])
+    assert not any(type(m).__name__ == "MPIRouter" for m in model.modules())  # merged into plain routers
+    after = {n: a.summary() for n, a in alignment(model).items()}
+    for n in before:
+        assert after[n]["rayleigh_mean"] > before[n]["rayleigh_mean"]
+        assert after[n]["row_norm_cv"] < before[n]["row_norm_cv"]
+    agree = compare_routing(ref, router_logits(model, calib[:2]), k=2)
+    assert all(0 <= r.topk_overlap <= 1 for r in agree.values())
+    assert all(p.requires_grad for p in model.parameters())
