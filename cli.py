@@ -40,6 +40,14 @@ def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitex
     return perplexity(lm.model, ids, seqlen=seqlen, max_windows=max_windows or None, desc=label, dataset=dataset)
 
 
+def _routing_sample(tokenizer, windows: int = 4, seqlen: int = 512):
+    """Held-out text for routing comparisons: the first windows of the WikiText-2 test split."""
+    from quant.perplexity import tokenize_eval
+
+    ids = tokenize_eval(tokenizer)
+    return ids[: windows * seqlen].view(windows, seqlen)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -125,6 +133,7 @@ def model_cmd(
 
     from calibrate import calibration_windows
     from quant import QuantContext, run_pipeline, save_quantized
+    from quant.adapters import MOE_TYPES
     from quant.checkpoint import check_output_dir
     from quant.models import base_model_info, load_model
     from quant.passes import get_pass, quantizer_methods
@@ -178,12 +187,24 @@ def model_cmd(
     if info.needs_calibration:
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    routing_ids = routing_ref = None
+    if lm.model.config.model_type in MOE_TYPES:  # routing fidelity: float routers vs the quantized model's
+        from moe.routing import router_logits
+
+        routing_ids = _routing_sample(lm.tokenizer)
+        routing_ref = router_logits(lm.model, routing_ids)
     ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids)
     t0 = time.perf_counter()
     passes = run_pipeline(ctx, [*steps, (method, config)])
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["passes"] = passes
     report["sizes"] = quantized_sizes(lm.model)
+    if routing_ref is not None:
+        from moe.routing import compare_routing, router_logits, summarize
+
+        k = lm.model.config.num_experts_per_tok
+        report["routing"] = summarize(compare_routing(routing_ref, router_logits(lm.model, routing_ids), k))
+        typer.echo("routing vs float: " + ", ".join(f"{key} {v:.4f}" for key, v in report["routing"].items()))
     qc = {
         "method": method,
         "bits": bits if budget is None else budget,
@@ -405,6 +426,81 @@ def export_cmd(
             return
         url = upload(ckpt, to_hub, private=private, revision=revision, token=token, files=files, **card)
     typer.echo(f"uploaded to {to_hub}: {url}")
+
+
+moe_app = typer.Typer(help="Mixture-of-Experts tools: MPI router alignment and its diagnostic.")
+app.add_typer(moe_app, name="moe")
+
+
+@moe_app.command("align")
+def moe_align_cmd(
+    model: str = typer.Argument(..., help="A float MoE model: a local folder or a Hub id (Mixtral, Qwen-MoE, OLMoE)."),
+    finetune_steps: int = typer.Option(
+        0, help="Router-only distillation steps against the original model (0: one MPI step applied blindly)."
+    ),
+    lr: float = typer.Option(1e-3, help="Learning rate of the router fine-tune (Adam)."),
+    power_steps: int = typer.Option(1, help="Power iterations per MPI step (1 is the paper's default and best)."),
+    calib: str = typer.Option("c4", help="Calibration text for the router fine-tune (see `quantize model --help`)."),
+    nsamples: int = typer.Option(32, help="Calibration windows for the fine-tune."),
+    seqlen: int = typer.Option(256, help="Tokens per calibration window."),
+    out: Path = typer.Option(None, help="Write the re-aligned model here (safetensors; omit for the diagnostic only)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the diagnostic and routing numbers as JSON."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """Post-training MPI: pull each router row toward its expert's principal direction, then report how
+    aligned the routers are (cosine, normalized Rayleigh quotient, row-norm spread) before and after,
+    and how much routing changed on held-out text (top-k overlap, top-1, KL, MaxVio)."""
+    import shutil
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from calibrate import calibration_windows
+    from moe.mpi import AlignConfig, align_routers, alignment
+    from moe.routing import compare_routing, router_logits, summarize
+    from quant.adapters import MOE_TYPES
+    from quant.checkpoint import check_output_dir
+    from quant.models import load_model
+
+    if out is not None:
+        check_output_dir(out, overwrite)
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    if lm.quantized or lm.model.config.model_type not in MOE_TYPES:
+        raise QuantError(f"{lm.source} is not a float Mixture-of-Experts model (Mixtral, Qwen2/3-MoE, OLMoE)")
+    held_out = _routing_sample(lm.tokenizer)
+    ref = router_logits(lm.model, held_out)
+    before = {n: a.summary() for n, a in alignment(lm.model).items()}
+    ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, 0) if finetune_steps else None
+    cfg = AlignConfig(power_steps=power_steps, finetune_steps=finetune_steps, lr=lr)
+    fit = align_routers(lm.model, cfg, ids, progress=lambda r: tqdm(r, desc="router fine-tune", unit="step"))
+    after = {n: a.summary() for n, a in alignment(lm.model).items()}
+    routing = summarize(compare_routing(ref, router_logits(lm.model, held_out), lm.model.config.num_experts_per_tok))
+    typer.echo(f"{'layer':<28} {'cos before':>10} {'cos after':>10} {'RQ before':>10} {'RQ after':>10} {'norm cv':>8}")
+    for n in before:
+        b, a = before[n], after[n]
+        typer.echo(
+            f"{n:<28} {b['cosine_mean']:>10.3f} {a['cosine_mean']:>10.3f} {b['rayleigh_mean']:>10.3f} "
+            f"{a['rayleigh_mean']:>10.3f} {b['row_norm_cv']:>8.3f}"
+        )
+    typer.echo("routing vs the original: " + ", ".join(f"{k} {v:.4f}" for k, v in routing.items()))
+    result = {"model": lm.source, "config": vars(cfg), "before": before, "after": after, "routing": routing, **fit}
+    if json_out:
+        _write_json_atomic(json_out, result)
+    if out is not None:
+        out = out.absolute()
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            (tmp / "mpi_align.json").write_text(json.dumps(result, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        typer.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -3,6 +3,8 @@ function; RTN and GPTQ quantize every expert with routed calibration tokens; che
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -146,3 +148,25 @@ def test_align_routers_post_training_with_router_finetune(calib):
     agree = compare_routing(ref, router_logits(model, calib[:2]), k=2)
     assert all(0 <= r.topk_overlap <= 1 for r in agree.values())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_cli_quantizes_a_moe_model_and_aligns_routers(tmp_path, tokenizer):
+    from test_cli import assert_one_line_error, run
+
+    src = tmp_path / "tiny-mixtral"
+    tiny_moe("mixtral").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    r = run("model", src, "--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "8",
+            "--seqlen", "64", "--no-eval", "--out", tmp_path / "q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "routing vs float: topk_overlap" in r.stdout
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert 0.5 < report["routing"]["topk_overlap"] <= 1.0
+    r = run("moe", "align", src, "--finetune-steps", "2", "--nsamples", "2", "--seqlen", "32",
+            "--out", tmp_path / "aligned", "--json", tmp_path / "a.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "a.json").read_text())
+    layer = next(iter(res["before"]))
+    assert res["after"][layer]["rayleigh_mean"] > res["before"][layer]["rayleigh_mean"]
+    assert (tmp_path / "aligned" / "model.safetensors").is_file()
+    assert_one_line_error(run("moe", "align", tmp_path / "q"), "not a float Mixture-of-Experts model")
