@@ -31,7 +31,8 @@ def test_unsupported_architecture_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(QuantError, match="unsupported architecture 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
+    supported = "llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"
+    with pytest.raises(QuantError, match=f"unsupported architecture .gpt2.; supported: {supported}"):
         adapter_for(model)
 
 
