@@ -69,6 +69,20 @@ class Adapter:
         gate_up = [f"{x}.{p}" for x in experts for p in ("gate_proj", "up_proj")]
         return [*groups, gate_up, [f"{x}.down_proj" for x in experts]]
 
+    def residual_io(self, block: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+        """Modules (each with a ``[out, hidden]``-read or ``[hidden, in]``-written ``weight``) that read the
+        first norm's output, read the second norm's output (MoE: also the router and the shared-expert
+        gate), and write to the residual stream."""
+        q, o, mlp_in, mlp_out = self.linear_groups(block)
+        get = block.get_submodule
+        readers2 = [get(n) for n in mlp_in]
+        mlp = get(self.roles["down"].rpartition(".")[0])
+        for extra in ("gate", "shared_expert_gate"):  # MoE routers: linear readers of the stream too
+            m = getattr(mlp, extra, None)
+            if isinstance(m, nn.Module) and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+                readers2.append(m)
+        return [get(n) for n in q], readers2, [get(n) for n in o + mlp_out]
+
     def linear_names(self, model: nn.Module) -> list[str]:
         """Fully qualified names of every block linear, in block then group order."""
         return [

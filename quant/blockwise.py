@@ -116,19 +116,25 @@ def run_staged(
     adapter,
     x: torch.Tensor,
     block_kwargs: dict,
-    visit: Callable[[str | tuple[str, ...], torch.Tensor], torch.Tensor | None],
+    visit: Callable[[str | tuple[str, ...], torch.Tensor | dict], torch.Tensor | None],
     chunk: int = 16,
 ) -> torch.Tensor:
     """Run a pre-norm decoder block on every window of ``x`` ``[windows, seq, hidden]``, one stage at a time.
 
     The block computes ``h = x + attn(norm1(x))`` and ``h + mlp(norm2(h))`` (every architecture the
-    adapters know). Before each sequential group of linears runs, ``visit(group, inputs)`` sees that
-    group's input for all windows at once and may quantize the group; ``visit("post_attention_norm",
-    out)`` sees norm2's output and may give the norm a bias (DAC), after which norm2 runs again. So each
-    block costs one forward, not one per group. The down_proj visit may return the input down_proj
-    now sees (DSQ absorbs a per-channel scale into up_proj, which has already run: ``xd · c``).
+    adapters know). Before each sequential group of linears runs (``adapter.linear_groups``, as a
+    tuple of names inside the block), ``visit(group, inputs)`` sees that group's input for all windows
+    at once and may quantize the group; ``visit("post_attention_norm", out)`` sees norm2's output and
+    may give the norm a bias (DAC), after which norm2 runs again. So each block costs one forward,
+    not one per group. Dense down_proj's visit may return the input it now sees (DSQ absorbs a
+    per-channel scale into up_proj, which has already run: ``xd · c``).
+
+    In a sparse-MoE block the MLP groups get ``{name: rows}``: each expert's linears the tokens its
+    router sends it (as in inference), the shared expert all tokens, and ``""`` all tokens (for
+    experts that get too few); the MLP then runs again for the block's output.
     Windows run ``chunk`` at a time (faster than one by one or all at once on CPU; same numbers).
     """
+    from moe.experts import is_moe_block
 
     def each(fn, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(t[i : i + chunk]) for i in range(0, t.shape[0], chunk)])
@@ -138,7 +144,7 @@ def run_staged(
 
     attn = block.get_submodule(adapter.roles["o"].rpartition(".")[0])
     mlp = block.get_submodule(adapter.roles["down"].rpartition(".")[0])
-    qkv, o, gate_up, down = adapter.sequential_groups
+    qkv, o, gate_up, down = (tuple(g) for g in adapter.linear_groups(block))
 
     xa = each(role("input_norm"), x)
     visit(qkv, xa)
@@ -150,6 +156,21 @@ def run_staged(
     norm2 = role(POST_ATTENTION_NORM)
     visit(POST_ATTENTION_NORM, each(norm2, h))
     xc = each(norm2, h)
+    if is_moe_block(mlp):
+        flat = xc.reshape(-1, xc.shape[-1])
+        routed = mlp.gate(flat)[2]  # top-k expert ids per token, from the (float) router
+        rows = {}
+        for owner in dict.fromkeys(n.rpartition(".")[0] for n in down):
+            e = owner.rpartition(".")[2]
+            rows[owner] = flat[(routed == int(e)).any(-1)] if e.isdigit() else flat
+        visit(gate_up, {"": flat, **{n: rows[n.rpartition(".")[0]] for n in gate_up}})
+        ins = {}
+        for n in down:
+            owner = block.get_submodule(n.rpartition(".")[0])
+            t = rows[n.rpartition(".")[0]]
+            ins[n] = _input_to(owner.down_proj, lambda o=owner, t=t: o(t)) if len(t) else t.new_zeros(0, 0)
+        visit(down, ins)
+        return h + each(mlp, xc)
     visit(gate_up, xc)
     xd = each(lambda c: _input_to(role("down"), lambda: mlp(c)), xc)
     changed = visit(down, xd)

@@ -83,7 +83,6 @@ def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
 @register_pass("d2quant", D2QuantConfig, needs_calibration=True, quantizer=True)
 def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     spec = config.spec()
-    ctx.adapter.require_dense(ctx.model, "d2quant")
     check_model(ctx, spec)
     adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
     blocks = adapter.blocks(model)
@@ -93,39 +92,57 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     dac_norms, dac_shift = [], []
 
     def quantize_group(
-        i: int, block, group: tuple[str, ...], xq: torch.Tensor, xf: torch.Tensor | None
+        i: int, block, group: tuple[str, ...], xq: torch.Tensor | dict, xf: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Quantize one sequential group from its inputs on the quantized (``xq``) and float (``xf``) streams;
-        returns down_proj's input after DSQ's column scale went into up_proj (up to fp16 rounding of up's scales)."""
-        H = P = None
-        if config.backend != "rtn":
-            a = xq.reshape(-1, xq.shape[-1]).float()
-            H = a.T @ a / a.shape[0]
-            if config.backend == "gptaq":
-                P = xf.reshape(-1, xf.shape[-1]).float().T @ a / a.shape[0]
-        for role in group:
-            lin = adapter.role(block, role)
-            name = f"{prefix}.{i}.{adapter.roles[role]}"
+        returns dense down_proj's input after DSQ's column scale went into up_proj (up to fp16 rounding of
+        up's scales). MoE groups come as ``{name: rows}`` (see ``run_staged``): each expert's routed tokens,
+        with no float pairing (the float stream routes tokens differently), so experts get GPTQ's symmetric
+        objective; an expert with fewer tokens than inputs uses all tokens' Hessian (gate/up) or none (down)."""
+        inputs = xq if isinstance(xq, dict) else dict.fromkeys(group, xq)
+        hessians: dict[int, torch.Tensor] = {}  # by input tensor: q/k/v, or an expert's gate/up, share one
+
+        def hessian(x: torch.Tensor) -> torch.Tensor:
+            if id(x) not in hessians:
+                a = x.reshape(-1, x.shape[-1]).float()
+                hessians[id(x)] = a.T @ a / a.shape[0]
+            return hessians[id(x)]
+
+        out = None
+        for rel in group:
+            lin, x = block.get_submodule(rel), inputs[rel]
+            name = f"{prefix}.{i}.{rel}"
             s = ctx.spec_for(name, spec)
+            H = P = None
+            if config.backend != "rtn":
+                if x.reshape(-1, x.shape[-1]).shape[0] >= lin.in_features:
+                    H = hessian(x)
+                elif "" in inputs and not rel.endswith("down_proj"):
+                    H = hessian(inputs[""])
+            if H is not None and config.backend == "gptaq" and xf is not None and not isinstance(xq, dict):
+                a = x.reshape(-1, x.shape[-1]).float()
+                P = xf.reshape(-1, xf.shape[-1]).float().T @ a / a.shape[0]
             w = lin.weight if P is None else gptaq_target(lin.weight, H, P, config.damp, config.gptaq_alpha)
-            if role == "down" and config.dsq and s.bits in DSQ_BITS:
+            if rel.endswith("down_proj") and config.dsq and s.bits in DSQ_BITS:
                 g = s.group_for(w.shape[1])
                 q = dsq_quantize(w, H, s.bits, g, config.dsq_iters, config.damp, config.act_order, config.block_size)
                 ctx.install(name, DSQLinear.from_codes(q.codes, q.row_scales, lin.bias), sym=True)
-                absorb_column_scale(adapter.role(block, "up"), q.col_scale)
-                return xq * q.col_scale.to(xq.dtype)
+                absorb_column_scale(block.get_submodule(rel.replace("down_proj", "up_proj")), q.col_scale)
+                if not isinstance(xq, dict):
+                    out = xq * q.col_scale.to(xq.dtype)
             elif H is None:
                 ctx.install(name, QuantLinear.from_quantized(quantize_rtn(w, s), lin.bias), s.sym)
             else:
                 qw = gptq_quantize(w, H, s, config.damp, config.act_order, config.block_size)
                 ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
-        return None
+        return out
 
     for i in tqdm(range(len(blocks)), desc="d2quant", disable=not ctx.progress, unit="block"):
         block = blocks[i]
         float_in: dict = {}
         if two_streams:  # the block is still float: carry the float stream through it, keeping each stage's input
             float_stream = run_staged(block, adapter, float_stream, runner.block_kwargs, float_in.__setitem__)
+            float_in = {k: v for k, v in float_in.items() if not isinstance(v, dict)}  # experts: no pairing
 
         def visit(stage, xq: torch.Tensor, i: int = i, block=block, float_in: dict = float_in) -> torch.Tensor | None:
             if stage != POST_ATTENTION_NORM:

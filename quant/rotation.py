@@ -4,9 +4,10 @@ float model the same function while spreading outlier channels before quantizati
 With the residual stream rotated as ``h' = h Q`` (Q orthogonal):
 
 - RMSNorm commutes with Q once its scale γ is folded into the linears that read its output
-  (``rms(hQ) = rms(h)``), so every norm's γ goes into q/k/v, gate/up and lm_head, and becomes 1;
-- linears that read the stream take ``W Q`` (q/k/v, gate/up, lm_head), the embedding rows ``E Q``;
-- linears that write to it take ``Qᵀ W`` (o, down) and ``b Q`` for a bias.
+  (``rms(hQ) = rms(h)``), so every norm's γ goes into q/k/v, gate/up (MoE: every expert's, the
+  shared expert's, the router and the shared-expert gate) and lm_head, and becomes 1;
+- linears that read the stream take ``W Q`` (the same list), the embedding rows ``E Q``;
+- linears that write to it take ``Qᵀ W`` (o, down: every expert's) and ``b Q`` for a bias.
 
 Tied embeddings are untied first: lm_head gets the final norm's γ, the embedding does not.
 
@@ -22,14 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe.experts import unfuse_experts
 from quant.adapters import adapter_for
 from quant.errors import QuantError
 from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
 from quant.passes import QuantContext, register_pass
 
 MODES = ("hadamard", "groupwise", "random")
-READERS = ("q", "k", "v", "gate", "up")
-WRITERS = ("o", "down")
 
 
 @dataclass
@@ -75,12 +75,14 @@ def untie_embeddings(model: nn.Module) -> bool:
 def fold_norms(model: nn.Module) -> None:
     """Fold every RMSNorm's γ into the linears reading its output; the norms become weightless (γ = 1)."""
     adapter = adapter_for(model)
+    unfuse_experts(model)  # MoE: one linear per expert projection (same function)
     untie_embeddings(model)
     for block in adapter.blocks(model):
-        for norm_role, readers in (("input_norm", ("q", "k", "v")), ("post_attention_norm", ("gate", "up"))):
+        readers1, readers2, _ = adapter.residual_io(block)
+        for norm_role, readers in (("input_norm", readers1), ("post_attention_norm", readers2)):
             norm = adapter.role(block, norm_role)
-            for r in readers:
-                _scale_inputs(adapter.role(block, r), norm.weight)
+            for lin in readers:
+                _scale_inputs(lin, norm.weight)
             norm.weight.fill_(1.0)
     final = model.get_submodule(adapter.final_norm)
     _scale_inputs(adapter.head(model), final.weight)
@@ -100,10 +102,10 @@ def rotate(model: nn.Module, q: torch.Tensor) -> None:
 
     right(adapter.embeddings(model).weight)
     for block in adapter.blocks(model):
-        for r in READERS:
-            right(adapter.role(block, r).weight)
-        for r in WRITERS:
-            lin = adapter.role(block, r)
+        readers1, readers2, writers = adapter.residual_io(block)
+        for lin in readers1 + readers2:
+            right(lin.weight)
+        for lin in writers:
             left(lin.weight)
             if lin.bias is not None:
                 lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
@@ -113,7 +115,6 @@ def rotate(model: nn.Module, q: torch.Tensor) -> None:
 @register_pass("rotate", RotationConfig)
 def rotate_pass(ctx: QuantContext, config: RotationConfig) -> dict:
     model = ctx.model
-    ctx.adapter.require_dense(model, "the residual rotation")  # routers would need rotating too
     d = model.config.hidden_size
     q, kind = rotation_matrix(d, config)
     was_tied = ctx.adapter.is_tied(model)

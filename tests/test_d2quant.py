@@ -38,10 +38,12 @@ def test_staged_block_is_the_block(model_type, calib):
     with torch.no_grad():
         ref = torch.cat([runner._call(block, x[None]) for x in runner.inputs])
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert list(seen) == [("q", "k", "v"), ("o",), "post_attention_norm", ("gate", "up"), ("down",)]
+        qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        gate_up, down = ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)
+        assert list(seen) == [qkv, ("self_attn.o_proj",), "post_attention_norm", gate_up, down]
         x = runner.inputs[3:4]
-        torch.testing.assert_close(seen[("q", "k", "v")][3:4], block.input_layernorm(x))
-        assert seen[("down",)].shape == (5, 48, 128)
+        torch.testing.assert_close(seen[qkv][3:4], block.input_layernorm(x))
+        assert seen[down].shape == (5, 48, 128)
 
 
 def test_dac_bias_is_teacher_minus_student(tokenizer, calib):

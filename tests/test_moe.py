@@ -85,10 +85,30 @@ def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, 
     assert summary["rtn_fallback_experts"] == ["model.layers.0.mlp.experts.3.down_proj"]
 
 
-def test_passes_that_do_not_handle_moe_say_so(tokenizer, calib):
-    ctx = QuantContext(tiny_moe("mixtral"), tokenizer, calib_ids=calib)
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_d2quant_with_rotation_quantizes_every_expert_and_reloads(tmp_path, tokenizer, calib, model_type):
+    from quant.rotation import RotationConfig
+
+    model = tiny_moe(model_type)
+    ctx = QuantContext(model, tokenizer, calib_ids=calib)
+    run_pipeline(ctx, [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3, group_size=32))])
+    downs = [n for n in ctx.modules if n.endswith("down_proj")]
+    assert all(ctx.modules[n]["format"] == "dsq" for n in downs) and len(downs) == 2 * (4 + (model_type == "qwen2_moe"))
+    assert len(ctx.norm_biases) == 2
+    qc = {"method": "d2quant", "modules": ctx.modules, "norm_biases": ctx.norm_biases}
+    ck = save_quantized(model, tokenizer, tmp_path / "ck", qc)
+    back, _ = load_quantized(ck)
+    x = torch.randint(0, 49152, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_allocation_says_it_does_not_handle_moe(tokenizer):
+    from quant import AllocationConfig
+
+    ctx = QuantContext(tiny_moe("mixtral"), tokenizer)
     with pytest.raises(QuantError, match="Mixture-of-Experts"):
-        run_pipeline(ctx, [("d2quant", D2QuantConfig(bits=3, group_size=32))])
+        run_pipeline(ctx, [("allocate", AllocationConfig(budget=3.0, group_size=32))])
 
 
 def test_power_step_raises_alignment_monotonically():
@@ -170,3 +190,24 @@ def test_cli_quantizes_a_moe_model_and_aligns_routers(tmp_path, tokenizer):
     assert res["after"][layer]["rayleigh_mean"] > res["before"][layer]["rayleigh_mean"]
     assert (tmp_path / "aligned" / "model.safetensors").is_file()
     assert_one_line_error(run("moe", "align", tmp_path / "q"), "not a float Mixture-of-Experts model")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_rotation_keeps_a_moe_model_and_its_routing(model_type):
+    from moe.routing import router_logits
+    from quant.rotation import RotationConfig
+
+    model = tiny_moe(model_type)
+    with torch.no_grad():  # non-trivial norm scales, so folding into routers and experts is exercised
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 49152, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    before = router_logits(model, ids)
+    run_pipeline(QuantContext(model, progress=False), [("rotate", RotationConfig())])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=2e-4, rtol=1e-4)
+    for name, logits in router_logits(model, ids).items():
+        torch.testing.assert_close(logits, before[name], atol=1e-4, rtol=1e-4)
