@@ -27,6 +27,20 @@ PROBES = {  # name -> (calibration source, steps)
         "c4-all",
         [("allocate", AllocationConfig(budget=3.0, importance="score")), ("gptq", GPTQConfig(bits=4))],
     ),
+    "nsds-3.0-score-module-rtnerr": (
+        "c4-all",
+        [
+            ("allocate", AllocationConfig(budget=3.0, importance="score", granularity="module", error_model="rtn")),
+            ("gptq", GPTQConfig(bits=4)),
+        ],
+    ),
+    "nsds-2.5-score-module-rtnerr": (
+        "c4-all",
+        [
+            ("allocate", AllocationConfig(budget=2.5, importance="score", granularity="module", error_model="rtn")),
+            ("gptq", GPTQConfig(bits=4)),
+        ],
+    ),
     "d2quant-w3": ("c4", [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3))]),
 }
 

@@ -11,8 +11,9 @@ Allocators:
 - ``nsds``: NSDS scores (``quant.nsds``), no data. ``scheme="knapsack"`` (default) minimises a
   predicted loss ``Σ_u imp_u · n_u · 4^(-b_u)``: weight error variance falls 4× per bit, and a unit's
   importance is the odds ``S/(1-S)`` of its Soft-OR score, i.e. exponential in its robust z-score,
-  which is what the sigmoid undid. ``scheme="tiers"`` is the paper's rule: the most sensitive units
-  get the widest candidate, the rest the narrowest.
+  which is what the sigmoid undid. ``error_model="rtn"`` replaces ``n_u · 4^(-b)`` by the unit's
+  measured round-to-nearest error at each width (still no data). ``scheme="tiers"`` is the paper's
+  rule: the most sensitive units get the widest candidate, the rest the narrowest.
 - ``uniform``: every unit at B (B must be one of the candidates).
 - ``random``: the NSDS allocation's widths, shuffled among units of equal size (seeded): the same
   mix and the same bits per weight, placement at random. This is the baseline that isolates the
@@ -28,11 +29,12 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from quant.adapters import LINEAR_ROLES, adapter_for
 from quant.errors import QuantError
-from quant.grid import SUPPORTED_BITS, QuantSpec
+from quant.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
 from quant.nsds import ROLE_MODULES, ROLES, NSDSConfig, NSDSScores, nsds_scores
 from quant.passes import QuantContext, register_pass
 from quant.quantlinear import storage_bytes
@@ -40,6 +42,7 @@ from quant.quantlinear import storage_bytes
 ALLOCATORS = ("nsds", "uniform", "random")
 SCHEMES = ("knapsack", "tiers")
 GRANULARITIES = ("layer", "module")
+ERROR_MODELS = ("ideal", "rtn")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class AllocationConfig:
     granularity: str = "layer"
     scheme: str = "knapsack"
     importance: str = "odds"  # knapsack weight of a unit: odds S/(1-S) of its score, or the score S itself
+    error_model: str = "ideal"  # knapsack error at b bits: "ideal" n·4^-b, or "rtn": the unit's measured RTN error
     seed: int = 0  # for allocator="random"
     group_size: int = 128  # the quantizer's requested group: needed to count scale/zero bytes
     nsds: NSDSConfig = field(default_factory=NSDSConfig)
@@ -61,6 +65,8 @@ class AllocationConfig:
             raise QuantError(f"unknown allocation scheme {self.scheme!r}; choose from {', '.join(SCHEMES)}")
         if self.importance not in ("odds", "score"):
             raise QuantError(f"importance must be 'odds' or 'score', got {self.importance!r}")
+        if self.error_model not in ERROR_MODELS:
+            raise QuantError(f"error_model must be one of {ERROR_MODELS}, got {self.error_model!r}")
         if self.granularity not in GRANULARITIES:
             raise QuantError(f"unknown granularity {self.granularity!r}; choose from {', '.join(GRANULARITIES)}")
         bad = [b for b in self.candidates if b not in SUPPORTED_BITS]
@@ -84,6 +90,11 @@ class Unit:
     label: str  # "12" or "12.down"
     modules: list[tuple[str, int, int]]  # (name, out_features, in_features)
     score: float = 0.0
+    error: dict[int, float] = field(default_factory=dict)  # width -> predicted error (see knapsack)
+
+    def error_at(self, bits: int) -> float:
+        """Σ params · relative weight error at ``bits``: measured (error_model="rtn") or ``4^-bits``."""
+        return self.error[bits] if self.error else self.params * 4.0**-bits
 
     @property
     def params(self) -> int:
@@ -149,6 +160,20 @@ def make_units(model: nn.Module, granularity: str, scores: NSDSScores | None) ->
     return units
 
 
+@torch.no_grad()
+def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], group_size: int) -> None:
+    """Each unit's ``Σ n_m ‖W_m − RTN_b(W_m)‖² / ‖W_m‖²`` at every candidate width: still data-free, but it
+    sees how much worse narrow widths are for heavy-tailed weights than the ideal 4× per bit."""
+    for u in units:
+        for b in cands:
+            total = 0.0
+            for name, o, i in u.modules:
+                w = model.get_submodule(name).weight.float()
+                q = quantize_rtn(w, QuantSpec(b, group_size, clip="minmax")).dequantize()
+                total += o * i * float((w - q).pow(2).sum() / w.pow(2).sum())
+            u.error[b] = total
+
+
 def budget_bytes(units: list[Unit], budget: float, group_size: int) -> int:
     lo, hi = math.floor(budget), math.ceil(budget)
     f = budget - lo
@@ -175,7 +200,7 @@ def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int, i
             extra = cost[j][level[j] + 1] - cost[j][level[j]]
             if used + extra > limit:
                 continue
-            gain = _importance(u.score, importance) * u.params * (4.0 ** -cands[level[j]] - 4.0 ** -cands[level[j] + 1])
+            gain = _importance(u.score, importance) * (u.error_at(cands[level[j]]) - u.error_at(cands[level[j] + 1]))
             if gain / max(extra, 1) > best_ratio:
                 best, best_ratio = j, gain / max(extra, 1)
         if best is None:
@@ -222,6 +247,8 @@ def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     cands = sorted(set(config.candidates))
     scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
     units = make_units(model, config.granularity, scores)
+    if config.error_model == "rtn" and config.allocator != "uniform":
+        measure_rtn_errors(model, units, cands, config.group_size)
     limit = budget_bytes(units, config.budget, config.group_size)
     if config.allocator == "uniform":
         bits = [int(config.budget)] * len(units)
