@@ -38,6 +38,7 @@ def test_infeasible_budget_names_the_range(model, budget):
         ({"scheme": "ilp"}, "unknown allocation scheme"),
         ({"granularity": "head"}, "unknown granularity"),
         ({"importance": "rank"}, "importance must be"),
+        ({"error_model": "hessian"}, "error_model must be"),
         ({"candidates": (2, 5)}, "candidate widths"),
         ({"allocator": "uniform", "budget": 2.5}, "uniform allocation needs"),
     ],
@@ -131,3 +132,12 @@ def test_plot_and_table(tmp_path, model, gran):
     assert "bits/weight" in text and len(text.splitlines()) == len(a.units) + 2
     u = allocate(model, AllocationConfig(budget=3.0, allocator="uniform"))
     assert plot_allocation(u, tmp_path / "u.png").exists()
+
+
+def test_rtn_error_model_measures_each_unit(model):
+    """The data-free RTN error model: errors fall with width, unevenly across units (unlike 4^-b), budget holds."""
+    alloc = allocate(model, AllocationConfig(budget=3.0, error_model="rtn", group_size=32))
+    errs = {u.label: u.error for u in alloc.units}
+    assert all(e[2] > e[3] > e[4] > 0 for e in errs.values())
+    assert len({round(e[2] / e[3], 3) for e in errs.values()}) > 1
+    assert alloc.used_bytes <= alloc.budget_bytes
