@@ -451,16 +451,13 @@ def moe_align_cmd(
     """Post-training MPI: pull each router row toward its expert's principal direction, then report how
     aligned the routers are (cosine, normalized Rayleigh quotient, row-norm spread) before and after,
     and how much routing changed on held-out text (top-k overlap, top-1, KL, MaxVio)."""
-    import shutil
-    import tempfile
-
     from tqdm.auto import tqdm
 
     from calibrate import calibration_windows
     from moe.mpi import AlignConfig, align_routers, alignment
     from moe.routing import compare_routing, router_logits, summarize
     from quant.adapters import MOE_TYPES
-    from quant.checkpoint import check_output_dir
+    from quant.checkpoint import atomic_dir, check_output_dir
     from quant.models import load_model
 
     if out is not None:
@@ -488,18 +485,10 @@ def moe_align_cmd(
     if json_out:
         _write_json_atomic(json_out, result)
     if out is not None:
-        out = out.absolute()
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
+        with atomic_dir(out) as tmp:
             lm.model.save_pretrained(tmp)
             lm.tokenizer.save_pretrained(tmp)
             (tmp / "mpi_align.json").write_text(json.dumps(result, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         typer.echo(f"wrote {out}")
 
 

@@ -37,6 +37,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,6 +101,27 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+@contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling of ``out`` to write into; on success it is renamed into place (replacing
+    an existing ``out`` only after the new folder is complete), on any error or interruption removed."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():  # swap in, then delete the old folder
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_quantized(
     model: nn.Module,
     tokenizer,
@@ -111,9 +133,7 @@ def save_quantized(
 ) -> Path:
     """Write the checkpoint into a temporary sibling folder, then rename it into place."""
     out = check_output_dir(out, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         state = _unique_state_dict(model)
         shards = _shards(state, max_shard_bytes)
         names = (
@@ -142,17 +162,6 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / "quant_report.json").write_text(json.dumps(report, indent=2))
-
-        if out.exists():  # --overwrite: swap in, then delete the old folder
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

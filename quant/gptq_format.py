@@ -23,15 +23,13 @@ reason and the alternative (our own format, which ``quantize export --to-hub`` s
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
+from quant.checkpoint import atomic_dir, check_output_dir, load_quantized, read_quantization_config
 from quant.errors import QuantError
 from quant.packing import pack, unpack
 from quant.quantlinear import QuantLinear
@@ -148,9 +146,7 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
             "calibration": qc.get("calibration"),
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads(model.config.to_json_string(use_diff=False))
         config["quantization_config"] = gptq_config
@@ -159,12 +155,6 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

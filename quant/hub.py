@@ -15,7 +15,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from quant.checkpoint import check_output_dir, read_quantization_config
+from quant.checkpoint import atomic_dir, check_output_dir, read_quantization_config
 from quant.errors import QuantError
 
 CARD = "README.md"
@@ -178,19 +178,11 @@ def stage(
     read_quantization_config(ckpt)  # refuse what is not one of our checkpoints before writing anything
     src = Path(files) if files is not None else ckpt
     out = check_output_dir(out, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and not f.name.startswith("."):
                 _link_or_copy(f, tmp / f.name)
         (tmp / CARD).write_text(model_card(ckpt, repo_id, **card_kwargs))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(f.name for f in out.iterdir())
 
 
