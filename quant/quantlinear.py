@@ -8,7 +8,9 @@ Buffers (all saved in the checkpoint under ``<module>.<name>``):
 * ``bias``    (optional) in the model's dtype
 
 ``forward`` dequantizes and runs a dense matmul in the input's dtype; this is the reference path
-on CPU, and the one a CUDA kernel must match.
+on CPU, and the one a CUDA kernel must match. On a CUDA input ``QuantLinear`` first offers the call
+to the low-bit kernel (``kernels_cuda.dispatch``), which declines (and this path runs) whenever
+shape, format or ``LOWBIT_KERNELS=0`` rule it out.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ class QuantLinear(PackedLinear):
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self._cached is None:
+            # imported here so CPU use never loads (or builds) anything CUDA
+            from kernels_cuda.dispatch import kernel_forward
+
+            y = kernel_forward(self, x)
+            if y is not None:
+                return y
+        return super().forward(x)
 
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.bits, self.in_features)
