@@ -64,8 +64,9 @@ def model_cmd(
     ),
     method: str = typer.Option(
         "gptq",
-        help="Quantizer: rtn (round to nearest, no data), gptq (calibrated), or d2quant (sub-4-bit: dual-scale "
-        "down_proj, deviation-aware norm correction, GPTAQ, Hadamard rotation).",
+        help="Quantizer: rtn (round to nearest, no data), gptq (calibrated), d2quant (sub-4-bit: dual-scale "
+        "down_proj, deviation-aware norm correction, GPTAQ, Hadamard rotation), or fptquant (function-preserving "
+        "transforms fitted locally and end to end, then RTN; pair with --act-bits 4 for W4A4).",
     ),
     backend: str = typer.Option("gptaq", help="d2quant: the solver for every layer: gptaq, gptq or rtn."),
     dsq: bool = typer.Option(True, help="d2quant: dual-scale quantizer on down_proj (2 and 3 bits)."),
@@ -80,17 +81,49 @@ def model_cmd(
     rotation_mode: str = typer.Option(
         "hadamard", help="Rotation: hadamard (full width), groupwise (block-diagonal, one block per group), random."
     ),
+    transforms: str = typer.Option(
+        "none",
+        help="Function-preserving transforms before the quantizer: none, or fpt (FPTQuant's residual rotation, "
+        "pre-RoPE Q/K, value and MLP transforms, fitted locally; plus the online Hadamard before down_proj when "
+        "activations are quantized and the method is not d2quant). --method fptquant always applies them.",
+    ),
+    fpt_local_steps: int = typer.Option(200, help="FPT: AdamW steps of the data-free local fit (each phase)."),
+    fpt_e2e_steps: int = typer.Option(
+        None,
+        help="FPT: AdamW steps of the end-to-end student-teacher fit on calibration windows (about 10 s each on "
+        "2 cores for SmolLM2). Default: 32 for --method fptquant, 0 for --transforms fpt.",
+        show_default=False,
+    ),
+    fpt_e2e_lr: float = typer.Option(1e-3, help="FPT: learning rate of the end-to-end fit."),
+    act_bits: int = typer.Option(
+        16, help="Activation bits for the input of every block linear: 16 (not quantized), 8 or 4 (simulated)."
+    ),
+    act_mode: str = typer.Option(
+        "dynamic",
+        help="Activation scales: dynamic (per token, at run time) or static (one per tensor, calibrated).",
+    ),
+    act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="Symmetric or asymmetric activation grid."),
     allocation: str = typer.Option(
         "none",
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
         "or random (NSDS's mix of widths, shuffled; a baseline).",
     ),
     candidates: str = typer.Option("2,3,4", help="Allocation: the widths a layer may get, comma-separated."),
-    granularity: str = typer.Option("layer", help="Allocation: one width per block (layer) or per linear (module)."),
+    granularity: str = typer.Option(
+        "module", help="Allocation: one width per linear (module) or per block (layer, as in the NSDS paper)."
+    ),
     scheme: str = typer.Option(
         "knapsack",
         help="NSDS allocation rule: knapsack (minimise sensitivity-weighted predicted error under the budget) "
         "or tiers (the paper's rule: widest width to the most sensitive layers, narrowest to the rest).",
+    ),
+    importance: str = typer.Option(
+        "score", help="Knapsack: weight each unit by its NSDS score, or by the odds S/(1-S) (sharper)."
+    ),
+    error_model: str = typer.Option(
+        "rtn",
+        help="Knapsack: a unit's error at b bits is its measured round-to-nearest weight error (rtn, no data "
+        "needed) or the ideal params x 4^-b.",
     ),
     alloc_seed: int = typer.Option(0, help="Allocation: seed for --allocation random."),
     group_size: int = typer.Option(
@@ -145,7 +178,17 @@ def model_cmd(
     steps: list = []
     budget = None
     if allocation != "none":
-        alloc_config = _allocation_config(bits, allocation, candidates, granularity, scheme, alloc_seed, group_size)
+        alloc_config = _allocation_config(
+            bits,
+            allocation,
+            candidates,
+            group_size,
+            granularity=granularity,
+            scheme=scheme,
+            importance=importance,
+            error_model=error_model,
+            seed=alloc_seed,
+        )
         steps.append(("allocate", alloc_config))
         budget = alloc_config.budget
         bits = max(alloc_config.candidates)  # the quantizer's default width; allocate sets every layer's
@@ -159,6 +202,36 @@ def model_cmd(
         kwargs.update(damp=damp, act_order=act_order)
     if method == "d2quant":
         kwargs.update(backend=backend, dsq=dsq, dac=dac)
+    act = None
+    if act_bits != 16:
+        from quant.inputops import ActQuantConfig
+
+        act = ActQuantConfig(bits=act_bits, mode=act_mode, sym=act_sym)
+        act.validate()
+    fpt = None
+    if transforms not in ("none", "fpt"):
+        raise QuantError(f"unknown --transforms {transforms!r}; choose none or fpt")
+    if transforms == "fpt" or method == "fptquant":
+        from quant.fpt import FPTConfig
+        from quant.grid import QuantSpec
+
+        fpt = FPTConfig(
+            down_hadamard=act is not None and method != "d2quant",  # DSQ's column scale cannot pass a Hadamard
+            local_steps=fpt_local_steps,
+            e2e_steps=fpt_e2e_steps if fpt_e2e_steps is not None else (32 if method == "fptquant" else 0),
+            e2e_lr=fpt_e2e_lr,
+            weight=QuantSpec(bits, group_size, sym, "minmax"),
+            act=act,
+            seed=seed,
+        )
+        fpt.validate()
+        if rotation:
+            raise QuantError("--transforms fpt already rotates the residual stream; drop --rotation")
+        rotation = False
+    if method == "fptquant":
+        kwargs["transforms"] = fpt
+    elif fpt is not None:
+        steps.append(("fpt", fpt))
     config = info.config_cls(**kwargs)
     if rotation if rotation is not None else method == "d2quant":
         from quant.rotation import RotationConfig
@@ -168,7 +241,7 @@ def model_cmd(
         steps.append(("rotate", rot))
     config.spec()  # validates bits / group size / clip before any work
     slug = Path(model).name if model else "smollm2-135m"
-    width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
+    width = (f"w{bits}" if budget is None else f"{allocation}{budget:g}") + (f"a{act.bits}" if act else "")
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
     torch.manual_seed(seed)
@@ -184,7 +257,7 @@ def model_cmd(
     if evaluate:
         report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl")
     calib_ids = None
-    if info.needs_calibration:
+    if info.needs_calibration or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     routing_ids = routing_ref = None
@@ -195,7 +268,7 @@ def model_cmd(
         routing_ref = router_logits(lm.model, routing_ids)
     ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids)
     t0 = time.perf_counter()
-    passes = run_pipeline(ctx, [*steps, (method, config)])
+    passes = run_pipeline(ctx, [*steps, (method, config), *([("actquant", act)] if act else [])])
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["passes"] = passes
     report["sizes"] = quantized_sizes(lm.model)
@@ -243,9 +316,7 @@ def model_cmd(
         )
 
 
-def _allocation_config(
-    bits: float, allocator: str, candidates: str, granularity: str, scheme: str, seed: int, group_size: int
-):
+def _allocation_config(bits: float, allocator: str, candidates: str, group_size: int, **rule):
     from quant.allocation import AllocationConfig
 
     try:
@@ -256,10 +327,8 @@ def _allocation_config(
         budget=bits,
         allocator=allocator,
         candidates=cands,
-        granularity=granularity,
-        scheme=scheme,
-        seed=seed,
         group_size=group_size,
+        **rule,  # granularity, scheme, importance, error_model, seed
     )
     config.validate()
     return config
@@ -271,8 +340,10 @@ def allocate_cmd(
     bits: float = typer.Option(3.0, help="Average budget in bits (storage-matched to uniform at that width)."),
     allocation: str = typer.Option("nsds", help="nsds, uniform, or random (NSDS's mix of widths, shuffled)."),
     candidates: str = typer.Option("2,3,4", help="The widths a layer may get, comma-separated."),
-    granularity: str = typer.Option("layer", help="One width per block (layer) or per linear (module)."),
+    granularity: str = typer.Option("module", help="One width per linear (module) or per block (layer)."),
     scheme: str = typer.Option("knapsack", help="knapsack (default) or tiers (the paper's widest/narrowest rule)."),
+    importance: str = typer.Option("score", help="Knapsack weight of a unit: score (S) or odds (S/(1-S))."),
+    error_model: str = typer.Option("rtn", help="Knapsack error at b bits: rtn (measured) or ideal (params x 4^-b)."),
     seed: int = typer.Option(0, help="Seed for --allocation random."),
     group_size: int = typer.Option(128, help="The quantizer's group size (scales and zeros count in the budget)."),
     png: Path = typer.Option(Path("allocation.png"), help="Where to write the allocation map."),
@@ -284,7 +355,17 @@ def allocate_cmd(
     from quant.allocation_plot import plot_allocation
     from quant.models import load_model
 
-    config = _allocation_config(bits, allocation, candidates, granularity, scheme, seed, group_size)
+    config = _allocation_config(
+        bits,
+        allocation,
+        candidates,
+        group_size,
+        granularity=granularity,
+        scheme=scheme,
+        importance=importance,
+        error_model=error_model,
+        seed=seed,
+    )
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")

@@ -1,8 +1,9 @@
 """NSDS bit allocation against uniform and random allocations, GPTQ as the quantizer, SmolLM2-135M.
 
 Budgets 2.5 and 3.0 average bits (storage-matched: see quant/allocation.py). For each budget:
-NSDS, uniform (3.0 only: 2.5 is no single width), and five random allocations that shuffle NSDS's
-widths across blocks (same mix, same bytes). Every setting quantizes a fresh float model with GPTQ
+NSDS (defaults: module granularity, score importance, measured RTN error), uniform (3.0 only: 2.5
+is no single width), and five random allocations that shuffle NSDS's widths among linears of the
+same shape (same mix, same bytes). Every setting quantizes a fresh float model with GPTQ
 (defaults of `quantize model`), saves and reloads the checkpoint (logits must be identical), and
 measures WikiText-2 perplexity on the full test split.
 
@@ -24,7 +25,6 @@ from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_set
 from quant import AllocationConfig, GPTQConfig
 from quant.allocation import allocate
 from quant.allocation_plot import plot_allocation
-from quant.nsds import nsds_scores
 
 BUDGETS = (3.0, 2.5)
 SEEDS = range(5)
@@ -39,8 +39,10 @@ def settings() -> dict[str, AllocationConfig]:
     for s in SEEDS:  # interleaved so a partial run still covers both budgets
         for b in BUDGETS:
             out[f"random-{b}-s{s}"] = AllocationConfig(budget=b, allocator="random", seed=s)
-    for b in BUDGETS:  # ablation: the paper's rule (widest to the most sensitive, narrowest to the rest)
-        out[f"nsds-tiers-{b}"] = AllocationConfig(budget=b, scheme="tiers")
+    for b in BUDGETS:  # ablation: one width per block, odds importance, ideal 4^-b error (the first rule we tried)
+        out[f"nsds-layer-odds-ideal-{b}"] = AllocationConfig(
+            budget=b, granularity="layer", importance="odds", error_model="ideal"
+        )
     return out
 
 
@@ -49,7 +51,8 @@ def write_markdown(results: dict, meta: dict) -> None:
         "# NSDS vs uniform vs random bit allocation: SmolLM2-135M-Instruct, GPTQ, WikiText-2 raw test",
         "",
         f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
-        f"Calibration: {meta['calibration']}. NSDS scoring of the whole model: {meta.get('nsds_scoring_seconds')} s. "
+        f"Calibration: {meta['calibration']}. NSDS allocation of the whole model (scores, RTN errors, knapsack; "
+        f"no data): {meta.get('nsds_allocate_seconds_3.0')} s. "
         "GPTQ defaults (asymmetric, MSE clip, act-order, damping 0.01); "
         "group 128 requested (576-input layers use 64). Bits per weight count packed codes, fp16 scales "
         "and uint8 zeros of every quantized linear.",
@@ -89,11 +92,11 @@ def main() -> None:
     calibration = "c4-all (the whole bundled sample), {nsamples} x {seqlen} tokens, seed 0"
     args, meta, run = open_bench("allocation", __doc__, calibration, write_markdown)
     base, ids, calib = eval_and_calibration(args, ("c4-all",))
-    t0 = time.perf_counter()
-    nsds_scores(base.model)
-    meta["nsds_scoring_seconds"] = round(time.perf_counter() - t0, 2)  # the whole model, weights only
     for b in BUDGETS:
-        plot_allocation(allocate(base.model, AllocationConfig(budget=b)), RESULTS / f"allocation-nsds-{b}.png")
+        t0 = time.perf_counter()
+        alloc = allocate(base.model, AllocationConfig(budget=b))  # NSDS scores + RTN errors + knapsack, no data
+        meta[f"nsds_allocate_seconds_{b}"] = round(time.perf_counter() - t0, 2)
+        plot_allocation(alloc, RESULTS / f"allocation-nsds-{b}.png")
     del base
     todo = settings()
 

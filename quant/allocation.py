@@ -9,11 +9,13 @@ what 3-bit packing wastes (10 codes per int32 word: 3.2 bits per code) on wider 
 Allocators:
 
 - ``nsds``: NSDS scores (``quant.nsds``), no data. ``scheme="knapsack"`` (default) minimises a
-  predicted loss ``Σ_u imp_u · n_u · 4^(-b_u)``: weight error variance falls 4× per bit, and a unit's
-  importance is the odds ``S/(1-S)`` of its Soft-OR score, i.e. exponential in its robust z-score,
-  which is what the sigmoid undid. ``error_model="rtn"`` replaces ``n_u · 4^(-b)`` by the unit's
-  measured round-to-nearest error at each width (still no data). ``scheme="tiers"`` is the paper's
-  rule: the most sensitive units get the widest candidate, the rest the narrowest.
+  predicted loss ``Σ_u imp_u · err_u(b_u)``. ``err_u(b)`` is the unit's measured relative
+  round-to-nearest weight error at width b (``error_model="rtn"``, default; still no data) or the
+  ideal ``n_u · 4^(-b)`` (weight error variance falls 4× per bit). ``imp_u`` is the unit's Soft-OR
+  score S (``importance="score"``, default) or its odds ``S/(1-S)``. ``scheme="tiers"`` is the
+  paper's rule: the most sensitive units get the widest candidate, the rest the narrowest.
+  The defaults (module granularity, score, rtn) are the rule that measured best on SmolLM2
+  (benchmarks/results/allocation.md); the paper's layer granularity stays available.
 - ``uniform``: every unit at B (B must be one of the candidates).
 - ``random``: the NSDS allocation's widths, shuffled among units of equal size (seeded): the same
   mix and the same bits per weight, placement at random. This is the baseline that isolates the
@@ -50,10 +52,10 @@ class AllocationConfig:
     budget: float = 3.0  # average bits per weight, storage-matched to uniform (see module docstring)
     allocator: str = "nsds"
     candidates: tuple[int, ...] = (2, 3, 4)
-    granularity: str = "layer"
+    granularity: str = "module"  # "layer": one width per block, as in the paper
     scheme: str = "knapsack"
-    importance: str = "odds"  # knapsack weight of a unit: odds S/(1-S) of its score, or the score S itself
-    error_model: str = "ideal"  # knapsack error at b bits: "ideal" n·4^-b, or "rtn": the unit's measured RTN error
+    importance: str = "score"  # knapsack weight of a unit: its Soft-OR score S, or the odds S/(1-S)
+    error_model: str = "rtn"  # knapsack error at b bits: the unit's measured RTN error, or "ideal" n·4^-b
     seed: int = 0  # for allocator="random"
     group_size: int = 128  # the quantizer's requested group: needed to count scale/zero bytes
     nsds: NSDSConfig = field(default_factory=NSDSConfig)

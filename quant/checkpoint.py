@@ -23,6 +23,10 @@ Folder layout (format version 1)::
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.dac``); RMSNorm has no bias of its own
+    input_ops       {linear: {"hadamard", "token_scale"}} online ops left by FPTQuant's transforms
+                    (optional; ``quant.inputops``, ``quant.fpt``), written by ``save_quantized``
+    activations     simulated activation quantization (optional): bits, mode, sym, clip and the
+                    linears it applies to; static scales are stored as ``<linear>.input_ops.act_scale``
     passes          [{"name", "config"}] in the order they ran
 
 Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), see
@@ -49,6 +53,7 @@ from moe.experts import unfuse_experts
 from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
+from quant.inputops import attach_from_config, input_ops_config
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
 
@@ -152,6 +157,9 @@ def save_quantized(
         (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
 
         qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
+        ops, act = input_ops_config(model)
+        if ops or act:
+            qc.update(input_ops=ops, activations=act)
         config = json.loads(model.config.to_json_string(use_diff=False))
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -250,6 +258,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
         except AttributeError:
             raise QuantError(f"corrupt checkpoint {path}: norm {name} is not in the model") from None
         add_norm_bias(norm, torch.zeros_like(norm.weight))
+    attach_from_config(model, qc.get("input_ops") or {}, qc.get("activations"))
     missing, unexpected = [], []
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

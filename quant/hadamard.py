@@ -62,6 +62,26 @@ def _hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+@lru_cache(maxsize=32)
+def _factors(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    f = _factor(n) if n >= 1 else None
+    if f is None:
+        raise QuantError(f"no Hadamard construction for order {n} (needs 2^k, or (q+1)·2^k with q prime, q ≡ 3 mod 4)")
+    m, p = f
+    a = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m - 1) / math.sqrt(m)
+    return a.to(dtype=dtype, device=device), (_sylvester(p) / math.sqrt(p)).to(dtype=dtype, device=device)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x @ hadamard(n)`` over the last dimension without forming the n×n matrix: with
+    ``H = A ⊗ B`` (A Paley of order m, B Sylvester of order p), a row viewed as an m×p matrix X
+    maps to ``Aᵀ X B``, which costs n(m + p) multiply-adds per row instead of n²."""
+    n = x.shape[-1]
+    a, b = _factors(n, x.dtype, str(x.device))
+    y = a.T @ x.reshape(*x.shape[:-1], a.shape[0], b.shape[0]) @ b
+    return y.reshape(x.shape)
+
+
 def hadamard(n: int) -> torch.Tensor:
     """Orthonormal Hadamard matrix of order n, float64."""
     return _hadamard(n).clone()

@@ -51,6 +51,10 @@ class QuantContext:
         parent, _, child = name.rpartition(".")
         old = self.model.get_submodule(name)
         device = next(itertools.chain(old.parameters(), old.buffers())).device
+        if getattr(old, "input_ops", None) is not None:  # online ops / activation quantization stay with it
+            from quant.inputops import move_input_ops
+
+            move_input_ops(old, q)
         setattr(self.model.get_submodule(parent), child, q.to(device))
         self.modules[name] = {"bits": q.bits, "group_size": q.group_size, "sym": sym, "format": q.FORMAT}
 

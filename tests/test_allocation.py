@@ -68,17 +68,21 @@ def test_budget_respected_and_nearly_spent(model, budget, scheme, gran):
             assert u.bytes_at(nxt, 32) - u.bytes_at(b, 32) > left or scheme == "tiers"
 
 
+# one width per block, odds importance, the ideal 4^-b error: the rule whose ordering is provable
+LAYER_RULE = dict(granularity="layer", importance="odds", error_model="ideal")
+
+
 def test_more_sensitive_layers_never_get_fewer_bits(model):
     for budget in (2.25, 2.5, 3.0, 3.5):
-        a = allocate(model, AllocationConfig(budget=budget))
+        a = allocate(model, AllocationConfig(budget=budget, **LAYER_RULE))
         order = sorted(range(LAYERS), key=lambda j: -a.units[j].score)
         assert all(a.bits[i] >= a.bits[j] for i, j in zip(order, order[1:], strict=False)), (budget, a.bits)
-    a = allocate(model, AllocationConfig(budget=3.0))
+    a = allocate(model, AllocationConfig(budget=3.0, **LAYER_RULE))
     assert a.bits[1] == 4 and min(a.bits) == 2  # the outlier block is protected; the budget is traded
 
 
 def test_tiers_is_the_papers_rule(model):
-    a = allocate(model, AllocationConfig(budget=3.0, scheme="tiers", candidates=(2, 4)))
+    a = allocate(model, AllocationConfig(budget=3.0, scheme="tiers", candidates=(2, 4), granularity="layer"))
     order = sorted(range(LAYERS), key=lambda j: -a.units[j].score)
     n4 = a.bits.count(4)
     assert n4 >= LAYERS // 2 and all(a.bits[j] == 4 for j in order[:n4])

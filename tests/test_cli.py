@@ -185,7 +185,8 @@ def test_tiny_model_is_really_quantized(tmp_path, tiny_dir):
 
 def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
     png, js = tmp_path / "map.png", tmp_path / "alloc.json"
-    r = run("allocate", tiny_dir, "--bits", "2.5", "--group-size", "32", "--png", png, "--json", js)
+    layer = ("--granularity", "layer")  # one width per block, so the map below is per layer
+    r = run("allocate", tiny_dir, "--bits", "2.5", "--group-size", "32", *layer, "--png", png, "--json", js)
     assert r.returncode == 0, r.stderr
     assert "bits/weight" in r.stdout and "qk.nv" in r.stdout and png.stat().st_size > 0
     res = json.loads(js.read_text())
@@ -200,6 +201,7 @@ def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
         "2.5",
         "--allocation",
         "nsds",
+        *layer,
         "--group-size",
         "32",
         "--no-eval",
@@ -246,3 +248,26 @@ def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
     qc = json.loads((out2 / "config.json").read_text())["quantization_config"]
     assert [p["name"] for p in qc["passes"]] == ["d2quant"] and qc["norm_biases"] == []
     assert {m["format"] for m in qc["modules"].values()} == {"uniform"}
+
+
+def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
+    common = ["--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval", "--fpt-local-steps", "3"]
+    out = tmp_path / "fpt"
+    r = run("model", tiny_dir, "--method", "fptquant", "--bits", "4", "--act-bits", "4", "--fpt-e2e-steps", "2",
+            *common, "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [p["name"] for p in qc["passes"]] == ["fptquant", "actquant"]
+    assert qc["activations"]["bits"] == 4 and qc["activations"]["mode"] == "dynamic"
+    assert len(qc["activations"]["modules"]) == 14
+    assert {n.split(".")[-1] for n, s in qc["input_ops"].items() if s["hadamard"]} == {"down_proj"}
+    r = run("model", tiny_dir, "--method", "rtn", "--bits", "4", "--act-bits", "8", *common, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    r = run(
+        "model", tiny_dir, "--method", "gptq", "--bits", "3", "--transforms", "fpt", *common, "--out", tmp_path / "g"
+    )
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert [p["name"] for p in qc["passes"]] == ["fpt", "gptq"] and "input_ops" not in qc
+    r = run("model", tiny_dir, "--act-bits", "3", *common, "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "activation bits" in r.stderr and not (tmp_path / "bad").exists()

@@ -1,0 +1,246 @@
+"""What a linear does to its input before the matmul: online ops left by a transform, then simulated
+activation quantization.
+
+Each affected linear gets a submodule ``input_ops`` (``InputOps``) and a forward pre-hook that runs it,
+in this order:
+
+1. ``token_scale``: divide by the per-token factor the block's dynamic scaler computed (FPTQuant's
+   S_n, on o_proj and down_proj, see ``quant.fpt``);
+2. ``hadamard``: ``x ← x H`` with the orthonormal Hadamard of the input width (FPTQuant's T_d before
+   down_proj; ``H`` is merged into the weight as ``W H``);
+3. activation quantization (``ActQuantConfig``): INT4/INT8, per token and dynamic (scale from each
+   token's own range at run time) or per tensor and static (one scale calibrated on data, stored as
+   the buffer ``<linear>.input_ops.act_scale``). Rounding passes gradients straight through, so the
+   same module serves the end-to-end fit.
+
+The checkpoint lists every such linear under ``quantization_config.input_ops`` and the activation
+settings under ``quantization_config.activations``; loading re-attaches them (``attach_from_config``)
+before the state dict is read, so static scales reload exactly. KV-cache quantization is not
+simulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant.errors import QuantError
+from quant.hadamard import hadamard_transform, has_hadamard
+from quant.passes import QuantContext, register_pass
+
+ACT_BITS = (4, 8)
+ACT_MODES = ("dynamic", "static")
+
+
+@dataclass
+class ActQuantConfig:
+    bits: int = 4
+    mode: str = "dynamic"  # dynamic: per token at run time; static: one calibrated scale per tensor
+    sym: bool = True
+    clip: float = 1.0  # dynamic: fraction of each token's range kept (static searches its own clip)
+
+    def validate(self) -> None:
+        if self.bits not in ACT_BITS:
+            raise QuantError(f"activation bits must be one of {ACT_BITS} (or none), got {self.bits}")
+        if self.mode not in ACT_MODES:
+            raise QuantError(f"activation mode must be one of {ACT_MODES}, got {self.mode!r}")
+        if not 0.0 < self.clip <= 1.0:
+            raise QuantError(f"activation clip must be in (0, 1], got {self.clip}")
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_tokens(x: torch.Tensor, cfg: ActQuantConfig) -> torch.Tensor:
+    """Quantize-dequantize each token (last dimension) with its own range; gradients pass straight through."""
+    if cfg.sym:
+        qmax = 2 ** (cfg.bits - 1) - 1
+        scale = (cfg.clip * x.detach().abs().amax(-1, keepdim=True)).clamp_min(1e-8) / qmax
+        return _ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
+    qmax = 2**cfg.bits - 1
+    lo, hi = x.detach().amin(-1, keepdim=True) * cfg.clip, x.detach().amax(-1, keepdim=True) * cfg.clip
+    scale = (hi - lo).clamp_min(1e-8) / qmax
+    zero = torch.round(-lo / scale)
+    return (_ste_round(x / scale + zero).clamp(0, qmax) - zero) * scale
+
+
+def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-tensor quantize-dequantize with a fixed scale."""
+    qmax = 2 ** (bits - 1) - 1
+    return _ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
+
+
+class TokenScale:
+    """The per-token divisor a block's dynamic scaler computed for this forward (shared by its linears)."""
+
+    value: torch.Tensor | None = None
+
+
+class InputOps(nn.Module):
+    def __init__(self, hadamard: int = 0, act: ActQuantConfig | None = None) -> None:
+        super().__init__()
+        if hadamard and not has_hadamard(hadamard):
+            raise QuantError(f"no Hadamard construction for width {hadamard}")
+        self.hadamard = hadamard
+        self.act = act
+        self.token_scale: TokenScale | None = None
+        self.register_buffer("act_scale", torch.ones(()) if act is not None and act.mode == "static" else None)
+        self._observe = None  # set during static calibration: a callable that sees the pre-quantization input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_scale is not None and self.token_scale.value is not None:
+            x = x / self.token_scale.value.to(x.dtype)
+        if self.hadamard:
+            x = hadamard_transform(x)
+        if self._observe is not None:
+            self._observe(x)
+            return x
+        if self.act is None:
+            return x
+        if self.act.mode == "static":
+            return fake_quant_static(x, self.act_scale.to(x.dtype), self.act.bits)
+        return fake_quant_tokens(x, self.act)
+
+    def spec(self) -> dict:
+        return {"hadamard": self.hadamard, "token_scale": self.token_scale is not None}
+
+    def extra_repr(self) -> str:
+        act = "none" if self.act is None else f"{self.act.mode} int{self.act.bits}"
+        return f"hadamard={self.hadamard}, token_scale={self.token_scale is not None}, act={act}"
+
+
+def _run_ops(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_ops(args[0]), *args[1:])
+
+
+def input_ops(linear: nn.Module) -> InputOps:
+    """The linear's ``InputOps``, attached (with its pre-hook) on first use."""
+    ops = getattr(linear, "input_ops", None)
+    if ops is None:
+        linear.input_ops = InputOps()
+        linear._input_ops_hook = linear.register_forward_pre_hook(_run_ops)
+        ops = linear.input_ops
+    return ops
+
+
+def move_input_ops(old: nn.Module, new: nn.Module) -> None:
+    """Carry ``old``'s input ops over to the module replacing it (a quantizer installing a QuantLinear)."""
+    ops = getattr(old, "input_ops", None)
+    if ops is not None:
+        new.input_ops = ops
+        new._input_ops_hook = new.register_forward_pre_hook(_run_ops)
+
+
+def ops_modules(model: nn.Module) -> dict[str, InputOps]:
+    return {n: m.input_ops for n, m in model.named_modules() if isinstance(getattr(m, "input_ops", None), InputOps)}
+
+
+def set_act_quant(model: nn.Module, names: list[str], act: ActQuantConfig | None) -> None:
+    """Quantize the inputs of the named linears (``act=None``: stop quantizing them)."""
+    for name in names:
+        ops = input_ops(model.get_submodule(name))
+        ops.act = act
+        if act is not None and act.mode == "static" and ops.act_scale is None:
+            ops.register_buffer("act_scale", torch.ones((), device=ops_device(model)))
+
+
+def ops_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def calibrate_static(model: nn.Module, names: list[str], bits: int, ids: torch.Tensor, progress: bool = True) -> None:
+    """Per-tensor static scales: pass 1 finds each input's absolute maximum over the calibration
+    tokens; pass 2 picks, per tensor, the clip of that maximum (from a grid) with the least squared
+    quantization error over the same tokens."""
+    ratios = torch.linspace(0.3, 1.0, 15)
+    qmax = 2 ** (bits - 1) - 1
+    ops = {n: input_ops(model.get_submodule(n)) for n in names}
+    amax = dict.fromkeys(names, 0.0)
+    err = {n: torch.zeros(len(ratios), dtype=torch.float64) for n in names}
+
+    def run(desc: str) -> None:
+        for row in tqdm(ids, desc=desc, disable=not progress, unit="window"):
+            model(row[None].to(ops_device(model)), use_cache=False)
+
+    def observe_max(n):
+        def f(x):
+            amax[n] = max(amax[n], float(x.abs().max()))
+
+        return f
+
+    def observe_err(n):
+        def f(x):
+            x = x.float()
+            for i, r in enumerate(ratios):
+                s = max(float(r) * amax[n], 1e-8) / qmax
+                err[n][i] += float(((torch.round(x / s).clamp(-qmax - 1, qmax) * s - x) ** 2).sum())
+
+        return f
+
+    try:
+        for n in names:
+            ops[n]._observe = observe_max(n)
+        run("activation ranges")
+        for n in names:
+            ops[n]._observe = observe_err(n)
+        run("activation clip search")
+    finally:
+        for o in ops.values():
+            o._observe = None
+    for n in names:
+        best = float(ratios[int(torch.argmin(err[n]))])
+        ops[n].act_scale.fill_(max(best * amax[n], 1e-8) / qmax)
+
+
+def act_quant_targets(ctx: QuantContext) -> list[str]:
+    return ctx.adapter.linear_names(ctx.model)
+
+
+@register_pass("actquant", ActQuantConfig)
+def actquant_pass(ctx: QuantContext, config: ActQuantConfig) -> dict:
+    """Simulated activation quantization of every block linear's input (after the weight quantizer)."""
+    config.validate()
+    names = act_quant_targets(ctx)
+    set_act_quant(ctx.model, names, config)
+    out = {"linears": len(names), "kv_cache": "not quantized"}
+    if config.mode == "static":
+        if ctx.calib_ids is None:
+            raise QuantError("static activation quantization needs calibration data")
+        calibrate_static(ctx.model, names, config.bits, ctx.calib_ids, ctx.progress)
+        out["calibration_windows"] = int(ctx.calib_ids.shape[0])
+    return out
+
+
+def input_ops_config(model: nn.Module) -> tuple[dict, dict | None]:
+    """What the checkpoint records: ``{linear: {"hadamard", "token_scale"}}`` and the activation settings."""
+    ops = ops_modules(model)
+    acts = {dataclasses.astuple(o.act) for o in ops.values() if o.act is not None}
+    if len(acts) > 1:
+        raise QuantError("mixed activation-quantization settings across layers are not supported in checkpoints")
+    act = next((dataclasses.asdict(o.act) for o in ops.values() if o.act is not None), None)
+    if act is not None:
+        act["modules"] = [n for n, o in ops.items() if o.act is not None]
+    return {n: o.spec() for n, o in ops.items() if o.hadamard or o.token_scale is not None}, act
+
+
+def attach_from_config(model: nn.Module, specs: dict, act: dict | None) -> None:
+    """Re-create the input ops a checkpoint lists (before its state dict is loaded)."""
+    from quant.fpt import install_dynamic_scaling
+
+    try:
+        for name, spec in specs.items():
+            input_ops(model.get_submodule(name)).hadamard = int(spec.get("hadamard", 0))
+        if any(spec.get("token_scale") for spec in specs.values()):
+            install_dynamic_scaling(model)
+        if act is not None:
+            cfg = ActQuantConfig(**{k: v for k, v in act.items() if k != "modules"})
+            cfg.validate()
+            set_act_quant(model, act["modules"], cfg)
+    except AttributeError as e:
+        raise QuantError(f"checkpoint input ops name a module the model does not have ({e})") from None
