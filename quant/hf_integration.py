@@ -22,6 +22,7 @@ from moe.experts import unfuse_experts
 from quant.checkpoint import FORMAT_VERSION, LINEAR_FORMATS, QUANT_METHOD
 from quant.dac import add_norm_bias
 from quant.errors import QuantError
+from quant.inputops import attach_from_config
 from quant.packing import LAYOUT
 
 
@@ -68,6 +69,7 @@ class LowbitHfQuantizer(HfQuantizer):
         for name in qc.norm_biases:
             norm = model.get_submodule(name)
             add_norm_bias(norm, torch.zeros_like(norm.weight, device="cpu"))
+        attach_from_config(model, getattr(qc, "input_ops", None) or {}, getattr(qc, "activations", None))
         model.lowbit_config = qc.to_dict()
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -121,8 +121,12 @@ def test_w4a4_checkpoint_reloads_exactly(tmp_path, calib, tokenizer, mode):
     out = save_quantized(model, tokenizer, tmp_path / "ckpt", {"method": "fptquant", "modules": ctx.modules})
     loaded, _ = load_quantized(out)
     ids = torch.randint(0, 1000, (1, 20))
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert torch.equal(model(ids).logits, hf(ids).logits)
     with torch.no_grad():  # and activation quantization is really on: turning it off changes the logits
         for o in ops_modules(loaded).values():
             o.act = None
