@@ -33,6 +33,7 @@ from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
 from quant.gptq import gptq_quantize
 from quant.grid import QuantSpec, quantize_rtn
+from quant.inputops import ops_modules
 from quant.passes import QuantContext, register_pass
 from quant.quantizers import check_model
 from quant.quantlinear import QuantLinear
@@ -84,6 +85,9 @@ def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
 def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     spec = config.spec()
     check_model(ctx, spec)
+    if any(o.hadamard or o.token_scale is not None for o in ops_modules(ctx.model).values()):
+        # run_staged feeds each linear the input it captured, and DSQ's column scale cannot pass a Hadamard
+        raise QuantError("d2quant cannot follow online input ops (FPT's down_proj Hadamard or dynamic scaling)")
     adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
     blocks = adapter.blocks(model)
     two_streams = config.backend == "gptaq" or config.dac

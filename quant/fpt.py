@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.errors import QuantError
-from quant.grid import QuantSpec, dequantize_weight, quantize_rtn
+from quant.grid import QuantSpec, quantize_rtn
 from quant.hadamard import hadamard, hadamard_transform, has_hadamard, random_orthogonal
 from quant.inputops import ActQuantConfig, TokenScale, input_ops, set_act_quant
 from quant.passes import QuantContext, register_pass
@@ -206,29 +206,28 @@ def fit_rotation(params: FPTParams, blocks: list[dict], config: FPTConfig, progr
         ids = lid[pick]
         s = torch.zeros(n_layers).index_add(0, ids, y)
         n = torch.zeros(n_layers).index_add(0, ids, torch.ones_like(y))
-        loss = (s[n > 0] / n[n > 0]).pow(0.25).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, (s[n > 0] / n[n > 0]).pow(0.25).sum()))
     return losses
 
 
 def fit_blocks(params: FPTParams, blocks: list[dict], config: FPTConfig, progress: bool) -> list[float]:
     """Local fit of the per-block transforms on the (already rotated) weights."""
     opt = torch.optim.AdamW(params.block_params(), lr=config.local_lr)
-    touched = [r for r, on in (("q", params.phi), ("k", params.phi), ("v", params.delta), ("o", params.delta),
-                               ("up", params.log_u), ("down", params.log_u)) if on is not None]  # fmt: skip
+    owner = {"q": params.phi, "k": params.phi, "v": params.delta, "o": params.delta}
+    owner |= {"up": params.log_u, "down": params.log_u}
+    touched = [r for r, p in owner.items() if p is not None]  # gate (and untouched roles) stay constant
     losses = []
     for _ in tqdm(range(config.local_steps), desc="fpt local: per-block", disable=not progress):
-        loss = sum(
-            _l4(t[r]) for i, w in enumerate(blocks) for t in [block_transforms(w, params, i)] for r in set(touched)
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        loss = sum(_l4(t[r]) for i, w in enumerate(blocks) for t in [block_transforms(w, params, i)] for r in touched)
+        losses.append(_step(opt, loss))
     return losses
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def _rotate_block(w: dict[str, torch.Tensor], q: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -239,8 +238,7 @@ def _rotate_block(w: dict[str, torch.Tensor], q: torch.Tensor | None) -> dict[st
 
 
 def _ste_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    qw = quantize_rtn(w.detach(), spec)
-    return w + (dequantize_weight(qw.codes, qw.scales, qw.zeros, qw.group_size, w.dtype) - w).detach()
+    return w + (quantize_rtn(w.detach(), spec).dequantize(w.dtype) - w).detach()
 
 
 def fit_e2e(
@@ -281,11 +279,8 @@ def fit_e2e(
                     key = prefix + adapter.roles[role] + "." + (kind or "weight")
                     weights[key] = v if kind else _ste_weight(v, ctx.spec_for(key[: -len(".weight")], config.weight))
             logits = torch.func.functional_call(model, weights, (ids,), {"use_cache": False}).logits
-            loss = F.kl_div(F.log_softmax(logits.float(), -1), target, log_target=True, reduction="none").sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            kl = F.kl_div(F.log_softmax(logits.float(), -1), target, log_target=True, reduction="none")
+            losses.append(_step(opt, kl.sum(-1).mean()))
     finally:
         for h in hooks:
             h.remove()

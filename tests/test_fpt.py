@@ -146,3 +146,18 @@ def test_refusals(tiny_llama):
     run_pipeline(QuantContext(q, progress=False), [("rtn", RTNConfig(bits=4, group_size=32))])
     with pytest.raises(QuantError, match="before any quantizer"):
         run_pipeline(QuantContext(q, progress=False), [("fpt", dataclasses.replace(FPTConfig(), local_steps=0))])
+
+
+def test_fpt_prepass_then_d2quant(calib):
+    from quant.d2quant import D2QuantConfig
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 1000, (1, 20))
+    steps = [("fpt", FPTConfig(local_steps=2)), ("d2quant", D2QuantConfig(bits=3, group_size=32))]
+    run_pipeline(QuantContext(model, calib_ids=calib[:4, :64], progress=False), steps)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    bad = tiny_model("llama", num_hidden_layers=2)
+    steps[0] = ("fpt", FPTConfig(local_steps=0, down_hadamard=True))
+    with pytest.raises(QuantError, match="online input ops"):
+        run_pipeline(QuantContext(bad, calib_ids=calib[:4, :64], progress=False), steps)
