@@ -103,6 +103,9 @@ def model_cmd(
         help="Activation scales: dynamic (per token, at run time) or static (one per tensor, calibrated).",
     ),
     act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="Symmetric or asymmetric activation grid."),
+    kv_bits: int = typer.Option(
+        16, help="KV cache bits: 16 (not quantized), 8 or 4 (keys after RoPE and values, per token and head)."
+    ),
     allocation: str = typer.Option(
         "none",
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
@@ -203,10 +206,10 @@ def model_cmd(
     if method == "d2quant":
         kwargs.update(backend=backend, dsq=dsq, dac=dac)
     act = None
-    if act_bits != 16:
+    if act_bits != 16 or kv_bits != 16:
         from quant.inputops import ActQuantConfig
 
-        act = ActQuantConfig(bits=act_bits, mode=act_mode, sym=act_sym)
+        act = ActQuantConfig(bits=act_bits, mode=act_mode, sym=act_sym, kv_bits=kv_bits)
         act.validate()
     fpt = None
     if transforms not in ("none", "fpt"):
@@ -216,7 +219,8 @@ def model_cmd(
         from quant.grid import QuantSpec
 
         fpt = FPTConfig(
-            down_hadamard=act is not None and method != "d2quant",  # DSQ's column scale cannot pass a Hadamard
+            # the online Hadamard pays off for quantized inputs; DSQ's column scale cannot pass it
+            down_hadamard=act is not None and act.bits != 16 and method != "d2quant",
             local_steps=fpt_local_steps,
             e2e_steps=fpt_e2e_steps if fpt_e2e_steps is not None else (32 if method == "fptquant" else 0),
             e2e_lr=fpt_e2e_lr,
@@ -241,7 +245,8 @@ def model_cmd(
         steps.append(("rotate", rot))
     config.spec()  # validates bits / group size / clip before any work
     slug = Path(model).name if model else "smollm2-135m"
-    width = (f"w{bits}" if budget is None else f"{allocation}{budget:g}") + (f"a{act.bits}" if act else "")
+    width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
+    width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
     torch.manual_seed(seed)

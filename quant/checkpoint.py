@@ -157,9 +157,7 @@ def save_quantized(
         (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
 
         qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
-        ops, act = input_ops_config(model)
-        if ops or act:
-            qc.update(input_ops=ops, activations=act)
+        qc.update(input_ops_config(model))
         config = json.loads(model.config.to_json_string(use_diff=False))
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -258,7 +256,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
         except AttributeError:
             raise QuantError(f"corrupt checkpoint {path}: norm {name} is not in the model") from None
         add_norm_bias(norm, torch.zeros_like(norm.weight))
-    attach_from_config(model, qc.get("input_ops") or {}, qc.get("activations"))
+    attach_from_config(model, qc)
     missing, unexpected = [], []
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from quant.errors import QuantError
 from quant.grid import QuantSpec, quantize_rtn
 from quant.hadamard import hadamard, hadamard_transform, has_hadamard, random_orthogonal
-from quant.inputops import ActQuantConfig, TokenScale, input_ops, set_act_quant
+from quant.inputops import ActQuantConfig, TokenScale, input_ops, set_act_quant, set_kv_quant
 from quant.passes import QuantContext, register_pass
 from quant.quantizers import RTNConfig, rtn
 from quant.rotation import fold_norms, rotate
@@ -253,8 +253,10 @@ def fit_e2e(
         embed.register_forward_hook(lambda _m, _a, out: out @ state["q"] if state["q"] is not None else out),
         head.register_forward_pre_hook(lambda _m, a: (a[0] @ state["q"].T,) if state["q"] is not None else a),
     ]  # embedding E Q and lm_head W Q, without materialising them
-    if config.act is not None:
-        set_act_quant(model, names, ActQuantConfig(config.act.bits, "dynamic", config.act.sym, config.act.clip))
+    act = config.act
+    if act is not None:  # static scales are calibrated after the fit: the student uses per-token ones
+        set_act_quant(model, names if act.bits != 16 else [], ActQuantConfig(act.bits, "dynamic", act.sym, act.clip))
+        set_kv_quant(model, act.kv_bits)
     trainable = [p for p in params.parameters() if p.requires_grad]
     model.requires_grad_(False)  # only the transforms train
     opt = torch.optim.AdamW(trainable, lr=config.e2e_lr)
@@ -284,8 +286,9 @@ def fit_e2e(
     finally:
         for h in hooks:
             h.remove()
-        if config.act is not None:
-            set_act_quant(model, names, None)
+        if act is not None:
+            set_act_quant(model, names if act.bits != 16 else [], None)
+            set_kv_quant(model, 16)
     return losses
 
 

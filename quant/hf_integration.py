@@ -69,7 +69,7 @@ class LowbitHfQuantizer(HfQuantizer):
         for name in qc.norm_biases:
             norm = model.get_submodule(name)
             add_norm_bias(norm, torch.zeros_like(norm.weight, device="cpu"))
-        attach_from_config(model, getattr(qc, "input_ops", None) or {}, getattr(qc, "activations", None))
+        attach_from_config(model, qc.to_dict())
         model.lowbit_config = qc.to_dict()
 
     def _process_model_after_weight_loading(self, model, **kwargs):

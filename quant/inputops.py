@@ -13,10 +13,13 @@ in this order:
    the buffer ``<linear>.input_ops.act_scale``). Rounding passes gradients straight through, so the
    same module serves the end-to-end fit.
 
+``kv_bits`` also quantizes the KV cache: keys (after RoPE) and values per token and head, dynamic
+and symmetric, inside attention (an attention function registered with transformers as
+``"lowbit_kv"``: SDPA on the quantized keys and values).
+
 The checkpoint lists every such linear under ``quantization_config.input_ops`` and the activation
 settings under ``quantization_config.activations``; loading re-attaches them (``attach_from_config``)
-before the state dict is read, so static scales reload exactly. KV-cache quantization is not
-simulated.
+before the state dict is read, so static scales reload exactly.
 """
 
 from __future__ import annotations
@@ -32,20 +35,25 @@ from quant.errors import QuantError
 from quant.hadamard import hadamard_transform, has_hadamard
 from quant.passes import QuantContext, register_pass
 
-ACT_BITS = (4, 8)
+ACT_BITS = (4, 8, 16)  # 16: not quantized
 ACT_MODES = ("dynamic", "static")
+KV_ATTENTION = "lowbit_kv"
 
 
 @dataclass
 class ActQuantConfig:
-    bits: int = 4
+    bits: int = 4  # the inputs of every block linear
     mode: str = "dynamic"  # dynamic: per token at run time; static: one calibrated scale per tensor
     sym: bool = True
     clip: float = 1.0  # dynamic: fraction of each token's range kept (static searches its own clip)
+    kv_bits: int = 16  # KV cache: per token and head, dynamic, symmetric
 
     def validate(self) -> None:
-        if self.bits not in ACT_BITS:
-            raise QuantError(f"activation bits must be one of {ACT_BITS} (or none), got {self.bits}")
+        if self.bits not in ACT_BITS or self.kv_bits not in ACT_BITS:
+            raise QuantError(
+                f"activation bits must be one of {ACT_BITS} (16: not quantized); got {self.bits} for the linear "
+                f"inputs and {self.kv_bits} for the KV cache"
+            )
         if self.mode not in ACT_MODES:
             raise QuantError(f"activation mode must be one of {ACT_MODES}, got {self.mode!r}")
         if not 0.0 < self.clip <= 1.0:
@@ -112,6 +120,41 @@ class InputOps(nn.Module):
     def extra_repr(self) -> str:
         act = "none" if self.act is None else f"{self.act.mode} int{self.act.bits}"
         return f"hadamard={self.hadamard}, token_scale={self.token_scale is not None}, act={act}"
+
+
+def _kv_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cfg = getattr(module, "kv_quant", None)
+    if cfg is not None:  # [batch, kv heads, tokens, head_dim]: one scale per token and head
+        key, value = fake_quant_tokens(key, cfg), fake_quant_tokens(value, cfg)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_kv_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KV_ATTENTION, _kv_attention)
+    AttentionMaskInterface.register(KV_ATTENTION, sdpa_mask)
+
+
+def set_kv_quant(model: nn.Module, bits: int) -> None:
+    """Quantize keys and values to ``bits`` inside every attention (16: stop)."""
+    from quant.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    cfg = None if bits == 16 else ActQuantConfig(bits=bits, mode="dynamic", sym=True)
+    for block in adapter.blocks(model):
+        block.get_submodule(adapter.roles["q"].rpartition(".")[0]).kv_quant = cfg
+    if cfg is not None and model.config._attn_implementation != KV_ATTENTION:
+        _register_kv_attention()
+        model.set_attn_implementation(KV_ATTENTION)
+
+
+def kv_bits(model: nn.Module) -> int:
+    cfgs = [getattr(m, "kv_quant", None) for m in model.modules()]
+    return next((c.bits for c in cfgs if c is not None), 16)
 
 
 def _run_ops(module: nn.Module, args: tuple) -> tuple:
@@ -204,12 +247,13 @@ def act_quant_targets(ctx: QuantContext) -> list[str]:
 
 @register_pass("actquant", ActQuantConfig)
 def actquant_pass(ctx: QuantContext, config: ActQuantConfig) -> dict:
-    """Simulated activation quantization of every block linear's input (after the weight quantizer)."""
+    """Simulated quantization of every block linear's input and of the KV cache (after the weight quantizer)."""
     config.validate()
-    names = act_quant_targets(ctx)
+    names = act_quant_targets(ctx) if config.bits != 16 else []
     set_act_quant(ctx.model, names, config)
-    out = {"linears": len(names), "kv_cache": "not quantized"}
-    if config.mode == "static":
+    set_kv_quant(ctx.model, config.kv_bits)
+    out = {"linears": len(names), "kv_cache_bits": config.kv_bits}
+    if config.mode == "static" and names:
         if ctx.calib_ids is None:
             raise QuantError("static activation quantization needs calibration data")
         calibrate_static(ctx.model, names, config.bits, ctx.calib_ids, ctx.progress)
@@ -217,22 +261,28 @@ def actquant_pass(ctx: QuantContext, config: ActQuantConfig) -> dict:
     return out
 
 
-def input_ops_config(model: nn.Module) -> tuple[dict, dict | None]:
-    """What the checkpoint records: ``{linear: {"hadamard", "token_scale"}}`` and the activation settings."""
+def input_ops_config(model: nn.Module) -> dict:
+    """What the checkpoint records (only what is there): ``input_ops`` ``{linear: {"hadamard", "token_scale"}}``
+    and ``activations`` (the settings, the linears they apply to, ``kv_bits``)."""
     ops = ops_modules(model)
     acts = {dataclasses.astuple(o.act) for o in ops.values() if o.act is not None}
     if len(acts) > 1:
         raise QuantError("mixed activation-quantization settings across layers are not supported in checkpoints")
     act = next((dataclasses.asdict(o.act) for o in ops.values() if o.act is not None), None)
+    kv = kv_bits(model)
+    if act is None and kv != 16:
+        act = dataclasses.asdict(ActQuantConfig(bits=16))
     if act is not None:
-        act["modules"] = [n for n, o in ops.items() if o.act is not None]
-    return {n: o.spec() for n, o in ops.items() if o.hadamard or o.token_scale is not None}, act
+        act.update(kv_bits=kv, modules=[n for n, o in ops.items() if o.act is not None])
+    out = {"input_ops": {n: o.spec() for n, o in ops.items() if o.hadamard or o.token_scale is not None}}
+    return {k: v for k, v in {**out, "activations": act}.items() if v}
 
 
-def attach_from_config(model: nn.Module, specs: dict, act: dict | None) -> None:
-    """Re-create the input ops a checkpoint lists (before its state dict is loaded)."""
+def attach_from_config(model: nn.Module, qc: dict) -> None:
+    """Re-create the input ops and activation quantization a checkpoint lists (before its state dict is loaded)."""
     from quant.fpt import install_dynamic_scaling
 
+    specs, act = qc.get("input_ops") or {}, qc.get("activations")
     try:
         for name, spec in specs.items():
             input_ops(model.get_submodule(name)).hadamard = int(spec.get("hadamard", 0))
@@ -242,5 +292,6 @@ def attach_from_config(model: nn.Module, specs: dict, act: dict | None) -> None:
             cfg = ActQuantConfig(**{k: v for k, v in act.items() if k != "modules"})
             cfg.validate()
             set_act_quant(model, act["modules"], cfg)
-    except AttributeError as e:
-        raise QuantError(f"checkpoint input ops name a module the model does not have ({e})") from None
+            set_kv_quant(model, cfg.kv_bits)
+    except (AttributeError, TypeError) as e:
+        raise QuantError(f"checkpoint activation settings do not fit this model or version ({e})") from None

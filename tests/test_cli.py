@@ -261,8 +261,11 @@ def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
     assert qc["activations"]["bits"] == 4 and qc["activations"]["mode"] == "dynamic"
     assert len(qc["activations"]["modules"]) == 14
     assert {n.split(".")[-1] for n, s in qc["input_ops"].items() if s["hadamard"]} == {"down_proj"}
-    r = run("model", tiny_dir, "--method", "rtn", "--bits", "4", "--act-bits", "8", *common, "--out", tmp_path / "r")
+    r = run("model", tiny_dir, "--method", "rtn", "--bits", "4", "--act-bits", "8", "--kv-bits", "4", *common,
+            "--out", tmp_path / "r")  # fmt: skip
     assert r.returncode == 0, r.stderr
+    act = json.loads((tmp_path / "r" / "config.json").read_text())["quantization_config"]["activations"]
+    assert (act["bits"], act["kv_bits"]) == (8, 4)
     r = run(
         "model", tiny_dir, "--method", "gptq", "--bits", "3", "--transforms", "fpt", *common, "--out", tmp_path / "g"
     )

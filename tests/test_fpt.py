@@ -14,7 +14,7 @@ from quant import ActQuantConfig, FPTConfig, QuantContext, QuantError, QuantSpec
 from quant.checkpoint import load_quantized, save_quantized
 from quant.fpt import FPTQuantConfig, cayley
 from quant.hadamard import hadamard, hadamard_transform
-from quant.inputops import fake_quant_tokens, ops_modules
+from quant.inputops import fake_quant_tokens, kv_bits, ops_modules, set_kv_quant
 
 OFF = dict(rotation=False, prerope=False, value=False, mlp_scale=False)
 ALONE = {
@@ -109,7 +109,7 @@ def test_e2e_fit_lowers_the_kl(calib):
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_w4a4_checkpoint_reloads_exactly(tmp_path, calib, tokenizer, mode):
     model = tiny_model("llama", num_hidden_layers=2)
-    act = ActQuantConfig(bits=4, mode=mode)
+    act = ActQuantConfig(bits=4, mode=mode, kv_bits=8 if mode == "static" else 16)
     fpt = FPTConfig(down_hadamard=True, dynamic_scale=True, local_steps=3, rotation_rows=1.0)
     ctx = QuantContext(model, calib_ids=calib[:4, :64], progress=False)
     run_pipeline(ctx, [("fptquant", FPTQuantConfig(bits=4, group_size=32, transforms=fpt)), ("actquant", act)])
@@ -161,3 +161,26 @@ def test_fpt_prepass_then_d2quant(calib):
     steps[0] = ("fpt", FPTConfig(local_steps=0, down_hadamard=True))
     with pytest.raises(QuantError, match="online input ops"):
         run_pipeline(QuantContext(bad, calib_ids=calib[:4, :64], progress=False), steps)
+
+
+def test_kv_cache_quantization(tmp_path, tokenizer):
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    ctx = QuantContext(model, progress=False)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=8, group_size=32)), ("actquant", ActQuantConfig(bits=16, kv_bits=4))])
+    assert kv_bits(model) == 4 and not ops_modules(model)
+    with torch.no_grad():
+        out = model(ids).logits
+        assert 1e-3 < _rel(out, ref) < 0.5  # keys/values really quantized, the model still sane
+        set_kv_quant(model, 16)  # the registered attention without quantization is plain SDPA
+        assert _rel(model(ids).logits, ref) < 1e-2  # only the 8-bit weights remain
+        set_kv_quant(model, 4)
+    ck = save_quantized(model, tokenizer, tmp_path / "kv", {"method": "rtn", "modules": ctx.modules})
+    loaded, _ = load_quantized(ck)
+    assert kv_bits(loaded) == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out)
+        gen = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 12)
