@@ -433,6 +433,15 @@ def inspect_cmd(ckpt: Path = typer.Argument(..., help="A checkpoint folder writt
         f"group sizes {dict(Counter(m['group_size'] for m in mods.values()))}; "
         f"sym {dict(Counter(m['sym'] for m in mods.values()))}"
     )
+    act, ops = qc.get("activations"), qc.get("input_ops") or {}
+    if act:
+        linear = "float" if act["bits"] == 16 else f"int{act['bits']} {act['mode']} {'sym' if act['sym'] else 'asym'}"
+        kv = "float" if act.get("kv_bits", 16) == 16 else f"int{act['kv_bits']}"
+        typer.echo(f"  activations: linear inputs {linear} ({len(act['modules'])} linears); KV cache {kv}")
+    if ops:
+        had = sum(1 for o in ops.values() if o.get("hadamard"))
+        scaled = sum(1 for o in ops.values() if o.get("token_scale"))
+        typer.echo(f"  online ops: Hadamard on {had} inputs, dynamic per-token scaling on {scaled}")
     weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     typer.echo(f"  weights on disk: {weights / 2**20:.1f} MiB")
     rep = ckpt / "quant_report.json"

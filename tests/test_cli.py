@@ -261,6 +261,9 @@ def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
     assert qc["activations"]["bits"] == 4 and qc["activations"]["mode"] == "dynamic"
     assert len(qc["activations"]["modules"]) == 14
     assert {n.split(".")[-1] for n, s in qc["input_ops"].items() if s["hadamard"]} == {"down_proj"}
+    r = run("inspect", out)
+    assert "linear inputs int4 dynamic sym (14 linears); KV cache float" in r.stdout
+    assert "Hadamard on 2 inputs" in r.stdout
     r = run("model", tiny_dir, "--method", "rtn", "--bits", "4", "--act-bits", "8", "--kv-bits", "4", *common,
             "--out", tmp_path / "r")  # fmt: skip
     assert r.returncode == 0, r.stderr
