@@ -56,6 +56,8 @@ class ActQuantConfig:
             )
         if self.mode not in ACT_MODES:
             raise QuantError(f"activation mode must be one of {ACT_MODES}, got {self.mode!r}")
+        if self.mode == "static" and not self.sym:
+            raise QuantError("static activation scales are symmetric (one scale per tensor); use --act-sym")
         if not 0.0 < self.clip <= 1.0:
             raise QuantError(f"activation clip must be in (0, 1], got {self.clip}")
 
