@@ -181,17 +181,8 @@ def model_cmd(
     steps: list = []
     budget = None
     if allocation != "none":
-        alloc_config = _allocation_config(
-            bits,
-            allocation,
-            candidates,
-            group_size,
-            granularity=granularity,
-            scheme=scheme,
-            importance=importance,
-            error_model=error_model,
-            seed=alloc_seed,
-        )
+        rule = dict(granularity=granularity, scheme=scheme, importance=importance, error_model=error_model)
+        alloc_config = _allocation_config(bits, allocation, candidates, group_size, seed=alloc_seed, **rule)
         steps.append(("allocate", alloc_config))
         budget = alloc_config.budget
         bits = max(alloc_config.candidates)  # the quantizer's default width; allocate sets every layer's
@@ -360,17 +351,8 @@ def allocate_cmd(
     from quant.allocation_plot import plot_allocation
     from quant.models import load_model
 
-    config = _allocation_config(
-        bits,
-        allocation,
-        candidates,
-        group_size,
-        granularity=granularity,
-        scheme=scheme,
-        importance=importance,
-        error_model=error_model,
-        seed=seed,
-    )
+    rule = dict(granularity=granularity, scheme=scheme, importance=importance, error_model=error_model)
+    config = _allocation_config(bits, allocation, candidates, group_size, seed=seed, **rule)
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")

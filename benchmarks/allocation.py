@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting
+from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting, setup_line
 
 from quant import AllocationConfig, GPTQConfig
 from quant.allocation import allocate
@@ -50,8 +50,7 @@ def write_markdown(results: dict, meta: dict) -> None:
     lines = [
         "# NSDS vs uniform vs random bit allocation: SmolLM2-135M-Instruct, GPTQ, WikiText-2 raw test",
         "",
-        f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
-        f"Calibration: {meta['calibration']}. NSDS allocation of the whole model (scores, RTN errors, knapsack; "
+        f"{setup_line(meta)} NSDS allocation of the whole model (scores, RTN errors, knapsack; "
         f"no data): {meta.get('nsds_allocate_seconds_3.0')} s. "
         "GPTQ defaults (asymmetric, MSE clip, act-order, damping 0.01); "
         "group 128 requested (576-input layers use 64). Bits per weight count packed codes, fp16 scales "

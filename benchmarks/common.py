@@ -32,6 +32,19 @@ def common_meta(calibration: str) -> dict:
     }
 
 
+def setup_line(meta: dict) -> str:
+    """The sentence every results table opens with: where it ran and on what calibration text."""
+    return (
+        f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
+        f"Calibration: {meta['calibration']}."
+    )
+
+
+def bits_per_weight(r: dict) -> float:
+    """A measured setting's bits per weight with every scale counted (16 for the float model)."""
+    return r["sizes"]["bits_per_weight"] if r.get("sizes") else 16
+
+
 def run_setting(
     steps: list[tuple[str, object]],
     calib: torch.Tensor,

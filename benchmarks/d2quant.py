@@ -15,7 +15,7 @@ settings already measured with the same window count.
 
 from __future__ import annotations
 
-from common import RESULTS, eval_and_calibration, open_bench, run_setting
+from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
 
 from quant import GPTQConfig, RTNConfig
 from quant.d2quant import D2QuantConfig
@@ -45,18 +45,16 @@ def write_markdown(results: dict, meta: dict) -> None:
     lines = [
         "# D²Quant vs RTN / GPTQ / GPTAQ: SmolLM2-135M-Instruct, group 64",
         "",
-        f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
-        f"Calibration: {meta['calibration']}. WikiText-2: raw test split, all windows of 2048. "
+        f"{setup_line(meta)} WikiText-2: raw test split, all windows of 2048. "
         f"C4: the first {C4_WINDOWS} windows of 2048 of the bundled evaluation slice.",
         "",
         "| setting | WikiText-2 ppl | C4 ppl | bits/weight (all scales) | quantize wall (s) | reload identical |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        s = r.get("sizes")
         lines.append(
             f"| {name} | {r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']}) "
-            f"| {r['ppl_c4']['ppl']:.2f} | {s['bits_per_weight'] if s else 16} | {r.get('quantize_seconds', '-')} "
+            f"| {r['ppl_c4']['ppl']:.2f} | {bits_per_weight(r)} | {r.get('quantize_seconds', '-')} "
             f"| {r.get('reload_identical', '-')} |"
         )
     (RESULTS / "d2quant.md").write_text("\n".join(lines) + "\n")

@@ -26,7 +26,7 @@ already measured with the same window count.
 
 from __future__ import annotations
 
-from common import RESULTS, eval_and_calibration, open_bench, run_setting
+from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
 
 from quant import ActQuantConfig, FPTConfig, GPTQConfig, QuantSpec, RTNConfig
 from quant.rotation import RotationConfig
@@ -69,18 +69,16 @@ def write_markdown(results: dict, meta: dict) -> None:
     lines = [
         "# FPTQuant: SmolLM2-135M-Instruct, WikiText-2 raw test",
         "",
-        f"fp32 on CPU ({meta['cpu']}), torch {meta['torch']}, transformers {meta['transformers']}. "
-        f"Calibration: {meta['calibration']}. Weights RTN w4 g128 asym (W4 rows) or GPTQ w3 g128; "
+        f"{setup_line(meta)} Weights RTN w4 g128 asym (W4 rows) or GPTQ w3 g128; "
         "activations of every block linear per-token dynamic symmetric INT4/INT8. Fit time = local + end-to-end.",
         "",
         "| setting | ppl | windows | bits/weight | fit (s) | quantize total (s) | reload identical |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        s = r.get("sizes")
         lines.append(
             f"| {name} | {r['ppl']['ppl']:.2f} | {r['ppl']['windows']}/{r['ppl']['total_windows']} "
-            f"| {s['bits_per_weight'] if s else 16} | {_fit_seconds(r)} | {r.get('quantize_seconds', '-')} "
+            f"| {bits_per_weight(r)} | {_fit_seconds(r)} | {r.get('quantize_seconds', '-')} "
             f"| {r.get('reload_identical', '-')} |"
         )
     (RESULTS / "fptquant.md").write_text("\n".join(lines) + "\n")
