@@ -277,3 +277,22 @@ def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
     assert [p["name"] for p in qc["passes"]] == ["fpt", "gptq"] and "input_ops" not in qc
     r = run("model", tiny_dir, "--act-bits", "3", *common, "--out", tmp_path / "bad")
     assert r.returncode != 0 and "activation bits" in r.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "d2quant", "fptquant"])
+def test_allocation_composes_with_every_quantizer(tmp_path, tiny_dir, method):
+    # rtn is covered above; each quantizer must honour the per-layer widths that allocate chose
+    out = tmp_path / method
+    r = run("model", tiny_dir, "--method", method, "--bits", "2.5", "--allocation", "nsds", "--granularity", "layer",
+            "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--fpt-local-steps", "2", "--no-eval",
+            "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    layer_bits: dict[str, set] = {}
+    for name, m in qc["modules"].items():
+        layer_bits.setdefault(name.split(".")[2], set()).add(m["bits"])
+    assert sorted(layer_bits.values(), key=min) == [{2}, {3}]
+    if method == "d2quant":
+        assert {m["format"] for n, m in qc["modules"].items() if n.endswith("down_proj")} == {"dsq"}
+    r = run("eval", out, "--max-windows", "1")
+    assert r.returncode == 0, r.stderr
