@@ -27,17 +27,17 @@ C4_WINDOWS = 32
 
 
 def settings() -> dict[str, list]:
-    out: dict[str, list] = {}
+    """Every setting, in the order the table shows them: baselines, D²Quant, then its ablations."""
+    out: dict[str, list] = {"float": []}
     for b in (3, 2):
         rot = ("rotate", RotationConfig(mode="hadamard"))
-        out[f"d2quant-w{b}"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
+        out[f"rtn-w{b}"] = [("rtn", RTNConfig(bits=b, group_size=GROUP))]
         out[f"gptq-w{b}"] = [("gptq", GPTQConfig(bits=b, group_size=GROUP))]
         out[f"gptaq-w{b}"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, dac=False))]
-        out[f"rtn-w{b}"] = [("rtn", RTNConfig(bits=b, group_size=GROUP))]
+        out[f"d2quant-w{b}"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
         out[f"d2quant-w{b}-no-dsq"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False))]
         out[f"d2quant-w{b}-no-dac"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dac=False))]
         out[f"d2quant-w{b}-no-rotation"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
-    out["float"] = []
     return out
 
 
@@ -51,7 +51,8 @@ def write_markdown(results: dict, meta: dict) -> None:
         "| setting | WikiText-2 ppl | C4 ppl | bits/weight (all scales) | quantize wall (s) | reload identical |",
         "|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for name in sorted(results, key=list(settings()).index):
+        r = results[name]
         lines.append(
             f"| {name} | {r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']}) "
             f"| {r['ppl_c4']['ppl']:.2f} | {bits_per_weight(r)} | {r.get('quantize_seconds', '-')} "
