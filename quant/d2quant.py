@@ -104,13 +104,14 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         with no float pairing (the float stream routes tokens differently), so experts get GPTQ's symmetric
         objective; an expert with fewer tokens than inputs uses all tokens' Hessian (gate/up) or none (down)."""
         inputs = xq if isinstance(xq, dict) else dict.fromkeys(group, xq)
-        hessians: dict[int, torch.Tensor] = {}  # by input tensor: q/k/v, or an expert's gate/up, share one
+        moments: dict[tuple[int, int], torch.Tensor] = {}  # q/k/v, or an expert's gate/up, share their input
 
-        def hessian(x: torch.Tensor) -> torch.Tensor:
-            if id(x) not in hessians:
+        def moment(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            """``E[u xᵀ]`` over tokens: the Hessian with ``u = x``, GPTAQ's cross term with the float ``u``."""
+            if (id(u), id(x)) not in moments:
                 a = x.reshape(-1, x.shape[-1]).float()
-                hessians[id(x)] = a.T @ a / a.shape[0]
-            return hessians[id(x)]
+                moments[id(u), id(x)] = (a if u is x else u.reshape(-1, u.shape[-1]).float()).T @ a / a.shape[0]
+            return moments[id(u), id(x)]
 
         out = None
         for rel in group:
@@ -120,12 +121,11 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
             H = P = None
             if config.backend != "rtn":
                 if x.reshape(-1, x.shape[-1]).shape[0] >= lin.in_features:
-                    H = hessian(x)
+                    H = moment(x, x)
                 elif "" in inputs and not rel.endswith("down_proj"):
-                    H = hessian(inputs[""])
+                    H = moment(inputs[""], inputs[""])
             if H is not None and config.backend == "gptaq" and xf is not None and not isinstance(xq, dict):
-                a = x.reshape(-1, x.shape[-1]).float()
-                P = xf.reshape(-1, xf.shape[-1]).float().T @ a / a.shape[0]
+                P = moment(xf, x)
             w = lin.weight if P is None else gptaq_target(lin.weight, H, P, config.damp, config.gptaq_alpha)
             if rel.endswith("down_proj") and config.dsq and s.bits in DSQ_BITS:
                 g = s.group_for(w.shape[1])
