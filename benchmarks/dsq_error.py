@@ -47,7 +47,7 @@ def main() -> None:
             uniform = quantize_rtn(w, QuantSpec(bits, GROUP, sym=False, clip="mse")).dequantize()
             dsq = dsq_reconstruct(w, bits)
             rows.append({"block": i, "bits": bits, "uniform": rel_error(w, uniform), "dsq": rel_error(w, dsq)})
-    (RESULTS / "dsq_error.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / "dsq_error.json").write_text(json.dumps({"group_size": GROUP, "rows": rows}, indent=1) + "\n")
     lines = [
         "# DSQ vs uniform grid, weight error of every down_proj (SmolLM2-135M, group 64, no data)",
         "",
