@@ -37,6 +37,8 @@ def settings() -> dict[str, list]:
         out[f"d2quant-w{b}"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
         out[f"d2quant-w{b}-no-dsq"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False))]
         out[f"d2quant-w{b}-no-dac"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dac=False))]
+        local = D2QuantConfig(bits=b, group_size=GROUP, dac_teacher="local")  # DAC variant: see quant/d2quant.py
+        out[f"d2quant-w{b}-local-dac"] = [rot, ("d2quant", local)]
         out[f"d2quant-w{b}-no-rotation"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
     return out
 

@@ -111,6 +111,15 @@ POST_ATTENTION_NORM = "post_attention_norm"
 
 
 @torch.no_grad()
+def mlp_inputs(block: nn.Module, adapter, x: torch.Tensor, block_kwargs: dict, chunk: int = 16) -> torch.Tensor:
+    """The post-attention norm's output (the MLP's input) for every window of ``x``; the MLP does not run."""
+    mlp = block.get_submodule(adapter.roles["down"].rpartition(".")[0])
+    return torch.cat(
+        [_input_to(mlp, lambda c=x[i : i + chunk]: block(c, **block_kwargs)) for i in range(0, x.shape[0], chunk)]
+    )
+
+
+@torch.no_grad()
 def run_staged(
     block: nn.Module,
     adapter,

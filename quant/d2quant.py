@@ -3,7 +3,10 @@
 Per block, in the order of methods.md §1.3:
 
 1. q/k/v, then o: asymmetric uniform groups with the MSE clip search, by the chosen backend;
-2. DAC: the post-attention norm gets the bias ``μ`` = mean(float − quantized) of its output;
+2. DAC: the post-attention norm gets the bias ``μ`` = mean(teacher − quantized) of its output, the
+   teacher being the float model's own output there (``dac_teacher="float"``, methods.md §1.3 as
+   written) or float attention run on the quantized stream's inputs (``"local"``: only this block's
+   attention error is corrected, not the drift the stream brought in);
 3. gate/up on inputs that include the corrected norm;
 4. down_proj with DSQ (2 and 3 bits), whose per-column scale is then absorbed into up_proj;
 5. both activation streams advance through the block.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quant.blockwise import POST_ATTENTION_NORM, BlockRunner, run_staged
+from quant.blockwise import POST_ATTENTION_NORM, BlockRunner, mlp_inputs, run_staged
 from quant.dac import add_norm_bias
 from quant.dsq import DSQ_BITS, dsq_quantize
 from quant.dsqlinear import DSQLinear
@@ -39,6 +42,7 @@ from quant.quantizers import check_model
 from quant.quantlinear import QuantLinear
 
 BACKENDS = ("gptaq", "gptq", "rtn")
+DAC_TEACHERS = ("float", "local")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class D2QuantConfig:
     dsq: bool = True
     dac: bool = True
     dsq_iters: int = 15
+    dac_teacher: str = "float"
     dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)
     gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (GPTAQ's released default)
     sym: bool = False
@@ -60,6 +65,8 @@ class D2QuantConfig:
     def spec(self) -> QuantSpec:
         if self.backend not in BACKENDS:
             raise QuantError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.dac_teacher not in DAC_TEACHERS:
+            raise QuantError(f"unknown DAC teacher {self.dac_teacher!r}; choose from {', '.join(DAC_TEACHERS)}")
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
 
 
@@ -90,7 +97,8 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         raise QuantError("d2quant cannot follow online input ops (FPT's down_proj Hadamard or dynamic scaling)")
     adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
     blocks = adapter.blocks(model)
-    two_streams = config.backend == "gptaq" or config.dac
+    local_dac = config.dac and config.dac_teacher == "local"
+    two_streams = config.backend == "gptaq" or (config.dac and not local_dac)
     runner = BlockRunner(model, blocks, ctx.calib_ids)
     float_stream = runner.inputs.clone() if two_streams else None
     dac_norms, dac_shift = [], []
@@ -147,6 +155,8 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         if two_streams:  # the block is still float: carry the float stream through it, keeping each stage's input
             float_stream = run_staged(block, adapter, float_stream, runner.block_kwargs, float_in.__setitem__)
             float_in = {k: v for k, v in float_in.items() if not isinstance(v, dict)}  # experts: no pairing
+        if local_dac:  # still float: its attention on the quantized stream is this block's teacher
+            float_in[POST_ATTENTION_NORM] = mlp_inputs(block, adapter, runner.inputs, runner.block_kwargs)
 
         def visit(stage, xq: torch.Tensor, i: int = i, block=block, float_in: dict = float_in) -> torch.Tensor | None:
             if stage != POST_ATTENTION_NORM:

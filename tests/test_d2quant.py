@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, run_pipeline, save_quantized
 from quant.adapters import adapter_for
-from quant.blockwise import BlockRunner, run_staged
+from quant.blockwise import BlockRunner, mlp_inputs, run_staged
 from quant.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
 from quant.dac import norm_bias_names
 from quant.dsqlinear import DSQLinear
@@ -67,6 +67,39 @@ def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
     torch.testing.assert_close(student, teacher, atol=1e-5, rtol=0)
     bias = model.model.layers[0].post_attention_layernorm.bias
     assert bias.abs().max() > 1e-3  # 2-bit attention really moved the mean, and DAC moved it back
+
+
+def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer, calib):
+    """With ``dac_teacher="local"``, block 1's corrected norm output has the mean that block 1's float
+    attention gives on the quantized model's own block-1 inputs (which block 0's quantization moved)."""
+    model = tiny_model()
+    float_block = copy.deepcopy(model.model.layers[1])
+    ctx = QuantContext(model, tokenizer, calib_ids=calib, progress=False)
+    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac_teacher="local")
+    run_pipeline(ctx, [("d2quant", cfg)])
+    got: dict = {}
+
+    def keep(key):
+        def hook(_m, args, kw=None):
+            got.setdefault(key, args[0] if args else kw["hidden_states"])
+
+        return hook
+
+    layer = model.model.layers[1]
+    hooks = [
+        layer.register_forward_pre_hook(keep("x"), with_kwargs=True),
+        layer.mlp.register_forward_pre_hook(keep("student")),
+    ]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    runner = BlockRunner(model, model.model.layers, calib[:1])  # only for the block's rotary/mask kwargs
+    teacher = mlp_inputs(float_block, adapter_for(model), got["x"], runner.block_kwargs)
+    k = cfg.dac_skip_first
+    torch.testing.assert_close(got["student"][:, k:].mean((0, 1)), teacher[:, k:].mean((0, 1)), atol=1e-5, rtol=0)
+    with pytest.raises(QuantError, match="DAC teacher"):
+        D2QuantConfig(dac_teacher="teacher").spec()
 
 
 def test_gptaq_target_without_drift_is_the_weight():
