@@ -71,6 +71,12 @@ def model_cmd(
     backend: str = typer.Option("gptaq", help="d2quant: the solver for every layer: gptaq, gptq or rtn."),
     dsq: bool = typer.Option(True, help="d2quant: dual-scale quantizer on down_proj (2 and 3 bits)."),
     dac: bool = typer.Option(True, help="d2quant: deviation-aware correction (a bias on each post-attention norm)."),
+    dac_teacher: str = typer.Option(
+        "local",
+        help="d2quant: what DAC corrects toward: local (float attention on the quantized model's own inputs: "
+        "only this block's attention error) or float (the float model's activations, as methods.md words it: "
+        "also the drift earlier blocks left, which measured far worse).",
+    ),
     rotation: bool = typer.Option(
         None,
         "--rotation/--no-rotation",
@@ -195,7 +201,7 @@ def model_cmd(
     if method in ("gptq", "d2quant"):
         kwargs.update(damp=damp, act_order=act_order)
     if method == "d2quant":
-        kwargs.update(backend=backend, dsq=dsq, dac=dac)
+        kwargs.update(backend=backend, dsq=dsq, dac=dac, dac_teacher=dac_teacher)
     act = None
     if act_bits != 16 or kv_bits != 16:
         from quant.inputops import ActQuantConfig

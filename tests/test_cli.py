@@ -61,6 +61,7 @@ def test_help_explains_every_option():
         "--no-dsq",
         "--dac",
         "--no-dac",
+        "--dac-teacher",
         "--rotation",
         "--no-rotation",
         "--rotation-mode",

@@ -51,7 +51,7 @@ def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
     model = tiny_model()
     float_model = copy.deepcopy(model)
     ctx = QuantContext(model, tokenizer, calib_ids=calib)
-    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False)
+    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac_teacher="float")
     run_pipeline(ctx, [("d2quant", cfg)])
     assert ctx.norm_biases[0] == "model.layers.0.post_attention_layernorm"
 
