@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant.errors import QuantError
@@ -24,6 +24,7 @@ def _weight(seed, rows, cols):
     ngroups=st.integers(1, 4),
     seed=st.integers(0, 2**31),
 )
+@example(bits=3, group=32, sym=False, clip="minmax", rows=1, ngroups=2, seed=0)  # fp16 scale: 0.502 steps off
 def test_quantize_dequantize_roundtrip(bits, group, sym, clip, rows, ngroups, seed):
     cols = 128 * ngroups
     w = _weight(seed, rows, cols)
@@ -41,9 +42,10 @@ def test_quantize_dequantize_roundtrip(bits, group, sym, clip, rows, ngroups, se
     z = qw.zeros.float().repeat_interleave(g, dim=1)
     assert torch.equal(quantize_codes(deq, s, z, bits).to(torch.uint8), qw.codes)
     if clip == "minmax" and not sym:
-        # nothing is clipped: every error is at most half a step
+        # nothing is clipped: every error is at most half a step, plus what rounding the scale to fp16
+        # (relative error <= 2^-11) takes off the grid's span of 2^bits - 1 steps, which one edge may carry
         step = qw.scales.float().repeat_interleave(g, dim=1)
-        assert bool(((w - deq).abs() <= step / 2 + 1e-6).all())
+        assert bool(((w - deq).abs() <= step * (0.5 + (2**bits - 1) * 2**-11) + 1e-6).all())
 
 
 def test_dequantize_matches_formula():
