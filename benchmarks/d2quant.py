@@ -36,10 +36,10 @@ def settings() -> dict[str, list]:
         out[f"gptaq-w{b}"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, dac=False))]
         out[f"d2quant-w{b}"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
         out[f"d2quant-w{b}-no-dsq"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False))]
-        out[f"d2quant-w{b}-no-dac"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dac=False))]
+        out[f"d2quant-w{b}-dac"] = [rot, ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dac=True))]
         out[f"d2quant-w{b}-no-rotation"] = [("d2quant", D2QuantConfig(bits=b, group_size=GROUP))]
-        # DAC toward the float model's own activations (methods.md §1.3 as worded; the default until measured)
-        float_dac = D2QuantConfig(bits=b, group_size=GROUP, dac_teacher="float")
+        # DAC toward the float model's own activations (methods.md §1.3 as worded; measured far worse)
+        float_dac = D2QuantConfig(bits=b, group_size=GROUP, dac=True, dac_teacher="float")
         out[f"d2quant-w{b}-float-dac"] = [rot, ("d2quant", float_dac)]
         out[f"d2quant-w{b}-float-dac-no-rotation"] = [("d2quant", float_dac)]
     return out

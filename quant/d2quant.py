@@ -3,11 +3,13 @@
 Per block, in the order of methods.md §1.3:
 
 1. q/k/v, then o: asymmetric uniform groups with the MSE clip search, by the chosen backend;
-2. DAC: the post-attention norm gets the bias ``μ`` = mean(teacher − quantized) of its output, the
-   teacher being float attention run on the quantized stream's own inputs (``dac_teacher="local"``,
-   the default: only this block's attention error is corrected) or the float model's own output there
-   (``"float"``, methods.md §1.3 as worded: it also "corrects" the drift earlier blocks left, which
-   GPTAQ's objective already targets, and measured far worse: benchmarks/results/d2quant.md);
+2. DAC (opt-in, ``dac=True``: with GPTAQ it measured slightly worse at 3 and 2 bits, GPTAQ's target
+   already fitting each linear to the drifted inputs): the post-attention norm gets the bias ``μ`` =
+   mean(teacher − quantized) of its output, the teacher being float attention run on the quantized
+   stream's own inputs (``dac_teacher="local"``: only this block's attention error is corrected) or the
+   float model's own output there (``"float"``, methods.md §1.3 as worded: it also "corrects" the drift
+   earlier blocks left, which GPTAQ's objective already targets; measured far worse, collapsing at 2 bits:
+   benchmarks/results/d2quant.md);
 3. gate/up on inputs that include the corrected norm;
 4. down_proj with DSQ (2 and 3 bits), whose per-column scale is then absorbed into up_proj;
 5. both activation streams advance through the block.
@@ -52,7 +54,7 @@ class D2QuantConfig:
     group_size: int = 64
     backend: str = "gptaq"
     dsq: bool = True
-    dac: bool = True
+    dac: bool = False  # opt-in: with GPTAQ it measured worse at 3 and 2 bits (benchmarks/results/d2quant.md)
     dsq_iters: int = 15
     dac_teacher: str = "local"  # "float" (methods.md's wording) corrects earlier blocks' drift too: measured far worse
     dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)

@@ -222,7 +222,7 @@ def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
 def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
     common = ["--bits", "2", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
     out = tmp_path / "d2"
-    r = run("model", tiny_dir, "--method", "d2quant", *common, "--out", out)
+    r = run("model", tiny_dir, "--method", "d2quant", *common, "--dac", "--out", out)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]

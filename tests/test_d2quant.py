@@ -51,7 +51,7 @@ def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
     model = tiny_model()
     float_model = copy.deepcopy(model)
     ctx = QuantContext(model, tokenizer, calib_ids=calib)
-    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac_teacher="float")
+    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac=True, dac_teacher="float")
     run_pipeline(ctx, [("d2quant", cfg)])
     assert ctx.norm_biases[0] == "model.layers.0.post_attention_layernorm"
 
@@ -75,7 +75,7 @@ def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer,
     model = tiny_model()
     float_block = copy.deepcopy(model.model.layers[1])
     ctx = QuantContext(model, tokenizer, calib_ids=calib, progress=False)
-    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac_teacher="local")
+    cfg = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=False, dac=True, dac_teacher="local")
     run_pipeline(ctx, [("d2quant", cfg)])
     got: dict = {}
 
@@ -122,7 +122,7 @@ def test_gptaq_target_without_drift_is_the_weight():
         {"backend": "gptq"},
         {"backend": "rtn", "bits": 2},
         {"dsq": False},
-        {"dac": False, "backend": "gptq"},
+        {"dac": True, "backend": "gptq"},
     ],
 )
 def test_pass_end_to_end_reloads_exactly(tmp_path, tokenizer, calib, kw):

@@ -180,7 +180,7 @@ def test_gptq_export_refuses_what_it_cannot_express(tmp_path, tokenizer, calib):
 def test_from_pretrained_matches_load_quantized_with_dsq_and_dac(tmp_path, tokenizer, calib):
     from transformers import AutoModelForCausalLM
 
-    steps = [("d2quant", D2QuantConfig(bits=3, group_size=32, backend="gptq"))]
+    steps = [("d2quant", D2QuantConfig(bits=3, group_size=32, backend="gptq", dac=True))]
     m = tiny_model()
     ctx = QuantContext(m, tokenizer, calib_ids=calib)
     run_pipeline(ctx, steps)

@@ -91,7 +91,7 @@ def test_d2quant_with_rotation_quantizes_every_expert_and_reloads(tmp_path, toke
 
     model = tiny_moe(model_type)
     ctx = QuantContext(model, tokenizer, calib_ids=calib)
-    run_pipeline(ctx, [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3, group_size=32))])
+    run_pipeline(ctx, [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3, group_size=32, dac=True))])
     downs = [n for n in ctx.modules if n.endswith("down_proj")]
     assert all(ctx.modules[n]["format"] == "dsq" for n in downs) and len(downs) == 2 * (4 + (model_type == "qwen2_moe"))
     assert len(ctx.norm_biases) == 2
