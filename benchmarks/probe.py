@@ -41,7 +41,11 @@ PROBES = {  # name -> (calibration source, steps)
             ("gptq", GPTQConfig(bits=4)),
         ],
     ),
-    "d2quant-w3": ("c4", [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3))]),
+    # as its recorded row ran: float-teacher DAC was then the default
+    "d2quant-w3": (
+        "c4",
+        [("rotate", RotationConfig()), ("d2quant", D2QuantConfig(bits=3, dac=True, dac_teacher="float"))],
+    ),
 }
 
 
