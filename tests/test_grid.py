@@ -4,7 +4,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant.errors import QuantError
-from quant.grid import QuantSpec, check_finite, dequantize_weight, quantize_codes, quantize_rtn
+from quant.grid import (
+    QuantSpec,
+    _minmax_params,
+    check_finite,
+    dequantize_codes,
+    dequantize_weight,
+    find_params,
+    quantize_codes,
+    quantize_rtn,
+)
 
 
 def _weight(seed, rows, cols):
@@ -61,6 +70,26 @@ def test_more_bits_less_error_and_mse_clip_helps():
     assert errs[8] < errs[4] < errs[3] < errs[2]
     mse = (quantize_rtn(w, QuantSpec(3, 64, clip="mse")).dequantize() - w).norm()
     assert mse < errs[3]
+
+
+@pytest.mark.parametrize("rows", [96, 9000])  # 9000 x 64 splits the 41 shrink factors into two chunks
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, False), (4, True)])
+def test_mse_clip_picks_the_first_best_shrink_per_row(rows, bits, sym):
+    """The batched search equals a plain scan of the factors that keeps only strict improvements."""
+    w = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows + bits)) ** 3  # heavy tails: clipping pays
+    spec = QuantSpec(bits, 64, sym, "mse")
+    lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+    best = scale = zero = None
+    for i in range(41):
+        s, z = _minmax_params((1 - 0.75 * i / 40) * lo, (1 - 0.75 * i / 40) * hi, bits, sym)
+        err = (w - dequantize_codes(quantize_codes(w, s, z, bits), s, z)).abs().pow(2.4).sum(1)
+        better = err < best if best is not None else torch.ones_like(err, dtype=torch.bool)
+        best = err if best is None else torch.where(better, err, best)
+        scale = s if scale is None else torch.where(better[:, None], s, scale)
+        zero = z if zero is None else torch.where(better[:, None], z, zero)
+    got_scale, got_zero = find_params(w, spec)
+    assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
+    assert (got_scale < _minmax_params(lo, hi, bits, sym)[0]).any()  # some rows really were clipped
 
 
 def test_group_fallback_for_widths_not_divisible():
