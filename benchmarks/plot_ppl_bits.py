@@ -42,27 +42,40 @@ def float_ppl() -> float | None:
     return None
 
 
+YMAX = 1500.0  # collapsed runs (2-bit RTN) would squash everything else; they sit on the top edge
+
+
 def main() -> None:
     pts = points()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10.5, 6))
     families = sorted({(b, n.split("-")[0]) for b, n, _, _ in pts})
+    # only the lowest point of each family at each width is labelled: the rest overlap unreadably
+    best: dict[tuple[str, str, float], tuple[float, str]] = {}
+    for b, n, x, y in pts:
+        key = (b, n.split("-")[0], round(x, 1))
+        best[key] = min(best.get(key, (y, n)), (y, n))
     for i, (bench, fam) in enumerate(families):
         sel = [(x, y, n) for b, n, x, y in pts if b == bench and n.split("-")[0] == fam]
         marker = "s" if any(f"-a{k}" in n or n.startswith(f"w4a{k}") for _, _, n in sel for k in (4, 8)) else "o"
-        ax.scatter([x for x, _, _ in sel], [y for _, y, _ in sel], label=f"{bench}: {fam}", marker=marker, s=36,
-                   color=plt.cm.tab10(i % 10))  # fmt: skip
+        ax.scatter([x for x, _, _ in sel], [min(y, YMAX) for _, y, _ in sel], label=f"{bench}: {fam}", marker=marker,
+                   s=36, color=plt.cm.tab20(i % 20))  # fmt: skip
         for x, y, n in sel:
-            ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            if y > YMAX:
+                ax.annotate(f"{n}: {y:,.0f} (off the scale)", (x, YMAX), fontsize=7, xytext=(-4, -10),
+                            textcoords="offset points", ha="right" if x > 3.5 else "left")  # fmt: skip
+            elif best[(bench, fam, round(x, 1))][1] == n:
+                ax.annotate(f"{n} {y:.1f}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ref = float_ppl()
     if ref:
         ax.axhline(ref, color="gray", ls="--", lw=1)
         ax.annotate(f"float {ref:.2f}", (ax.get_xlim()[0], ref), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_yscale("log")
+    ax.set_ylim(top=YMAX * 1.05)
     ax.set_xlabel("bits per weight (codes + every scale and zero)")
     ax.set_ylabel("WikiText-2 perplexity (full test split, 2048-token windows)")
-    ax.set_title("SmolLM2-135M: perplexity against bits per weight")
+    ax.set_title("SmolLM2-135M: perplexity against bits per weight (best of each method labelled)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     out = RESULTS / "ppl_vs_bits.png"
     fig.savefig(out, dpi=130)
