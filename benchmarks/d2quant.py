@@ -42,6 +42,10 @@ def settings() -> dict[str, list]:
         float_dac = D2QuantConfig(bits=b, group_size=GROUP, dac=True, dac_teacher="float")
         out[f"d2quant-w{b}-float-dac"] = [rot, ("d2quant", float_dac)]
         out[f"d2quant-w{b}-float-dac-no-rotation"] = [("d2quant", float_dac)]
+    # DAC with a backend that does not see the drift (GPTQ): where DAC could still pay off
+    gptq_backend = {"bits": 2, "group_size": GROUP, "backend": "gptq"}
+    out["d2quant-w2-gptq"] = [rot, ("d2quant", D2QuantConfig(**gptq_backend))]
+    out["d2quant-w2-gptq-dac"] = [rot, ("d2quant", D2QuantConfig(**gptq_backend, dac=True))]
     return out
 
 
