@@ -54,7 +54,7 @@ class D2QuantConfig:
     group_size: int = 64
     backend: str = "gptaq"
     dsq: bool = True
-    dac: bool = False  # opt-in: with GPTAQ it measured worse at 3 and 2 bits (benchmarks/results/d2quant.md)
+    dac: bool = False  # opt-in: measured worse with GPTAQ (3 and 2 bits) and GPTQ (2 bits): results/d2quant.md
     dsq_iters: int = 15
     dac_teacher: str = "local"  # "float" (methods.md's wording) corrects earlier blocks' drift too: measured far worse
     dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)
