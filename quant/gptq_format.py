@@ -37,6 +37,7 @@ from quant.quantlinear import QuantLinear
 GPTQ_BITS = (2, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+ZERO_MAX = 255  # QuantLinear.zeros is uint8
 
 
 def _gptq_tensors(q: QuantLinear, v1: bool) -> dict[str, torch.Tensor]:
@@ -190,6 +191,11 @@ def _from_gptq(name: str, t: dict[str, torch.Tensor], bits: int, v1: bool, dtype
     zeros = unpack(qzeros, bits, n).to(torch.int64)  # [G, N]
     if v1:
         zeros = zeros + 1  # v1 stores zero - 1; consumers add it back without wrapping
+    if int(zeros.max()) > ZERO_MAX:  # 8-bit v1: a stored 0xFF means 256, which would wrap to 0 in uint8
+        raise QuantError(
+            f"{name}: the v1 zero field 0x{2**bits - 1:X} means a zero-point of {2**bits}, which our uint8 "
+            "zero-points cannot hold; re-export it as gptq_v2 or with symmetric quantization"
+        )
     bias = t.get("bias")
     q = QuantLinear(k, n, bits, g, bias=bias is not None, dtype=dtype)
     q.qweight.copy_(pack(unpack(qweight.t().contiguous(), bits, k), bits))

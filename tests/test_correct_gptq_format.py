@@ -1,0 +1,93 @@
+"""GPTQ import at the edges of the zero-point field, on hand-made folders (the reference codec of test_export,
+written from the format's description): v1's ``stored + 1`` at 2, 4 and 8 bits, the 8-bit field 0xFF whose
+zero-point 256 has no uint8 form, 3-bit refusal, and the zero-point of 0 that only v2 can carry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.numpy import save_file as save_np
+from test_export import ref_decode, ref_encode
+
+from quant import QuantError, save_quantized
+from quant.gptq_format import export_gptq, load_gptq
+
+
+def hand_made(tmp_path, tokenizer, bits: int, zero_range: tuple[int, int], v1: bool = True, name: str = "gptq"):
+    """A GPTQ folder of the tiny Llama whose zero-points run over all of ``zero_range`` (inclusive) in every
+    linear; returns (folder, {module: reference dequantized weight})."""
+    m = tiny_model()
+    folder = tmp_path / name
+    m.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": False,
+        "checkpoint_format": "gptq" if v1 else "gptq_v2",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(bits)
+    lo, hi = zero_range
+    state, expect = {}, {}
+    for key, p in m.state_dict().items():
+        mod = key.rsplit(".", 1)[0]
+        if key.endswith("_proj.weight"):
+            n_out, k_in = p.shape
+            codes = rng.integers(0, 2**bits, (n_out, k_in))
+            zeros = rng.integers(lo, hi + 1, (n_out, k_in // 32))
+            zeros.flat[:2] = lo, hi  # both edges present in every layer
+            scales = (rng.random((k_in // 32, n_out)) * 0.01 + 1e-3).astype(np.float16)
+            qweight, qzeros = ref_encode(codes, zeros, bits, v1=v1)
+            state |= {f"{mod}.qweight": qweight, f"{mod}.qzeros": qzeros, f"{mod}.scales": scales}
+            state[f"{mod}.g_idx"] = (np.arange(k_in) // 32).astype(np.int32)
+            expect[mod] = ref_decode(qweight, qzeros, scales, bits, v1=v1)
+        elif not key.endswith("lm_head.weight"):
+            state[key] = p.numpy()
+    save_np(state, str(folder / "model.safetensors"))
+    return folder, expect
+
+
+@pytest.mark.parametrize("bits, zeros", [(2, (1, 4)), (4, (1, 16)), (8, (1, 255))])
+def test_v1_zero_points_import_exactly_up_to_the_top_of_the_field(tmp_path, tokenizer, bits, zeros):
+    """v1 stores z - 1, so z = 2^bits (2-bit: 4, 4-bit: 16) is the stored all-ones field; 8-bit tops at 255."""
+    folder, expect = hand_made(tmp_path, tokenizer, bits, zeros)
+    model, _ = load_gptq(folder, dtype=torch.float32)
+    for mod, w in expect.items():
+        q = model.get_submodule(mod)
+        assert (int(q.zeros.min()), int(q.zeros.max())) == zeros, mod
+        assert np.array_equal(q.dequantize().numpy(), w), mod
+
+
+def test_v1_8bit_zero_field_0xff_is_refused_not_wrapped(tmp_path, tokenizer):
+    """The live bug: 0xFF + 1 = 256 wrapped to 0 in the uint8 zeros and loaded as a different model."""
+    folder, _ = hand_made(tmp_path, tokenizer, 8, (1, 256))
+    with pytest.raises(QuantError, match="zero-point of 256"):
+        load_gptq(folder)
+
+
+def test_3bit_gptq_is_refused(tmp_path, tokenizer):
+    folder, _ = hand_made(tmp_path, tokenizer, 4, (1, 16))  # GPTQ's 3-bit words straddle: only the header says 3
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match="3-bit GPTQ checkpoints are not supported"):
+        load_gptq(folder)
+
+
+def test_zero_point_of_0_imports_from_v2_and_refuses_v1_export(tmp_path, tokenizer):
+    folder, expect = hand_made(tmp_path, tokenizer, 8, (0, 255), v1=False)
+    model, _ = load_gptq(folder, dtype=torch.float32)
+    for mod, w in expect.items():
+        assert np.array_equal(model.get_submodule(mod).dequantize().numpy(), w), mod
+    qc = {"method": "gptq-import", "modules": model.lowbit_config["modules"]}
+    ck = save_quantized(model, tokenizer, tmp_path / "ours", qc)
+    with pytest.raises(QuantError, match="some zero-points are 0"):
+        export_gptq(ck, tmp_path / "v1", checkpoint_format="gptq")
+    assert not (tmp_path / "v1").exists()
+    back, _ = load_gptq(export_gptq(ck, tmp_path / "v2", checkpoint_format="gptq_v2"), dtype=torch.float32)
+    for mod, w in expect.items():
+        assert np.array_equal(back.get_submodule(mod).dequantize().numpy(), w), mod
