@@ -1,0 +1,146 @@
+"""Deliberate bugs, one small source edit each, and the fast tests that must catch them.
+
+Each entry replaces ``old`` (which must occur exactly once in ``file``) by ``new``. ``tests`` are pytest
+node ids (files or ``file::test``) that run against the mutated copy; the bug counts as caught when one of
+them fails. ``python tests/mutations/run.py`` plants them one at a time and writes the table;
+``tests/test_mutation_catalogue.py`` keeps every entry applicable as the code changes. When a test is added
+for a new method, add the bug it exists to catch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str  # what the bug does to the model
+
+
+PIPE = "tests/test_correct_pipelines.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # -- the three bugs the issue found surviving --
+    Mutation(
+        "dsq-column-scale-not-absorbed",
+        "quant/d2quant.py",
+        'absorb_column_scale(block.get_submodule(rel.replace("down_proj", "up_proj")), q.col_scale)',
+        "q.col_scale  # mutated: not absorbed",
+        (f"{PIPE}::test_d2quant_mlp_is_the_one_rebuilt_from_dsq_codes_and_the_absorbed_column_scale",),
+        "down_proj's DSQ column scale is dropped: every MLP output is off by a per-channel factor",
+    ),
+    Mutation(
+        "gptaq-ignores-the-float-stream",
+        "quant/d2quant.py",
+        "P = moment(xf, x)",
+        "P = moment(x, x)",
+        (f"{PIPE}::test_gptaq_hands_the_solver_the_closed_form_asymmetric_target",),
+        "GPTAQ's cross moment uses the quantized inputs: the target is W and GPTAQ silently becomes GPTQ",
+    ),
+    Mutation(
+        "gptq-no-update-of-later-column-blocks",
+        "quant/gptq.py",
+        "W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]",
+        "W[:, i2:] -= 0 * Err1 @ Hinv[i1:i2, i2:]",
+        (f"{PIPE}::test_gptq_solver_matches_a_plain_column_by_column_gptq",),
+        "errors are fed back only inside each lazy block of 128 columns",
+    ),
+    # -- GPTQ and the sequential driver --
+    Mutation(
+        "gptq-no-error-feedback",
+        "quant/gptq.py",
+        "err = (w - deq) / Hinv1[i, i]",
+        "err = 0 * (w - deq) / Hinv1[i, i]",
+        (f"{PIPE}::test_gptq_solver_matches_a_plain_column_by_column_gptq",),
+        "GPTQ degrades to rounding to nearest",
+    ),
+    Mutation(
+        "gptq-stream-not-advanced",
+        "quant/blockwise.py",
+        "        runner.advance(block)",
+        "        pass  # mutated: runner.advance(block)",
+        (f"{PIPE}::test_gptq_hessians_come_from_the_quantized_stream",),
+        "every block is calibrated on the embeddings (block 0's inputs)",
+    ),
+    Mutation(
+        "staged-o-proj-sees-float-qkv",
+        "quant/blockwise.py",
+        "    visit(qkv, xa)\n    attn_in = each(",
+        "    attn_in = each(lambda c: _input_to(role(\"o\"), lambda: attn(hidden_states=c, **block_kwargs)), xa)\n"
+        "    visit(qkv, xa)\n    _unused = each(",
+        (f"{PIPE}::test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream",),
+        "o_proj's Hessian is measured before q/k/v were quantized",
+    ),
+    # -- grid and packing --
+    Mutation(
+        "grid-zero-point-truncated",
+        "quant/grid.py",
+        "zero = torch.round(-xmin / scale).clamp(0, maxq)",
+        "zero = (-xmin / scale).clamp(0, maxq)",
+        ("tests/test_grid.py::test_quantize_dequantize_roundtrip",),
+        "asymmetric zero-points are truncated when stored: up to a whole step of bias per group",
+    ),
+    Mutation(
+        "packing-3bit-codes-straddle",
+        "quant/packing.py",
+        "return 32 // bits",
+        "return (32 + bits - 1) // bits",
+        ("tests/test_packing.py",),
+        "11 three-bit codes per word: the last one loses its top bit",
+    ),
+    # -- DSQ, DAC, rotation --
+    Mutation(
+        "dsq-no-gptq-feedback",
+        "quant/dsq.py",
+        "    if H is None:\n        codes = torch.zeros(out, n, dtype=torch.long, device=W.device)",
+        "    if True:\n        codes = torch.zeros(out, n, dtype=torch.long, device=W.device)",
+        ("tests/test_dsq.py::test_gptq_feedback_lowers_output_error",),
+        "DSQ ignores the Hessian: no error feedback between columns",
+    ),
+    Mutation(
+        "dac-bias-sign-flipped",
+        "quant/d2quant.py",
+        "mu = (float_in[stage][:, k:] - xq[:, k:]).mean((0, 1))",
+        "mu = (xq[:, k:] - float_in[stage][:, k:]).mean((0, 1))",
+        ("tests/test_d2quant.py::test_dac_bias_is_teacher_minus_student",),
+        "DAC doubles the drift instead of removing it",
+    ),
+    Mutation(
+        "rotation-writers-not-rotated",
+        "quant/rotation.py",
+        "            left(lin.weight)\n",
+        "            pass  # mutated: left(lin.weight)\n",
+        ("tests/test_rotation.py::test_rotated_tiny_model_is_the_same_function",),
+        "o_proj/down_proj write into the unrotated stream: a different function",
+    ),
+    # -- checkpoints and the GPTQ format --
+    Mutation(
+        "checkpoint-checksums-not-checked",
+        "quant/checkpoint.py",
+        "if _sha256(f) != digest:",
+        "if False:",
+        ("tests/test_checkpoint.py::test_altered_byte_detected",),
+        "a flipped byte in the weights loads as a different model",
+    ),
+    Mutation(
+        "gptq-v1-zero-not-restored",
+        "quant/gptq_format.py",
+        "zeros = zeros + 1  # v1 stores zero - 1",
+        "zeros = zeros + 0  # v1 stores zero - 1",
+        ("tests/test_correct_gptq_format.py::test_v1_zero_points_import_exactly_up_to_the_top_of_the_field",),
+        "every imported v1 zero-point is one too small",
+    ),
+    Mutation(
+        "gptq-v1-8bit-zero-wraps",
+        "quant/gptq_format.py",
+        "if int(zeros.max()) > ZERO_MAX:",
+        "if False:",
+        ("tests/test_correct_gptq_format.py::test_v1_8bit_zero_field_0xff_is_refused_not_wrapped",),
+        "the issue's live bug: 8-bit v1 field 0xFF (zero-point 256) wraps to 0",
+    ),
+)
