@@ -10,7 +10,6 @@ quantize inspect DIR                                        what a checkpoint ho
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -49,9 +48,12 @@ def _routing_sample(tokenizer, windows: int = 4, seqlen: int = 512):
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Write ``data`` as JSON to a temporary sibling renamed over ``path``: an error or a kill never leaves a
+    half-written file, and what a killed run left is removed by the next write (``quant.atomic.atomic_file``)."""
+    from quant.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        json.dump(data, f, indent=2)
 
 
 @app.command("model")
@@ -544,7 +546,8 @@ def moe_align_cmd(
     from moe.mpi import AlignConfig, align_routers, alignment
     from moe.routing import compare_routing, router_logits, summarize
     from quant.adapters import MOE_TYPES
-    from quant.checkpoint import atomic_dir, check_output_dir
+    from quant.atomic import atomic_dir
+    from quant.checkpoint import check_output_dir
     from quant.models import load_model
 
     if out is not None:

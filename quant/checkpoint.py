@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe.experts import unfuse_experts
+from quant.atomic import atomic_dir, recover_output
 from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
@@ -63,8 +61,12 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output folder before any work is done (unless ``overwrite``)."""
+    """Refuse an existing output folder before any work is done (unless ``overwrite``).
+
+    What killed writers left next to ``out`` is tidied first (:func:`recover_output`), so a folder whose
+    replacement was killed half-way counts as existing, as it did before that run."""
     out = Path(out)
+    recover_output(out)
     if out.exists() and not overwrite:
         raise QuantError(f"output folder {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -104,27 +106,6 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
         shards[-1][name] = t
         size += n
     return shards
-
-
-@contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary sibling of ``out`` to write into; on success it is renamed into place (replacing
-    an existing ``out`` only after the new folder is complete), on any error or interruption removed."""
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():  # swap in, then delete the old folder
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_quantized(

@@ -29,7 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quant.checkpoint import atomic_dir, check_output_dir, load_quantized, read_quantization_config
+from quant.atomic import atomic_dir
+from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
 from quant.errors import QuantError
 from quant.packing import pack, unpack
 from quant.quantlinear import QuantLinear

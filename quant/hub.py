@@ -15,7 +15,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from quant.checkpoint import atomic_dir, check_output_dir, read_quantization_config
+from quant.atomic import atomic_dir
+from quant.checkpoint import check_output_dir, read_quantization_config
 from quant.errors import QuantError
 
 CARD = "README.md"
