@@ -70,10 +70,20 @@ def test_cayley_is_orthogonal():
 
 def test_fake_quant_tokens_levels_and_straight_through():
     x = torch.randn(5, 64, requires_grad=True)
+    xd = x.detach()
     for sym in (True, False):
         y = fake_quant_tokens(x, ActQuantConfig(bits=4, sym=sym))
-        for row in y.detach():
-            assert len(torch.unique(row)) <= 16
+        # the 4-bit grid from each row's own range: sym amax / 7 (codes -8..7), asym (max - min) / 15 with
+        # an integer zero, so (q - z) * s is a multiple of s either way
+        if sym:
+            scale = xd.abs().amax(-1, keepdim=True) / 7
+        else:
+            scale = (xd.amax(-1, keepdim=True) - xd.amin(-1, keepdim=True)) / 15
+        q = y.detach() / scale
+        assert torch.allclose(q, q.round(), atol=1e-4)  # on the grid
+        codes = q.round() + (0 if sym else torch.round(-xd.amin(-1, keepdim=True) / scale))
+        assert codes.min() >= (-8 if sym else 0) and codes.max() <= (7 if sym else 15)  # 16 levels
+        assert ((y.detach() - xd).abs() <= scale / 2 * (1 + 1e-4)).all()  # and the nearest grid point
         err = (y - x).abs().max(-1).values
         span = x.detach().amax(-1) - x.detach().amin(-1)
         assert (err <= span / 15 * 0.51 + 1e-6).all() if not sym else (err <= x.abs().amax(-1) / 7 * 0.51 + 1e-6).all()
