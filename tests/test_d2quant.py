@@ -35,15 +35,25 @@ def test_staged_block_is_the_block(model_type, calib):
     block = model.model.layers[0]
     seen: dict = {}
     out = run_staged(block, adapter_for(model), runner.inputs, runner.block_kwargs, seen.__setitem__, chunk=2)
+    # the reference: one plain forward of the block per window, each stage's input caught by a hook
+    caught: dict = {}
+
+    def catch(key):
+        return lambda _m, args, out=None: caught.setdefault(key, []).append(args[0] if out is None else out)
+
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    gate_up, down = ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)
+    hooks = [block.get_submodule(g[0]).register_forward_pre_hook(catch(g)) for g in (qkv, ("self_attn.o_proj",))]
+    hooks += [block.get_submodule(g[0]).register_forward_pre_hook(catch(g)) for g in (gate_up, down)]
+    hooks.append(block.post_attention_layernorm.register_forward_hook(catch("post_attention_norm")))
     with torch.no_grad():
         ref = torch.cat([runner._call(block, x[None]) for x in runner.inputs])
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        gate_up, down = ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)
-        assert list(seen) == [qkv, ("self_attn.o_proj",), "post_attention_norm", gate_up, down]
-        x = runner.inputs[3:4]
-        torch.testing.assert_close(seen[qkv][3:4], block.input_layernorm(x))
-        assert seen[down].shape == (5, 48, 128)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert list(seen) == [qkv, ("self_attn.o_proj",), "post_attention_norm", gate_up, down]
+    for key, got in seen.items():
+        torch.testing.assert_close(got, torch.cat(caught[key]), rtol=1e-5, atol=1e-5, msg=f"{key}")
 
 
 def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
@@ -64,9 +74,11 @@ def test_dac_bias_is_teacher_minus_student(tokenizer, calib):
         return got[0][:, cfg.dac_skip_first :].mean((0, 1))
 
     teacher, student = norm_out(float_model), norm_out(model)
-    torch.testing.assert_close(student, teacher, atol=1e-5, rtol=0)
+    atol = 1e-5
+    torch.testing.assert_close(student, teacher, atol=atol, rtol=0)
+    # not vacuous: 2-bit attention really moved the mean, by far more than the tolerance, and DAC moved it back
     bias = model.model.layers[0].post_attention_layernorm.bias
-    assert bias.abs().max() > 1e-3  # 2-bit attention really moved the mean, and DAC moved it back
+    assert bias.abs().max() > 100 * atol
 
 
 def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer, calib):
@@ -103,16 +115,21 @@ def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer,
 
 
 def test_gptaq_target_without_drift_is_the_weight():
-    x = torch.randn(500, 32)
+    x = torch.randn(500, 32, dtype=torch.float64)
     H = x.T @ x / 500
     w = torch.randn(8, 32)
-    torch.testing.assert_close(gptaq_target(w, H, H.clone(), 0.01), w)
+    assert torch.equal(gptaq_target(w, H, H.clone(), 0.01), w)  # P - H = 0: nothing is added
     # with drift and no damping it is the least-squares solution of W x ≈ Ŵ x̃
-    xt = x + 0.1 * torch.randn(500, 32)
+    xt = x + 0.1 * torch.randn(500, 32, dtype=torch.float64)
     Ht, P = xt.T @ xt / 500, x.T @ xt / 500
-    ws = gptaq_target(w, Ht.double(), P.double(), 0.0)
-    ref = torch.linalg.lstsq(xt.double(), (x @ w.T).double()).solution.T
-    torch.testing.assert_close(ws.double(), ref, rtol=1e-4, atol=1e-4)
+    ws = gptaq_target(w, Ht, P, 0.0)
+    ref = torch.linalg.lstsq(xt, x @ w.double().T).solution.T
+    # all in float64 but the returned float32: each entry is off by its rounding, 2^-24 relative (and the solve
+    # of a well-conditioned 32x32 system adds ~1e-14)
+    torch.testing.assert_close(ws.double(), ref, rtol=2**-23, atol=1e-12)
+    # alpha scales the correction: W + α (W* - W)
+    ref_a = w.double() + 0.25 * (ref - w.double())
+    torch.testing.assert_close(gptaq_target(w, Ht, P, 0.0, alpha=0.25).double(), ref_a, rtol=2**-23, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -4,23 +4,31 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant.errors import QuantError
-from quant.grid import (
-    QuantSpec,
-    _minmax_params,
-    check_finite,
-    dequantize_codes,
-    dequantize_weight,
-    find_params,
-    quantize_codes,
-    quantize_rtn,
-)
+from quant.grid import QuantSpec, check_finite, dequantize_weight, find_params, quantize_rtn
 
 
 def _weight(seed, rows, cols):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.05
     w[0, 0] = 0.4  # an outlier
+    if rows > 1:
+        w[1] = w[1].abs()  # a row of one sign: 0 must stay representable (its zero-point is 0)
     return w
+
+
+def ref_params(lo, hi, bits, sym):
+    """Scale and zero-point of a range ``[lo, hi]`` as the module docstring defines them, in plain torch."""
+    maxq = 2**bits - 1
+    if sym:
+        s = (2 * torch.maximum(lo.abs(), hi.abs()) / maxq).half().float()  # stored in fp16, rounded first
+        return s, torch.full_like(s, 2 ** (bits - 1))
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the grid always holds 0
+    s = ((hi - lo) / maxq).half().float()
+    return s, torch.round(-lo / s).clamp(0, maxq)
+
+
+def ref_codes(w, s, z, bits):
+    return torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1)
 
 
 @settings(max_examples=40, deadline=None)
@@ -46,10 +54,15 @@ def test_quantize_dequantize_roundtrip(bits, group, sym, clip, rows, ngroups, se
     if sym:
         assert bool((qw.zeros == 2 ** (bits - 1)).all())
     deq = qw.dequantize()
-    # dequantized values lie on the grid: encoding them with the stored scale/zero gives the same codes
+    # every code is w rounded on its group's stored grid: q = clamp(round(w / s) + z, 0, 2^bits - 1)
     s = qw.scales.float().repeat_interleave(g, dim=1)
     z = qw.zeros.float().repeat_interleave(g, dim=1)
-    assert torch.equal(quantize_codes(deq, s, z, bits).to(torch.uint8), qw.codes)
+    assert torch.equal(ref_codes(w, s, z, bits).to(torch.uint8), qw.codes)
+    if clip == "minmax":  # and the grid is the documented one, from each group's min and max
+        groups = w.reshape(rows * (cols // g), g)
+        s_ref, z_ref = ref_params(groups.min(1).values, groups.max(1).values, bits, sym)
+        assert torch.equal(qw.scales.float().reshape(-1), s_ref)
+        assert torch.equal(qw.zeros.float().reshape(-1), z_ref)
     if clip == "minmax" and not sym:
         # nothing is clipped: every error is at most half a step, plus what rounding the scale to fp16
         # (relative error <= 2^-11) takes off the grid's span of 2^bits - 1 steps, which one edge may carry
@@ -81,15 +94,15 @@ def test_mse_clip_picks_the_first_best_shrink_per_row(rows, bits, sym):
     lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     best = scale = zero = None
     for i in range(41):
-        s, z = _minmax_params((1 - 0.75 * i / 40) * lo, (1 - 0.75 * i / 40) * hi, bits, sym)
-        err = (w - dequantize_codes(quantize_codes(w, s, z, bits), s, z)).abs().pow(2.4).sum(1)
+        s, z = ref_params((1 - 0.75 * i / 40) * lo, (1 - 0.75 * i / 40) * hi, bits, sym)
+        err = (w - (ref_codes(w, s, z, bits) - z) * s).abs().pow(2.4).sum(1)
         better = err < best if best is not None else torch.ones_like(err, dtype=torch.bool)
         best = err if best is None else torch.where(better, err, best)
         scale = s if scale is None else torch.where(better[:, None], s, scale)
         zero = z if zero is None else torch.where(better[:, None], z, zero)
     got_scale, got_zero = find_params(w, spec)
     assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
-    assert (got_scale < _minmax_params(lo, hi, bits, sym)[0]).any()  # some rows really were clipped
+    assert (got_scale < ref_params(lo, hi, bits, sym)[0]).any()  # some rows really were clipped
 
 
 def test_group_fallback_for_widths_not_divisible():
