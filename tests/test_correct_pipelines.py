@@ -152,25 +152,28 @@ def _check_hessians(calls, model, float_model, calib, names, skip=()):
     return checked
 
 
-def test_gptq_hessians_come_from_the_quantized_stream(monkeypatch, tokenizer, calib):
+def spied_run(monkeypatch, tokenizer, calib, module, step):
+    """A tiny Llama through one pass with ``module.gptq_quantize`` spied on; returns the quantized model, a float
+    copy taken before, the spy and every block linear's name."""
     model = tiny_model()
     float_model = copy.deepcopy(model)
-    spy = Spy(monkeypatch, quantizers_mod, "gptq_quantize")
-    run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False),
-                 [("gptq", GPTQConfig(bits=2, group_size=32))])  # fmt: skip
+    spy = Spy(monkeypatch, module, "gptq_quantize")
+    run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False), [step])
     names = all_names(model)
     assert len(spy.calls) == len(names)
+    return model, float_model, spy, names
+
+
+def test_gptq_hessians_come_from_the_quantized_stream(monkeypatch, tokenizer, calib):
+    step = ("gptq", GPTQConfig(bits=2, group_size=32))
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, quantizers_mod, step)
     assert _check_hessians(spy.calls, model, float_model, calib, names) == 14
 
 
 def test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream(monkeypatch, tokenizer, calib):
     """The staged driver (one forward per block) must feed each group what the sequential model gives it."""
-    model = tiny_model()
-    float_model = copy.deepcopy(model)
-    spy = Spy(monkeypatch, d2quant_mod, "gptq_quantize")
-    cfg = D2QuantConfig(bits=2, group_size=32, backend="gptq", dsq=False)
-    run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False), [("d2quant", cfg)])
-    names = all_names(model)
+    step = ("d2quant", D2QuantConfig(bits=2, group_size=32, backend="gptq", dsq=False))
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, d2quant_mod, step)
     assert _check_hessians(spy.calls, model, float_model, calib, names) == 14
 
 
@@ -180,14 +183,9 @@ def test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream(monkeypatc
 def test_gptaq_hands_the_solver_the_closed_form_asymmetric_target(monkeypatch, tokenizer, calib):
     """Target W + α W (P − H)(H + λI)⁻¹ with H = E[x̃x̃ᵀ] (x̃: the finished model's inputs) and P = E[x x̃ᵀ]
     (x: the float model's inputs), computed here in float64 from separately captured inputs."""
-    model = tiny_model()
-    float_model = copy.deepcopy(model)
-    spy = Spy(monkeypatch, d2quant_mod, "gptq_quantize")
     cfg = D2QuantConfig(bits=2, group_size=32, backend="gptaq", dsq=False)
-    run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False), [("d2quant", cfg)])
-    names = all_names(model)
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, d2quant_mod, ("d2quant", cfg))
     q_in, f_in = linear_inputs(model, calib, names), linear_inputs(float_model, calib, names)
-    assert len(spy.calls) == len(names)
     for n, (target, H, _) in zip(names, spy.calls, strict=True):  # the pass visits linears in this order
         W = float_model.get_submodule(n).weight.detach().double()
         xq, xf = q_in[n], f_in[n]
