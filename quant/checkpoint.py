@@ -54,6 +54,7 @@ from quant.errors import QuantError
 from quant.inputops import attach_from_config, input_ops_config
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
+from quant.tensor_checks import check_state, torch_dtype
 
 QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
 FORMAT_VERSION = 1
@@ -212,9 +213,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(path)
     adapter_for_type(config.model_type)
     del config.quantization_config  # ours, not one transformers knows; kept on the model below
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    stored = torch_dtype(getattr(config, "dtype", None) or torch.float32)
+    dtype = torch_dtype(dtype or stored)
     state = _verify_and_read(path)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -238,6 +238,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
             raise QuantError(f"corrupt checkpoint {path}: norm {name} is not in the model") from None
         add_norm_bias(norm, torch.zeros_like(norm.weight))
     attach_from_config(model, qc)
+    check_state(state, model, stored, str(path))
     missing, unexpected = [], []
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -34,6 +34,8 @@ from quant.checkpoint import check_output_dir, load_quantized, read_quantization
 from quant.errors import QuantError
 from quant.packing import pack, unpack
 from quant.quantlinear import QuantLinear
+from quant.tensor_checks import check_state, check_tensor
+from quant.tensor_checks import torch_dtype as _torch_dtype
 
 GPTQ_BITS = (2, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -160,37 +162,65 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     return out
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
-        hint = f" (found {pickles[:2]}: pickled weights are never loaded)" if pickles else ""
-        raise QuantError(f"{path} has no .safetensors weights{hint}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
+def _weight_files(path: Path) -> list[str]:
+    """The weight files of a GPTQ folder: those its index names, else ``model.safetensors``, else its one
+    ``*.safetensors`` (older tools name it after the settings). Any other ``.safetensors`` file is ignored."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
         try:
-            state.update(load_file(str(f)))
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: unreadable {index.name} ({e})") from None
+        if not all(isinstance(n, str) and Path(n).name == n and n.endswith(".safetensors") for n in names):
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: {index.name} names a file outside the folder")
+        return names
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    files = sorted(f.name for f in path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    if files:
+        raise QuantError(f"{path} has several .safetensors files and no model.safetensors.index.json to say which")
+    pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
+    hint = f" (found {pickles[:2]}: pickled weights are never loaded)" if pickles else ""
+    raise QuantError(f"{path} has no .safetensors weights{hint}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name in _weight_files(path):
+        try:
+            state.update(load_file(str(path / name)))
         except (SafetensorError, OSError) as e:
-            raise QuantError(f"corrupt checkpoint {path}: cannot read {f.name} ({e})") from None
+            raise QuantError(f"corrupt checkpoint {path}: cannot read {name} ({e})") from None
     return state
 
 
-def _from_gptq(name: str, t: dict[str, torch.Tensor], bits: int, v1: bool, dtype: torch.dtype) -> QuantLinear:
+def _from_gptq(
+    name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.Module, dtype: torch.dtype, where: Path
+) -> QuantLinear:
+    """Our ``QuantLinear`` (bias in ``dtype``) for the linear ``lin`` called ``name`` from its GPTQ tensors, each
+    checked for its exact dtype and shape first (``copy_`` would convert and broadcast)."""
+    n, k, bits, group = lin.out_features, lin.in_features, gc["bits"], gc.get("group_size", -1)
     pf = 32 // bits
-    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
-    k, n = qweight.shape[0] * pf, qweight.shape[1]
-    n_groups = scales.shape[0]
-    if scales.shape[1] != n or qzeros.shape != (n_groups, (n + pf - 1) // pf) or k % n_groups:
-        raise QuantError(f"corrupt GPTQ checkpoint: {name} has inconsistent shapes {qweight.shape}/{qzeros.shape}")
-    g = k // n_groups
+    g = k if group == -1 else group
+    if k % pf or g <= 0 or k % g:
+        raise QuantError(f"corrupt GPTQ checkpoint {where}: {name} has {k} inputs, which group size {group} "
+                         f"and {bits}-bit words do not divide")  # fmt: skip
+    groups = k // g
+    check_tensor(f"{name}.qweight", t["qweight"], (torch.int32,), (k // pf, n), where)
+    check_tensor(f"{name}.qzeros", t["qzeros"], (torch.int32,), (groups, -(-n // pf)), where)
+    check_tensor(f"{name}.scales", t["scales"], (torch.float16,), (groups, n), where)
     g_idx = t.get("g_idx")
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
-        raise QuantError(
-            f"{name}: act-order (desc_act) GPTQ checkpoints with a permuted g_idx are not supported: our layers "
-            "store contiguous groups. Re-export it with desc_act=False"
-        )
-    zeros = unpack(qzeros, bits, n).to(torch.int64)  # [G, N]
-    if v1:
+    if g_idx is not None:
+        check_tensor(f"{name}.g_idx", g_idx, (torch.int32,), (k,), where)
+        if not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
+            raise QuantError(
+                f"{name}: act-order (desc_act) GPTQ checkpoints with a permuted g_idx are not supported: our layers "
+                "store contiguous groups. Re-export it with desc_act=False"
+            )
+    zeros = unpack(t["qzeros"], bits, n).to(torch.int64)  # [G, N]
+    if gc.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1  # v1 stores zero - 1; consumers add it back without wrapping
     if int(zeros.max()) > ZERO_MAX:  # 8-bit v1: a stored 0xFF means 256, which would wrap to 0 in uint8
         raise QuantError(
@@ -198,9 +228,11 @@ def _from_gptq(name: str, t: dict[str, torch.Tensor], bits: int, v1: bool, dtype
             "zero-points cannot hold; re-export it as gptq_v2 or with symmetric quantization"
         )
     bias = t.get("bias")
+    if bias is not None:
+        check_tensor(f"{name}.bias", bias, (torch.float16, torch.bfloat16, torch.float32), (n,), where)
     q = QuantLinear(k, n, bits, g, bias=bias is not None, dtype=dtype)
-    q.qweight.copy_(pack(unpack(qweight.t().contiguous(), bits, k), bits))
-    q.scales.copy_(scales.t())
+    q.qweight.copy_(pack(unpack(t["qweight"].t().contiguous(), bits, k), bits))
+    q.scales.copy_(t["scales"].t())
     q.zeros.copy_(zeros.t())
     if bias is not None:
         q.bias.copy_(bias)
@@ -223,7 +255,9 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     gc = raw.get("quantization_config") or {}
     if gc.get("quant_method") != "gptq":
         raise QuantError(f"{path} is not a GPTQ checkpoint (quantization_config.quant_method is not 'gptq')")
-    bits, fmt = int(gc.get("bits", 0)), gc.get("checkpoint_format", "gptq")
+    bits, fmt, group = gc.get("bits"), gc.get("checkpoint_format", "gptq"), gc.get("group_size", -1)
+    if not isinstance(group, int) or isinstance(group, bool):
+        raise QuantError(f"{path}: GPTQ group_size must be an integer, got {group!r}")  # -1: one group per row
     if bits not in GPTQ_BITS:
         raise QuantError(f"{path}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
     if fmt not in CHECKPOINT_FORMATS:
@@ -231,9 +265,8 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(path)
     adapter_for_type(config.model_type)
     del config.quantization_config
-    dtype = dtype or getattr(config, "dtype", None) or torch.float16
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    stored = _torch_dtype(getattr(config, "dtype", None) or torch.float16)
+    dtype = _torch_dtype(dtype or stored)
     state = _read_weights(path)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key in list(state):
@@ -255,12 +288,11 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
             lin = model.get_submodule(owner)
         except AttributeError:
             raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} is not in the model") from None
-        q = _from_gptq(owner, t, bits, fmt == "gptq", dtype)
-        if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
-            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} has the wrong shape")
+        q = _from_gptq(owner, t, gc, lin, dtype, path)
         parent, _, child = owner.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
         modules[owner] = {"bits": bits, "group_size": q.group_size, "sym": bool(gc.get("sym")), "format": "uniform"}
+    check_state(state, model, stored, str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

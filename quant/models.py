@@ -141,6 +141,25 @@ def resolve(name: str | None) -> str:
     return name
 
 
+PACKED_TENSORS = ("qweight", "qzeros", "scales", "zeros", "g_idx", "planes", "row_scales")
+
+
+def _check_complete(source: str, info: dict) -> None:
+    """transformers leaves the weights it did not find randomly initialised, with a warning: refuse instead."""
+    packed = [k for k in info.get("unexpected_keys", []) if k.rpartition(".")[2] in PACKED_TENSORS]
+    if packed:
+        raise QuantError(
+            f"{source} holds quantized tensors ({sorted(packed)[0]}) but its config.json has no quantization_config "
+            'this version reads (quant_method "lowbit" or "gptq"); it is not loaded as a float model'
+        )
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise QuantError(
+            f"cannot load model {source!r}: {len(missing)} weights are missing from its files (first: {missing[0]}); "
+            "it is not loaded with random weights"
+        )
+
+
 def load_model(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -172,13 +191,14 @@ def load_model(
             raise QuantError(f"cannot load model {source!r} from the Hub: {str(e).splitlines()[0]}") from None
         adapter_for_type(cfg.model_type)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except QuantError:
         raise
     except Exception as e:
         raise QuantError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
+    _check_complete(source, info)
     model.eval()
     return LoadedModel(model, tok, source, quantized=hasattr(model, "lowbit_config"))  # ours, from the Hub
