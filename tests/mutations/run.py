@@ -55,7 +55,7 @@ def run_one(m: Mutation, copy: Path, timeout: int) -> dict:
         out, code = "", -1
     finally:
         path.write_text(original)
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)  # "FAILED node id - message"
     if code == 0:
         status = "SURVIVED"
     elif code == 1 and failed:
