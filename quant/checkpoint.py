@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe.experts import unfuse_experts
+from quant import qconfig
 from quant.atomic import atomic_dir, recover_output
 from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
@@ -156,20 +158,38 @@ def save_quantized(
 def read_quantization_config(path: str | Path) -> dict:
     path = Path(path)
     try:
-        config = json.loads((path / "config.json").read_text())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError
+        config = json.loads(_read_bounded(path / "config.json"))
     except FileNotFoundError:
         raise QuantError(f"{path} is not a checkpoint: no config.json") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({e})") from None
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({str(e)[:200]})") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is missing)")
     if qc.get("format_version") != FORMAT_VERSION or qc.get("packing") != LAYOUT:
         raise QuantError(
             f"{path} uses checkpoint format {qc.get('format_version')}/{qc.get('packing')}; "
             f"this version reads {FORMAT_VERSION}/{LAYOUT}"
         )
+    qconfig.validate(qc, path)
     return qc
+
+
+MAX_TEXT_BYTES = 16 * 1024**2  # config.json, SHA256SUMS: a link to an endless file is not read without bound
+
+
+def _read_bounded(f: Path) -> str:
+    """A small text file of the checkpoint, or one error: too big, unreadable or not UTF-8."""
+    try:
+        with open(f, "rb") as fh:
+            data = fh.read(MAX_TEXT_BYTES + 1)
+        if len(data) > MAX_TEXT_BYTES:
+            raise QuantError(f"corrupt checkpoint {f.parent}: {f.name} is larger than {MAX_TEXT_BYTES} bytes")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantError(f"corrupt checkpoint {f.parent}: {f.name} unreadable ({e})") from None
 
 
 def _verify_and_read(path: Path) -> dict[str, torch.Tensor]:
@@ -177,8 +197,13 @@ def _verify_and_read(path: Path) -> dict[str, torch.Tensor]:
     if not sums.is_file():
         raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS is missing")
     state: dict[str, torch.Tensor] = {}
-    for line in sums.read_text().splitlines():
-        digest, fname = line.split(maxsplit=1)
+    for i, line in enumerate(_read_bounded(sums).splitlines(), 1):
+        m = re.fullmatch(r"([0-9a-f]{64})  (\S.*)", line)
+        if m is None:
+            raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS line {i} is not '<sha256>  <file name>'")
+        digest, fname = m.groups()
+        if Path(fname).name != fname or fname in (".", ".."):  # a checkpoint never reads outside its folder
+            raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS names {fname!r}, not a file of the folder")
         f = path / fname
         if not f.is_file():
             raise QuantError(f"corrupt checkpoint {path}: weight file {fname} is missing")
@@ -221,23 +246,15 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     if any(".experts." in name for name in qc["modules"]):
         unfuse_experts(model)  # quantized per expert (moe.experts)
     for name, spec in qc["modules"].items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise QuantError(f"corrupt checkpoint {path}: module {name} is not in the model") from None
+        lin = qconfig.check_linear(model, name, spec, path)
         parent_name, _, child = name.rpartition(".")
-        cls = LINEAR_FORMATS.get(spec.get("format", "uniform"))
-        if cls is None:
-            raise QuantError(f"corrupt checkpoint {path}: {name} has unknown format {spec.get('format')!r}")
+        cls = LINEAR_FORMATS[spec.get("format", "uniform")]
         q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
         setattr(model.get_submodule(parent_name), child, q)
     for name in qc.get("norm_biases", []):
-        try:
-            norm = model.get_submodule(name)
-        except AttributeError:
-            raise QuantError(f"corrupt checkpoint {path}: norm {name} is not in the model") from None
+        norm = qconfig.check_norm(model, name, path)
         add_norm_bias(norm, torch.zeros_like(norm.weight))
-    attach_from_config(model, qc)
+    attach_from_config(model, qc, path)
     check_state(state, model, stored, str(path))
     missing, unexpected = [], []
     try:

@@ -280,14 +280,17 @@ def input_ops_config(model: nn.Module) -> dict:
     return {k: v for k, v in {**out, "activations": act}.items() if v}
 
 
-def attach_from_config(model: nn.Module, qc: dict) -> None:
+def attach_from_config(model: nn.Module, qc: dict, where: str = "checkpoint") -> None:
     """Re-create the input ops and activation quantization a checkpoint lists (before its state dict is loaded)."""
     from quant.fpt import install_dynamic_scaling
+    from quant.qconfig import check_hadamard
 
     specs, act = qc.get("input_ops") or {}, qc.get("activations")
     try:
         for name, spec in specs.items():
-            input_ops(model.get_submodule(name)).hadamard = int(spec.get("hadamard", 0))
+            linear = model.get_submodule(name)
+            check_hadamard(linear, name, spec.get("hadamard", 0), where)
+            input_ops(linear).hadamard = spec.get("hadamard", 0)
         if any(spec.get("token_scale") for spec in specs.values()):
             install_dynamic_scaling(model)
         if act is not None:

@@ -116,3 +116,78 @@ def test_a_quantized_folder_without_its_quantization_config_is_not_loaded_as_flo
     (ours / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantError, match="quantiz"):
         load_model(str(ours))
+
+
+def edit_config(folder, edit) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _set(path: str, value):
+    """An edit of quantization_config: ``path`` like "modules/<name>/bits"; value ``...`` deletes it."""
+
+    def edit(qc):
+        *parents, leaf = path.split("/")
+        d = qc
+        for p in parents:
+            d = d[p]
+        if value is ...:
+            del d[leaf]
+        else:
+            d[leaf] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (_set("modules", ...), "modules must be"),
+        (_set("modules", None), "modules must be"),
+        (_set("modules", ["a"]), "modules must be"),
+        (_set(f"modules/{Q}", 4), rf"modules\['{Q}'\] must be an object"),
+        (_set(f"modules/{Q}/bits", ...), rf"modules\['{Q}'\].bits must be"),
+        (_set(f"modules/{Q}/bits", 5), rf"modules\['{Q}'\].bits must be"),
+        (_set(f"modules/{Q}/group_size", 0), "group_size must be a positive integer"),
+        (_set(f"modules/{Q}/group_size", -1), "group_size must be a positive integer"),
+        (_set(f"modules/{Q}/group_size", 32.0), "group_size must be a positive integer"),
+        (_set(f"modules/{Q}/group_size", "32"), "group_size must be a positive integer"),
+        (_set(f"modules/{Q}/group_size", 48), "48 does not divide its 64 inputs"),
+        (_set(f"modules/{Q}/format", "awq"), "format is 'awq'"),
+        (_set("modules/model.layers.0.input_layernorm", {"bits": 4, "group_size": 32}), "not a linear layer"),
+        (_set("modules/model.layers.9.mlp.up_proj", {"bits": 4, "group_size": 32}), "not in the model"),
+        (_set("norm_biases", None), "norm_biases must be"),
+        (_set("norm_biases", [f"{Q}"]), "which is not a norm"),
+        (_set("input_ops", {f"{Q}": {"hadamard": 2**40}}), "hadamard"),
+        (_set("input_ops", {f"{Q}": {"hadamard": -1}}), "hadamard"),
+        (_set("input_ops", {f"{Q}": {"hadamard": 1.5}}), "hadamard"),
+    ],
+)
+def test_malformed_quantization_config_is_refused_naming_the_field(ours, edit, field):
+    edit_config(ours, edit)
+    with pytest.raises(QuantError, match=field):
+        load_quantized(ours)
+
+
+@pytest.mark.parametrize(
+    "sums, match",
+    [
+        ("\n", "SHA256SUMS line 1"),
+        ("not a checksum line\n", "SHA256SUMS line 1"),
+        ("{digest}  ../q/model.safetensors\n", "not a file of the folder"),
+        ("{digest}  /etc/passwd\n", "not a file of the folder"),
+    ],
+)
+def test_malformed_or_escaping_checksum_files_are_refused(ours, sums, match):
+    digest = hashlib.sha256((ours / "model.safetensors").read_bytes()).hexdigest()
+    (ours / "SHA256SUMS").write_text(sums.format(digest=digest))
+    with pytest.raises(QuantError, match=match):
+        load_quantized(ours)
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe not utf-8", b"[1, 2]", b"[" * 100000, b'{"quantization_config": 3}'])
+def test_unreadable_or_odd_config_json_is_one_error(ours, text):
+    (ours / "config.json").write_bytes(text)
+    with pytest.raises(QuantError):
+        load_quantized(ours)

@@ -508,4 +508,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_load_checks.py::test_a_quantized_folder_without_its_quantization_config_is_not_loaded_as_float",),
         "a quantized folder without quantization_config loads as a randomly initialised float model",
     ),
+    Mutation(
+        "qconfig-group-size-not-checked",
+        "quant/qconfig.py",
+        "    if lin.in_features % spec[\"group_size\"]:",
+        "    if False:",
+        ("tests/test_load_checks.py::test_malformed_quantization_config_is_refused_naming_the_field",),
+        "a group size that does not divide the width reaches the layer constructor",
+    ),
+    Mutation(
+        "qconfig-hadamard-any-width",
+        "quant/qconfig.py",
+        "    if width and (width != n or not has_hadamard(width)):",
+        "    if False:",
+        ("tests/test_load_checks.py::test_malformed_quantization_config_is_refused_naming_the_field",),
+        "an input op's hadamard of -1, 1.5 or 2^40 silently applies a full-width transform",
+    ),
+    Mutation(
+        "checksums-may-leave-the-folder",
+        "quant/checkpoint.py",
+        "        if Path(fname).name != fname or fname in (\".\", \"..\"):",
+        "        if False:",
+        ("tests/test_load_checks.py::test_malformed_or_escaping_checksum_files_are_refused",),
+        "SHA256SUMS entries like ../x read weights from outside the checkpoint",
+    ),
 )
