@@ -157,13 +157,11 @@ def save_quantized(
 
 def read_quantization_config(path: str | Path) -> dict:
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise QuantError(f"{path} is not a checkpoint: no config.json")
     try:
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError
         config = json.loads(_read_bounded(path / "config.json"))
-    except FileNotFoundError:
-        raise QuantError(f"{path} is not a checkpoint: no config.json") from None
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+    except (ValueError, RecursionError) as e:  # bad JSON, or nested deeper than the parser goes
         raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({str(e)[:200]})") from None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
