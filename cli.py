@@ -413,19 +413,37 @@ def eval_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(ckpt: Path = typer.Argument(..., help="A checkpoint folder written by `quantize model`.")) -> None:
+def inspect_cmd(
+    ckpt: Path = typer.Argument(..., help="A checkpoint folder: ours (`quantize model`) or a GPTQ-format one."),
+) -> None:
     """Summarise a quantized checkpoint: method, bits and groups per layer, sizes, recorded perplexity."""
     from quant.checkpoint import read_quantization_config
+    from quant.gptq_format import read_gptq_config
+    from quant.models import checkpoint_kind
+    from quant.reader import read_config, read_json
 
     if not ckpt.is_dir():
         raise QuantError(f"{ckpt} is not a folder")
-    qc = read_quantization_config(ckpt)
-    mods = qc.get("modules", {})
+    raw = read_config(ckpt)
+    kind = checkpoint_kind(ckpt, raw)
+    if kind is None:
+        raise QuantError(f"{ckpt} is not a quantized checkpoint (no quantization_config): a float model")
+    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors") if f.is_file())
+    if kind == "gptq":
+        gc = read_gptq_config(ckpt, raw)
+        typer.echo(
+            f"{ckpt}: GPTQ ({gc.get('checkpoint_format', 'gptq')}), {gc['bits']} bits, group size "
+            f"{gc.get('group_size', -1)}, sym {gc.get('sym')}, desc_act {gc.get('desc_act', False)}"
+        )
+        typer.echo(f"  weights on disk: {weights / 2**20:.1f} MiB")
+        return
+    qc = read_quantization_config(ckpt, raw)
+    mods = qc["modules"]
     typer.echo(f"{ckpt}: method {qc.get('method')}, format {qc['format_version']}, packing {qc['packing']}")
     typer.echo(
         f"  {len(mods)} quantized linears; bits {dict(Counter(m['bits'] for m in mods.values()))}; "
         f"group sizes {dict(Counter(m['group_size'] for m in mods.values()))}; "
-        f"sym {dict(Counter(m['sym'] for m in mods.values()))}"
+        f"sym {dict(Counter(m.get('sym') for m in mods.values()))}"
     )
     act, ops = qc.get("activations"), qc.get("input_ops") or {}
     if act:
@@ -436,18 +454,27 @@ def inspect_cmd(ckpt: Path = typer.Argument(..., help="A checkpoint folder writt
         had = sum(1 for o in ops.values() if o.get("hadamard"))
         scaled = sum(1 for o in ops.values() if o.get("token_scale"))
         typer.echo(f"  online ops: Hadamard on {had} inputs, dynamic per-token scaling on {scaled}")
-    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     typer.echo(f"  weights on disk: {weights / 2**20:.1f} MiB")
     rep = ckpt / "quant_report.json"
-    if rep.is_file():
-        r = json.loads(rep.read_text())
-        if "sizes" in r:
-            typer.echo(f"  quantized linears: {r['sizes']['bits_per_weight']} bits/weight including scales and zeros")
-        for key in ("perplexity_float", "perplexity_quantized"):
-            if key in r:
-                typer.echo(f"  {key}: {r[key]['ppl']:.3f} ({r[key]['windows']}/{r[key]['total_windows']} windows)")
-        if "quantize_seconds" in r:
-            typer.echo(f"  quantization wall time: {r['quantize_seconds']} s")
+    if rep.exists() or rep.is_symlink():
+        _echo_report(read_json(rep, ckpt))
+
+
+def _echo_report(r: dict) -> None:
+    """The report's headline numbers; a field of the wrong type is skipped (the report is informative only)."""
+
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    bpw = r.get("sizes", {}).get("bits_per_weight") if isinstance(r.get("sizes"), dict) else None
+    if num(bpw):
+        typer.echo(f"  quantized linears: {bpw} bits/weight including scales and zeros")
+    for key in ("perplexity_float", "perplexity_quantized"):
+        p = r.get(key)
+        if isinstance(p, dict) and num(p.get("ppl")):
+            typer.echo(f"  {key}: {p['ppl']:.3f} ({p.get('windows', '?')}/{p.get('total_windows', '?')} windows)")
+    if num(r.get("quantize_seconds")):
+        typer.echo(f"  quantization wall time: {r['quantize_seconds']} s")
 
 
 @app.command("export")

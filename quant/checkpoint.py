@@ -43,8 +43,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from moe.experts import unfuse_experts
@@ -56,6 +55,21 @@ from quant.errors import QuantError
 from quant.inputops import attach_from_config, input_ops_config
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
+from quant.reader import (
+    build,
+    check_memory,
+    check_names,
+    corrupt,
+    load_tokenizer,
+    load_weights,
+    model_config,
+    read_config,
+    read_headers,
+    read_json,
+    read_tensors,
+    read_text,
+    weight_file,
+)
 from quant.tensor_checks import check_state, torch_dtype
 
 QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
@@ -155,17 +169,13 @@ def save_quantized(
     return out
 
 
-def read_quantization_config(path: str | Path) -> dict:
+def read_quantization_config(path: str | Path, raw: dict | None = None) -> dict:
+    """Our validated ``quantization_config`` from the folder's config.json (or from ``raw``, its contents)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise QuantError(f"{path} is not a checkpoint: no config.json")
-    try:
-        config = json.loads(_read_bounded(path / "config.json"))
-    except (ValueError, RecursionError) as e:  # bad JSON, or nested deeper than the parser goes
-        raise QuantError(f"corrupt checkpoint {path}: config.json unreadable ({str(e)[:200]})") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    config = read_config(path) if raw is None else raw
+    qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is missing)")
+        raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is not 'lowbit')")
     if qc.get("format_version") != FORMAT_VERSION or qc.get("packing") != LAYOUT:
         raise QuantError(
             f"{path} uses checkpoint format {qc.get('format_version')}/{qc.get('packing')}; "
@@ -175,102 +185,87 @@ def read_quantization_config(path: str | Path) -> dict:
     return qc
 
 
-MAX_TEXT_BYTES = 16 * 1024**2  # config.json, SHA256SUMS: a link to an endless file is not read without bound
-
-
-def _read_bounded(f: Path) -> str:
-    """A small text file of the checkpoint, or one error: too big, unreadable or not UTF-8."""
-    try:
-        with open(f, "rb") as fh:
-            data = fh.read(MAX_TEXT_BYTES + 1)
-        if len(data) > MAX_TEXT_BYTES:
-            raise QuantError(f"corrupt checkpoint {f.parent}: {f.name} is larger than {MAX_TEXT_BYTES} bytes")
-        return data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise QuantError(f"corrupt checkpoint {f.parent}: {f.name} unreadable ({e})") from None
-
-
-def _verify_and_read(path: Path) -> dict[str, torch.Tensor]:
+def _verified_files(path: Path) -> list[Path]:
+    """The weight files SHA256SUMS lists, each matching its checksum; an index, if present, must agree."""
     sums = path / "SHA256SUMS"
-    if not sums.is_file():
-        raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS is missing")
-    state: dict[str, torch.Tensor] = {}
-    for i, line in enumerate(_read_bounded(sums).splitlines(), 1):
+    if not sums.exists() and not sums.is_symlink():
+        raise corrupt(path, "SHA256SUMS is missing")
+    files: list[Path] = []
+    for i, line in enumerate(read_text(sums, path).splitlines(), 1):
         m = re.fullmatch(r"([0-9a-f]{64})  (\S.*)", line)
         if m is None:
-            raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS line {i} is not '<sha256>  <file name>'")
+            raise corrupt(path, f"SHA256SUMS line {i} is not '<sha256>  <file name>'")
         digest, fname = m.groups()
-        if Path(fname).name != fname or fname in (".", ".."):  # a checkpoint never reads outside its folder
-            raise QuantError(f"corrupt checkpoint {path}: SHA256SUMS names {fname!r}, not a file of the folder")
-        f = path / fname
-        if not f.is_file():
-            raise QuantError(f"corrupt checkpoint {path}: weight file {fname} is missing")
+        f = weight_file(path, fname, path, "SHA256SUMS")
+        if f in files:
+            raise corrupt(path, f"SHA256SUMS lists {fname} twice")
         if _sha256(f) != digest:
-            raise QuantError(f"corrupt checkpoint {path}: {fname} does not match its checksum (truncated or altered)")
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise QuantError(f"corrupt checkpoint {path}: cannot read {fname} ({e})") from None
-    return state
+            raise corrupt(path, f"{fname} does not match its checksum (truncated or altered)")
+        files.append(f)
+    if not files:
+        raise corrupt(path, "SHA256SUMS lists no weight files")
+    index = path / "model.safetensors.index.json"
+    if index.exists() or index.is_symlink():  # what transformers reads: it must name the same files
+        wm = read_json(index, path).get("weight_map")
+        if not isinstance(wm, dict) or {f.name for f in files} != set(wm.values()):
+            raise corrupt(path, f"{index.name} does not name the files SHA256SUMS lists")
+    return files
 
 
 LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear)}
+
+
+def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> nn.Module:
+    """The model ``qc`` describes, with uninitialised weights: float, with packed linears and DAC norm biases
+    where the checkpoint has them. On ``"meta"`` it costs nothing and is checked against free memory."""
+    model = build(config, dtype, path, device)
+    if device == "meta":
+        check_memory(model, path)
+    with torch.device(device):
+        if any(".experts." in name for name in qc["modules"]):
+            unfuse_experts(model)  # quantized per expert (moe.experts)
+        for name, spec in qc["modules"].items():
+            lin = qconfig.check_linear(model, name, spec, path)
+            parent_name, _, child = name.rpartition(".")
+            cls = LINEAR_FORMATS[spec.get("format", "uniform")]
+            q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
+            setattr(model.get_submodule(parent_name), child, q)
+        for name in qc.get("norm_biases", []):
+            norm = qconfig.check_norm(model, name, path)
+            add_norm_bias(norm, torch.zeros_like(norm.weight))
+        attach_from_config(model, qc, path)
+    return model
 
 
 def _valid(m: nn.Module) -> bool:
     if isinstance(m, DSQLinear):
         r = m.row_scales.float()
         return bool(torch.isfinite(r).all() and (r >= 0).all())
-    return bool(torch.isfinite(m.scales.float()).all() and int(m.zeros.max()) <= 2**m.bits)  # 2^bits: GPTQ v1 imports
+    s = m.scales.float()
+    return bool(torch.isfinite(s).all() and (s >= 0).all() and int(m.zeros.max()) <= 2**m.bits)  # 2^bits: v1 imports
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
-    """Rebuild a model saved by :func:`save_quantized`; returns ``(model, tokenizer)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
+    """Rebuild a model saved by :func:`save_quantized`; returns ``(model, tokenizer)``.
 
-    from quant.adapters import adapter_for_type
-
+    Order: config and quantization_config validated; checksums verified; the headers' names, dtypes and
+    shapes checked against a meta-device skeleton; only then the model built and the tensors read."""
     path = Path(path)
-    qc = read_quantization_config(path)
-    config = AutoConfig.from_pretrained(path)
-    adapter_for_type(config.model_type)
-    del config.quantization_config  # ours, not one transformers knows; kept on the model below
+    raw = read_config(path)
+    qc = read_quantization_config(path, raw)
+    config = model_config(raw, path)
     stored = torch_dtype(getattr(config, "dtype", None) or torch.float32)
     dtype = torch_dtype(dtype or stored)
-    state = _verify_and_read(path)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if any(".experts." in name for name in qc["modules"]):
-        unfuse_experts(model)  # quantized per expert (moe.experts)
-    for name, spec in qc["modules"].items():
-        lin = qconfig.check_linear(model, name, spec, path)
-        parent_name, _, child = name.rpartition(".")
-        cls = LINEAR_FORMATS[spec.get("format", "uniform")]
-        q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
-        setattr(model.get_submodule(parent_name), child, q)
-    for name in qc.get("norm_biases", []):
-        norm = qconfig.check_norm(model, name, path)
-        add_norm_bias(norm, torch.zeros_like(norm.weight))
-    attach_from_config(model, qc, path)
-    check_state(state, model, stored, str(path))
-    missing, unexpected = [], []
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise QuantError(f"corrupt checkpoint {path}: {str(e).splitlines()[-1].strip()}") from None
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise QuantError(
-            f"corrupt checkpoint {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
-            f"(first: {(missing + unexpected)[0]})"
-        )
+    files = _verified_files(path)
+    headers = read_headers(files, path)
+    meta = _skeleton(config, qc, dtype, path, "meta")
+    check_names(headers, set(meta.state_dict()), config, path)
+    check_state(headers, meta, stored, str(path))
+    model = _skeleton(config, qc, dtype, path, "cpu")
+    load_weights(model, read_tensors(files, path), config, stored, path)
     for name in qc["modules"]:
         if not _valid(model.get_submodule(name)):
-            raise QuantError(f"corrupt checkpoint {path}: {name} has invalid scales or zero-points")
+            raise corrupt(path, f"{name} has invalid scales or zero-points")
     model.lowbit_config = qc
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, load_tokenizer(path)

@@ -26,19 +26,32 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from quant.atomic import atomic_dir
 from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
 from quant.errors import QuantError
 from quant.packing import pack, unpack
+from quant.qconfig import GPTQ_BITS, GPTQ_FORMATS, GPTQ_KEYS, validate_gptq
 from quant.quantlinear import QuantLinear
+from quant.reader import (
+    build,
+    check_memory,
+    check_names,
+    corrupt,
+    load_tokenizer,
+    load_weights,
+    model_config,
+    read_config,
+    read_headers,
+    read_json,
+    read_tensors,
+    weight_file,
+)
 from quant.tensor_checks import check_state, check_tensor
 from quant.tensor_checks import torch_dtype as _torch_dtype
 
-GPTQ_BITS = (2, 4, 8)
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+CHECKPOINT_FORMATS = GPTQ_FORMATS
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 ZERO_MAX = 255  # QuantLinear.zeros is uint8
 
@@ -162,23 +175,45 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     return out
 
 
-def _weight_files(path: Path) -> list[str]:
+def read_gptq_config(path: Path, raw: dict) -> dict:
+    """The GPTQ settings: config.json's ``quantization_config``, else ``quantize_config.json`` (older AutoGPTQ
+    folders, and the file vLLM reads); when both are there they must agree."""
+    gc = raw.get("quantization_config")
+    side_file = path / "quantize_config.json"
+    side = read_json(side_file, path) if side_file.exists() or side_file.is_symlink() else None
+    if gc is None and side is None:
+        raise QuantError(f"{path} is not a GPTQ checkpoint (no quantization_config, no quantize_config.json)")
+    if gc is not None and (not isinstance(gc, dict) or gc.get("quant_method") != "gptq"):
+        raise QuantError(f"{path} is not a GPTQ checkpoint (quantization_config.quant_method is not 'gptq')")
+    if side is not None:
+        validate_gptq(side, path, "quantize_config.json")
+        if side.get("quant_method", "gptq") != "gptq":
+            raise QuantError(f"corrupt GPTQ checkpoint {path}: quantize_config.json is not a GPTQ config")
+    if gc is not None:
+        validate_gptq(gc, path)
+    if gc is not None and side is not None:
+        default = {"group_size": -1, "sym": True, "desc_act": False, "checkpoint_format": "gptq"}
+        for k in GPTQ_KEYS:
+            if gc.get(k, default.get(k)) != side.get(k, default.get(k)):
+                raise QuantError(f"corrupt GPTQ checkpoint {path}: config.json and quantize_config.json disagree "
+                                 f"on {k} ({gc.get(k)!r} vs {side.get(k)!r})")  # fmt: skip
+    return gc if gc is not None else side
+
+
+def _weight_files(path: Path) -> list[Path]:
     """The weight files of a GPTQ folder: those its index names, else ``model.safetensors``, else its one
     ``*.safetensors`` (older tools name it after the settings). Any other ``.safetensors`` file is ignored."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise QuantError(f"corrupt GPTQ checkpoint {path}: unreadable {index.name} ({e})") from None
-        if not all(isinstance(n, str) and Path(n).name == n and n.endswith(".safetensors") for n in names):
-            raise QuantError(f"corrupt GPTQ checkpoint {path}: {index.name} names a file outside the folder")
-        return names
-    if (path / "model.safetensors").is_file():
-        return ["model.safetensors"]
+    if index.exists() or index.is_symlink():
+        wm = read_json(index, path).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise corrupt(path, f"{index.name} has no weight_map")
+        return [weight_file(path, n, path, index.name) for n in sorted(set(map(str, wm.values())))]
+    if (path / "model.safetensors").exists():
+        return [weight_file(path, "model.safetensors", path, "the folder")]
     files = sorted(f.name for f in path.glob("*.safetensors"))
     if len(files) == 1:
-        return files
+        return [weight_file(path, files[0], path, "the folder")]
     if files:
         raise QuantError(f"{path} has several .safetensors files and no model.safetensors.index.json to say which")
     pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
@@ -186,39 +221,42 @@ def _weight_files(path: Path) -> list[str]:
     raise QuantError(f"{path} has no .safetensors weights{hint}")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for name in _weight_files(path):
-        try:
-            state.update(load_file(str(path / name)))
-        except (SafetensorError, OSError) as e:
-            raise QuantError(f"corrupt checkpoint {path}: cannot read {name} ({e})") from None
-    return state
-
-
-def _from_gptq(
-    name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.Module, dtype: torch.dtype, where: Path
-) -> QuantLinear:
-    """Our ``QuantLinear`` (bias in ``dtype``) for the linear ``lin`` called ``name`` from its GPTQ tensors, each
-    checked for its exact dtype and shape first (``copy_`` would convert and broadcast)."""
+def _check_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.Module, where: Path) -> int:
+    """Check one linear's GPTQ tensors (dtype and exact shape; meta tensors from the headers do) and return
+    its effective group size."""
+    if not isinstance(lin, torch.nn.Linear):
+        raise corrupt(where, f"{name} holds GPTQ tensors but is a {type(lin).__name__}, not a linear layer")
+    unknown = set(t) - set(GPTQ_TENSORS) - {"bias"}
+    missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
+    if missing or unknown:
+        raise corrupt(where, f"{name} lacks {missing} or has unknown tensors {sorted(unknown)}")
     n, k, bits, group = lin.out_features, lin.in_features, gc["bits"], gc.get("group_size", -1)
     pf = 32 // bits
     g = k if group == -1 else group
-    if k % pf or g <= 0 or k % g:
-        raise QuantError(f"corrupt GPTQ checkpoint {where}: {name} has {k} inputs, which group size {group} "
-                         f"and {bits}-bit words do not divide")  # fmt: skip
+    if k % pf or k % g:
+        raise corrupt(where, f"{name} has {k} inputs, which group size {group} and {bits}-bit words do not divide")
     groups = k // g
     check_tensor(f"{name}.qweight", t["qweight"], (torch.int32,), (k // pf, n), where)
     check_tensor(f"{name}.qzeros", t["qzeros"], (torch.int32,), (groups, -(-n // pf)), where)
     check_tensor(f"{name}.scales", t["scales"], (torch.float16,), (groups, n), where)
+    if "g_idx" in t:
+        check_tensor(f"{name}.g_idx", t["g_idx"], (torch.int32,), (k,), where)
+    if "bias" in t:
+        check_tensor(f"{name}.bias", t["bias"], (torch.float16, torch.bfloat16, torch.float32), (n,), where)
+    return g
+
+
+def _from_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, g: int, lin, dtype: torch.dtype) -> QuantLinear:
+    """Our ``QuantLinear`` (bias in ``dtype``) for ``lin`` from its GPTQ tensors, checked by :func:`_check_gptq`."""
+    n, k, bits = lin.out_features, lin.in_features, gc["bits"]
     g_idx = t.get("g_idx")
-    if g_idx is not None:
-        check_tensor(f"{name}.g_idx", g_idx, (torch.int32,), (k,), where)
-        if not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
-            raise QuantError(
-                f"{name}: act-order (desc_act) GPTQ checkpoints with a permuted g_idx are not supported: our layers "
-                "store contiguous groups. Re-export it with desc_act=False"
-            )
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
+        raise QuantError(
+            f"{name}: act-order (desc_act) GPTQ checkpoints with a permuted g_idx are not supported: our layers "
+            "store contiguous groups. Re-export it with desc_act=False"
+        )
+    if not bool(torch.isfinite(t["scales"]).all() and (t["scales"] >= 0).all()):
+        raise QuantError(f"{name}: GPTQ scales hold negative, NaN or Inf values")
     zeros = unpack(t["qzeros"], bits, n).to(torch.int64)  # [G, N]
     if gc.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1  # v1 stores zero - 1; consumers add it back without wrapping
@@ -228,90 +266,79 @@ def _from_gptq(
             "zero-points cannot hold; re-export it as gptq_v2 or with symmetric quantization"
         )
     bias = t.get("bias")
-    if bias is not None:
-        check_tensor(f"{name}.bias", bias, (torch.float16, torch.bfloat16, torch.float32), (n,), where)
     q = QuantLinear(k, n, bits, g, bias=bias is not None, dtype=dtype)
     q.qweight.copy_(pack(unpack(t["qweight"].t().contiguous(), bits, k), bits))
     q.scales.copy_(t["scales"].t())
     q.zeros.copy_(zeros.t())
     if bias is not None:
+        if not bool(torch.isfinite(bias).all()):
+            raise QuantError(f"{name}: bias holds NaN or Inf values")
         q.bias.copy_(bias)
     return q
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``({linear: {qweight, qzeros, scales, g_idx, bias}}, the float tensors)``: a linear is quantized when
+    the file has its ``qweight``; its bias goes with it."""
+    owners = {k.rpartition(".")[0] for k in state if k.endswith(".qweight")}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in owners or leaf in GPTQ_TENSORS:
+            layers.setdefault(owner, {})[leaf] = t
+        else:
+            rest[key] = t
+    return layers, rest
 
 
 def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     """Load a GPTQ-format checkpoint (v1 or v2, 2/4/8-bit, no act-order permutation) into our ``QuantLinear``s.
 
     Returns ``(model, tokenizer)`` like :func:`quant.checkpoint.load_quantized`; ``model.lowbit_config``
-    describes it in our terms, so it can be evaluated and re-exported.
+    describes it in our terms, so it can be evaluated and re-exported. The same order of checks: settings,
+    then every header against a meta-device skeleton, then the real model and the tensors.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    from quant.adapters import adapter_for_type
-
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    gc = raw.get("quantization_config") or {}
-    if gc.get("quant_method") != "gptq":
-        raise QuantError(f"{path} is not a GPTQ checkpoint (quantization_config.quant_method is not 'gptq')")
-    bits, fmt, group = gc.get("bits"), gc.get("checkpoint_format", "gptq"), gc.get("group_size", -1)
-    if not isinstance(group, int) or isinstance(group, bool):
-        raise QuantError(f"{path}: GPTQ group_size must be an integer, got {group!r}")  # -1: one group per row
-    if bits not in GPTQ_BITS:
-        raise QuantError(f"{path}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
-    if fmt not in CHECKPOINT_FORMATS:
-        raise QuantError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported (supported: {CHECKPOINT_FORMATS})")
-    config = AutoConfig.from_pretrained(path)
-    adapter_for_type(config.model_type)
-    del config.quantization_config
+    raw = read_config(path)
+    gc = read_gptq_config(path, raw)
+    config = model_config(raw, path)
     stored = _torch_dtype(getattr(config, "dtype", None) or torch.float16)
     dtype = _torch_dtype(dtype or stored)
-    state = _read_weights(path)
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key in list(state):
-        owner, _, leaf = key.rpartition(".")
-        if leaf in GPTQ_TENSORS:
-            by_layer.setdefault(owner, {})[leaf] = state.pop(key)
-    for owner, t in by_layer.items():
-        if f"{owner}.bias" in state:
-            t["bias"] = state.pop(f"{owner}.bias")
-        missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
-        if missing:
-            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} lacks {missing}")
+    files = _weight_files(path)
 
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    modules = {}
-    for owner, t in by_layer.items():
+    meta = build(config, dtype, path, "meta")
+    check_memory(meta, path)
+    layers, rest = _split(read_headers(files, path))
+    groups = {}
+    for owner, t in layers.items():
         try:
-            lin = model.get_submodule(owner)
+            lin = meta.get_submodule(owner)
         except AttributeError:
-            raise QuantError(f"corrupt GPTQ checkpoint {path}: {owner} is not in the model") from None
-        q = _from_gptq(owner, t, gc, lin, dtype, path)
+            raise corrupt(path, f"{owner} is not in the model") from None
+        groups[owner] = _check_gptq(owner, t, gc, lin, path)
+    float_names = {k for k in meta.state_dict() if k.rpartition(".")[0] not in layers}
+    check_names(rest, float_names, config, path)
+    check_state(rest, meta, stored, str(path))
+
+    model = build(config, dtype, path, "cpu")
+    layers, rest = _split(read_tensors(files, path))
+    modules = {}
+    for owner, t in layers.items():
+        q = _from_gptq(owner, t, gc, groups[owner], model.get_submodule(owner), dtype)
         parent, _, child = owner.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-        modules[owner] = {"bits": bits, "group_size": q.group_size, "sym": bool(gc.get("sym")), "format": "uniform"}
-    check_state(state, model, stored, str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    missing = [k for k in missing if k.rpartition(".")[0] not in by_layer]  # zero biases absent in the file
-    if missing or unexpected:
-        raise QuantError(
-            f"corrupt GPTQ checkpoint {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
-            f"(first: {(missing + unexpected)[0]})"
-        )
+        modules[owner] = {"bits": gc["bits"], "group_size": q.group_size, "sym": bool(gc.get("sym"))}
+    load_weights(model, rest, config, stored, path)
     model.lowbit_config = {
         "quant_method": "gptq",
         "method": "gptq-import",
-        "bits": bits,
+        "bits": gc["bits"],
         "group_size": gc.get("group_size"),
         "sym": bool(gc.get("sym")),
         "modules": modules,
         "norm_biases": [],
-        "source": {"path": str(path), "checkpoint_format": fmt, "meta": gc.get("meta")},
+        "source": {"path": str(path), "checkpoint_format": gc.get("checkpoint_format", "gptq"), "meta": gc.get("meta")},
     }
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)

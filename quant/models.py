@@ -9,7 +9,6 @@ cache, then loaded from there (about 0.4 s instead of 17 s). Its weights lie exa
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -86,22 +85,25 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise QuantError(f"{path} has no config.json; not a Hugging Face model folder")
-    try:
-        return json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QuantError(f"cannot read {cfg}: {e}") from None
+def checkpoint_kind(path: Path, raw: dict | None = None) -> str | None:
+    """``"lowbit"``, ``"gptq"`` or ``None`` (a float model) for a local folder, from its config files.
 
+    A ``quantization_config`` of any other kind is refused: loading it as a float model would leave every
+    quantized linear randomly initialised."""
+    from quant.reader import read_config
 
-def is_quantized_dir(path: str | Path) -> bool:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        return False
-    qc = _read_config(p).get("quantization_config") or {}
-    return qc.get("quant_method") in (QUANT_METHOD, "gptq")  # ours, or a GPTQ export we can import
+    raw = read_config(path) if raw is None else raw
+    qc = raw.get("quantization_config")
+    if qc is None:
+        side = path / "quantize_config.json"  # older AutoGPTQ folders keep the GPTQ settings only there
+        return "gptq" if side.exists() or side.is_symlink() else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in (QUANT_METHOD, "gptq"):
+        raise QuantError(
+            f"{path}: quantization_config.quant_method is {method!r}; this version loads {QUANT_METHOD!r} (ours) "
+            "and 'gptq' checkpoints"
+        )
+    return method
 
 
 def base_model_info(source: str) -> dict:
@@ -169,17 +171,19 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from quant.gptq_format import load_gptq
+    from quant.reader import load_tokenizer, model_config, read_config
 
     source = resolve(name)
     path = Path(source)
     if path.exists():
         if not path.is_dir():
             raise QuantError(f"{path} is a file; pass the model's folder")
-        if is_quantized_dir(path):
-            gptq = _read_config(path)["quantization_config"]["quant_method"] == "gptq"
-            model, tok = load_gptq(path) if gptq else load_quantized(path)
+        raw = read_config(path)
+        kind = checkpoint_kind(path, raw)
+        if kind is not None:
+            model, tok = load_gptq(path) if kind == "gptq" else load_quantized(path)
             return LoadedModel(model, tok, str(path), quantized=True)
-        adapter_for_type(_read_config(path).get("model_type", "?"))
+        model_config(raw, path)  # the schema and transformers' own checks, before from_pretrained
         if not any(path.glob("*.safetensors")):
             raise QuantError(f"{path} has no .safetensors weights; only safetensors are loaded (no pickles)")
     elif "/" not in source or source.startswith((".", "/")):
@@ -194,7 +198,11 @@ def load_model(
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = (
+            load_tokenizer(path, trust_remote_code)
+            if path.exists()
+            else AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        )
     except QuantError:
         raise
     except Exception as e:

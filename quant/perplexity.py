@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibrate.data import c4_eval_text, eval_text
+from quant.errors import QuantError
 from quant.quantlinear import dequantized_weights
 
 EVAL_SETS = {
@@ -40,7 +41,7 @@ def perplexity(
     total = ids.numel() // seqlen
     n = total if not max_windows else min(total, max_windows)
     if n < 1:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise QuantError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     device = next(model.parameters()).device
     nlls = []
     t0 = time.perf_counter()
@@ -51,6 +52,8 @@ def perplexity(
             logits = model(window, use_cache=False).logits[0, :-1].float()
             nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     mean_nll = sum(nlls) / n
+    if not mean_nll < 700:  # exp() overflows past ~709 nats; NaN fails this test too
+        raise QuantError(f"perplexity overflows (mean NLL {mean_nll:.4g} nats over {n} windows): the model is broken")
     return {
         "ppl": math.exp(mean_nll),
         "mean_nll": mean_nll,

@@ -7,6 +7,7 @@ linear, a group that divides its width, a norm that is a norm) is checked by :fu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -54,9 +55,41 @@ def validate(qc: dict, path: str | Path) -> None:
         h = spec.get("hadamard", 0)
         if not _int(h) or h < 0:
             raise _bad(path, f"input_ops[{name!r}].hadamard", f"must be 0 or the linear's input width, got {h!r}")
-    act = qc.get("activations")
-    if act is not None and (not isinstance(act, dict) or not isinstance(act.get("modules", []), list)):
-        raise _bad(path, "activations", "must be an object with a list of modules")
+        if not isinstance(spec.get("token_scale", False), bool):
+            raise _bad(path, f"input_ops[{name!r}].token_scale", f"must be true or false, got {spec['token_scale']!r}")
+        unknown = sorted(set(spec) - {"hadamard", "token_scale"})
+        if unknown:
+            raise _bad(path, f"input_ops[{name!r}]", f"has unknown keys {unknown}")
+    if "activations" in qc:
+        _validate_activations(qc["activations"], path)
+
+
+def _validate_activations(act: object, path: str | Path) -> None:
+    from quant.inputops import ACT_BITS, ACT_MODES, ActQuantConfig
+
+    if act is None:
+        return
+    if not isinstance(act, dict) or not isinstance(act.get("modules"), list):
+        raise _bad(path, "activations", "must be an object with the list of modules it applies to")
+    if not all(isinstance(m, str) for m in act["modules"]):
+        raise _bad(path, "activations.modules", "must be a list of linear names")
+    known = {f.name for f in dataclasses.fields(ActQuantConfig)}
+    if set(act) - known - {"modules"}:
+        raise _bad(path, "activations", f"has unknown keys {sorted(set(act) - known - {'modules'})}")
+    for key in ("bits", "kv_bits"):
+        if key in act and not (_int(act[key]) and act[key] in ACT_BITS):
+            raise _bad(path, f"activations.{key}", f"must be one of {ACT_BITS}, got {act[key]!r}")
+    if act.get("mode", "dynamic") not in ACT_MODES:
+        raise _bad(path, "activations.mode", f"must be one of {ACT_MODES}, got {act['mode']!r}")
+    if not isinstance(act.get("sym", True), bool):
+        raise _bad(path, "activations.sym", f"must be true or false, got {act['sym']!r}")
+    clip = act.get("clip", 1.0)
+    if not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0 < clip <= 1):
+        raise _bad(path, "activations.clip", f"must be a number in (0, 1], got {clip!r}")
+    try:
+        ActQuantConfig(**{k: v for k, v in act.items() if k != "modules"}).validate()
+    except QuantError as e:
+        raise _bad(path, "activations", str(e)) from None
 
 
 def _module(model: nn.Module, name: str, field: str, path: str | Path) -> nn.Module:
@@ -93,3 +126,34 @@ def check_hadamard(linear: nn.Module, name: str, width: int, path: str | Path) -
     n = getattr(linear, "in_features", None)
     if width and (width != n or not has_hadamard(width)):
         raise _bad(path, f"input_ops[{name!r}].hadamard", f"is {width}; must be 0 or its input width {n}")
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ
+
+GPTQ_BITS = (2, 4, 8)
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")  # what both config files must agree on
+
+
+def validate_gptq(gc: object, path: str | Path, field: str = "quantization_config") -> dict:
+    """A GPTQ ``quantization_config`` (or ``quantize_config.json``): types and ranges, one line naming the field."""
+
+    def bad(key: str, msg: str) -> QuantError:
+        return QuantError(f"corrupt GPTQ checkpoint {path}: {field}.{key} {msg}")
+
+    if not isinstance(gc, dict):
+        raise QuantError(f"corrupt GPTQ checkpoint {path}: {field} must be an object")
+    bits, group = gc.get("bits"), gc.get("group_size", -1)
+    if not _int(bits) or bits not in GPTQ_BITS:
+        raise bad("bits", f"is {bits!r}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
+    if not _int(group) or not (group == -1 or group > 0):
+        raise bad("group_size", f"is {group!r}; it must be -1 (one group per row) or a positive integer")
+    for key in ("sym", "desc_act"):
+        if key in gc and not isinstance(gc[key], bool):
+            raise bad(key, f"is {gc[key]!r}; it must be true or false")
+    fmt = gc.get("checkpoint_format", "gptq")
+    if fmt not in GPTQ_FORMATS:
+        raise bad("checkpoint_format", f"is {fmt!r}; this version reads {', '.join(GPTQ_FORMATS)}")
+    if gc.get("pack_dtype", "int32") != "int32":
+        raise bad("pack_dtype", f"is {gc['pack_dtype']!r}; this version reads int32 words")
+    return gc

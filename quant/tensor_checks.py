@@ -33,7 +33,7 @@ def check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], sh
     if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
         want = " or ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes))
         raise QuantError(f"corrupt checkpoint {where}: {name} is {_describe(t)}, expected {want} {list(shape)}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):  # meta: a header's shape
         raise QuantError(f"corrupt checkpoint {where}: {name} holds NaN or Inf values")
 
 
