@@ -203,16 +203,30 @@ def check_memory(meta_model: nn.Module, where: str | Path) -> None:
     except (OSError, StopIteration, ValueError):
         return
     if need > avail:
-        raise QuantError(f"{where}: loading needs {need / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
-                         "are available")  # fmt: skip
+        raise QuantError(
+            f"{where}: loading needs {need / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB are available"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ weights
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def weight_file(path: Path, name: object, where: str | Path, listed_in: str) -> Path:
@@ -279,9 +293,23 @@ def check_names(stored: Iterable[str], expected: set[str], config, where: str | 
         raise corrupt(where, f"{len(missing)} missing and {len(unexpected)} unexpected tensors (first: {first[0]})")
 
 
+def _untie(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """A tied model stores its output weights once, as the embedding. Some tools also write ``lm_head.weight``:
+    accepted (and dropped) only if it equals the embedding, since with tied weights only one of the two can be
+    what the model computes with."""
+    emb = model.get_input_embeddings()
+    emb_name = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+    for k in [k for k in state if k.endswith("lm_head.weight")]:
+        if emb_name not in state or not torch.equal(state[k], state[emb_name]):
+            raise corrupt(where, f"{k} differs from the embedding it is tied to (config.json: tie_word_embeddings)")
+        del state[k]
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], config, stored: torch.dtype, where) -> None:
     """Copy ``state`` into ``model`` after checking every tensor (dtype, shape, finite values)."""
     check_state(state, model, stored, str(where))
+    if tied(config):
+        _untie(model, state, where)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -78,9 +78,18 @@ def build_fixtures(root: Path) -> dict[str, dict]:
         ctx = QuantContext(model, tok, calib_ids=calib, progress=False)
         run_pipeline(ctx, steps)
         extra = {"max_shard_bytes": shard} if shard else {}
-        d = save_quantized(model, tok, root / name, {"method": steps[0][0], "modules": ctx.modules, "norm_biases": ctx.norm_biases}, **extra,
-                           report={"sizes": {"bits_per_weight": 4.5}, "quantize_seconds": 1.0,
-                                   "perplexity_quantized": {"ppl": 9.9, "windows": 1, "total_windows": 2}})
+        d = save_quantized(
+            model,
+            tok,
+            root / name,
+            {"method": steps[0][0], "modules": ctx.modules, "norm_biases": ctx.norm_biases},
+            **extra,
+            report={
+                "sizes": {"bits_per_weight": 4.5},
+                "quantize_seconds": 1.0,
+                "perplexity_quantized": {"ppl": 9.9, "windows": 1, "total_windows": 2},
+            },
+        )
         out[name] = {"dir": str(d), "format": "lowbit"}
 
     ours("rtn", [("rtn", RTNConfig(bits=4, group_size=32, sym=True))])
@@ -88,8 +97,13 @@ def build_fixtures(root: Path) -> dict[str, dict]:
     d2q = D2QuantConfig(bits=2, group_size=32, backend="rtn", dsq=True, dac=True, dac_teacher="local")
     ours("d2quant", [("d2quant", d2q), ("actquant", ActQuantConfig(bits=8, mode="static", kv_bits=8))])
     fpt = FPTConfig(down_hadamard=True, dynamic_scale=True, local_steps=1, e2e_steps=0, rotation_rows=1.0)
-    ours("fpt", [("fptquant", FPTQuantConfig(bits=4, group_size=32, transforms=fpt)),
-                 ("actquant", ActQuantConfig(bits=8, mode="static"))])  # fmt: skip
+    ours(
+        "fpt",
+        [
+            ("fptquant", FPTQuantConfig(bits=4, group_size=32, transforms=fpt)),
+            ("actquant", ActQuantConfig(bits=8, mode="static")),
+        ],
+    )
     for fmt, src in (("gptq", "rtn"), ("gptq_v2", "rtn-sharded")):
         d = export_gptq(out[src]["dir"], root / fmt, checkpoint_format=fmt)
         out[fmt] = {"dir": str(d), "format": "gptq"}
@@ -127,7 +141,7 @@ def _resum(folder: Path) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Write a new file (the originals are hard links to the fixture: never write through them)."""
+    """Write a new file (weight files are hard links to the fixture's: never write through them)."""
     if path.is_symlink() or path.exists():
         path.unlink()
     path.write_bytes(data)
@@ -189,16 +203,33 @@ def _config_fields(cfg: dict, fmt: str) -> list[tuple[list, list]]:
     qc = cfg["quantization_config"]
     ints = [MISSING, None, "x", 0, -1, 1.5, True, [], 2**40, 2**62]
     f: list[tuple[list, list]] = []
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim"):  # fmt: skip
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    ):
         v = cfg[key]
         f.append(([key], ints + [v + 1, v * 2, v // 2 or 3]))
     f += [
         (["model_type"], [MISSING, None, "x", 3, "bert", "gpt2", "t5", ""]),
         (["hidden_act"], [MISSING, None, "x", 3, "", [], {"a": 1}]),
         (["rms_norm_eps"], [None, "x", -1, 0, True, [], "NaN", "Infinity", -1e-5]),
-        (["rope_parameters"], [None, "x", 3, {"rope_type": "x"}, {"rope_type": "default", "rope_theta": -1},
-                               {"rope_type": "default", "rope_theta": "x"}, {"rope_type": "default"}]),
+        (
+            ["rope_parameters"],
+            [
+                None,
+                "x",
+                3,
+                {"rope_type": "x"},
+                {"rope_type": "default", "rope_theta": -1},
+                {"rope_type": "default", "rope_theta": "x"},
+                {"rope_type": "default"},
+            ],
+        ),
         (["tie_word_embeddings"], [False, None, "x", 0, []]),
         (["dtype"], [None, "x", 3, "int8", "float16", "bfloat16", "bool", [], "torch.int32"]),
         (["attention_bias"], [True, "x", 1]),
@@ -219,20 +250,41 @@ def _config_fields(cfg: dict, fmt: str) -> list[tuple[list, list]]:
             p = ["quantization_config", "modules", name]
             f += [
                 (p, [MISSING, None, [], "x", {}, {"bits": spec["bits"]}]),
-                (p + ["bits"], [MISSING, None, "4", float(spec["bits"]), 0, 1, 5, 16, -4, True, 2**40,
-                                3 if spec["bits"] != 3 else 4]),
+                (
+                    p + ["bits"],
+                    [
+                        MISSING,
+                        None,
+                        "4",
+                        float(spec["bits"]),
+                        0,
+                        1,
+                        5,
+                        16,
+                        -4,
+                        True,
+                        2**40,
+                        3 if spec["bits"] != 3 else 4,
+                    ],
+                ),
                 (p + ["group_size"], [MISSING, None, 0, -1, 3, 7, 16, 128, 2**40, 32.0, "32", True]),
                 (p + ["format"], [None, "awq", 3, "dsq" if spec.get("format", "uniform") == "uniform" else "uniform"]),
             ]
-        f.append((["quantization_config", "modules", "model.layers.0.input_layernorm"], [{"bits": 4, "group_size": 32}]))
+        f.append(
+            (["quantization_config", "modules", "model.layers.0.input_layernorm"], [{"bits": 4, "group_size": 32}])
+        )
         f.append((["quantization_config", "modules", "model.embed_tokens"], [{"bits": 4, "group_size": 32}]))
         f.append((["quantization_config", "modules", "model.layers.7.mlp.up_proj"], [{"bits": 4, "group_size": 32}]))
-        f.append((["quantization_config", "norm_biases"],
-                  [None, "x", [3], ["model.norm"], ["model.layers.0.self_attn.q_proj"], ["nope"], ["model.norm"] * 2]
-                  + ([MISSING, []] if qc.get("norm_biases") else [])))  # fmt: skip
+        f.append(
+            (
+                ["quantization_config", "norm_biases"],
+                [None, "x", [3], ["model.norm"], ["model.layers.0.self_attn.q_proj"], ["nope"], ["model.norm"] * 2]
+                + ([MISSING, []] if qc.get("norm_biases") else []),
+            )
+        )
         ops = qc.get("input_ops") or {}
         f.append((["quantization_config", "input_ops"], [None, [], "x", {"model.nope": {"hadamard": 0}}]))
-        for name, spec in list(ops.items())[:4]:
+        for name in list(ops)[:4]:
             p = ["quantization_config", "input_ops", name]
             f += [(p, [None, "x", []]), (p + ["hadamard"], [-1, 1.5, 2**40, 3, "x", None, True, 48])]
             f += [(p + ["token_scale"], ["x", None, 3, []])]
@@ -241,9 +293,14 @@ def _config_fields(cfg: dict, fmt: str) -> list[tuple[list, list]]:
         if act:
             p = ["quantization_config", "activations"]
             f += [(p, [MISSING, None, "x", [], 3, {}])]
-            for key, vals in (("bits", [None, "8", 5, 0, -1, 2**40, 8.5, True]), ("kv_bits", [None, "8", 5, 0, 7.5]),
-                              ("mode", [None, "x", 3]), ("sym", [None, "x", 3]), ("clip", ["x", None, -1, "NaN"]),
-                              ("modules", [None, "x", [3], ["model.nope"], []])):  # fmt: skip
+            for key, vals in (
+                ("bits", [None, "8", 5, 0, -1, 2**40, 8.5, True]),
+                ("kv_bits", [None, "8", 5, 0, 7.5]),
+                ("mode", [None, "x", 3]),
+                ("sym", [None, "x", 3]),
+                ("clip", ["x", None, -1, "NaN"]),
+                ("modules", [None, "x", [3], ["model.nope"], []]),
+            ):
                 f.append((p + [key], [MISSING, *vals] if key in ("bits", "modules", "mode") else vals))
     else:
         p = ["quantization_config"]
@@ -405,8 +462,12 @@ def _weight_header(rng: random.Random, d: Path, fx: dict) -> Mutation:
 
 def _pick_tensor(rng: random.Random, state: dict) -> str:
     keys = sorted(state)
-    packed = [k for k in keys if k.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "zeros", "planes",
-                                                             "row_scales", "g_idx", "act_scale", "bias")]  # fmt: skip
+    packed = [
+        k
+        for k in keys
+        if k.rsplit(".", 1)[1]
+        in ("qweight", "qzeros", "scales", "zeros", "planes", "row_scales", "g_idx", "act_scale", "bias")
+    ]
     return rng.choice(packed if packed and rng.random() < 0.7 else keys)
 
 
@@ -419,13 +480,36 @@ def _tensor_edit(rng: random.Random, d: Path, fx: dict) -> Mutation:
     t = state[name]
     choice = rng.randrange(7)
     if choice == 0:
-        dt = rng.choice([x for x in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int16,
-                                     torch.int32, torch.uint8, torch.bool, torch.float64, torch.int64) if x != t.dtype])
+        dt = rng.choice(
+            [
+                x
+                for x in (
+                    torch.float32,
+                    torch.float16,
+                    torch.bfloat16,
+                    torch.int8,
+                    torch.int16,
+                    torch.int32,
+                    torch.uint8,
+                    torch.bool,
+                    torch.float64,
+                    torch.int64,
+                )
+                if x != t.dtype
+            ]
+        )
         state[name] = t.to(dt)
         what = f"cast to {dt}"
     elif choice == 1:
-        state[name] = rng.choice([t.reshape(-1), t.reshape(-1)[: max(1, t.numel() // 2)].clone(), t[..., None],
-                                  t.reshape(-1)[:1].clone(), t.t().contiguous() if t.dim() == 2 else t[None]])
+        state[name] = rng.choice(
+            [
+                t.reshape(-1),
+                t.reshape(-1)[: max(1, t.numel() // 2)].clone(),
+                t[..., None],
+                t.reshape(-1)[:1].clone(),
+                t.t().contiguous() if t.dim() == 2 else t[None],
+            ]
+        )
         what = f"shape {list(t.shape)} -> {list(state[name].shape)}"
     elif choice == 2:
         del state[name]
@@ -433,8 +517,15 @@ def _tensor_edit(rng: random.Random, d: Path, fx: dict) -> Mutation:
         if not state:
             state["model.nope"] = torch.zeros(1)
     elif choice == 3:
-        extra = rng.choice(["model.nope", "lm_head.weight", "model.layers.0.mlp.up_proj.extra",
-                            "model.layers.0.post_attention_layernorm.bias", name + "2"])  # fmt: skip
+        extra = rng.choice(
+            [
+                "model.nope",
+                "lm_head.weight",
+                "model.layers.0.mlp.up_proj.extra",
+                "model.layers.0.post_attention_layernorm.bias",
+                name + "2",
+            ]
+        )
         state[extra] = t.clone() if extra != "lm_head.weight" else torch.zeros(49152, 64)
         what = f"extra tensor {extra}"
     elif choice == 4 and t.is_floating_point():
@@ -558,8 +649,10 @@ def _tokenizer(rng: random.Random, d: Path, fx: dict) -> Mutation:
     if choice == 4:
         (d / "evil_tok.py").write_text(_evil_module(d.parent / SENTINEL))
         cls = rng.choice(["EvilTokenizer", "x", 3, None])
-        _edit_json(d / "tokenizer_config.json",
-                   lambda c: {**c, "tokenizer_class": cls, "auto_map": {"AutoTokenizer": ["evil_tok.Evil", None]}})
+        _edit_json(
+            d / "tokenizer_config.json",
+            lambda c: {**c, "tokenizer_class": cls, "auto_map": {"AutoTokenizer": ["evil_tok.Evil", None]}},
+        )
         return Mutation("tokenizer", f"tokenizer_class {cls!r} with auto_map code")
     if choice == 5:
         f.unlink()
@@ -628,8 +721,8 @@ def make_case(i: int, seed: int, fixtures: dict, work: Path) -> dict:
     case_root = work / f"case-{i:05d}"
     d = case_root / "ckpt"
     d.mkdir(parents=True)
-    for f in Path(fx["dir"]).iterdir():
-        os.link(f, d / f.name)
+    for f in Path(fx["dir"]).iterdir():  # weights are hard links (every edit replaces them), the rest copies
+        (os.link if f.suffix == ".safetensors" else shutil.copyfile)(f, d / f.name)
     fn = rng.choices([m for m, _ in MUTATORS], weights=[w for _, w in MUTATORS])[0]
     m = fn(rng, d, fx)
     if m.kind == "report" and loader not in ("inspect",) and rng.random() < 0.7:
@@ -707,11 +800,12 @@ def _run_cli(loader: str, folder: str) -> dict:
     return {"outcome": "loaded", "digest": "inspect"}
 
 
-def child(case: dict) -> dict:
+def child(case: dict, limit: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
     if case["loader"] in ("inspect", "eval"):
         return _run_cli(case["loader"], case["dir"])
     return _run_api(case["loader"], case["dir"])
@@ -722,9 +816,16 @@ def worker() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ["TQDM_DISABLE"] = "1"
+    import transformers  # noqa: F401
+
     import cli  # noqa: F401  (imported once here; every child is a fork of this process)
     import quant  # noqa: F401
-    import transformers  # noqa: F401
+    from quant import perplexity
+
+    # eval reads one 32-token window: a short slice of the real C4 text, not the 1,000 records, tokenized
+    text, desc = perplexity.EVAL_SETS["c4"]
+    short = text()[:4000]
+    perplexity.EVAL_SETS["c4"] = (lambda: short, desc + " (first 4,000 characters, fuzzer)")
 
     out = sys.stdout
     sys.stdout = sys.stderr
@@ -732,6 +833,16 @@ def worker() -> None:
     out.flush()
     for line in sys.stdin:
         case = json.loads(line)
+        if "warm" in case:  # load every undamaged fixture once here, so the children inherit the lazy imports
+            import torch
+
+            torch.set_num_threads(1)  # no thread pool is started before the forks
+            with contextlib.redirect_stderr(io.StringIO()):
+                for c in case["warm"]:
+                    child(c, limit=False)
+            out.write("{}\n")
+            out.flush()
+            continue
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -781,8 +892,9 @@ class Worker:
         import subprocess
 
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         assert self.p.stdout.readline().strip() == "ready"
 
     def run(self, case: dict) -> dict:
@@ -816,6 +928,8 @@ def fuzz(cases: int, seed: int = 0, timeout: float = 60.0, work: Path | None = N
             fixtures = build_fixtures(work / "fixtures")
             listing.write_text(json.dumps(fixtures))
         w = Worker()
+        warm = {fx["format"]: fx["dir"] for fx in fixtures.values()}
+        w.run({"warm": [{"dir": d, "loader": ld} for fmt, d in warm.items() for ld in LOADERS[fmt]]})
         base: dict = {}
         for name, fx in fixtures.items():
             for loader in LOADERS[fx["format"]]:
@@ -830,8 +944,7 @@ def fuzz(cases: int, seed: int = 0, timeout: float = 60.0, work: Path | None = N
             case = make_case(i, seed, fixtures, work / "cases")
             res = w.run({**case, "timeout": timeout})
             verdict = judge(case, res, base)
-            results.append({**case, "verdict": verdict, "message": res.get("message", ""),
-                            "seconds": res["seconds"]})  # fmt: skip
+            results.append({**case, "verdict": verdict, "message": res.get("message", ""), "seconds": res["seconds"]})
             shutil.rmtree(Path(case["dir"]).parent, ignore_errors=True)
             if progress:
                 progress(i, results[-1])
@@ -883,8 +996,9 @@ def markdown(summary: dict, results: list[dict]) -> str:
     if bad:
         out += ["## Failures", ""] + [
             f"- case {r['id']} {r['fixture']}/{r['loader']} [{r['kind']}] {r['detail']}: **{r['verdict']}** "
-            f"{r['message'][:200]}" for r in bad
-        ]  # fmt: skip
+            f"{r['message'][:200]}"
+            for r in bad
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -191,3 +191,249 @@ def test_unreadable_or_odd_config_json_is_one_error(ours, text):
     (ours / "config.json").write_bytes(text)
     with pytest.raises(QuantError):
         load_quantized(ours)
+
+
+# -- the GPTQ settings: one schema for config.json's quantization_config and quantize_config.json --
+
+
+def _gptq_set(folder, key, value, file: str = "config.json") -> None:
+    cfg = json.loads((folder / file).read_text())
+    target = cfg["quantization_config"] if file == "config.json" else cfg
+    target[key] = value
+    (folder / file).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("bits", "4", "quantization_config.bits"),
+        ("bits", 4.0, "quantization_config.bits"),
+        ("bits", None, "quantization_config.bits"),
+        ("group_size", 0, "quantization_config.group_size"),
+        ("group_size", "32", "quantization_config.group_size"),
+        ("group_size", 3.5, "quantization_config.group_size"),
+        ("sym", "yes", "quantization_config.sym"),
+        ("desc_act", 1, "quantization_config.desc_act"),
+        ("checkpoint_format", "marlin", "quantization_config.checkpoint_format"),
+        ("pack_dtype", "int16", "quantization_config.pack_dtype"),
+    ],
+)
+def test_malformed_gptq_config_is_refused_naming_the_field(gptq, key, value, field):
+    _gptq_set(gptq, key, value)
+    with pytest.raises(QuantError, match=field):
+        load_gptq(gptq)
+
+
+def test_gptq_config_files_must_agree_and_either_one_is_enough(gptq):
+    ref, _ = load_gptq(gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    del cfg["quantization_config"]  # older AutoGPTQ folders keep the settings in quantize_config.json only
+    (gptq / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_gptq(gptq)
+    x = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    _gptq_set(gptq, "group_size", 64, "quantize_config.json")
+    with pytest.raises(QuantError, match="qzeros is int32 \\[4, 8\\], expected int32 \\[2, 8\\]"):
+        load_gptq(gptq)
+
+
+def test_gptq_config_and_quantize_config_disagreeing_is_refused(gptq):
+    _gptq_set(gptq, "bits", 8, "quantize_config.json")
+    with pytest.raises(QuantError, match="disagree on bits"):
+        load_model(str(gptq))
+
+
+# -- config.json: transformers' own errors and absurd sizes are one line, before anything is allocated --
+
+
+def _edit_model_config(folder, **kw) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in kw.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("fmt", ["ours", "gptq"])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"num_attention_heads": 0}, "num_attention_heads"),
+        ({"num_attention_heads": 3}, "rejected by transformers"),  # 64 wide, 3 heads
+        ({"model_type": "no-such-model"}, "unsupported architecture|no-such-model"),
+        ({"model_type": ...}, "model_type"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"vocab_size": 2**40}, "vocab_size"),
+        ({"vocab_size": 2**30, "hidden_size": 2**20}, "memory|expected"),  # built on meta: refused, not allocated
+        ({"rms_norm_eps": -1e-5}, "rms_norm_eps"),  # transformers takes it; NaN logits at the first forward
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+        ({"attn_implementation": "flash_attention_2"}, "config.json"),
+        ({"num_hidden_layers": None}, "num_hidden_layers"),
+    ],
+)
+def test_bad_model_config_is_one_error(ours, gptq, fmt, edit, match):
+    folder = ours if fmt == "ours" else gptq
+    _edit_model_config(folder, **edit)
+    with pytest.raises(QuantError, match=match):
+        load_model(str(folder))
+
+
+def test_no_tensor_is_read_before_the_headers_are_checked(ours, monkeypatch):
+    """A checkpoint whose shapes contradict its config is refused from the headers alone."""
+    import quant.checkpoint
+
+    def refuse(*a, **k):
+        raise AssertionError("tensor data was read before the headers were checked")
+
+    rewrite(ours, lambda s: s.__setitem__(f"{Q}.scales", s[f"{Q}.scales"][:1].clone()))
+    monkeypatch.setattr(quant.checkpoint, "read_tensors", refuse)
+    with pytest.raises(QuantError, match="scales is float16 \\[1, "):
+        load_quantized(ours)
+
+
+@pytest.mark.parametrize("what", ["fifo", "dev-zero", "sparse-1TiB", "directory"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "SHA256SUMS"])
+def test_special_and_endless_files_are_refused_without_reading_them(ours, what, name):
+    """Run in a child with a timeout: without the regular-file check a FIFO blocks for ever."""
+    import os
+    import subprocess
+    import sys
+
+    f = ours / name
+    f.unlink()
+    if what == "fifo":
+        os.mkfifo(f)
+    elif what == "dev-zero":
+        os.symlink("/dev/zero", f)
+    elif what == "directory":
+        f.mkdir()
+    else:
+        with open(f, "wb") as fh:
+            fh.truncate(2**40)
+    code = (
+        "from quant import QuantError, load_quantized\n"
+        "try:\n    load_quantized(%r)\nexcept QuantError as e:\n    print('REFUSED', e)"
+    )
+    out = subprocess.run([sys.executable, "-c", code % str(ours)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "REFUSED" in out.stdout and name in out.stdout, out.stderr[-500:]
+
+
+# -- weights: which files, each name once, tied heads --
+
+
+def test_a_tensor_stored_twice_is_refused(ours):
+    state = load_file(str(ours / "model.safetensors"))
+    save_file({f"{Q}.scales": torch.zeros_like(state[f"{Q}.scales"])}, str(ours / "extra.safetensors"))
+    with open(ours / "SHA256SUMS", "a") as f:
+        f.write(f"{hashlib.sha256((ours / 'extra.safetensors').read_bytes()).hexdigest()}  extra.safetensors\n")
+    with pytest.raises(QuantError, match="stored twice"):
+        load_quantized(ours)
+
+
+def test_a_weight_file_linked_to_a_device_is_refused(ours):
+    import os
+
+    (ours / "model.safetensors").unlink()
+    os.symlink("/dev/zero", ours / "model.safetensors")
+    with pytest.raises(QuantError, match="not a regular file"):
+        load_quantized(ours)
+
+
+def test_an_index_that_disagrees_with_the_checksums_is_refused(ours):
+    (ours / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "other.safetensors"}}))
+    with pytest.raises(QuantError, match="index.json does not name the files"):
+        load_quantized(ours)
+
+
+@pytest.mark.parametrize("fmt", ["ours", "gptq"])
+def test_an_extra_lm_head_in_a_tied_checkpoint_must_equal_the_embedding(ours, gptq, fmt):
+    """Some tools store both; only a copy of the embedding is accepted (tied, only one can be used)."""
+    folder = ours if fmt == "ours" else gptq
+    x = torch.randint(0, 1000, (1, 8))
+    loader = load_quantized if fmt == "ours" else load_gptq
+    ref, _ = loader(folder)
+    rewrite(folder, lambda s: s.__setitem__("lm_head.weight", s["model.embed_tokens.weight"].clone()), fmt == "ours")
+    same, _ = loader(folder)
+    with torch.no_grad():
+        assert torch.equal(same(x).logits, ref(x).logits)
+    rewrite(folder, lambda s: s.__setitem__("lm_head.weight", torch.zeros_like(s["lm_head.weight"])), fmt == "ours")
+    with pytest.raises(QuantError, match="lm_head.weight differs from the embedding"):
+        loader(folder)
+
+
+@pytest.mark.parametrize("fmt", ["ours", "gptq"])
+def test_pickles_are_never_unpickled(ours, gptq, fmt, tmp_path):
+    import pickle
+
+    sentinel = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(sentinel)!r}, 'w').write('x')",))
+
+    folder = ours if fmt == "ours" else gptq
+    (folder / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(QuantError):
+        load_model(str(folder))
+    assert not sentinel.exists()
+
+
+# -- tokenizer files --
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "cannot load the tok"),
+        (lambda d: (d / "tokenizer.json").write_text('{"model": '), "tokenizer"),
+        (lambda d: (d / "tokenizer_config.json").write_text("[]"), "tokenizer_config.json holds a list"),
+        (lambda d: (d / "tokenizer_config.json").write_bytes(b"\xff\xfe"), "tokenizer_config.json is not UTF-8"),
+    ],
+)
+def test_broken_or_missing_tokenizer_files_are_one_error(ours, edit, match):
+    edit(ours)
+    with pytest.raises(QuantError, match=match):
+        load_quantized(ours)
+
+
+# -- the CLI: inspect reads odd reports, eval refuses a perplexity that overflows --
+
+
+@pytest.mark.parametrize(
+    "report", [b'{"sizes": {"bits_per', b"[]", b'{"sizes": 3, "perplexity_quantized": {"ppl": "x"}}', b"\xff"]
+)
+def test_inspect_survives_a_truncated_or_odd_report(ours, report):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (ours / "quant_report.json").write_bytes(report)
+    res = CliRunner().invoke(app, ["inspect", str(ours)])
+    assert res.exception is None or isinstance(res.exception, (QuantError, SystemExit)), res.exception
+    if res.exit_code == 0:
+        assert "quantized linears" in res.output
+
+
+def test_inspect_describes_a_gptq_folder(gptq):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(gptq)])
+    assert res.exit_code == 0 and "GPTQ (gptq), 4 bits, group size 32" in res.output, res.output
+
+
+def test_a_perplexity_that_overflows_is_an_error_not_a_traceback(tokenizer):
+    from quant.perplexity import perplexity
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e4)  # logits in the millions: NLL far past exp()'s range
+    ids = torch.randint(0, 1000, (64,))
+    with pytest.raises(QuantError, match="perplexity overflows"):
+        perplexity(model, ids, seqlen=32, progress=False)
