@@ -266,6 +266,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     for name in qc["modules"]:
         if not _valid(model.get_submodule(name)):
             raise corrupt(path, f"{name} has invalid scales or zero-points")
+    for name, m in model.named_modules():  # static activation scales are calibrated: positive by construction
+        if getattr(m, "act_scale", None) is not None and not float(m.act_scale) > 0:
+            raise corrupt(path, f"{name}.act_scale is {float(m.act_scale)}, not a positive scale")
     model.lowbit_config = qc
     model.eval()
     return model, load_tokenizer(path)

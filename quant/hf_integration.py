@@ -19,6 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moe.experts import unfuse_experts
+from quant import qconfig
 from quant.checkpoint import FORMAT_VERSION, LINEAR_FORMATS, QUANT_METHOD
 from quant.dac import add_norm_bias
 from quant.errors import QuantError
@@ -50,6 +51,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 f"checkpoint format {getattr(qc, 'format_version', None)}/{getattr(qc, 'packing', None)}; "
                 f"this version of lowbit reads {FORMAT_VERSION}/{LAYOUT}"
             )
+        qconfig.validate(qc.to_dict(), "(from_pretrained)")  # the same schema as load_quantized
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         import torch
@@ -59,15 +61,13 @@ class LowbitHfQuantizer(HfQuantizer):
         if any(".experts." in name for name in qc.modules):
             unfuse_experts(model)
         for name, spec in qc.modules.items():
-            lin = model.get_submodule(name)
-            cls = LINEAR_FORMATS.get(spec.get("format", "uniform"))
-            if cls is None:
-                raise QuantError(f"{name} has unknown format {spec.get('format')!r}")
+            lin = qconfig.check_linear(model, name, spec, "(from_pretrained)")
+            cls = LINEAR_FORMATS[spec.get("format", "uniform")]
             q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
         for name in qc.norm_biases:
-            norm = model.get_submodule(name)
+            norm = qconfig.check_norm(model, name, "(from_pretrained)")
             add_norm_bias(norm, torch.zeros_like(norm.weight, device="cpu"))
         attach_from_config(model, qc.to_dict())
         model.lowbit_config = qc.to_dict()

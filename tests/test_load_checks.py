@@ -437,3 +437,16 @@ def test_a_perplexity_that_overflows_is_an_error_not_a_traceback(tokenizer):
     ids = torch.randint(0, 1000, (64,))
     with pytest.raises(QuantError, match="perplexity overflows"):
         perplexity(model, ids, seqlen=32, progress=False)
+
+
+def test_a_static_activation_scale_that_is_not_positive_is_refused(tmp_path, tokenizer, calib):
+    from quant import ActQuantConfig
+
+    model = tiny_model()
+    ctx = QuantContext(model, tokenizer, calib_ids=calib[:2, :64], progress=False)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=32)), ("actquant", ActQuantConfig(8, mode="static"))])
+    out = save_quantized(model, tokenizer, tmp_path / "q", {"method": "rtn", "modules": ctx.modules})
+    key = f"{Q}.input_ops.act_scale"
+    rewrite(out, lambda s: s.__setitem__(key, -s[key]))
+    with pytest.raises(QuantError, match="act_scale is -"):
+        load_quantized(out)
