@@ -10,6 +10,10 @@ Needs a Python with ``gptqmodel`` and ``optimum`` installed (not a project depen
 pins newer torch than CPU CI uses); writes benchmarks/results/gptq_interop.{json,md}.
 
     python benchmarks/gptq_interop.py --windows 4
+    python benchmarks/gptq_interop.py --checkpoint out/default --windows 8 --name gptq_interop_default
+
+``--checkpoint`` exports one of our checkpoints instead (for example the one `quantize model` writes with
+its defaults: GPTQ w4 g128 asym, whose 576-wide layers get group 64 and travel as ``dynamic`` overrides).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4, help="WikiText-2 windows of 2048 to compare on")
+    ap.add_argument("--checkpoint", type=Path, help="our checkpoint to export (default: RTN w4 g64 sym, made here)")
+    ap.add_argument("--name", default="gptq_interop", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import gptqmodel
@@ -41,22 +47,31 @@ def main() -> None:
     from quant.perplexity import perplexity, tokenize_eval
 
     lm = load_model()
-    ctx = QuantContext(lm.model, lm.tokenizer)
-    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=64, sym=True))])
     ids = tokenize_eval(lm.tokenizer)
+    setting = "SmolLM2-135M-Instruct, RTN w4 g64 sym, fp32 on CPU"
+    if args.checkpoint is None:
+        ctx = QuantContext(lm.model, lm.tokenizer)
+        run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=64, sym=True))])
+    else:
+        qc = json.loads((args.checkpoint / "config.json").read_text())["quantization_config"]
+        setting = (f"SmolLM2-135M-Instruct, `quantize model` checkpoint: {qc['method']} w{qc['bits']} "
+                   f"g{qc['group_size']} {'sym' if qc['sym'] else 'asym'}, fp32 on CPU")  # fmt: skip
     out: dict = {
-        "setting": "SmolLM2-135M-Instruct, RTN w4 g64 sym, fp32 on CPU",
+        "setting": setting,
         "versions": {"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        ck = save_quantized(lm.model, lm.tokenizer, Path(tmp) / "ck", {"method": "rtn", "modules": ctx.modules})
+        ck = args.checkpoint or save_quantized(
+            lm.model, lm.tokenizer, Path(tmp) / "ck", {"method": "rtn", "modules": ctx.modules}
+        )
         gq = Path(tmp) / "gptq"
         r = subprocess.run(
             [sys.executable, "-c", "import cli; cli.main()", "export", str(ck), "--format", "gptq", "--out", str(gq)],
             cwd=ROOT, capture_output=True, text=True, check=True,
         )  # fmt: skip
         out["export"] = r.stdout.strip()
+        out["dynamic"] = json.loads((gq / "config.json").read_text())["quantization_config"].get("dynamic")
         ours, _ = load_quantized(ck)
         theirs = AutoModelForCausalLM.from_pretrained(gq, device_map="cpu", dtype=torch.float32).eval()
         kinds = sorted({type(m).__name__ for m in theirs.modules() if "QuantLinear" in type(m).__name__
@@ -74,9 +89,9 @@ def main() -> None:
         out["ppl_gptqmodel"] = perplexity(theirs, ids, max_windows=args.windows, desc="gptqmodel")["ppl"]
         out["windows"] = args.windows
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gptq_interop.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     lg = out["logits"]
-    (RESULTS / "gptq_interop.md").write_text(
+    (RESULTS / f"{args.name}.md").write_text(
         "# GPTQ export loaded by GPTQModel (through transformers)\n\n"
         f"{out['setting']}; gptqmodel {out['versions']['gptqmodel']}, transformers {out['versions']['transformers']}, "
         f"torch {out['versions']['torch']}. Their layers: {', '.join(kinds)}.\n\n"
@@ -86,6 +101,8 @@ def main() -> None:
         f"| argmax agreement | {lg['argmax_agreement']:.4f} |\n"
         f"| WikiText-2 ppl, ours ({args.windows} windows) | {out['ppl_ours']:.4f} |\n"
         f"| WikiText-2 ppl, GPTQModel ({args.windows} windows) | {out['ppl_gptqmodel']:.4f} |\n"
+        f"| relative difference | {out['ppl_gptqmodel'] / out['ppl_ours'] - 1:+.4%} |\n"
+        f"| `dynamic` overrides in the export | {len(out['dynamic'] or {})} |\n"
     )
     print(json.dumps(out, indent=2))
 

@@ -23,6 +23,8 @@ reason and the alternative (our own format, which ``quantize export --to-hub`` s
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from quant.atomic import atomic_dir
 from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
 from quant.errors import QuantError
 from quant.packing import pack, unpack
-from quant.qconfig import GPTQ_BITS, GPTQ_FORMATS, GPTQ_KEYS, validate_gptq
+from quant.qconfig import GPTQ_BITS, GPTQ_FORMATS, GPTQ_KEYS, gptq_module_settings, validate_gptq
 from quant.quantlinear import QuantLinear
 from quant.reader import (
     build,
@@ -56,22 +58,71 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 ZERO_MAX = 255  # QuantLinear.zeros is uint8
 
 
-def _gptq_tensors(q: QuantLinear, v1: bool) -> dict[str, torch.Tensor]:
+def _v1_codes(name: str, q: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and zero-points for the v1 layout, which stores ``zero - 1`` and so has no encoding for a
+    zero-point of 0. A group with zero 0 that never uses the top code is stored as ``(codes + 1, zero 1)``:
+    the same weights, exactly. A group that uses every code cannot be, and is refused."""
+    codes, zeros = q.codes().to(torch.int64), q.zeros.to(torch.int64)
+    z0 = zeros == 0
+    if not bool(z0.any()):
+        return codes, zeros
+    n, g = q.out_features, q.group_size
+    top = codes.view(n, -1, g).amax(-1) == 2**q.bits - 1
+    if bool((z0 & top).any()):
+        raise QuantError(
+            f"cannot write the legacy GPTQ v1 layout: {name} has groups with zero-point 0 that use every code, "
+            "which v1 cannot store (it keeps zero-1). Use --checkpoint-format gptq_v2 (GPTQModel reads it; vLLM "
+            "reads only v1), or quantize with --sym"
+        )
+    return codes + z0.repeat_interleave(g, dim=1), zeros + z0
+
+
+def _gptq_tensors(name: str, q: QuantLinear, v1: bool) -> dict[str, torch.Tensor]:
     maxq = 2**q.bits - 1
-    zeros = q.zeros.to(torch.int64)
+    codes, zeros = _v1_codes(name, q) if v1 else (q.codes(), q.zeros.to(torch.int64))
     if v1:
-        zeros = zeros - 1  # >= 0: zero-points of 0 were refused before anything was written
-    g = q.group_size
+        zeros = zeros - 1  # >= 0 after _v1_codes
     return {
-        "qweight": pack(q.codes(), q.bits).t().contiguous(),
+        "qweight": pack(codes, q.bits).t().contiguous(),
         "qzeros": pack((zeros & maxq).t(), q.bits).contiguous(),
         "scales": q.scales.t().contiguous(),
-        "g_idx": (torch.arange(q.in_features, dtype=torch.int32) // g),
+        "g_idx": (torch.arange(q.in_features, dtype=torch.int32) // q.group_size),
     }
 
 
-def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, QuantLinear], v1: bool) -> tuple[int, int]:
-    """The one (bits, group size) of the checkpoint, or a QuantError that says why it has none."""
+def _setting(q: QuantLinear, sym: bool) -> tuple[int, int, bool]:
+    """(bits, GPTQ group size, sym) of one layer; a group spanning the whole row is GPTQ's -1."""
+    return q.bits, -1 if q.group_size == q.in_features else q.group_size, sym
+
+
+def _dynamic(settings: dict[str, tuple | None], base: tuple) -> dict:
+    """GPTQModel's ``dynamic`` overrides for every layer whose setting is not ``base`` (``None``: not quantized).
+
+    Layers that differ only by their block index share one pattern (``model\\.layers\\.\\d+\\.mlp\\.down_proj$``)
+    when every layer it matches has the same setting; otherwise each gets an exact pattern."""
+
+    def entry(setting):
+        bits, group, sym = setting
+        return {"bits": bits, "group_size": group, "sym": sym, "desc_act": False}
+
+    def general(name: str) -> str:
+        return re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)) + "$"
+
+    by_pattern: dict[str, set] = {}
+    for name, setting in settings.items():
+        by_pattern.setdefault(general(name), set()).add(setting)
+    out: dict[str, dict] = {}
+    for name, setting in settings.items():
+        if setting == base:
+            continue
+        pattern = general(name) if len(by_pattern[general(name)]) == 1 else re.escape(name) + "$"
+        out[("-:" if setting is None else "+:") + pattern] = {} if setting is None else entry(setting)
+    return out
+
+
+def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, QuantLinear], v1: bool) -> tuple:
+    """The base (bits, group size, sym) of the export and every block linear's own setting (``None``: left in
+    float), or a QuantError that says why the checkpoint has no GPTQ form."""
     alt = "ship our own format instead (`quantize export DIR --to-hub ORG/NAME`), which keeps everything"
     formats = {spec.get("format", "uniform") for spec in qc["modules"].values()}
     if formats != {"uniform"}:
@@ -83,49 +134,40 @@ def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, Quant
             "cannot export to GPTQ format: the checkpoint has DAC norm biases, which stock model classes drop; "
             f"quantize with --no-dac for a GPTQ-exportable model, or {alt}"
         )
-    bits = {q.bits for q in linears.values()}
-    if len(bits) > 1:
+    if qc.get("input_ops") or qc.get("activations"):
+        raise QuantError(f"cannot export to GPTQ format: online transforms and activation quantization have no "
+                         f"GPTQ form; {alt}")  # fmt: skip
+    odd = sorted({q.bits for q in linears.values()} - set(GPTQ_BITS))
+    if odd:
         raise QuantError(
-            f"cannot export to GPTQ format: mixed widths {sorted(bits)} (a bit allocation); GPTQ consumers take "
-            f"one width per model. Quantize with a single --bits, or {alt}"
-        )
-    (b,) = bits
-    if b not in GPTQ_BITS:
-        raise QuantError(
-            f"cannot export {b}-bit weights to GPTQ format: it supports {GPTQ_BITS} here (GPTQ's 3-bit layout "
+            f"cannot export {odd[0]}-bit weights to GPTQ format: it supports {GPTQ_BITS} here (GPTQ's 3-bit layout "
             f"straddles words and no serving kernel reads it); {alt}"
         )
-    groups = {q.group_size if q.group_size != q.in_features else -1 for q in linears.values()}
-    if len(groups) > 1:
-        raise QuantError(
-            f"cannot export to GPTQ format: layers use group sizes {sorted(groups)} (the requested group does not "
-            "divide every layer's inputs) and GPTQ has one group size per model; quantize with a group size that "
-            "divides every width (--group-size 64 or 32 for SmolLM2), or " + alt
-        )
-    (g,) = groups
+    for name, q in linears.items():
+        if not v1 and int(q.zeros.max()) > 2**q.bits - 1:
+            raise QuantError(
+                f"{name}: zero-points of 2^bits (from a v1 import) only exist in the v1 layout: use "
+                "--checkpoint-format gptq"
+            )
     from quant.adapters import adapter_for
 
-    expected = set(adapter_for(model).linear_names(model))
-    if set(linears) != expected:
-        missing = sorted(expected - set(linears))
-        raise QuantError(
-            f"cannot export to GPTQ format: {len(missing)} block linears are not quantized (first: {missing[:1]}); "
-            f"GPTQ loaders quantize every one. {alt}"
-        )
-    if not v1 and any(int(q.zeros.max()) > 2**b - 1 for q in linears.values()):
-        raise QuantError(
-            "zero-points of 2^bits (from a v1 import) only exist in the v1 layout: use --checkpoint-format gptq"
-        )
-    if v1 and any(bool((q.zeros == 0).any()) for q in linears.values()):
-        raise QuantError(
-            "cannot write the legacy GPTQ v1 layout: some zero-points are 0, which v1 cannot store (it keeps zero-1). "
-            "Use --checkpoint-format gptq_v2 (GPTQModel reads it; vLLM reads only v1), or quantize with --sym"
-        )
-    return b, g
+    settings: dict[str, tuple | None] = {
+        n: _setting(linears[n], bool(qc["modules"][n].get("sym", False))) if n in linears else None
+        for n in adapter_for(model).linear_names(model)
+    }
+    outside = sorted(set(linears) - set(settings))
+    if outside:
+        raise QuantError(f"cannot export to GPTQ format: {outside[0]} is quantized but not a block linear; {alt}")
+    counts = Counter(s for s in settings.values() if s is not None)
+    return counts.most_common(1)[0][0], settings
 
 
 def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq", overwrite: bool = False) -> Path:
-    """Write our checkpoint ``src`` in GPTQ format to ``out`` (atomically: temporary folder, then rename)."""
+    """Write our checkpoint ``src`` in GPTQ format to ``out`` (atomically: temporary folder, then rename).
+
+    Layers whose bits, group size or symmetry differ from the most common setting (a group that does not
+    divide every width, an NSDS allocation) and block linears left in float are described by GPTQModel's
+    ``dynamic`` overrides, which GPTQModel and vLLM read."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise QuantError(f"unknown GPTQ checkpoint format {checkpoint_format!r}; choose from {CHECKPOINT_FORMATS}")
     qc = read_quantization_config(src)
@@ -133,7 +175,7 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     model, tok = load_quantized(src)
     linears = {n: model.get_submodule(n) for n in qc["modules"]}
     v1 = checkpoint_format == "gptq"
-    bits, group = _check_exportable(qc, model, linears, v1)
+    (bits, group, sym), settings = _check_exportable(qc, model, linears, v1)
 
     state: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -144,9 +186,8 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
             continue  # tied: stored once, as the embedding
         state[name] = t.detach().contiguous()
     for name, q in linears.items():
-        state.update({f"{name}.{k}": v for k, v in _gptq_tensors(q, v1).items()})
+        state.update({f"{name}.{k}": v for k, v in _gptq_tensors(name, q, v1).items()})
 
-    sym = all(spec.get("sym", False) for spec in qc["modules"].values())
     gptq_config = {
         "quant_method": "gptq",
         "bits": bits,
@@ -163,6 +204,9 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
             "calibration": qc.get("calibration"),
         },
     }
+    dynamic = _dynamic(settings, (bits, group, sym))
+    if dynamic:
+        gptq_config["dynamic"] = dynamic
     with atomic_dir(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads(model.config.to_json_string(use_diff=False))
@@ -221,7 +265,7 @@ def _weight_files(path: Path) -> list[Path]:
     raise QuantError(f"{path} has no .safetensors weights{hint}")
 
 
-def _check_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.Module, where: Path) -> int:
+def _check_gptq(name: str, t: dict[str, torch.Tensor], spec: dict, lin: torch.nn.Module, where: Path) -> int:
     """Check one linear's GPTQ tensors (dtype and exact shape; meta tensors from the headers do) and return
     its effective group size."""
     if not isinstance(lin, torch.nn.Linear):
@@ -230,7 +274,7 @@ def _check_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.M
     missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
     if missing or unknown:
         raise corrupt(where, f"{name} lacks {missing} or has unknown tensors {sorted(unknown)}")
-    n, k, bits, group = lin.out_features, lin.in_features, gc["bits"], gc.get("group_size", -1)
+    n, k, bits, group = lin.out_features, lin.in_features, spec["bits"], spec["group_size"]
     pf = 32 // bits
     g = k if group == -1 else group
     if k % pf or k % g:
@@ -246,9 +290,11 @@ def _check_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, lin: torch.nn.M
     return g
 
 
-def _from_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, g: int, lin, dtype: torch.dtype) -> QuantLinear:
+def _from_gptq(
+    name: str, t: dict[str, torch.Tensor], spec: dict, v1: bool, g: int, lin, dtype: torch.dtype
+) -> QuantLinear:
     """Our ``QuantLinear`` (bias in ``dtype``) for ``lin`` from its GPTQ tensors, checked by :func:`_check_gptq`."""
-    n, k, bits = lin.out_features, lin.in_features, gc["bits"]
+    n, k, bits = lin.out_features, lin.in_features, spec["bits"]
     g_idx = t.get("g_idx")
     if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k) // g):
         raise QuantError(
@@ -258,7 +304,7 @@ def _from_gptq(name: str, t: dict[str, torch.Tensor], gc: dict, g: int, lin, dty
     if not bool(torch.isfinite(t["scales"]).all() and (t["scales"] >= 0).all()):
         raise QuantError(f"{name}: GPTQ scales hold negative, NaN or Inf values")
     zeros = unpack(t["qzeros"], bits, n).to(torch.int64)  # [G, N]
-    if gc.get("checkpoint_format", "gptq") == "gptq":
+    if v1:
         zeros = zeros + 1  # v1 stores zero - 1; consumers add it back without wrapping
     if int(zeros.max()) > ZERO_MAX:  # 8-bit v1: a stored 0xFF means 256, which would wrap to 0 in uint8
         raise QuantError(
@@ -310,13 +356,16 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     meta = build(config, dtype, path, "meta")
     check_memory(meta, path)
     layers, rest = _split(read_headers(files, path))
-    groups = {}
+    specs, groups = {}, {}
     for owner, t in layers.items():
         try:
             lin = meta.get_submodule(owner)
         except AttributeError:
             raise corrupt(path, f"{owner} is not in the model") from None
-        groups[owner] = _check_gptq(owner, t, gc, lin, path)
+        specs[owner] = gptq_module_settings(gc, owner)
+        if specs[owner] is None:
+            raise corrupt(path, f"{owner} holds GPTQ tensors but quantization_config.dynamic excludes it")
+        groups[owner] = _check_gptq(owner, t, specs[owner], lin, path)
     float_names = {k for k in meta.state_dict() if k.rpartition(".")[0] not in layers}
     check_names(rest, float_names, config, path)
     check_state(rest, meta, stored, str(path))
@@ -324,11 +373,12 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     model = build(config, dtype, path, "cpu")
     layers, rest = _split(read_tensors(files, path))
     modules = {}
+    v1 = gc.get("checkpoint_format", "gptq") == "gptq"
     for owner, t in layers.items():
-        q = _from_gptq(owner, t, gc, groups[owner], model.get_submodule(owner), dtype)
+        q = _from_gptq(owner, t, specs[owner], v1, groups[owner], model.get_submodule(owner), dtype)
         parent, _, child = owner.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
-        modules[owner] = {"bits": gc["bits"], "group_size": q.group_size, "sym": bool(gc.get("sym"))}
+        modules[owner] = {"bits": q.bits, "group_size": q.group_size, "sym": bool(specs[owner]["sym"])}
     load_weights(model, rest, config, stored, path)
     model.lowbit_config = {
         "quant_method": "gptq",

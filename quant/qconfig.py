@@ -8,6 +8,7 @@ linear, a group that divides its width, a norm that is a norm) is checked by :fu
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from torch import nn
@@ -132,28 +133,75 @@ def check_hadamard(linear: nn.Module, name: str, width: int, path: str | Path) -
 
 GPTQ_BITS = (2, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
-GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")  # what both config files must agree on
+# what config.json and quantize_config.json must agree on
+GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "dynamic")
+
+
+def _check_gptq_settings(gc: dict, bad) -> None:
+    """bits, group_size, sym, desc_act: shared by the base settings and every ``dynamic`` override."""
+    bits = gc.get("bits", GPTQ_BITS[0])
+    if not (_int(bits) and bits in GPTQ_BITS):
+        raise bad("bits", f"is {bits!r}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
+    group = gc.get("group_size", -1)
+    if not _int(group) or not (group == -1 or group > 0):
+        raise bad("group_size", f"is {group!r}; it must be -1 (one group per row) or a positive integer")
+    for key in ("sym", "desc_act"):
+        if key in gc and not isinstance(gc[key], bool):
+            raise bad(key, f"is {gc[key]!r}; it must be true or false")
+
+
+# A quantified group that itself holds a quantifier ("(a+)+"): the shape of regexes that backtrack for ever.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)[+*{]")
 
 
 def validate_gptq(gc: object, path: str | Path, field: str = "quantization_config") -> dict:
-    """A GPTQ ``quantization_config`` (or ``quantize_config.json``): types and ranges, one line naming the field."""
+    """A GPTQ ``quantization_config`` (or ``quantize_config.json``): types and ranges, one line naming the field.
+
+    ``dynamic`` (GPTQModel's per-module overrides, also read by vLLM) maps a regular expression over module
+    names to overrides of bits, group_size, sym and desc_act; a ``-:`` prefix means "not quantized". Patterns
+    are checked to compile, and refused when over 512 characters or with nested quantifiers (a crafted
+    pattern would otherwise backtrack for ever on a module name)."""
 
     def bad(key: str, msg: str) -> QuantError:
         return QuantError(f"corrupt GPTQ checkpoint {path}: {field}.{key} {msg}")
 
     if not isinstance(gc, dict):
         raise QuantError(f"corrupt GPTQ checkpoint {path}: {field} must be an object")
-    bits, group = gc.get("bits"), gc.get("group_size", -1)
-    if not _int(bits) or bits not in GPTQ_BITS:
-        raise bad("bits", f"is {bits!r}: {bits}-bit GPTQ checkpoints are not supported (supported: {GPTQ_BITS})")
-    if not _int(group) or not (group == -1 or group > 0):
-        raise bad("group_size", f"is {group!r}; it must be -1 (one group per row) or a positive integer")
-    for key in ("sym", "desc_act"):
-        if key in gc and not isinstance(gc[key], bool):
-            raise bad(key, f"is {gc[key]!r}; it must be true or false")
+    if "bits" not in gc:
+        raise bad("bits", "is missing")
+    _check_gptq_settings(gc, bad)
     fmt = gc.get("checkpoint_format", "gptq")
     if fmt not in GPTQ_FORMATS:
         raise bad("checkpoint_format", f"is {fmt!r}; this version reads {', '.join(GPTQ_FORMATS)}")
     if gc.get("pack_dtype", "int32") != "int32":
         raise bad("pack_dtype", f"is {gc['pack_dtype']!r}; this version reads int32 words")
+    dynamic = gc.get("dynamic")
+    if dynamic is None:
+        return gc
+    if not isinstance(dynamic, dict):
+        raise bad("dynamic", "must be an object {module regex: overrides}")
+    for pattern, over in dynamic.items():
+        key = f"dynamic[{pattern[:60]!r}]"
+        if len(pattern) > 512 or _NESTED_QUANTIFIER.search(pattern):
+            raise bad(key, "is too long or has nested quantifiers")
+        try:
+            re.compile(pattern.removeprefix("+:").removeprefix("-:"))
+        except re.error as e:
+            raise bad(key, f"is not a regular expression ({e})") from None
+        if not isinstance(over, dict) or set(over) - {"bits", "group_size", "sym", "desc_act"}:
+            raise bad(key, "must be an object with some of bits, group_size, sym, desc_act")
+        _check_gptq_settings(over, lambda k, msg, key=key: bad(f"{key}.{k}", msg))
     return gc
+
+
+def gptq_module_settings(gc: dict, name: str) -> dict | None:
+    """The GPTQ settings of module ``name`` (``dynamic`` applied as GPTQModel and vLLM apply it: the first
+    matching pattern wins, ``re.match`` semantics), or ``None`` where a ``-:`` pattern leaves it unquantized."""
+    base = {"bits": gc["bits"], "group_size": gc.get("group_size", -1), "sym": gc.get("sym", True)}
+    for pattern, over in (gc.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+        elif re.match(pattern.removeprefix("+:"), name):
+            return {**base, **{k: v for k, v in over.items() if k in base}}
+    return base

@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import random
+import re
 import resource
 import select
 import shutil
@@ -310,6 +311,8 @@ def _config_fields(cfg: dict, fmt: str) -> list[tuple[list, list]]:
             (p + ["sym"], [None, "x", 3]),
             (p + ["checkpoint_format"], [None, "x", 3, "marlin"]),
             (p + ["desc_act"], ["x", 3, None]),
+            (p + ["dynamic"], ["x", [], 3, {"+:(a+)+$": {}}, {"+:[": {}}, {"+:.*": {"bits": 3}}, {"-:.*": {}},
+                               {"+:.*": {"bits": 8}}, {"+:.*": {"group_size": 16}}, {"+:.*": {"x": 1}}]),
         ]
     return f
 
@@ -785,7 +788,8 @@ def _run_cli(loader: str, folder: str) -> dict:
     except BaseException as e:  # noqa: BLE001
         return {"outcome": "traceback", "message": f"{type(e).__name__}: {str(e)[:300]}"}
     stderr = err.getvalue()
-    lines = [x for x in stderr.replace("\r", "\n").splitlines() if x.strip() and "it/s" not in x and "win" not in x]
+    bar = re.compile(r"\d+%\|")  # perplexity's progress bar, the only other thing eval writes to stderr
+    lines = [x for x in stderr.replace("\r", "\n").splitlines() if x.strip() and not bar.search(x)]
     if "Traceback" in stderr:
         return {"outcome": "traceback", "message": stderr[-300:]}
     if code == 2 and lines and lines[-1].startswith("error:"):

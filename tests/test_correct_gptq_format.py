@@ -85,9 +85,31 @@ def test_zero_point_of_0_imports_from_v2_and_refuses_v1_export(tmp_path, tokeniz
         assert np.array_equal(model.get_submodule(mod).dequantize().numpy(), w), mod
     qc = {"method": "gptq-import", "modules": model.lowbit_config["modules"]}
     ck = save_quantized(model, tokenizer, tmp_path / "ours", qc)
-    with pytest.raises(QuantError, match="some zero-points are 0"):
+    with pytest.raises(QuantError, match="zero-point 0 that use every code"):
         export_gptq(ck, tmp_path / "v1", checkpoint_format="gptq")
     assert not (tmp_path / "v1").exists()
     back, _ = load_gptq(export_gptq(ck, tmp_path / "v2", checkpoint_format="gptq_v2"), dtype=torch.float32)
     for mod, w in expect.items():
         assert np.array_equal(back.get_submodule(mod).dequantize().numpy(), w), mod
+
+
+def test_a_zero_point_of_0_is_shifted_into_v1_when_the_top_code_is_free(tmp_path, tokenizer):
+    """v1 stores zero-1: a group with zero 0 whose codes stay below 2^bits-1 is written as (codes+1, zero 1),
+    which dequantizes to the same weights; the reimport must equal the original bit for bit."""
+    from quant import QuantContext, RTNConfig, load_quantized, run_pipeline
+    from quant.packing import pack
+
+    m = tiny_model()
+    ctx = QuantContext(m, tokenizer)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=32, sym=False))])
+    q = m.get_submodule("model.layers.0.mlp.up_proj")
+    codes = q.codes().clone()
+    codes[3:9, 32:64] = codes[3:9, 32:64].clamp(max=14)  # rows 3-8, group 1: the top code unused
+    q.qweight.copy_(pack(codes, 4))
+    q.zeros[3:9, 1] = 0
+    ck = save_quantized(m, tokenizer, tmp_path / "ours", {"method": "rtn", "modules": ctx.modules})
+    ours, _ = load_quantized(ck)
+    back, _ = load_gptq(export_gptq(ck, tmp_path / "v1", checkpoint_format="gptq"))
+    for name in ours.lowbit_config["modules"]:
+        assert torch.equal(back.get_submodule(name).dequantize(), ours.get_submodule(name).dequantize()), name
+    assert int(back.get_submodule("model.layers.0.mlp.up_proj").zeros[3, 1]) == 1

@@ -168,13 +168,73 @@ def test_gptq_export_refuses_what_it_cannot_express(tmp_path, tokenizer, calib):
         with pytest.raises(QuantError, match=pattern):
             export_gptq(ck, tmp_path / f"{name}-gptq")
         assert not (tmp_path / f"{name}-gptq").exists()
-    # mixed widths: one layer at 8 bits
+
+
+def test_gptq_export_carries_per_module_settings_in_dynamic(tmp_path, tokenizer):
+    """Mixed widths, mixed groups and a block linear left in float: GPTQModel's ``dynamic`` overrides (which
+    vLLM also reads) say so, and the import gives the same logits as our checkpoint."""
+    import re
+
     m = tiny_model()
-    ctx = QuantContext(m, tokenizer, overrides={"model.layers.0.mlp.up_proj": {"bits": 8}})
+    over = {"model.layers.0.mlp.up_proj": {"bits": 8}, "model.layers.1.mlp.up_proj": {"bits": 8}}
+    over.update({f"model.layers.{i}.mlp.down_proj": {"group_size": 64} for i in (0, 1)})
+    over["model.layers.1.self_attn.q_proj"] = {"bits": 2}
+    ctx = QuantContext(m, tokenizer, overrides=over)
     run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=32, sym=True))])
+    float_name = "model.layers.0.self_attn.k_proj"  # put one linear back in float
+    q = m.get_submodule(float_name)
+    lin = torch.nn.Linear(q.in_features, q.out_features, bias=False)
+    lin.weight.data = q.dequantize().float()
+    m.model.layers[0].self_attn.k_proj = lin
+    del ctx.modules[float_name]
     ck = save_quantized(m, tokenizer, tmp_path / "mixed", {"method": "rtn", "modules": ctx.modules})
-    with pytest.raises(QuantError, match="mixed widths"):
-        export_gptq(ck, tmp_path / "mixed-gptq")
+    out = export_gptq(ck, tmp_path / "mixed-gptq")
+    gc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (gc["bits"], gc["group_size"], gc["sym"]) == (4, 32, True)  # the most common setting is the base
+    dyn = gc["dynamic"]
+    assert dyn[r"+:model\.layers\.\d+\.mlp\.up_proj$"]["bits"] == 8  # one pattern for both blocks
+    assert dyn[r"+:model\.layers\.\d+\.mlp\.down_proj$"]["group_size"] == 64
+    assert dyn[r"+:model\.layers\.1\.self_attn\.q_proj$"] == {"bits": 2, "group_size": 32, "sym": True,
+                                                                  "desc_act": False}  # fmt: skip
+    assert dyn[r"-:model\.layers\.0\.self_attn\.k_proj$"] == {}
+    assert json.loads((out / "quantize_config.json").read_text())["dynamic"] == dyn
+    # the patterns select exactly the intended layers (re.match, first match wins: how GPTQModel and vLLM read it)
+    names = [f"model.layers.{i}.{r}" for i in (0, 1) for r in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")]
+    hits = {n: [p for p in dyn if re.match(p[2:], n)] for n in names}
+    assert hits["model.layers.0.self_attn.q_proj"] == [] and len(hits["model.layers.1.mlp.up_proj"]) == 1
+    ours, _ = load_quantized(ck)
+    back, _ = load_gptq(out)
+    assert type(back.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    assert back.get_submodule("model.layers.1.self_attn.q_proj").bits == 2
+    x = torch.randint(0, 49152, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, back(x).logits)
+
+
+@pytest.mark.parametrize(
+    "dynamic, match",
+    [
+        ({"+:(a+)+$": {"bits": 8}}, "nested quantifiers"),
+        ({"+:model[": {"bits": 8}}, "not a regular expression"),
+        ({"+:model": {"bits": 3}}, "3-bit GPTQ"),
+        ({"+:model": {"group_size": "x"}}, "group_size"),
+        ({"+:model": {"adapter": 1}}, "some of bits"),
+        ({"-:model\\.layers\\.0\\.mlp\\.up_proj$": {}}, "dynamic excludes"),
+        ([], "dynamic must be an object"),
+    ],
+)
+def test_gptq_dynamic_overrides_are_validated(tmp_path, tokenizer, dynamic, match):
+    m = tiny_model()
+    ctx = QuantContext(m, tokenizer)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=32, sym=True))])
+    out = export_gptq(save_quantized(m, tokenizer, tmp_path / "q", {"method": "rtn", "modules": ctx.modules}),
+                      tmp_path / "g")  # fmt: skip
+    for f in ("config.json", "quantize_config.json"):
+        cfg = json.loads((out / f).read_text())
+        (cfg["quantization_config"] if f == "config.json" else cfg)["dynamic"] = dynamic
+        (out / f).write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match=match):
+        load_gptq(out)
 
 
 def test_from_pretrained_matches_load_quantized_with_dsq_and_dac(tmp_path, tokenizer, calib):

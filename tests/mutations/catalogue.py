@@ -341,10 +341,26 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "gptq-v1-export-always-refused",
         "quant/gptq_format.py",
-        "if v1 and any(bool((q.zeros == 0).any())",
-        "if v1 and any(bool((q.zeros >= 0).any())",
+        "    z0 = zeros == 0\n",
+        "    z0 = zeros >= 0\n",
         ("tests/test_export.py::test_gptq_round_trip_and_v2",),
         "every v1 export is refused",
+    ),
+    Mutation(
+        "gptq-v1-zero-0-never-shifted",
+        "quant/gptq_format.py",
+        "    if bool((z0 & top).any()):",
+        "    if bool(z0.any()):",
+        ("tests/test_correct_gptq_format.py::test_a_zero_point_of_0_is_shifted_into_v1_when_the_top_code_is_free",),
+        "a v1 export with any zero-point of 0 is refused though (codes+1, zero 1) stores it exactly",
+    ),
+    Mutation(
+        "gptq-dynamic-ignored-on-import",
+        "quant/gptq_format.py",
+        "        specs[owner] = gptq_module_settings(gc, owner)\n",
+        "        specs[owner] = gptq_module_settings({k: v for k, v in gc.items() if k != 'dynamic'}, owner)\n",
+        ("tests/test_export.py::test_gptq_export_carries_per_module_settings_in_dynamic",),
+        "per-module bits and groups in dynamic are ignored: mixed checkpoints fail to import",
     ),
     Mutation(
         "rtn-drops-linear-bias",
