@@ -10,6 +10,7 @@ quantize inspect DIR                                        what a checkpoint ho
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -456,7 +457,7 @@ def inspect_cmd(
         typer.echo(f"  online ops: Hadamard on {had} inputs, dynamic per-token scaling on {scaled}")
     typer.echo(f"  weights on disk: {weights / 2**20:.1f} MiB")
     rep = ckpt / "quant_report.json"
-    if rep.exists() or rep.is_symlink():
+    if os.path.lexists(rep):
         _echo_report(read_json(rep, ckpt))
 
 

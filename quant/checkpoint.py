@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def read_quantization_config(path: str | Path, raw: dict | None = None) -> dict:
 def _verified_files(path: Path) -> list[Path]:
     """The weight files SHA256SUMS lists, each matching its checksum; an index, if present, must agree."""
     sums = path / "SHA256SUMS"
-    if not sums.exists() and not sums.is_symlink():
+    if not os.path.lexists(sums):
         raise corrupt(path, "SHA256SUMS is missing")
     files: list[Path] = []
     for i, line in enumerate(read_text(sums, path).splitlines(), 1):
@@ -205,7 +206,7 @@ def _verified_files(path: Path) -> list[Path]:
     if not files:
         raise corrupt(path, "SHA256SUMS lists no weight files")
     index = path / "model.safetensors.index.json"
-    if index.exists() or index.is_symlink():  # what transformers reads: it must name the same files
+    if os.path.lexists(index):  # what transformers reads: it must name the same files
         wm = read_json(index, path).get("weight_map")
         if not isinstance(wm, dict) or {f.name for f in files} != set(wm.values()):
             raise corrupt(path, f"{index.name} does not name the files SHA256SUMS lists")

@@ -23,6 +23,7 @@ reason and the alternative (our own format, which ``quantize export --to-hub`` s
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -224,7 +225,7 @@ def read_gptq_config(path: Path, raw: dict) -> dict:
     folders, and the file vLLM reads); when both are there they must agree."""
     gc = raw.get("quantization_config")
     side_file = path / "quantize_config.json"
-    side = read_json(side_file, path) if side_file.exists() or side_file.is_symlink() else None
+    side = read_json(side_file, path) if os.path.lexists(side_file) else None
     if gc is None and side is None:
         raise QuantError(f"{path} is not a GPTQ checkpoint (no quantization_config, no quantize_config.json)")
     if gc is not None and (not isinstance(gc, dict) or gc.get("quant_method") != "gptq"):
@@ -248,7 +249,7 @@ def _weight_files(path: Path) -> list[Path]:
     """The weight files of a GPTQ folder: those its index names, else ``model.safetensors``, else its one
     ``*.safetensors`` (older tools name it after the settings). Any other ``.safetensors`` file is ignored."""
     index = path / "model.safetensors.index.json"
-    if index.exists() or index.is_symlink():
+    if os.path.lexists(index):
         wm = read_json(index, path).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise corrupt(path, f"{index.name} has no weight_map")

@@ -96,7 +96,7 @@ def checkpoint_kind(path: Path, raw: dict | None = None) -> str | None:
     qc = raw.get("quantization_config")
     if qc is None:
         side = path / "quantize_config.json"  # older AutoGPTQ folders keep the GPTQ settings only there
-        return "gptq" if side.exists() or side.is_symlink() else None
+        return "gptq" if os.path.lexists(side) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method not in (QUANT_METHOD, "gptq"):
         raise QuantError(

@@ -90,7 +90,7 @@ def read_json(f: Path, where: str | Path, limit: int = TEXT_LIMIT) -> dict:
 
 
 def read_config(path: Path) -> dict:
-    if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
+    if not os.path.lexists(path / "config.json"):
         raise QuantError(f"{path} is not a model folder: no config.json")
     return read_json(path / "config.json", path)
 
@@ -325,7 +325,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The folder's tokenizer, its files checked first (regular, bounded, tokenizer_config an object)."""
     from transformers import AutoTokenizer
 
-    present = [n for n in TOKENIZER_FILES if (path / n).exists() or (path / n).is_symlink()]
+    present = [n for n in TOKENIZER_FILES if os.path.lexists(path / n)]
     if not present:
         raise QuantError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})")
     for n in present:
