@@ -36,6 +36,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="WikiText-2 windows of 2048 to compare on")
     ap.add_argument("--checkpoint", type=Path, help="our checkpoint to export (default: RTN w4 g64 sym, made here)")
     ap.add_argument("--name", default="gptq_interop", help="results file stem under benchmarks/results/")
+    ap.add_argument("--checkpoint-format", default="gptq", help="gptq (v1) or gptq_v2 (asymmetric: GPTQModel "
+                    "loads v1 asym only from its own files)")
+    ap.add_argument("--loader", default="transformers", help="transformers (from_pretrained, through optimum: "
+                    "ignores `dynamic`) or gptqmodel (GPTQModel.load with its TORCH backend, which applies it)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import gptqmodel
@@ -67,13 +71,24 @@ def main() -> None:
         )
         gq = Path(tmp) / "gptq"
         r = subprocess.run(
-            [sys.executable, "-c", "import cli; cli.main()", "export", str(ck), "--format", "gptq", "--out", str(gq)],
+            [sys.executable, "-c", "import cli; cli.main()", "export", str(ck), "--format", "gptq", "--out", str(gq),
+             "--checkpoint-format", args.checkpoint_format],
             cwd=ROOT, capture_output=True, text=True, check=True,
         )  # fmt: skip
         out["export"] = r.stdout.strip()
         out["dynamic"] = json.loads((gq / "config.json").read_text())["quantization_config"].get("dynamic")
         ours, _ = load_quantized(ck)
-        theirs = AutoModelForCausalLM.from_pretrained(gq, device_map="cpu", dtype=torch.float32).eval()
+        if args.loader == "gptqmodel":
+            # GPTQModel's default CPU kernel (TorchFusedLinear) computes wrong outputs from gptq_v2 asymmetric
+            # zero-points although its dequantize_weight() equals ours exactly (measured); its plain TORCH backend
+            # is right. It loads in fp16 only; the model is then run in fp32 like ours.
+            theirs = gptqmodel.GPTQModel.load(
+                str(gq), device="cpu", dtype=torch.float16, backend=gptqmodel.BACKEND.TORCH
+            ).model.float().eval()
+        else:
+            theirs = AutoModelForCausalLM.from_pretrained(gq, device_map="cpu", dtype=torch.float32).eval()
+        out["loader"] = args.loader
+        out["checkpoint_format"] = args.checkpoint_format
         kinds = sorted({type(m).__name__ for m in theirs.modules() if "QuantLinear" in type(m).__name__
                         or type(m).__module__.startswith("gptqmodel")})  # fmt: skip
         out["their_layer_classes"] = kinds
@@ -91,10 +106,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     lg = out["logits"]
+    how = "GPTQModel.load" if args.loader == "gptqmodel" else "through transformers"
     (RESULTS / f"{args.name}.md").write_text(
-        "# GPTQ export loaded by GPTQModel (through transformers)\n\n"
+        f"# GPTQ export loaded by GPTQModel ({how})\n\n"
         f"{out['setting']}; gptqmodel {out['versions']['gptqmodel']}, transformers {out['versions']['transformers']}, "
-        f"torch {out['versions']['torch']}. Their layers: {', '.join(kinds)}.\n\n"
+        f"torch {out['versions']['torch']}; export `{args.checkpoint_format}`, loaded with {args.loader}. "
+        f"Their layers: {', '.join(kinds)}.\n\n"
         "| check | value |\n|---|---|\n"
         f"| logits max abs diff (one 2048-token window) | {lg['max_abs_diff']:.3g} |\n"
         f"| logits relative L2 diff | {lg['rel_l2']:.3g} |\n"
