@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe.experts import unfuse_experts
-from quant import qconfig
+from quant import qconfig, reader
 from quant.atomic import atomic_dir, recover_output
 from quant.dac import add_norm_bias
 from quant.dsqlinear import DSQLinear
@@ -56,22 +56,6 @@ from quant.errors import QuantError
 from quant.inputops import attach_from_config, input_ops_config
 from quant.packing import LAYOUT
 from quant.quantlinear import QuantLinear
-from quant.reader import (
-    build,
-    check_memory,
-    check_names,
-    corrupt,
-    load_tokenizer,
-    load_weights,
-    model_config,
-    read_config,
-    read_headers,
-    read_json,
-    read_tensors,
-    read_text,
-    weight_file,
-)
-from quant.tensor_checks import check_state, torch_dtype
 
 QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
 FORMAT_VERSION = 1
@@ -173,7 +157,7 @@ def save_quantized(
 def read_quantization_config(path: str | Path, raw: dict | None = None) -> dict:
     """Our validated ``quantization_config`` from the folder's config.json (or from ``raw``, its contents)."""
     path = Path(path)
-    config = read_config(path) if raw is None else raw
+    config = reader.read_config(path) if raw is None else raw
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is not 'lowbit')")
@@ -190,26 +174,26 @@ def _verified_files(path: Path) -> list[Path]:
     """The weight files SHA256SUMS lists, each matching its checksum; an index, if present, must agree."""
     sums = path / "SHA256SUMS"
     if not os.path.lexists(sums):
-        raise corrupt(path, "SHA256SUMS is missing")
+        raise reader.corrupt(path, "SHA256SUMS is missing")
     files: list[Path] = []
-    for i, line in enumerate(read_text(sums, path).splitlines(), 1):
+    for i, line in enumerate(reader.read_text(sums, path).splitlines(), 1):
         m = re.fullmatch(r"([0-9a-f]{64})  (\S.*)", line)
         if m is None:
-            raise corrupt(path, f"SHA256SUMS line {i} is not '<sha256>  <file name>'")
+            raise reader.corrupt(path, f"SHA256SUMS line {i} is not '<sha256>  <file name>'")
         digest, fname = m.groups()
-        f = weight_file(path, fname, path, "SHA256SUMS")
+        f = reader.weight_file(path, fname, path, "SHA256SUMS")
         if f in files:
-            raise corrupt(path, f"SHA256SUMS lists {fname} twice")
+            raise reader.corrupt(path, f"SHA256SUMS lists {fname} twice")
         if _sha256(f) != digest:
-            raise corrupt(path, f"{fname} does not match its checksum (truncated or altered)")
+            raise reader.corrupt(path, f"{fname} does not match its checksum (truncated or altered)")
         files.append(f)
     if not files:
-        raise corrupt(path, "SHA256SUMS lists no weight files")
+        raise reader.corrupt(path, "SHA256SUMS lists no weight files")
     index = path / "model.safetensors.index.json"
     if os.path.lexists(index):  # what transformers reads: it must name the same files
-        wm = read_json(index, path).get("weight_map")
+        wm = reader.read_json(index, path).get("weight_map")
         if not isinstance(wm, dict) or {f.name for f in files} != set(wm.values()):
-            raise corrupt(path, f"{index.name} does not name the files SHA256SUMS lists")
+            raise reader.corrupt(path, f"{index.name} does not name the files SHA256SUMS lists")
     return files
 
 
@@ -219,9 +203,9 @@ LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear)}
 def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> nn.Module:
     """The model ``qc`` describes, with uninitialised weights: float, with packed linears and DAC norm biases
     where the checkpoint has them. On ``"meta"`` it costs nothing and is checked against free memory."""
-    model = build(config, dtype, path, device)
+    model = reader.build(config, dtype, path, device)
     if device == "meta":
-        check_memory(model, path)
+        reader.check_memory(model, path)
     with torch.device(device):
         if any(".experts." in name for name in qc["modules"]):
             unfuse_experts(model)  # quantized per expert (moe.experts)
@@ -252,24 +236,20 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     Order: config and quantization_config validated; checksums verified; the headers' names, dtypes and
     shapes checked against a meta-device skeleton; only then the model built and the tensors read."""
     path = Path(path)
-    raw = read_config(path)
+    raw = reader.read_config(path)
     qc = read_quantization_config(path, raw)
-    config = model_config(raw, path)
-    stored = torch_dtype(getattr(config, "dtype", None) or torch.float32)
-    dtype = torch_dtype(dtype or stored)
+    config, stored, dtype = reader.open_model_config(raw, path, torch.float32, dtype)
     files = _verified_files(path)
-    headers = read_headers(files, path)
     meta = _skeleton(config, qc, dtype, path, "meta")
-    check_names(headers, set(meta.state_dict()), config, path)
-    check_state(headers, meta, stored, str(path))
+    reader.check_headers(reader.read_headers(files, path), meta, set(meta.state_dict()), config, stored, path)
     model = _skeleton(config, qc, dtype, path, "cpu")
-    load_weights(model, read_tensors(files, path), config, stored, path)
+    reader.load_weights(model, reader.read_tensors(files, path), config, stored, path)
     for name in qc["modules"]:
         if not _valid(model.get_submodule(name)):
-            raise corrupt(path, f"{name} has invalid scales or zero-points")
+            raise reader.corrupt(path, f"{name} has invalid scales or zero-points")
     for name, m in model.named_modules():  # static activation scales are calibrated: positive by construction
         if getattr(m, "act_scale", None) is not None and not float(m.act_scale) > 0:
-            raise corrupt(path, f"{name}.act_scale is {float(m.act_scale)}, not a positive scale")
+            raise reader.corrupt(path, f"{name}.act_scale is {float(m.act_scale)}, not a positive scale")
     model.lowbit_config = qc
     model.eval()
-    return model, load_tokenizer(path)
+    return model, reader.load_tokenizer(path)

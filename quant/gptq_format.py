@@ -31,28 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from quant import reader
 from quant.atomic import atomic_dir
 from quant.checkpoint import check_output_dir, load_quantized, read_quantization_config
 from quant.errors import QuantError
 from quant.packing import pack, unpack
 from quant.qconfig import GPTQ_BITS, GPTQ_FORMATS, GPTQ_KEYS, gptq_module_settings, validate_gptq
 from quant.quantlinear import QuantLinear
-from quant.reader import (
-    build,
-    check_memory,
-    check_names,
-    corrupt,
-    load_tokenizer,
-    load_weights,
-    model_config,
-    read_config,
-    read_headers,
-    read_json,
-    read_tensors,
-    weight_file,
-)
-from quant.tensor_checks import check_state, check_tensor
-from quant.tensor_checks import torch_dtype as _torch_dtype
+from quant.tensor_checks import check_tensor
 
 CHECKPOINT_FORMATS = GPTQ_FORMATS
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -225,7 +211,7 @@ def read_gptq_config(path: Path, raw: dict) -> dict:
     folders, and the file vLLM reads); when both are there they must agree."""
     gc = raw.get("quantization_config")
     side_file = path / "quantize_config.json"
-    side = read_json(side_file, path) if os.path.lexists(side_file) else None
+    side = reader.read_json(side_file, path) if os.path.lexists(side_file) else None
     if gc is None and side is None:
         raise QuantError(f"{path} is not a GPTQ checkpoint (no quantization_config, no quantize_config.json)")
     if gc is not None and (not isinstance(gc, dict) or gc.get("quant_method") != "gptq"):
@@ -250,15 +236,15 @@ def _weight_files(path: Path) -> list[Path]:
     ``*.safetensors`` (older tools name it after the settings). Any other ``.safetensors`` file is ignored."""
     index = path / "model.safetensors.index.json"
     if os.path.lexists(index):
-        wm = read_json(index, path).get("weight_map")
+        wm = reader.read_json(index, path).get("weight_map")
         if not isinstance(wm, dict) or not wm:
-            raise corrupt(path, f"{index.name} has no weight_map")
-        return [weight_file(path, n, path, index.name) for n in sorted(set(map(str, wm.values())))]
+            raise reader.corrupt(path, f"{index.name} has no weight_map")
+        return [reader.weight_file(path, n, path, index.name) for n in sorted(set(map(str, wm.values())))]
     if (path / "model.safetensors").exists():
-        return [weight_file(path, "model.safetensors", path, "the folder")]
+        return [reader.weight_file(path, "model.safetensors", path, "the folder")]
     files = sorted(f.name for f in path.glob("*.safetensors"))
     if len(files) == 1:
-        return [weight_file(path, files[0], path, "the folder")]
+        return [reader.weight_file(path, files[0], path, "the folder")]
     if files:
         raise QuantError(f"{path} has several .safetensors files and no model.safetensors.index.json to say which")
     pickles = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
@@ -270,16 +256,16 @@ def _check_gptq(name: str, t: dict[str, torch.Tensor], spec: dict, lin: torch.nn
     """Check one linear's GPTQ tensors (dtype and exact shape; meta tensors from the headers do) and return
     its effective group size."""
     if not isinstance(lin, torch.nn.Linear):
-        raise corrupt(where, f"{name} holds GPTQ tensors but is a {type(lin).__name__}, not a linear layer")
+        raise reader.corrupt(where, f"{name} holds GPTQ tensors but is a {type(lin).__name__}, not a linear layer")
     unknown = set(t) - set(GPTQ_TENSORS) - {"bias"}
     missing = [k for k in ("qweight", "qzeros", "scales") if k not in t]
     if missing or unknown:
-        raise corrupt(where, f"{name} lacks {missing} or has unknown tensors {sorted(unknown)}")
+        raise reader.corrupt(where, f"{name} lacks {missing} or has unknown tensors {sorted(unknown)}")
     n, k, bits, group = lin.out_features, lin.in_features, spec["bits"], spec["group_size"]
     pf = 32 // bits
     g = k if group == -1 else group
     if k % pf or k % g:
-        raise corrupt(where, f"{name} has {k} inputs, which group size {group} and {bits}-bit words do not divide")
+        raise reader.corrupt(where, f"{name} has {k} inputs, which group {group} and {bits}-bit words do not divide")
     groups = k // g
     check_tensor(f"{name}.qweight", t["qweight"], (torch.int32,), (k // pf, n), where)
     check_tensor(f"{name}.qzeros", t["qzeros"], (torch.int32,), (groups, -(-n // pf)), where)
@@ -347,32 +333,29 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
     then every header against a meta-device skeleton, then the real model and the tensors.
     """
     path = Path(path)
-    raw = read_config(path)
+    raw = reader.read_config(path)
     gc = read_gptq_config(path, raw)
-    config = model_config(raw, path)
-    stored = _torch_dtype(getattr(config, "dtype", None) or torch.float16)
-    dtype = _torch_dtype(dtype or stored)
+    config, stored, dtype = reader.open_model_config(raw, path, torch.float16, dtype)
     files = _weight_files(path)
 
-    meta = build(config, dtype, path, "meta")
-    check_memory(meta, path)
-    layers, rest = _split(read_headers(files, path))
+    meta = reader.build(config, dtype, path, "meta")
+    reader.check_memory(meta, path)
+    layers, rest = _split(reader.read_headers(files, path))
     specs, groups = {}, {}
     for owner, t in layers.items():
         try:
             lin = meta.get_submodule(owner)
         except AttributeError:
-            raise corrupt(path, f"{owner} is not in the model") from None
+            raise reader.corrupt(path, f"{owner} is not in the model") from None
         specs[owner] = gptq_module_settings(gc, owner)
         if specs[owner] is None:
-            raise corrupt(path, f"{owner} holds GPTQ tensors but quantization_config.dynamic excludes it")
+            raise reader.corrupt(path, f"{owner} holds GPTQ tensors but quantization_config.dynamic excludes it")
         groups[owner] = _check_gptq(owner, t, specs[owner], lin, path)
     float_names = {k for k in meta.state_dict() if k.rpartition(".")[0] not in layers}
-    check_names(rest, float_names, config, path)
-    check_state(rest, meta, stored, str(path))
+    reader.check_headers(rest, meta, float_names, config, stored, path)
 
-    model = build(config, dtype, path, "cpu")
-    layers, rest = _split(read_tensors(files, path))
+    model = reader.build(config, dtype, path, "cpu")
+    layers, rest = _split(reader.read_tensors(files, path))
     modules = {}
     v1 = gc.get("checkpoint_format", "gptq") == "gptq"
     for owner, t in layers.items():
@@ -380,7 +363,7 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
         parent, _, child = owner.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
         modules[owner] = {"bits": q.bits, "group_size": q.group_size, "sym": bool(specs[owner]["sym"])}
-    load_weights(model, rest, config, stored, path)
+    reader.load_weights(model, rest, config, stored, path)
     model.lowbit_config = {
         "quant_method": "gptq",
         "method": "gptq-import",
@@ -392,4 +375,4 @@ def load_gptq(path: str | Path, dtype: torch.dtype | None = None):
         "source": {"path": str(path), "checkpoint_format": gc.get("checkpoint_format", "gptq"), "meta": gc.get("meta")},
     }
     model.eval()
-    return model, load_tokenizer(path)
+    return model, reader.load_tokenizer(path)

@@ -181,6 +181,14 @@ def model_config(raw: dict, where: str | Path):
         raise corrupt(where, f"config.json rejected by transformers ({first_line(e)})") from None
 
 
+def open_model_config(raw: dict, where: str | Path, default: torch.dtype, dtype: torch.dtype | None):
+    """``(config, stored dtype, dtype to build in)`` for a checkpoint's config.json contents ``raw``: the
+    dtype the file states (``default`` where it states none) and the one asked for (else the stored one)."""
+    config = model_config(raw, where)
+    stored = torch_dtype(getattr(config, "dtype", None) or default)
+    return config, stored, torch_dtype(dtype or stored)
+
+
 def build(config, dtype: torch.dtype, where: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of ``config`` with uninitialised weights; on ``"meta"`` it costs no memory, which is how
     sizes are checked against the files before anything real is allocated."""
@@ -303,6 +311,15 @@ def _untie(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) 
         if emb_name not in state or not torch.equal(state[k], state[emb_name]):
             raise corrupt(where, f"{k} differs from the embedding it is tied to (config.json: tie_word_embeddings)")
         del state[k]
+
+
+def check_headers(
+    headers: dict[str, torch.Tensor], meta: nn.Module, expected: set[str], config, stored: torch.dtype, where
+) -> None:
+    """The headers' tensors (meta tensors from :func:`read_headers`) are exactly the ``expected`` names of the
+    meta skeleton, each of its dtype and shape: checked before any tensor data is read."""
+    check_names(headers, expected, config, where)
+    check_state(headers, meta, stored, str(where))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], config, stored: torch.dtype, where) -> None:

@@ -284,13 +284,13 @@ def test_bad_model_config_is_one_error(ours, gptq, fmt, edit, match):
 
 def test_no_tensor_is_read_before_the_headers_are_checked(ours, monkeypatch):
     """A checkpoint whose shapes contradict its config is refused from the headers alone."""
-    import quant.checkpoint
+    import quant.reader
 
     def refuse(*a, **k):
         raise AssertionError("tensor data was read before the headers were checked")
 
     rewrite(ours, lambda s: s.__setitem__(f"{Q}.scales", s[f"{Q}.scales"][:1].clone()))
-    monkeypatch.setattr(quant.checkpoint, "read_tensors", refuse)
+    monkeypatch.setattr(quant.reader, "read_tensors", refuse)
     with pytest.raises(QuantError, match="scales is float16 \\[1, "):
         load_quantized(ours)
 

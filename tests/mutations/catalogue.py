@@ -582,8 +582,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "headers-not-checked-before-data",
-        "quant/checkpoint.py",
-        "    check_state(headers, meta, stored, str(path))\n",
+        "quant/reader.py",
+        "    check_state(headers, meta, stored, str(where))\n",
         "",
         ("tests/test_load_checks.py::test_no_tensor_is_read_before_the_headers_are_checked",),
         "tensor data is read (and the model allocated) before the headers' shapes are checked",
