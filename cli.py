@@ -182,11 +182,11 @@ def model_cmd(
 
     from calibrate import calibration_windows
     from quant import QuantContext, run_pipeline, save_quantized
-    from quant.adapters import MOE_TYPES
     from quant.checkpoint import check_output_dir
     from quant.models import base_model_info, load_model
     from quant.passes import get_pass, quantizer_methods
     from quant.quantlinear import quantized_sizes
+    from quant.structure import structure_of
 
     info = get_pass(method)
     if not info.quantizer:
@@ -270,7 +270,7 @@ def model_cmd(
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     routing_ids = routing_ref = None
-    if lm.model.config.model_type in MOE_TYPES:  # routing fidelity: float routers vs the quantized model's
+    if structure_of(lm.model).is_moe():  # routing fidelity: float routers vs the quantized model's
         from moe.routing import router_logits
 
         routing_ids = _routing_sample(lm.tokenizer)
@@ -573,15 +573,15 @@ def moe_align_cmd(
     from calibrate import calibration_windows
     from moe.mpi import AlignConfig, align_routers, alignment
     from moe.routing import compare_routing, router_logits, summarize
-    from quant.adapters import MOE_TYPES
     from quant.atomic import atomic_dir
     from quant.checkpoint import check_output_dir
     from quant.models import load_model
+    from quant.structure import structure_of
 
     if out is not None:
         check_output_dir(out, overwrite)
     lm = load_model(model, trust_remote_code=trust_remote_code)
-    if lm.quantized or lm.model.config.model_type not in MOE_TYPES:
+    if lm.quantized or not structure_of(lm.model).is_moe():
         raise QuantError(f"{lm.source} is not a float Mixture-of-Experts model (Mixtral, Qwen2/3-MoE, OLMoE)")
     held_out = _routing_sample(lm.tokenizer)
     ref = router_logits(lm.model, held_out)

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.adapters import LINEAR_ROLES, adapter_for
 from quant.errors import QuantError
 from quant.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
-from quant.nsds import ROLE_MODULES, ROLES, NSDSConfig, NSDSScores, nsds_scores
+from quant.nsds import ROLES, NSDSConfig, NSDSScores, nsds_roles, nsds_scores
 from quant.passes import QuantContext, register_pass
 from quant.quantlinear import storage_bytes
+from quant.structure import LINEAR_ROLES, structure_of
 
 ALLOCATORS = ("nsds", "uniform", "random")
 SCHEMES = ("knapsack", "tiers")
@@ -147,20 +147,23 @@ class Allocation:
 
 
 def make_units(model: nn.Module, granularity: str, scores: NSDSScores | None) -> list[Unit]:
-    adapter = adapter_for(model)
-    role_of = {m: ROLES.index(r) for r, ms in ROLE_MODULES.items() for m in ms}
+    """Per block one unit (``layer``) or one per linear (``module``, labelled by its role where it has one:
+    q/k/v/o/gate/up/down, else by its name in the block), scored by the NSDS role it carries."""
+    structure = structure_of(model)
     units = []
-    for i, block in enumerate(adapter.blocks(model)):
+    for i, info in enumerate(structure.block_info):
+        carries = nsds_roles(info)
+        named = {n: r for r, n in info.roles.items() if r in LINEAR_ROLES}
         mods = []
-        for r in LINEAR_ROLES:
-            w = adapter.role(block, r).weight
-            mods.append((f"{adapter.layers}.{i}.{adapter.roles[r]}", w.shape[0], w.shape[1]))
+        for n in info.linears:
+            w = structure.blocks(model)[i].get_submodule(n).weight
+            mods.append((f"{structure.layers}.{i}.{n}", w.shape[0], w.shape[1]))
         if granularity == "layer":
             units.append(Unit(str(i), mods, float(scores.layer_score[i]) if scores else 0.0))
         else:
-            for r, m in zip(LINEAR_ROLES, mods, strict=True):
-                s = float(scores.role_score[i, role_of[r]]) if scores else 0.0
-                units.append(Unit(f"{i}.{r}", [m], s))
+            for n, m in zip(info.linears, mods, strict=True):
+                s = float(scores.role_score[i, ROLES.index(carries[n])]) if scores else 0.0
+                units.append(Unit(f"{i}.{named.get(n, n)}", [m], s))
     return units
 
 
@@ -295,7 +298,7 @@ def shuffle_within_sizes(units: list[Unit], bits: list[int], seed: int) -> list[
 def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only."""
     config.validate()
-    adapter_for(model).require_dense(model, "bit allocation")
+    structure_of(model).require_dense(model, "bit allocation")
     cands = sorted(set(config.candidates))
     scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
     units = make_units(model, config.granularity, scores)

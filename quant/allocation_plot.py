@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quant.adapters import LINEAR_ROLES
 from quant.allocation import Allocation, mix_text
 from quant.nsds import ROLES
 
@@ -25,7 +24,8 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     import numpy as np
 
     s = alloc.summary()
-    n_layers = len(alloc.units) if alloc.config.granularity == "layer" else len(alloc.units) // len(LINEAR_ROLES)
+    cols = list(dict.fromkeys(u.label.partition(".")[2] for u in alloc.units)) if alloc.units[0].label != "0" else []
+    n_layers = len(alloc.units) if not cols else len(alloc.units) // len(cols)
     bits = np.array(alloc.bits, dtype=float).reshape(n_layers, -1)
     fig, axes = plt.subplots(
         1,
@@ -54,7 +54,7 @@ def plot_allocation(alloc: Allocation, path: Path, title: str = "") -> Path:
     cmap = plt.get_cmap("viridis", len(cands))
     im = ax.imshow(bits, cmap=cmap, vmin=cands[0] - 0.5, vmax=cands[-1] + 0.5, aspect="auto")
     _annotate(ax, bits, "{:.0f}", dark_below=float(np.mean(cands)), fontsize=7)
-    cols = ["block"] if bits.shape[1] == 1 else list(LINEAR_ROLES)
+    cols = cols or ["block"]
     ax.set_xticks(range(bits.shape[1]), cols)
     ax.set_yticks(range(n_layers))
     ax.tick_params(labelsize=7)

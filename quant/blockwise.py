@@ -21,20 +21,35 @@ class _Stop(Exception):
 
 
 class BlockRunner:
+    """The calibration stream at one block's input, and the arguments each block gets from its model.
+
+    Every block keeps its own keyword arguments (attention mask, rotary tables): sliding-window and
+    global layers (Gemma 2/3) differ, so block 0's are never replayed for all. They are recorded from
+    one full forward of the first window (windows share a length, so they hold for every window)."""
+
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor) -> None:
+        from quant.structure import capture_block_inputs
+
         self.blocks = blocks
-        self.inputs, self.block_kwargs = self._capture_first_inputs(model, blocks[0], calib_ids)
+        self._index = {id(b): i for i, b in enumerate(blocks)}
+        self.kwargs = [kw for _, kw in capture_block_inputs(model, blocks, calib_ids[:1])]
+        self.inputs = self._capture_first_inputs(model, blocks[0], calib_ids)
+
+    @property
+    def block_kwargs(self) -> dict:
+        return self.kwargs[0]
+
+    def kwargs_for(self, block: nn.Module) -> dict:
+        """``block``'s own arguments (a copy of a block, for example its float twin, gets block 0's)."""
+        return self.kwargs[self._index.get(id(block), 0)]
 
     @staticmethod
     @torch.no_grad()
-    def _capture_first_inputs(model: nn.Module, first: nn.Module, ids: torch.Tensor):
+    def _capture_first_inputs(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         hidden: list[torch.Tensor] = []
-        kwargs: dict = {}
 
         def hook(_mod, args, kw):
             hidden.append((args[0] if args else kw["hidden_states"]).detach())
-            if not kwargs:  # same length every sample: the rotary/mask kwargs are shared
-                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
             raise _Stop
 
         h = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -46,41 +61,65 @@ class BlockRunner:
                     pass
         finally:
             h.remove()
-        kwargs["use_cache"] = False
-        kwargs.pop("past_key_values", None)
-        return torch.cat(hidden), kwargs
+        return torch.cat(hidden)
 
     def _call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = block(x, **self.block_kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return call_block(block, x, self.kwargs_for(block))
 
     @torch.no_grad()
-    def hessian(self, block: nn.Module, first_reader: nn.Linear) -> torch.Tensor:
-        """``E[x xᵀ]`` over all calibration tokens of the input of ``first_reader`` (fp32, ``[in, in]``).
+    def hessians(self, block: nn.Module, linears: dict[str, nn.Module], whole: nn.Module | None = None) -> dict:
+        """``name -> (E[x xᵀ], tokens)`` (fp32, ``[in, in]``) of each linear's input over all calibration tokens.
 
-        The forward stops as soon as that input is seen, so later parts of the block cost nothing.
-        """
-        n_in = first_reader.in_features
-        H = torch.zeros(n_in, n_in, device=first_reader.weight.device)
-        count = 0
+        Linears fed the same tensor (q/k/v; gate/up) share one accumulation. The forward stops once every
+        linear has been reached, so later parts of the block cost nothing; a sparse-MoE stage runs the
+        whole block (experts see only the tokens routed to them) and ``whole`` (the MoE block) adds the
+        Hessian of all its tokens under ``""``, for experts that saw too few."""
+        acc: dict[str, list] = {}
+        share: dict[str, str] = {}
+        order = list(linears)
 
-        def hook(_mod, args):
-            nonlocal count
-            x = args[0].reshape(-1, n_in).float()
-            H.addmm_(x.T, x)
-            count += x.shape[0]
-            raise _Stop
+        def pre(name):
+            def hook(_mod, args):
+                x = args[0]
+                owner = next((n for n, t in seen.items() if t is x), None)
+                seen[name] = x
+                if owner is not None:
+                    share.setdefault(name, share.get(owner, owner))
+                else:
+                    a = acc.setdefault(name, [None, 0])
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    if a[0] is None:
+                        a[0] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    a[0].addmm_(x.T, x)
+                    a[1] += x.shape[0]
+                if whole is None and name == order[-1]:
+                    raise _Stop
 
-        h = first_reader.register_forward_pre_hook(hook)
+            return hook
+
+        hooks = [m.register_forward_pre_hook(pre(n)) for n, m in linears.items()]
+        if whole is not None:
+            hooks.append(whole.register_forward_pre_hook(pre("")))
         try:
             for x in self.inputs:  # one calibration window at a time
+                seen: dict[str, torch.Tensor] = {}
                 try:
                     self._call(block, x[None])
                 except _Stop:
                     pass
         finally:
-            h.remove()
-        return H / max(count, 1)
+            for h in hooks:
+                h.remove()
+        out = {n: (None, 0) if a[0] is None else (a[0] / max(a[1], 1), a[1]) for n, a in acc.items()}
+        for n in [*linears, *([""] if whole is not None else [])]:
+            if n not in out:
+                out[n] = out[share[n]] if n in share else (None, 0)
+        return out
+
+    @torch.no_grad()
+    def hessian(self, block: nn.Module, first_reader: nn.Module) -> torch.Tensor:
+        """``E[x xᵀ]`` over all calibration tokens of the input of ``first_reader``."""
+        return self.hessians(block, {"": first_reader})[""][0]
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
@@ -89,7 +128,12 @@ class BlockRunner:
             self.inputs[i] = self._call(block, self.inputs[i : i + 1])[0]
 
 
-def _input_to(module: nn.Module, call) -> torch.Tensor:
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def input_to(module: nn.Module, call) -> torch.Tensor:
     """The input ``module`` receives while ``call()`` runs; the call stops there."""
     got: list[torch.Tensor] = []
 
@@ -111,31 +155,84 @@ POST_ATTENTION_NORM = "post_attention_norm"
 
 
 @torch.no_grad()
-def mlp_inputs(block: nn.Module, adapter, x: torch.Tensor, block_kwargs: dict, chunk: int = 16) -> torch.Tensor:
-    """The post-attention norm's output (the MLP's input) for every window of ``x``; the MLP does not run."""
-    mlp = block.get_submodule(adapter.roles["down"].rpartition(".")[0])
+def mlp_inputs(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dict, chunk: int = 16) -> torch.Tensor:
+    """The MLP's pre-norm output (the MLP's input) for every window of ``x``; the MLP does not run."""
+    mlp = structure.role(block, "mlp")
     return torch.cat(
-        [_input_to(mlp, lambda c=x[i : i + chunk]: block(c, **block_kwargs)) for i in range(0, x.shape[0], chunk)]
+        [input_to(mlp, lambda c=x[i : i + chunk]: block(c, **block_kwargs)) for i in range(0, x.shape[0], chunk)]
     )
+
+
+Visit = Callable[[str | tuple[str, ...], torch.Tensor | dict], torch.Tensor | None]
 
 
 @torch.no_grad()
 def run_staged(
-    block: nn.Module,
-    adapter,
-    x: torch.Tensor,
-    block_kwargs: dict,
-    visit: Callable[[str | tuple[str, ...], torch.Tensor | dict], torch.Tensor | None],
-    chunk: int = 16,
+    block: nn.Module, structure, x: torch.Tensor, block_kwargs: dict, visit: Visit, chunk: int = 16
 ) -> torch.Tensor:
-    """Run a pre-norm decoder block on every window of ``x`` ``[windows, seq, hidden]``, one stage at a time.
+    """Run a decoder block on every window of ``x`` ``[windows, seq, hidden]``, one stage at a time.
 
-    The block computes ``h = x + attn(norm1(x))`` and ``h + mlp(norm2(h))`` (every architecture the
-    adapters know). Before each sequential group of linears runs (``adapter.linear_groups``, as a
-    tuple of names inside the block), ``visit(group, inputs)`` sees that group's input for all windows
-    at once and may quantize the group; ``visit("post_attention_norm", out)`` sees norm2's output and
-    may give the norm a bias (DAC), after which norm2 runs again. So each block costs one forward,
-    not one per group. Dense down_proj's visit may return the input it now sees (DSQ absorbs a
+    Before each stage of linears runs (``structure.linear_groups``, as a tuple of names inside the block),
+    ``visit(stage, inputs)`` sees that stage's input for all windows at once and may quantize it: a tensor
+    where the stage's linears share their input, else ``{name: input}``. Returns the block's output.
+
+    A pre-norm block (``x + attn(norm1 x)``, then ``h + mlp(norm2 h)``, checked numerically when the
+    structure was discovered) costs one forward (``_run_prenorm``, which also offers DAC its norm and
+    takes DSQ's rescaled input back); any other block runs up to each stage again (``_run_generic``).
+    """
+    if structure.info(block).staged:
+        return _run_prenorm(block, structure, x, block_kwargs, visit, chunk)
+    return _run_generic(block, structure, x, block_kwargs, visit, chunk)
+
+
+def _each(fn, t: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([fn(t[i : i + chunk]) for i in range(0, t.shape[0], chunk)])
+
+
+def _run_generic(block: nn.Module, structure, x: torch.Tensor, kwargs: dict, visit: Visit, chunk: int) -> torch.Tensor:
+    """Each stage's inputs from a forward that stops once the stage has been reached (the whole block in a
+    sparse-MoE stage, whose experts see only their routed tokens; ``""`` then holds the MoE block's input)."""
+    info = structure.info(block)
+    for stage in info.stages:
+        mods = {n: block.get_submodule(n) for n in stage}
+        if any(".experts." in n for n in stage):
+            mods[""] = structure.role(block, "mlp")
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
+        shared = True
+        for i in range(0, x.shape[0], chunk):
+            seen: dict[str, torch.Tensor] = {}
+
+            def pre(name, seen=seen):
+                def hook(_m, args):
+                    seen.setdefault(name, args[0])
+                    if "" not in mods and len(seen) == len(mods):
+                        raise _Stop
+
+                return hook
+
+            hooks = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
+            try:
+                call_block(block, x[i : i + chunk], kwargs)
+            except _Stop:
+                pass
+            finally:
+                for h in hooks:
+                    h.remove()
+            shared &= len({id(t) for t in seen.values()}) == 1 and len(seen) == len(mods)
+            for n in mods:
+                t = seen.get(n)
+                got[n].append(t.reshape(-1, t.shape[-1]) if t is not None and "" in mods else t)
+        ins = {n: torch.cat([t for t in ts if t is not None]) if any(t is not None for t in ts) else x.new_zeros(0, 0)
+               for n, ts in got.items()}
+        visit(tuple(stage), ins[stage[0]] if shared else ins)
+    return _each(lambda c: call_block(block, c, kwargs), x, chunk)
+
+
+def _run_prenorm(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dict, visit: Visit, chunk: int):
+    """One forward of ``h = x + attn(norm1(x))``, ``h + mlp(norm2(h))``, stage by stage.
+
+    ``visit("post_attention_norm", out)`` sees norm2's output and may give the norm a bias (DAC), after
+    which norm2 runs again. Dense down_proj's visit may return the input it now sees (DSQ absorbs a
     per-channel scale into up_proj, which has already run: ``xd · c``).
 
     In a sparse-MoE block the MLP groups get ``{name: rows}``: each expert's linears the tokens its
@@ -146,18 +243,17 @@ def run_staged(
     from moe.experts import is_moe_block
 
     def each(fn, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(t[i : i + chunk]) for i in range(0, t.shape[0], chunk)])
+        return _each(fn, t, chunk)
 
     def role(r: str) -> nn.Module:
-        return adapter.role(block, r)
+        return structure.role(block, r)
 
-    attn = block.get_submodule(adapter.roles["o"].rpartition(".")[0])
-    mlp = block.get_submodule(adapter.roles["down"].rpartition(".")[0])
-    qkv, o, gate_up, down = (tuple(g) for g in adapter.linear_groups(block))
+    attn, mlp = role("attn"), role("mlp")
+    qkv, o, gate_up, down = (tuple(g) for g in structure.linear_groups(block))
 
     xa = each(role("input_norm"), x)
     visit(qkv, xa)
-    attn_in = each(lambda c: _input_to(role("o"), lambda: attn(hidden_states=c, **block_kwargs)), xa)
+    attn_in = each(lambda c: input_to(role("o"), lambda: attn(hidden_states=c, **block_kwargs)), xa)
     del xa
     visit(o, attn_in)
     h = x + each(role("o"), attn_in)
@@ -177,75 +273,46 @@ def run_staged(
         for n in down:
             owner = block.get_submodule(n.rpartition(".")[0])
             t = rows[n.rpartition(".")[0]]
-            ins[n] = _input_to(owner.down_proj, lambda o=owner, t=t: o(t)) if len(t) else t.new_zeros(0, 0)
+            ins[n] = input_to(owner.down_proj, lambda o=owner, t=t: o(t)) if len(t) else t.new_zeros(0, 0)
         visit(down, ins)
         return h + each(mlp, xc)
     visit(gate_up, xc)
-    xd = each(lambda c: _input_to(role("down"), lambda: mlp(c)), xc)
+    xd = each(lambda c: input_to(role("down"), lambda: mlp(c)), xc)
     changed = visit(down, xd)
     return h + each(role("down"), xd if changed is None else changed)
 
 
-@torch.no_grad()
-def expert_hessians(
-    runner: BlockRunner, block: nn.Module, linears: dict[str, nn.Module], mlp: nn.Module
-) -> dict[str, tuple[torch.Tensor | None, int]]:
-    """Per-expert ``(E[x xᵀ], tokens)`` of each linear in a sparse-MoE group, from the tokens the router
-    sends it (the whole block runs, as in inference). The MoE block's input Hessian over all tokens is
-    returned under ``""`` for the fallback of experts that saw too few tokens."""
-    acc: dict[str, list] = {n: [None, 0] for n in [*linears, ""]}
-
-    def add(name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        a = acc[name]
-        a[0] = x.T @ x if a[0] is None else a[0].addmm_(x.T, x)
-        a[1] += x.shape[0]
-
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: add(n, args[0])) for n, m in linears.items()]
-    hooks.append(mlp.register_forward_pre_hook(lambda _m, args: add("", args[0])))
-    try:
-        for x in runner.inputs:
-            runner._call(block, x[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (None if H is None else H / count, count) for n, (H, count) in acc.items()}
-
-
 def quantize_blockwise(
     model: nn.Module,
-    adapter,
+    structure,
     calib_ids: torch.Tensor,
     quantize_group,
     progress: Iterable | None = None,
 ) -> None:
-    """Drive ``quantize_group(block_index, block, {name: linear}, {name: H or None})`` over every group.
+    """Drive ``quantize_group(block_index, block, {name: linear}, {name: H or None})`` over every stage.
 
-    Groups (``adapter.linear_groups``: q/k/v, o, gate/up, down; experts for MoE) are visited in order;
-    each group's Hessians are measured with the earlier groups of the same block already quantized.
-    A dense group shares one Hessian (its linears read the same input). In a sparse-MoE group each
-    expert gets the Hessian of the tokens routed to it; an expert's gate/up with fewer tokens than
-    inputs use the Hessian of all the block's tokens instead, its down (whose input only exists for
-    routed tokens) gets ``None``: the caller rounds it to nearest.
+    Stages (``structure.linear_groups``: q/k/v, o, gate/up, down; a parallel block's attention and MLP
+    inputs together; experts for MoE) are visited in order; each stage's Hessians are measured with the
+    earlier stages of the same block already quantized. Linears reading the same input share one Hessian.
+    In a sparse-MoE stage each expert gets the Hessian of the tokens routed to it; an expert's gate/up
+    with fewer tokens than inputs use the Hessian of all the block's tokens instead, its down (whose
+    input only exists for routed tokens) gets ``None``: the caller rounds it to nearest.
     """
-    from moe.experts import is_moe_block
-
-    blocks = adapter.blocks(model)
+    blocks = structure.blocks(model)
     runner = BlockRunner(model, blocks, calib_ids)
-    mlp_name = adapter.roles["down"].rpartition(".")[0]
     for i in progress if progress is not None else range(len(blocks)):
         block = blocks[i]
-        mlp = block.get_submodule(mlp_name)
-        for group in adapter.linear_groups(block):
+        for group in structure.linear_groups(block):
             linears = {n: block.get_submodule(n) for n in group}
-            if not (is_moe_block(mlp) and group[0].startswith(mlp_name)):
-                H = runner.hessian(block, linears[group[0]])
-                quantize_group(i, block, linears, dict.fromkeys(group, H))
+            experts = any(".experts." in n for n in group)
+            hs = runner.hessians(block, linears, structure.role(block, "mlp") if experts else None)
+            if not experts:
+                quantize_group(i, block, linears, {n: hs[n][0] for n in group})
                 continue
-            hs = expert_hessians(runner, block, linears, mlp)
             H_all = hs.pop("")[0]
             chosen = {}
-            for n, (H, count) in hs.items():
+            for n in group:
+                H, count = hs[n]
                 if count >= linears[n].in_features:
                     chosen[n] = H
                 else:

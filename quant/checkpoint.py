@@ -47,7 +47,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moe.experts import unfuse_experts
 from quant import qconfig, reader
 from quant.atomic import atomic_dir, recover_output
 from quant.dac import add_norm_bias
@@ -207,8 +206,6 @@ def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> 
     if device == "meta":
         reader.check_memory(model, path)
     with torch.device(device):
-        if any(".experts." in name for name in qc["modules"]):
-            unfuse_experts(model)  # quantized per expert (moe.experts)
         for name, spec in qc["modules"].items():
             lin = qconfig.check_linear(model, name, spec, path)
             parent_name, _, child = name.rpartition(".")

@@ -98,8 +98,12 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
     if any(o.hadamard or o.token_scale is not None for o in ops_modules(ctx.model).values()):
         # run_staged feeds each linear the input it captured, and DSQ's column scale cannot pass a Hadamard
         raise QuantError("d2quant cannot follow online input ops (FPT's down_proj Hadamard or dynamic scaling)")
-    adapter, prefix, model = ctx.adapter, ctx.adapter.layers, ctx.model
-    blocks = adapter.blocks(model)
+    structure, prefix, model = ctx.structure, ctx.structure.layers, ctx.model
+    if config.dsq and spec.bits in DSQ_BITS:
+        structure.check("d2quant's DSQ", ("linear_up",), "use --no-dsq (GPTAQ alone) or --method gptq")
+    if config.dac:
+        structure.check("d2quant's DAC", ("staged",), "use --no-dac")
+    blocks = structure.blocks(model)
     local_dac = config.dac and config.dac_teacher == "local"
     two_streams = config.backend == "gptaq" or (config.dac and not local_dac)
     runner = BlockRunner(model, blocks, ctx.calib_ids)
@@ -115,6 +119,7 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         with no float pairing (the float stream routes tokens differently), so experts get GPTQ's symmetric
         objective; an expert with fewer tokens than inputs uses all tokens' Hessian (gate/up) or none (down)."""
         inputs = xq if isinstance(xq, dict) else dict.fromkeys(group, xq)
+        pairs = structure.info(block).dsq_pairs
         moments: dict[tuple[int, int], torch.Tensor] = {}  # q/k/v, or an expert's gate/up, share their input
 
         def moment(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -135,14 +140,15 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
                     H = moment(x, x)
                 elif "" in inputs and not rel.endswith("down_proj"):
                     H = moment(inputs[""], inputs[""])
-            if H is not None and config.backend == "gptaq" and xf is not None and not isinstance(xq, dict):
-                P = moment(xf, x)
+            if H is not None and config.backend == "gptaq" and xf is not None:
+                u = xf.get(rel) if isinstance(xf, dict) else xf
+                P = moment(u, x) if u is not None and u.shape == x.shape else None
             w = lin.weight if P is None else gptaq_target(lin.weight, H, P, config.damp, config.gptaq_alpha)
-            if rel.endswith("down_proj") and config.dsq and s.bits in DSQ_BITS:
+            if rel in pairs and config.dsq and s.bits in DSQ_BITS:
                 g = s.group_for(w.shape[1])
                 q = dsq_quantize(w, H, s.bits, g, config.dsq_iters, config.damp, config.act_order, config.block_size)
                 ctx.install(name, DSQLinear.from_codes(q.codes, q.row_scales, lin.bias), sym=True)
-                absorb_column_scale(block.get_submodule(rel.replace("down_proj", "up_proj")), q.col_scale)
+                absorb_column_scale(block.get_submodule(pairs[rel]), q.col_scale)
                 if not isinstance(xq, dict):
                     out = xq * q.col_scale.to(xq.dtype)
             elif H is None:
@@ -156,10 +162,10 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         block = blocks[i]
         float_in: dict = {}
         if two_streams:  # the block is still float: carry the float stream through it, keeping each stage's input
-            float_stream = run_staged(block, adapter, float_stream, runner.block_kwargs, float_in.__setitem__)
-            float_in = {k: v for k, v in float_in.items() if not isinstance(v, dict)}  # experts: no pairing
+            float_stream = run_staged(block, structure, float_stream, runner.kwargs[i], float_in.__setitem__)
+            float_in = {k: v for k, v in float_in.items() if not (isinstance(v, dict) and "" in v)}  # experts: no pairing
         if local_dac:  # still float: its attention on the quantized stream is this block's teacher
-            float_in[POST_ATTENTION_NORM] = mlp_inputs(block, adapter, runner.inputs, runner.block_kwargs)
+            float_in[POST_ATTENTION_NORM] = mlp_inputs(block, structure, runner.inputs, runner.kwargs[i])
 
         def visit(stage, xq: torch.Tensor, i: int = i, block=block, float_in: dict = float_in) -> torch.Tensor | None:
             if stage != POST_ATTENTION_NORM:
@@ -167,12 +173,12 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
             if config.dac:  # attention is quantized: shift the norm's output back to the float mean
                 k = config.dac_skip_first
                 mu = (float_in[stage][:, k:] - xq[:, k:]).mean((0, 1))
-                add_norm_bias(adapter.role(block, POST_ATTENTION_NORM), mu)
-                dac_norms.append(f"{prefix}.{i}.{adapter.roles[POST_ATTENTION_NORM]}")
+                if add_norm_bias(structure.role(block, POST_ATTENTION_NORM), mu):
+                    dac_norms.append(f"{prefix}.{i}.{structure.info(i).roles[POST_ATTENTION_NORM]}")
                 dac_shift.append(round(float(mu.norm()), 5))
             return None
 
-        runner.inputs = run_staged(block, adapter, runner.inputs, runner.block_kwargs, visit)
+        runner.inputs = run_staged(block, structure, runner.inputs, runner.kwargs[i], visit)
         del float_in
     ctx.norm_biases = dac_norms
     return {

@@ -18,15 +18,16 @@ def _add_bias(_module: nn.Module, _args, out: torch.Tensor) -> torch.Tensor:
     return out + _module.bias.to(out.dtype)
 
 
-def add_norm_bias(norm: nn.Module, bias: torch.Tensor) -> None:
-    """Give ``norm`` an additive output bias (added to an existing one, if it has one from DAC)."""
+def add_norm_bias(norm: nn.Module, bias: torch.Tensor) -> bool:
+    """Add ``bias`` to ``norm``'s output. A norm with a bias of its own (LayerNorm, or an earlier DAC) takes
+    it there; an RMSNorm gets a new ``bias`` added by a hook. Returns whether a bias was created (the
+    checkpoint lists those norms, so that loading recreates them)."""
     if getattr(norm, "bias", None) is not None:
-        if getattr(norm, "_lowbit_bias_hook", None) is None:
-            raise ValueError(f"{type(norm).__name__} already has its own bias; add μ to it instead")
         norm.bias.data += bias.to(norm.bias.dtype)
-        return
+        return False
     norm.register_parameter("bias", nn.Parameter(bias.detach().clone().to(norm.weight.dtype), requires_grad=False))
     norm._lowbit_bias_hook = norm.register_forward_hook(_add_bias)
+    return True
 
 
 def norm_bias_names(model: nn.Module) -> list[str]:

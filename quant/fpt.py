@@ -160,10 +160,14 @@ def block_transforms(w: dict[str, torch.Tensor], p: FPTParams, i: int) -> dict[s
     return w
 
 
-def _block_weights(block: nn.Module, adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+# Llama-shaped blocks: separate q/k/v/o and gate/up/down, plain RMSNorm pre-norms that fold (quant.structure)
+FPT_NEEDS = ("dense", "staged", "qkvo", "gated_mlp", "foldable_norms", "plain_rms")
+
+
+def _block_weights(block: nn.Module, structure, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     w = {}
     for role in READERS + WRITERS:
-        lin = adapter.role(block, role)
+        lin = structure.role(block, role)
         w[role] = lin.weight.detach().to(dtype or lin.weight.dtype)
         if lin.bias is not None and role in ("q", "k", "v", "up"):
             w[f"{role}.bias"] = lin.bias.detach().to(dtype or lin.bias.dtype)
@@ -172,16 +176,16 @@ def _block_weights(block: nn.Module, adapter, dtype: torch.dtype | None = None) 
 
 def _check_supported(ctx: QuantContext, config: FPTConfig) -> None:
     model = ctx.model
-    ctx.adapter.require_dense(model, "FPTQuant")
-    first = ctx.adapter.blocks(model)[0]
-    attn_mod = first.get_submodule(ctx.adapter.roles["q"].rpartition(".")[0])
+    ctx.structure.check("FPTQuant", FPT_NEEDS, "use --method gptq or d2quant")
+    first = ctx.structure.blocks(model)[0]
+    attn_mod = first.get_submodule(ctx.structure.roles["attn"])
     if config.prerope and (getattr(attn_mod, "q_norm", None) is not None):
         raise QuantError("the pre-RoPE transform cannot merge through per-head q/k norms (Qwen3); turn it off")
     if config.prerope and getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
         raise QuantError("the pre-RoPE transform needs RoPE on the whole head; this model rotates part of it")
     if config.down_hadamard and not has_hadamard(model.config.intermediate_size):
         raise QuantError(f"no Hadamard construction for the MLP width {model.config.intermediate_size}")
-    for name in ctx.adapter.linear_names(model):
+    for name in ctx.structure.linear_names(model):
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise QuantError("FPT transforms go before any quantizer: the model already has quantized linears")
 
@@ -245,9 +249,9 @@ def fit_e2e(
     model: nn.Module, teacher: nn.Module, params: FPTParams, base: list[dict], ctx: QuantContext, config: FPTConfig
 ) -> list[float]:
     """Student–teacher fit: KL(teacher ‖ quantized student) on calibration windows, all transforms trained."""
-    adapter = ctx.adapter
-    names = adapter.linear_names(model)
-    embed, head = adapter.embeddings(model), adapter.head(model)
+    structure = ctx.structure
+    names = structure.linear_names(model)
+    embed, head = structure.embeddings(model), structure.head(model)
     state: dict[str, torch.Tensor | None] = {"q": None}
     hooks = [
         embed.register_forward_hook(lambda _m, _a, out: out @ state["q"] if state["q"] is not None else out),
@@ -275,10 +279,10 @@ def fit_e2e(
                 w = block_transforms(_rotate_block(w, q), params, i)
                 if config.down_hadamard:
                     w["down"] = hadamard_transform(w["down"])
-                prefix = f"{adapter.layers}.{i}."
+                prefix = f"{structure.layers}.{i}."
                 for k, v in w.items():
                     role, _, kind = k.partition(".")
-                    key = prefix + adapter.roles[role] + "." + (kind or "weight")
+                    key = prefix + structure.roles[role] + "." + (kind or "weight")
                     weights[key] = v if kind else _ste_weight(v, ctx.spec_for(key[: -len(".weight")], config.weight))
             logits = torch.func.functional_call(model, weights, (ids,), {"use_cache": False}).logits
             kl = F.kl_div(F.log_softmax(logits.float(), -1), target, log_target=True, reduction="none")
@@ -309,39 +313,39 @@ def install_dynamic_scaling(model: nn.Module) -> None:
     inputs are divided by C as well, and every residual add stays consistent."""
     from functools import partial
 
-    from quant.adapters import adapter_for
+    from quant.structure import structure_of
 
-    adapter = adapter_for(model)
+    structure = structure_of(model)
     eps = float(getattr(model.config, "rms_norm_eps", 1e-6))
-    blocks = list(adapter.blocks(model))[1:]
+    blocks = list(structure.blocks(model))[1:]
     if any(getattr(b, "_dynamic_scale_hook", None) is not None for b in blocks):
         return
     holder = TokenScale()
     for j, block in enumerate(blocks):
         for role in WRITERS:
-            input_ops(adapter.role(block, role)).token_scale = holder
+            input_ops(structure.role(block, role)).token_scale = holder
         block._dynamic_scale_hook = block.register_forward_pre_hook(
             partial(_scale_block_input, holder, j == 0, eps), with_kwargs=True
         )
 
 
 @torch.no_grad()
-def merge(model: nn.Module, params: FPTParams, adapter, down_hadamard: bool) -> None:
+def merge(model: nn.Module, params: FPTParams, structure, down_hadamard: bool) -> None:
     """Write the transforms into the weights (float64 arithmetic), and attach the online Hadamard."""
     p64 = copy.deepcopy(params).double()
     q = p64.rotation()
     if q is not None:
         rotate(model, q)
-    for i, block in enumerate(adapter.blocks(model)):
-        w = block_transforms(_block_weights(block, adapter, torch.float64), p64, i)
+    for i, block in enumerate(structure.blocks(model)):
+        w = block_transforms(_block_weights(block, structure, torch.float64), p64, i)
         if down_hadamard:
             w["down"] = hadamard_transform(w["down"])
         for k, v in w.items():
             role, _, kind = k.partition(".")
-            t = getattr(adapter.role(block, role), kind or "weight")
+            t = getattr(structure.role(block, role), kind or "weight")
             t.data = v.to(t.dtype)
         if down_hadamard:
-            input_ops(adapter.role(block, "down")).hadamard = model.config.intermediate_size
+            input_ops(structure.role(block, "down")).hadamard = model.config.intermediate_size
 
 
 @register_pass("fpt", FPTConfig)
@@ -351,12 +355,12 @@ def fpt_pass(ctx: QuantContext, config: FPTConfig) -> dict:
     _check_supported(ctx, config)
     if config.e2e_steps and ctx.calib_ids is None:
         raise QuantError("the end-to-end FPT fit needs calibration data")
-    model, adapter = ctx.model, ctx.adapter
+    model, structure = ctx.model, ctx.structure
     teacher = copy.deepcopy(model).eval() if config.e2e_steps else None
-    was_tied = adapter.is_tied(model)
+    was_tied = structure.is_tied(model)
     fold_norms(model)
     params = FPTParams(model, config)
-    blocks = [_block_weights(b, adapter) for b in adapter.blocks(model)]
+    blocks = [_block_weights(b, structure) for b in structure.blocks(model)]
     out: dict = {"untied_embeddings": was_tied, "transforms": _names(config)}
     t0 = time.perf_counter()
     if config.local_steps and params.rot is not None:
@@ -371,12 +375,12 @@ def fpt_pass(ctx: QuantContext, config: FPTConfig) -> dict:
     if config.e2e_steps:
         t0 = time.perf_counter()
         if config.down_hadamard:
-            for block in adapter.blocks(model):
-                input_ops(adapter.role(block, "down")).hadamard = model.config.intermediate_size
+            for block in structure.blocks(model):
+                input_ops(structure.role(block, "down")).hadamard = model.config.intermediate_size
         out["e2e_kl"] = _ends(fit_e2e(model, teacher, params, blocks, ctx, config))
         out["e2e_seconds"] = round(time.perf_counter() - t0, 1)
         del teacher
-    merge(model, params, adapter, config.down_hadamard)
+    merge(model, params, structure, config.down_hadamard)
     return out
 
 

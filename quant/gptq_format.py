@@ -136,11 +136,11 @@ def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, Quant
                 f"{name}: zero-points of 2^bits (from a v1 import) only exist in the v1 layout: use "
                 "--checkpoint-format gptq"
             )
-    from quant.adapters import adapter_for
+    from quant.structure import structure_of
 
     settings: dict[str, tuple | None] = {
         n: _setting(linears[n], bool(qc["modules"][n].get("sym", False))) if n in linears else None
-        for n in adapter_for(model).linear_names(model)
+        for n in structure_of(model).linear_names(model)
     }
     outside = sorted(set(linears) - set(settings))
     if outside:

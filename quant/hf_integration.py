@@ -18,13 +18,13 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from moe.experts import unfuse_experts
 from quant import qconfig
 from quant.checkpoint import FORMAT_VERSION, LINEAR_FORMATS, QUANT_METHOD
 from quant.dac import add_norm_bias
 from quant.errors import QuantError
 from quant.inputops import attach_from_config
 from quant.packing import LAYOUT
+from quant.structure import normalize
 
 
 class LowbitConfig(QuantizationConfigMixin):
@@ -58,14 +58,17 @@ class LowbitHfQuantizer(HfQuantizer):
 
         qc = self.quantization_config
         dtype = next(model.parameters()).dtype
-        if any(".experts." in name for name in qc.modules):
-            unfuse_experts(model)
+        normalize(model)
         for name, spec in qc.modules.items():
             lin = qconfig.check_linear(model, name, spec, "(from_pretrained)")
             cls = LINEAR_FORMATS[spec.get("format", "uniform")]
             q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
+            owner = model.get_submodule(parent)
+            setattr(owner, child, q)
+            # every tensor comes from the checkpoint: the owner's own weight init (GPT-2's reaches into
+            # c_proj.weight, which a packed linear does not have) must not run
+            owner._is_hf_initialized = True
         for name in qc.norm_biases:
             norm = qconfig.check_norm(model, name, "(from_pretrained)")
             add_norm_bias(norm, torch.zeros_like(norm.weight, device="cpu"))

@@ -142,13 +142,23 @@ def _register_kv_attention() -> None:
 
 
 def set_kv_quant(model: nn.Module, bits: int) -> None:
-    """Quantize keys and values to ``bits`` inside every attention (16: stop)."""
-    from quant.adapters import adapter_for
+    """Quantize keys and values to ``bits`` inside every attention (16: stop).
 
-    adapter = adapter_for(model)
+    The setting goes on each block's attention module: the one transformers' attention interface is
+    handed as ``module``, by its convention a ``*Attention`` class (found without running the model, so
+    that a checkpoint's meta-device skeleton gets it too)."""
+    from quant.structure import find_blocks
+
     cfg = None if bits == 16 else ActQuantConfig(bits=bits, mode="dynamic", sym=True)
-    for block in adapter.blocks(model):
-        block.get_submodule(adapter.roles["q"].rpartition(".")[0]).kv_quant = cfg
+    if cfg is not None and getattr(model.config, "attn_logit_softcapping", None):
+        raise QuantError("KV-cache quantization runs on SDPA attention, which has no logit soft-capping (Gemma 2); "
+                         "use --kv-bits 16")
+    for block in model.get_submodule(find_blocks(model)):
+        attn = [m for m in block.modules() if type(m).__name__.endswith("Attention")]
+        if not attn:
+            raise QuantError(f"KV-cache quantization found no attention module in {type(block).__name__}")
+        for m in attn:
+            m.kv_quant = cfg
     if cfg is not None and model.config._attn_implementation != KV_ATTENTION:
         _register_kv_attention()
         model.set_attn_implementation(KV_ATTENTION)
@@ -244,7 +254,7 @@ def calibrate_static(model: nn.Module, names: list[str], bits: int, ids: torch.T
 
 
 def act_quant_targets(ctx: QuantContext) -> list[str]:
-    return ctx.adapter.linear_names(ctx.model)
+    return ctx.structure.linear_names(ctx.model)
 
 
 @register_pass("actquant", ActQuantConfig)

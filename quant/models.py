@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.adapters import adapter_for_type
 from quant.checkpoint import QUANT_METHOD, load_quantized
 from quant.errors import QuantError
+from quant.structure import check_model_type
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub model the GGUF was made from
@@ -193,7 +193,7 @@ def load_model(
             cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         except Exception as e:  # network, missing repo, gated repo: all reach the user as one line
             raise QuantError(f"cannot load model {source!r} from the Hub: {str(e).splitlines()[0]}") from None
-        adapter_for_type(cfg.model_type)
+        check_model_type(cfg.model_type)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True

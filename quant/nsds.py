@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.adapters import adapter_for
+from quant.structure import LINEAR_ROLES, structure_of
 
 ROLES = ("qk", "ov", "up", "gate", "down")
 ASPECTS = ("nv", "se")
-# Which linears carry each role's score when bits are allocated per module.
-ROLE_MODULES = {"qk": ("q", "k"), "ov": ("v", "o"), "up": ("up",), "gate": ("gate",), "down": ("down",)}
 ENERGY = 0.99  # spectral energy kept (the paper's "top" subspace)
 MAD_FACTOR = 1.4826  # MAD -> standard deviation for a normal distribution (paper figure)
 
@@ -133,13 +131,59 @@ def _pos(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(0)
 
 
-def _role_values(block: nn.Module, adapter, n_heads: int, n_kv: int, p_u: torch.Tensor, energy: float):
-    """[roles, aspects] raw NV and SE for one block."""
-    lin = {r: adapter.role(block, r).weight.detach().float() for r in ("q", "k", "v", "o", "gate", "up", "down")}
+def nsds_roles(info) -> dict[str, str]:
+    """Each quantizable linear of a block (``quant.structure.BlockStructure``) -> the NSDS role it carries.
+
+    Separate q/k/v/o, gate/up/down carry their own. Where the graph fixes no such role (a fused
+    ``qkv_proj`` or ``query_key_value``, a fused ``gate_up_proj``, a non-gated ``fc1``), an attention input
+    counts as ``qk`` and an MLP input as ``up``: scored as dense detectors, not per-head circuits."""
+    named = {n: r for r, n in info.roles.items() if r in LINEAR_ROLES}
+    role = {"q": "qk", "k": "qk", "v": "ov", "o": "ov", "gate": "gate", "up": "up", "down": "down"}
+    attn = info.roles.get("attn", "") + "."
+    return {n: role[named[n]] if n in named else "qk" if n.startswith(attn) else "up" for n in info.linears}
+
+
+def _role_values(block: nn.Module, structure, n_heads: int, n_kv: int, p_u: torch.Tensor, energy: float):
+    """[roles, aspects] raw NV and SE for one block (a role the block lacks stays 0: absent)."""
+    info = structure.info(block)
+    lin = {r: block.get_submodule(info.roles[r]).weight.detach().float() for r in LINEAR_ROLES if r in info.roles}
+    roles = nsds_roles(info)
+    fused = {
+        r: torch.cat([block.get_submodule(n).weight.detach().float() for n, x in roles.items() if x == r])
+        for r in ("qk", "up")
+        if any(x == r and n not in info.roles.values() for n, x in roles.items())
+    }
+    out = torch.zeros(len(ROLES), len(ASPECTS), dtype=torch.float64)
+    if all(r in lin for r in ("q", "k", "v", "o")):
+        out[0], out[1] = _circuits(lin, n_heads, n_kv, p_u, energy)
+    else:  # fused attention input: a dense detector; o alone as the writer
+        out[0] = _detector(fused["qk"], energy) if "qk" in fused else 0
+        if "o" in lin:
+            out[1] = _writer(lin["o"], p_u, energy)
+    for i, role in ((2, "up"), (3, "gate")):
+        w = lin.get(role, fused.get(role))
+        if w is not None:
+            out[i] = _detector(w, energy)
+    if "down" in lin:
+        out[4] = _writer(lin["down"], p_u, energy)
+    return out
+
+
+def _detector(w: torch.Tensor, energy: float) -> torch.Tensor:
+    s, v = _dense_svd(w, "right", energy)  # reading directions live in the input space
+    alpha = torch.log1p(_pos(excess_kurtosis(v, 0)))
+    return torch.tensor([excess_kurtosis(w).item(), spectral_capacity(s, alpha)])
+
+
+def _writer(w: torch.Tensor, p_u: torch.Tensor, energy: float) -> torch.Tensor:
+    s, u = _dense_svd(w, "left", energy)  # written directions live in the output space
+    return torch.tensor([excess_kurtosis(w).item(), spectral_capacity(s, (p_u.T @ u).norm(dim=0))])
+
+
+def _circuits(lin: dict, n_heads: int, n_kv: int, p_u: torch.Tensor, energy: float):
+    """The QK and OV circuits, head by head: ``[nv, se]`` each."""
     head_dim = lin["q"].shape[0] // n_heads
     group = n_heads // n_kv
-    out = torch.zeros(len(ROLES), len(ASPECTS), dtype=torch.float64)
-
     qk_nv, qk_se, ov_nv, ov_se = [], [], [], []
     for h in range(n_heads):
         kv = h // group
@@ -156,16 +200,8 @@ def _role_values(block: nn.Module, adapter, n_heads: int, n_kv: int, p_u: torch.
         ov_nv.append(excess_kurtosis(o @ v))
         s, u, _ = _product_svd(o, v, energy)
         ov_se.append(spectral_capacity(s, (p_u.T @ u).norm(dim=0)))
-    out[0] = torch.tensor([torch.stack(qk_nv).mean().item(), sum(qk_se) / n_heads])
-    out[1] = torch.tensor([torch.stack(ov_nv).mean().item(), sum(ov_se) / n_heads])
-
-    for i, role in ((2, "up"), (3, "gate")):
-        s, v = _dense_svd(lin[role], "right", energy)  # reading directions live in the input space
-        alpha = torch.log1p(_pos(excess_kurtosis(v, 0)))
-        out[i] = torch.tensor([excess_kurtosis(lin[role]).item(), spectral_capacity(s, alpha)])
-    s, u = _dense_svd(lin["down"], "left", energy)  # written directions live in the output space
-    out[4] = torch.tensor([excess_kurtosis(lin["down"]).item(), spectral_capacity(s, (p_u.T @ u).norm(dim=0))])
-    return out
+    qk = torch.tensor([torch.stack(qk_nv).mean().item(), sum(qk_se) / n_heads])
+    return qk, torch.tensor([torch.stack(ov_nv).mean().item(), sum(ov_se) / n_heads])
 
 
 def mad_sigmoid(x: torch.Tensor, temperature: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
@@ -182,15 +218,15 @@ def soft_or(p: torch.Tensor, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def nsds_scores(model: nn.Module, config: NSDSConfig | None = None) -> NSDSScores:
-    """Score every block of ``model`` from its weights (no data). Works for any supported adapter."""
+    """Score every block of ``model`` from its weights (no data). Works for any supported structure."""
     config = config or NSDSConfig()
-    adapter = adapter_for(model)
+    structure = structure_of(model)
     cfg = model.config
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    p_u = _unembedding_subspace(adapter.head(model).weight.detach().float(), config.energy)
-    blocks = adapter.blocks(model)
-    raw = torch.stack([_role_values(b, adapter, n_heads, n_kv, p_u, config.energy) for b in blocks])
+    p_u = _unembedding_subspace(structure.head(model).weight.detach().float(), config.energy)
+    blocks = structure.blocks(model)
+    raw = torch.stack([_role_values(b, structure, n_heads, n_kv, p_u, config.energy) for b in blocks])
     raw = torch.nan_to_num(raw, nan=0.0)
     prob = mad_sigmoid(raw, config.temperature)
     present = raw.abs().sum(0) > 0  # [roles, aspects]: a role that scores zero everywhere is absent

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quant.adapters import Adapter, adapter_for
 from quant.errors import QuantError
 from quant.grid import QuantSpec
 from quant.quantlinear import PackedLinear
+from quant.structure import Structure, structure_of
 
 
 @dataclass
@@ -39,8 +39,8 @@ class QuantContext:
     norm_biases: list[str] = field(default_factory=list)  # norms given an output bias (DAC)
 
     @property
-    def adapter(self) -> Adapter:
-        return adapter_for(self.model)
+    def structure(self) -> Structure:
+        return structure_of(self.model)
 
     def spec_for(self, name: str, default: QuantSpec) -> QuantSpec:
         o = self.overrides.get(name)

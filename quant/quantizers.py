@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from moe.experts import unfuse_experts
 from quant.blockwise import quantize_blockwise
 from quant.gptq import gptq_quantize
 from quant.grid import QuantSpec, check_finite, quantize_rtn
 from quant.passes import QuantContext, register_pass
 from quant.quantlinear import QuantLinear
+from quant.structure import normalize
 
 
 @dataclass
@@ -40,9 +40,10 @@ class GPTQConfig(RTNConfig):
 def check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
     """Validate every target before touching any: NaN/Inf weights and group fit fail fast.
 
-    Fused MoE experts are split into one linear per expert projection first (same function)."""
-    unfuse_experts(ctx.model)
-    names = ctx.adapter.linear_names(ctx.model)
+    Fused MoE experts are split into one linear per expert projection, GPT-2's Conv1D become nn.Linear
+    (``quant.structure.normalize``: the same function)."""
+    normalize(ctx.model)
+    names = ctx.structure.linear_names(ctx.model)
     for name in names:
         w = ctx.model.get_submodule(name).weight
         check_finite(w, name)
@@ -65,8 +66,8 @@ def rtn(ctx: QuantContext, config: RTNConfig) -> dict:
 def gptq(ctx: QuantContext, config: GPTQConfig) -> dict:
     spec = config.spec()
     names = check_model(ctx, spec)
-    adapter, prefix = ctx.adapter, ctx.adapter.layers
-    n_blocks = len(adapter.blocks(ctx.model))
+    structure, prefix = ctx.structure, ctx.structure.layers
+    n_blocks = len(structure.blocks(ctx.model))
 
     rounded: list[str] = []
 
@@ -82,7 +83,7 @@ def gptq(ctx: QuantContext, config: GPTQConfig) -> dict:
             ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
 
     bar = tqdm(range(n_blocks), desc="gptq", disable=not ctx.progress, unit="block")
-    quantize_blockwise(ctx.model, adapter, ctx.calib_ids, quantize_group, bar)
+    quantize_blockwise(ctx.model, structure, ctx.calib_ids, quantize_group, bar)
     out = {"layers": len(names), "calibration_tokens": int(ctx.calib_ids.numel())}
     if rounded:
         out["rtn_fallback_experts"] = rounded

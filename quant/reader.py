@@ -170,10 +170,10 @@ def model_config(raw: dict, where: str | Path):
     """transformers' config object for ``raw`` (its quantization_config left out), or one error."""
     from transformers import CONFIG_MAPPING
 
-    from quant.adapters import adapter_for_type
+    from quant.structure import check_model_type
 
     check_model_config(raw, where)
-    adapter_for_type(raw["model_type"])  # unsupported architectures are refused by name
+    check_model_type(raw["model_type"])  # unsupported architectures are refused by name
     raw = {k: v for k, v in raw.items() if k not in ("quantization_config", "auto_map")}  # never import code
     try:
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
@@ -190,16 +190,21 @@ def open_model_config(raw: dict, where: str | Path, default: torch.dtype, dtype:
 
 
 def build(config, dtype: torch.dtype, where: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of ``config`` with uninitialised weights; on ``"meta"`` it costs no memory, which is how
-    sizes are checked against the files before anything real is allocated."""
+    """The model of ``config`` with uninitialised weights, in the form our checkpoints store (per-expert
+    linears, Conv1D as nn.Linear: ``quant.structure.normalize``); on ``"meta"`` it costs no memory, which
+    is how sizes are checked against the files before anything real is allocated."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from quant.structure import normalize
+
     try:
         with no_init_weights(), torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:  # noqa: BLE001
         raise corrupt(where, f"config.json does not build a model ({first_line(e)})") from None
+    with torch.device(device):
+        return normalize(model)
 
 
 def check_memory(meta_model: nn.Module, where: str | Path) -> None:

@@ -23,13 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.experts import unfuse_experts
-from quant.adapters import adapter_for
 from quant.errors import QuantError
 from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
 from quant.passes import QuantContext, register_pass
+from quant.structure import structure_of
 
 MODES = ("hadamard", "groupwise", "random")
+
+
+# a residual that only linears read (through RMS pre-norms) and write: see quant.structure
+ROTATION_NEEDS = ("foldable_norms",)
 
 
 @dataclass
@@ -60,10 +63,10 @@ def _scale_inputs(linear: nn.Linear, gamma: torch.Tensor) -> None:
 
 def untie_embeddings(model: nn.Module) -> bool:
     """Give lm_head its own copy of the embedding matrix. Returns whether they were tied."""
-    adapter = adapter_for(model)
-    if not adapter.is_tied(model):
+    structure = structure_of(model)
+    if not structure.is_tied(model):
         return False
-    head = adapter.head(model)
+    head = structure.head(model)
     head.weight = nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
@@ -71,28 +74,34 @@ def untie_embeddings(model: nn.Module) -> bool:
     return True
 
 
+def _fold(norm: nn.Module, kind: str, readers: list[nn.Module]) -> None:
+    """Fold a norm's γ (``w``, or ``1 + w`` for Gemma's norms) into its readers; the norm becomes γ = 1."""
+    gamma = norm.weight + 1 if kind == "rms_1p" else norm.weight.clone()
+    for lin in readers:
+        _scale_inputs(lin, gamma)
+    norm.weight.fill_(0.0 if kind == "rms_1p" else 1.0)
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module) -> None:
-    """Fold every RMSNorm's γ into the linears reading its output; the norms become weightless (γ = 1)."""
-    adapter = adapter_for(model)
-    unfuse_experts(model)  # MoE: one linear per expert projection (same function)
+    """Fold every residual pre-norm's γ into the linears (routers too) reading its output, and the final
+    norm's into lm_head; the norms become weightless."""
+    structure = structure_of(model)
+    structure.check("rotation", ROTATION_NEEDS, "quantize without --rotate")
     untie_embeddings(model)
-    for block in adapter.blocks(model):
-        readers1, readers2, _ = adapter.residual_io(block)
-        for norm_role, readers in (("input_norm", readers1), ("post_attention_norm", readers2)):
-            norm = adapter.role(block, norm_role)
-            for lin in readers:
-                _scale_inputs(lin, norm.weight)
-            norm.weight.fill_(1.0)
-    final = model.get_submodule(adapter.final_norm)
-    _scale_inputs(adapter.head(model), final.weight)
-    final.weight.fill_(1.0)
+    for block in structure.blocks(model):
+        info = structure.info(block)
+        for name, (kind, place) in info.norms.items():
+            if place == "pre":
+                readers = [block.get_submodule(r) for r, n in info.readers.items() if n == name]
+                _fold(block.get_submodule(name), kind, readers)
+    _fold(model.get_submodule(structure.final_norm), structure.final_norm_kind, [structure.head(model)])
 
 
 @torch.no_grad()
 def rotate(model: nn.Module, q: torch.Tensor) -> None:
     """Rotate the residual stream by the orthogonal ``q`` (norms must already be folded)."""
-    adapter = adapter_for(model)
+    structure = structure_of(model)
 
     def right(w: torch.Tensor) -> None:  # w ← w Q
         w.data = (w.data.double() @ q).to(w.dtype)
@@ -100,16 +109,17 @@ def rotate(model: nn.Module, q: torch.Tensor) -> None:
     def left(w: torch.Tensor) -> None:  # w ← Qᵀ w
         w.data = (q.T @ w.data.double()).to(w.dtype)
 
-    right(adapter.embeddings(model).weight)
-    for block in adapter.blocks(model):
-        readers1, readers2, writers = adapter.residual_io(block)
-        for lin in readers1 + readers2:
-            right(lin.weight)
-        for lin in writers:
+    right(structure.embeddings(model).weight)
+    for block in structure.blocks(model):
+        info = structure.info(block)
+        for name in info.readers:
+            right(block.get_submodule(name).weight)
+        for name in info.writers:
+            lin = block.get_submodule(name)
             left(lin.weight)
             if lin.bias is not None:
                 lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
-    right(adapter.head(model).weight)
+    right(structure.head(model).weight)
 
 
 @register_pass("rotate", RotationConfig)
@@ -117,7 +127,8 @@ def rotate_pass(ctx: QuantContext, config: RotationConfig) -> dict:
     model = ctx.model
     d = model.config.hidden_size
     q, kind = rotation_matrix(d, config)
-    was_tied = ctx.adapter.is_tied(model)
+    ctx.structure.check("rotation", ROTATION_NEEDS, "quantize without --rotate")
+    was_tied = ctx.structure.is_tied(model)
     fold_norms(model)
     rotate(model, q)
     return {"rotation": kind, "untied_embeddings": was_tied, "norms_folded": True}

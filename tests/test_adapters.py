@@ -5,14 +5,14 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, QuantError, QuantLinear, RTNConfig, run_pipeline
-from quant.adapters import LINEAR_ROLES, adapter_for
 from quant.grid import quantize_rtn
+from quant.structure import LINEAR_ROLES, structure_of
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_roles_resolve_and_rtn_runs(model_type):
     model = tiny_model(model_type)
-    ad = adapter_for(model)
+    ad = structure_of(model)
     assert ad.blocks(model) is model.model.layers
     block = ad.blocks(model)[0]
     lin = ad.linears(block)
@@ -51,7 +51,7 @@ def test_unsupported_architecture_names_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     supported = "llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe"
     with pytest.raises(QuantError, match=f"unsupported architecture .gpt2.; supported: {supported}"):
-        adapter_for(model)
+        structure_of(model)
 
 
 def test_unknown_pass():

@@ -13,8 +13,8 @@ from test_moe import tiny_moe
 
 from moe.experts import unfuse_experts
 from moe.routing import LayerRouting, compare_routing, max_violation, summarize
-from quant.adapters import adapter_for
 from quant.blockwise import BlockRunner, expert_hessians, quantize_blockwise
+from quant.structure import structure_of
 
 E, K, D, FF = 4, 2, 64, 128  # tiny Mixtral: experts, top-k, hidden, expert intermediate
 
@@ -90,7 +90,7 @@ def test_run_staged_gives_each_expert_its_routed_rows(calib):
             seen.update(inputs)
 
     with torch.no_grad():
-        out = run_staged(block, adapter_for(model), runner.inputs, runner.block_kwargs, visit)
+        out = run_staged(block, structure_of(model), runner.inputs, runner.block_kwargs, visit)
         # the block's output is the plain forward's, window by window
         torch.testing.assert_close(out, torch.cat([runner._call(block, w[None]) for w in runner.inputs]))
     torch.testing.assert_close(seen[""].double(), x, rtol=1e-5, atol=1e-5)  # all tokens, in order
@@ -129,7 +129,7 @@ def test_under_routed_expert_gets_the_all_token_hessian_and_no_down_hessian(cali
         if i == 0:
             got.update(hessians)
 
-    quantize_blockwise(model, adapter_for(model), calib, record)
+    quantize_blockwise(model, structure_of(model), calib, record)
     n_starved = FEW * calib.shape[0]  # 24 tokens: fewer than gate/up's 64 inputs
     assert 0 < n_starved < D
     for p in ("gate_proj", "up_proj"):  # README: the Hessian of ALL the block's tokens

@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, run_pipeline, save_quantized
-from quant.adapters import adapter_for
 from quant.blockwise import BlockRunner, mlp_inputs, run_staged
 from quant.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
 from quant.dac import norm_bias_names
 from quant.dsqlinear import DSQLinear
 from quant.errors import QuantError
 from quant.rotation import RotationConfig
+from quant.structure import structure_of
 
 
 def test_absorption_alone_leaves_the_float_model_unchanged(smollm2):
@@ -34,7 +34,7 @@ def test_staged_block_is_the_block(model_type, calib):
     runner = BlockRunner(model, model.model.layers, calib[:5, :48])
     block = model.model.layers[0]
     seen: dict = {}
-    out = run_staged(block, adapter_for(model), runner.inputs, runner.block_kwargs, seen.__setitem__, chunk=2)
+    out = run_staged(block, structure_of(model), runner.inputs, runner.block_kwargs, seen.__setitem__, chunk=2)
     # the reference: one plain forward of the block per window, each stage's input caught by a hook
     caught: dict = {}
 
@@ -107,7 +107,7 @@ def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer,
     for h in hooks:
         h.remove()
     runner = BlockRunner(model, model.model.layers, calib[:1])  # only for the block's rotary/mask kwargs
-    teacher = mlp_inputs(float_block, adapter_for(model), got["x"], runner.block_kwargs)
+    teacher = mlp_inputs(float_block, structure_of(model), got["x"], runner.block_kwargs)
     k = cfg.dac_skip_first
     torch.testing.assert_close(got["student"][:, k:].mean((0, 1)), teacher[:, k:].mean((0, 1)), atol=1e-5, rtol=0)
     with pytest.raises(QuantError, match="DAC teacher"):

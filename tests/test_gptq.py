@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from calibrate import calibration_windows
-from quant.adapters import adapter_for
 from quant.blockwise import BlockRunner
 from quant.gptq import gptq_quantize
 from quant.grid import QuantSpec, quantize_rtn
+from quant.structure import structure_of
 
 
 def _layer_inputs(lm, layer: int, role: str, seed: int, n: int = 8, seqlen: int = 256):
     """Real inputs of one linear: calibration text pushed through the float model up to that layer."""
-    ad = adapter_for(lm.model)
+    ad = structure_of(lm.model)
     blocks = ad.blocks(lm.model)
     runner = BlockRunner(lm.model, blocks, calibration_windows(lm.tokenizer, "c4", n, seqlen, seed=seed))
     for i in range(layer):
