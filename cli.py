@@ -461,6 +461,33 @@ def inspect_cmd(
         _echo_report(read_json(rep, ckpt))
 
 
+@app.command("inspect-model")
+def inspect_model_cmd(
+    model: str = typer.Argument(None, help="A model folder or Hub id (default: the embedded SmolLM2-135M)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the structure as JSON instead of text."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a Hub model's own code to run (off by default)."),
+) -> None:
+    """Show the structure discovered from a model (blocks, stages of linears, norms, what reads and writes the
+    residual stream, roles) and which passes apply to it: those that do not say what the model lacks."""
+    from quant.models import load_model
+    from quant.structure import structure_of
+
+    lm = load_model(model, trust_remote_code=trust_remote_code)
+    s = structure_of(lm.model)
+    out = {**s.summary(), "passes": s.passes()}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for key, value in out.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for k, v in value.items():
+                text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                typer.echo(f"  {k}: {text}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
 def _echo_report(r: dict) -> None:
     """The report's headline numbers; a field of the wrong type is skipped (the report is informative only)."""
 

@@ -41,7 +41,7 @@ from quant.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
 from quant.nsds import ROLES, NSDSConfig, NSDSScores, nsds_roles, nsds_scores
 from quant.passes import QuantContext, register_pass
 from quant.quantlinear import storage_bytes
-from quant.structure import LINEAR_ROLES, structure_of
+from quant.structure import LINEAR_ROLES, PASS_NEEDS, structure_of
 
 ALLOCATORS = ("nsds", "uniform", "random")
 SCHEMES = ("knapsack", "tiers")
@@ -298,7 +298,7 @@ def shuffle_within_sizes(units: list[Unit], bits: list[int], seed: int) -> list[
 def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only."""
     config.validate()
-    structure_of(model).require_dense(model, "bit allocation")
+    structure_of(model).check("bit allocation", PASS_NEEDS["nsds allocation"], "use --method rtn or gptq")
     cands = sorted(set(config.candidates))
     scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
     units = make_units(model, config.granularity, scores)

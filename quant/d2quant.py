@@ -43,6 +43,7 @@ from quant.inputops import ops_modules
 from quant.passes import QuantContext, register_pass
 from quant.quantizers import check_model
 from quant.quantlinear import QuantLinear
+from quant.structure import PASS_NEEDS
 
 BACKENDS = ("gptaq", "gptq", "rtn")
 DAC_TEACHERS = ("float", "local")
@@ -100,9 +101,9 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         raise QuantError("d2quant cannot follow online input ops (FPT's down_proj Hadamard or dynamic scaling)")
     structure, prefix, model = ctx.structure, ctx.structure.layers, ctx.model
     if config.dsq and spec.bits in DSQ_BITS:
-        structure.check("d2quant's DSQ", ("linear_up",), "use --no-dsq (GPTAQ alone) or --method gptq")
+        structure.check("d2quant's DSQ", PASS_NEEDS["d2quant DSQ"], "use --no-dsq (GPTAQ alone) or --method gptq")
     if config.dac:
-        structure.check("d2quant's DAC", ("staged",), "use --no-dac")
+        structure.check("d2quant's DAC", PASS_NEEDS["d2quant DAC"], "use --no-dac")
     blocks = structure.blocks(model)
     local_dac = config.dac and config.dac_teacher == "local"
     two_streams = config.backend == "gptaq" or (config.dac and not local_dac)

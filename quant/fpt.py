@@ -47,6 +47,7 @@ from quant.inputops import ActQuantConfig, TokenScale, input_ops, set_act_quant,
 from quant.passes import QuantContext, register_pass
 from quant.quantizers import RTNConfig, rtn
 from quant.rotation import fold_norms, rotate
+from quant.structure import PASS_NEEDS
 
 READERS = ("q", "k", "v", "gate", "up")
 WRITERS = ("o", "down")
@@ -160,8 +161,7 @@ def block_transforms(w: dict[str, torch.Tensor], p: FPTParams, i: int) -> dict[s
     return w
 
 
-# Llama-shaped blocks: separate q/k/v/o and gate/up/down, plain RMSNorm pre-norms that fold (quant.structure)
-FPT_NEEDS = ("dense", "staged", "qkvo", "gated_mlp", "foldable_norms", "plain_rms")
+FPT_NEEDS = PASS_NEEDS["fptquant"]  # Llama-shaped blocks: separate q/k/v/o and gate/up/down, plain RMSNorms
 
 
 def _block_weights(block: nn.Module, structure, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -180,7 +180,7 @@ def _check_supported(ctx: QuantContext, config: FPTConfig) -> None:
     first = ctx.structure.blocks(model)[0]
     attn_mod = first.get_submodule(ctx.structure.roles["attn"])
     if config.prerope and (getattr(attn_mod, "q_norm", None) is not None):
-        raise QuantError("the pre-RoPE transform cannot merge through per-head q/k norms (Qwen3); turn it off")
+        raise QuantError("FPTQuant's pre-RoPE transform cannot merge through per-head q/k norms (Qwen3); turn it off")
     if config.prerope and getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
         raise QuantError("the pre-RoPE transform needs RoPE on the whole head; this model rotates part of it")
     if config.down_hadamard and not has_hadamard(model.config.intermediate_size):

@@ -26,13 +26,12 @@ from torch import nn
 from quant.errors import QuantError
 from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
 from quant.passes import QuantContext, register_pass
-from quant.structure import structure_of
+from quant.structure import PASS_NEEDS, structure_of
 
 MODES = ("hadamard", "groupwise", "random")
 
 
-# a residual that only linears read (through RMS pre-norms) and write: see quant.structure
-ROTATION_NEEDS = ("foldable_norms",)
+ROTATION_NEEDS = PASS_NEEDS["rotate"]  # a residual that only linears read (through RMS pre-norms) and write
 
 
 @dataclass

@@ -203,8 +203,9 @@ class Structure:
         if why:
             raise QuantError(f"{what} cannot run on this {self.model_type} model: {why}; {alternative}")
 
-    def require_dense(self, model: nn.Module, what: str) -> None:
-        self.check(what, ("dense",), "use --method rtn or gptq")
+    def passes(self) -> dict[str, str]:
+        """Each pass -> "yes" or the property this model lacks for it."""
+        return {p: self.missing(needs) or "yes" for p, needs in PASS_NEEDS.items()}
 
     def summary(self) -> dict:
         """JSON-able description (``quantize inspect-model``)."""
@@ -238,6 +239,20 @@ def _compact(names: list[str]) -> list[str]:
 
 def _compact_map(d: dict[str, str | None]) -> dict[str, str | None]:
     return {re.sub(r"\.\d+\.", ".*.", k): v for k, v in d.items()}
+
+
+# What each pass needs of a model (see ``_lacks`` for the words a failing need gives). The passes check
+# these themselves; `quantize inspect-model` reports them.
+PASS_NEEDS: dict[str, tuple[str, ...]] = {
+    "rtn": (),
+    "gptq": (),
+    "gptaq (d2quant --no-dsq)": (),
+    "d2quant DSQ": ("linear_up",),
+    "d2quant DAC": ("staged",),
+    "nsds allocation": ("dense",),
+    "rotate": ("foldable_norms",),
+    "fptquant": ("dense", "staged", "qkvo", "gated_mlp", "foldable_norms", "plain_rms"),
+}
 
 
 # A pass's needs, and how each is checked. The words are what the user reads when one fails.

@@ -149,11 +149,11 @@ def test_nan_weights_refused(tmp_path, tiny_dir):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import ViTConfig, ViTModel
 
-    d = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(d)
-    assert_one_line_error(run("model", d, "--out", tmp_path / "q"), "unsupported architecture 'gpt2'")
+    d = tmp_path / "vit"  # not a causal language model: nothing to quantize it as
+    ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    assert_one_line_error(run("model", d, "--out", tmp_path / "q"), "unsupported architecture 'vit'")
 
 
 def test_pickle_only_model_refused(tmp_path, tiny_dir):

@@ -13,7 +13,7 @@ from test_moe import tiny_moe
 
 from moe.experts import unfuse_experts
 from moe.routing import LayerRouting, compare_routing, max_violation, summarize
-from quant.blockwise import BlockRunner, expert_hessians, quantize_blockwise
+from quant.blockwise import BlockRunner, quantize_blockwise
 from quant.structure import structure_of
 
 E, K, D, FF = 4, 2, 64, 128  # tiny Mixtral: experts, top-k, hidden, expert intermediate
@@ -51,7 +51,7 @@ def test_expert_hessians_hold_exactly_the_routed_tokens_moments(calib):
     assert (top[:, K - 1] - top[:, K]).min() > 1e-4  # no near-tie at the k-th choice: the reference is sharp
     chosen = logits.topk(K, -1).indices
     names = [f"mlp.experts.{e}.{p}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
-    hs = expert_hessians(BlockRunner(model, model.model.layers, calib), block,
+    hs = BlockRunner(model, model.model.layers, calib).hessians(block,
                          {n: block.get_submodule(n) for n in names}, block.mlp)  # fmt: skip
     H_all, n_all = hs[""]
     assert n_all == calib.numel()

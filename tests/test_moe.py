@@ -61,7 +61,7 @@ def test_quantize_every_expert_save_and_reload(tmp_path, tokenizer, calib, model
 def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, calib):
     import torch.nn.functional as F
 
-    from quant.blockwise import BlockRunner, expert_hessians
+    from quant.blockwise import BlockRunner
 
     model = tiny_moe("mixtral")
 
@@ -76,7 +76,7 @@ def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, 
     runner = BlockRunner(model, model.model.layers, calib)
     block = model.model.layers[0]
     names = [f"mlp.experts.{e}.gate_proj" for e in range(4)]
-    hs = expert_hessians(runner, block, {n: block.get_submodule(n) for n in names}, block.mlp)
+    hs = runner.hessians(block, {n: block.get_submodule(n) for n in names}, block.mlp)
     counts = [hs[n][1] for n in names]
     assert hs[""][1] == calib.numel() and sum(counts) == 2 * calib.numel()  # top-2: two experts per token
     assert counts[3] == 0 and min(counts[:3]) > 0

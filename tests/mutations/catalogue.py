@@ -29,7 +29,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "dsq-column-scale-not-absorbed",
         "quant/d2quant.py",
-        'absorb_column_scale(block.get_submodule(rel.replace("down_proj", "up_proj")), q.col_scale)',
+        "absorb_column_scale(block.get_submodule(pairs[rel]), q.col_scale)",
         "q.col_scale  # mutated: not absorbed",
         (f"{PIPE}::test_d2quant_mlp_is_the_one_rebuilt_from_dsq_codes_and_the_absorbed_column_scale",),
         "down_proj's DSQ column scale is dropped: every MLP output is off by a per-channel factor",
@@ -37,8 +37,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "gptaq-ignores-the-float-stream",
         "quant/d2quant.py",
-        "P = moment(xf, x)",
-        "P = moment(x, x)",
+        "P = moment(u, x) if u is not None",
+        "P = moment(x, x) if u is not None",
         (f"{PIPE}::test_gptaq_hands_the_solver_the_closed_form_asymmetric_target",),
         "GPTAQ's cross moment uses the quantized inputs: the target is W and GPTAQ silently becomes GPTQ",
     ),
@@ -71,7 +71,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "staged-o-proj-sees-float-qkv",
         "quant/blockwise.py",
         "    visit(qkv, xa)\n    attn_in = each(",
-        "    attn_in = each(lambda c: _input_to(role(\"o\"), lambda: attn(hidden_states=c, **block_kwargs)), xa)\n"
+        "    attn_in = each(lambda c: input_to(role(\"o\"), lambda: attn(hidden_states=c, **block_kwargs)), xa)\n"
         "    visit(qkv, xa)\n    _unused = each(",
         (f"{PIPE}::test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream",),
         "o_proj's Hessian is measured before q/k/v were quantized",
@@ -382,10 +382,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "moe-expert-hessian-not-accumulated",
         "quant/blockwise.py",
-        "a[0] = x.T @ x if a[0] is None else a[0].addmm_(x.T, x)",
-        "a[0] = x.T @ x if a[0] is None else a[0]",
+        "a[0].addmm_(x.T, x)\n                    a[1] += x.shape[0]",
+        "a[0] = a[0] if a[1] else a[0].addmm_(x.T, x)  # mutated: first call only\n                    a[1] += x.shape[0]",
         ("tests/test_correct_moe.py",),
-        "an expert's Hessian holds only the first window's routed tokens",
+        "a Hessian holds only the first window's tokens",
     ),
     Mutation(
         "moe-experts-see-only-top1",
