@@ -44,7 +44,8 @@ def quantize(method: str, blocks: int, samples: int, seqlen: int, out: str) -> N
 def compare(a: str, b: str) -> int:
     ta, tb = load_file(a), load_file(b)
     if set(ta) != set(tb):
-        print(f"different tensors: only in A {sorted(set(ta) - set(tb))[:5]}, only in B {sorted(set(tb) - set(ta))[:5]}")
+        only_a, only_b = sorted(set(ta) - set(tb))[:5], sorted(set(tb) - set(ta))[:5]
+        print(f"different tensors: only in A {only_a}, only in B {only_b}")
         return 1
     diff = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
     for k in diff[:10]:

@@ -202,10 +202,10 @@ def _run_generic(block: nn.Module, structure, x: torch.Tensor, kwargs: dict, vis
         for i in range(0, x.shape[0], chunk):
             seen: dict[str, torch.Tensor] = {}
 
-            def pre(name, seen=seen):
+            def pre(name, seen=seen, stop_after=0 if "" in mods else len(mods)):
                 def hook(_m, args):
                     seen.setdefault(name, args[0])
-                    if "" not in mods and len(seen) == len(mods):
+                    if len(seen) == stop_after:
                         raise _Stop
 
                 return hook

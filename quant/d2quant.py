@@ -164,7 +164,8 @@ def d2quant(ctx: QuantContext, config: D2QuantConfig) -> dict:
         float_in: dict = {}
         if two_streams:  # the block is still float: carry the float stream through it, keeping each stage's input
             float_stream = run_staged(block, structure, float_stream, runner.kwargs[i], float_in.__setitem__)
-            float_in = {k: v for k, v in float_in.items() if not (isinstance(v, dict) and "" in v)}  # experts: no pairing
+            # experts (their stages carry "": all tokens) get no float pairing
+            float_in = {k: v for k, v in float_in.items() if not (isinstance(v, dict) and "" in v)}
         if local_dac:  # still float: its attention on the quantized stream is this block's teacher
             float_in[POST_ATTENTION_NORM] = mlp_inputs(block, structure, runner.inputs, runner.kwargs[i])
 

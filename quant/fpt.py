@@ -307,23 +307,26 @@ def _scale_block_input(holder: TokenScale, first: bool, eps: float, _module, arg
     return args, {**kwargs, "hidden_states": h}
 
 
-def install_dynamic_scaling(model: nn.Module) -> None:
+def install_dynamic_scaling(model: nn.Module, scaled: list[str] | None = None) -> None:
     """S_n: from block 1 on, divide each block's input per token by its RMS. The stream then carries
     ``h / C`` (C the product of those factors, i.e. the true stream's RMS), so the o_proj/down_proj
-    inputs are divided by C as well, and every residual add stays consistent."""
+    inputs (``scaled``: those of blocks 1 on; a checkpoint lists them) are divided by C as well, and every
+    residual add stays consistent."""
     from functools import partial
 
-    from quant.structure import structure_of
+    from quant.structure import find_blocks, structure_of
 
-    structure = structure_of(model)
-    eps = float(getattr(model.config, "rms_norm_eps", 1e-6))
-    blocks = list(structure.blocks(model))[1:]
+    blocks = list(model.get_submodule(find_blocks(model)))[1:]
     if any(getattr(b, "_dynamic_scale_hook", None) is not None for b in blocks):
         return
+    if scaled is None:
+        s = structure_of(model)
+        scaled = [f"{s.layers}.{i}.{s.info(i).roles[r]}" for i in range(1, len(s.block_info)) for r in WRITERS]
+    eps = float(getattr(model.config, "rms_norm_eps", 1e-6))
     holder = TokenScale()
+    for name in scaled:
+        input_ops(model.get_submodule(name)).token_scale = holder
     for j, block in enumerate(blocks):
-        for role in WRITERS:
-            input_ops(structure.role(block, role)).token_scale = holder
         block._dynamic_scale_hook = block.register_forward_pre_hook(
             partial(_scale_block_input, holder, j == 0, eps), with_kwargs=True
         )

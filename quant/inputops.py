@@ -301,8 +301,9 @@ def attach_from_config(model: nn.Module, qc: dict, where: str = "checkpoint") ->
             linear = model.get_submodule(name)
             check_hadamard(linear, name, spec.get("hadamard", 0), where)
             input_ops(linear).hadamard = spec.get("hadamard", 0)
-        if any(spec.get("token_scale") for spec in specs.values()):
-            install_dynamic_scaling(model)
+        scaled = [name for name, spec in specs.items() if spec.get("token_scale")]
+        if scaled:
+            install_dynamic_scaling(model, scaled)
         if act is not None:
             cfg = ActQuantConfig(**{k: v for k, v in act.items() if k != "modules"})
             cfg.validate()

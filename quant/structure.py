@@ -157,9 +157,11 @@ class Structure:
         return model.get_submodule(self.layers)
 
     def info(self, block: nn.Module | int) -> BlockStructure:
+        """A block's structure, by index or by module (a copy of a block, for example a float twin, gets
+        block 0's)."""
         if isinstance(block, int):
             return self.block_info[block]
-        return self.block_info[self._ids[id(block)]]
+        return self.block_info[self._ids.get(id(block), 0)]
 
     @property
     def roles(self) -> dict[str, str]:
@@ -382,16 +384,25 @@ def _source_norm(node, norm_nodes: dict) -> str | None:
     return None
 
 
+def _own_router(block: nn.Module, name: str, m: nn.Module) -> bool:
+    """A router module that is not an nn.Linear (transformers 5's ``*TopKRouter``): a leaf with a 2-D weight
+    beside an ``experts`` list. It reads the residual stream like a linear (rotation must turn it too)."""
+    w = getattr(m, "weight", None)
+    leaf = not any(True for _ in m.children())
+    return leaf and isinstance(w, torch.Tensor) and w.dim() == 2 and _is_router(block, name)
+
+
 def _is_router(block: nn.Module, name: str) -> bool:
     parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
     return isinstance(getattr(parent, "experts", None), nn.Module) and ".experts." not in f".{name}"
 
 
 @torch.no_grad()
-def _scales_linearly(block, x, kwargs, lin: nn.Module, target: nn.Module) -> bool:
+def _scales_linearly(block, x, kwargs, lin: str, target: str) -> bool:
     """Does doubling ``lin``'s output double ``target``'s input (v for o, up for down)?"""
     from quant.blockwise import call_block, input_to
 
+    lin, target = block.get_submodule(lin), block.get_submodule(target)
     base = input_to(target, lambda: call_block(block, x, kwargs))
     h = lin.register_forward_hook(lambda _m, _a, out: out * 2)
     try:
@@ -405,7 +416,10 @@ def _discover_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> BlockStr
     from quant.blockwise import call_block
 
     names = _module_names(block)
-    linears = {n: m for n, m in block.named_modules() if n and isinstance(m, _linear_types())}
+    # linear-like leaves: nn.Linear (quantized) and routers that keep a [experts, hidden] weight of their own
+    linears = {
+        n: m for n, m in block.named_modules() if n and (isinstance(m, _linear_types()) or _own_router(block, n, m))
+    }
     norms = {n: m for n, m in block.named_modules() if n and _is_norm(m)}
     order = {n: i for i, n in enumerate(linears)}
     rec: dict[str, dict] = {}
@@ -414,8 +428,9 @@ def _discover_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> BlockStr
     def fwd(kind):
         def hook(m, args, out):
             name = names[id(m)]
-            if out.grad_fn is not None:
-                nodes[kind][out.grad_fn] = name
+            for t in out if isinstance(out, tuple) else (out,):  # a router returns (logits, weights, ids)
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    nodes[kind][t.grad_fn] = name
             rec.setdefault(name, {"in": args[0], "out": out, "kind": kind})
 
         return hook
@@ -430,7 +445,7 @@ def _discover_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> BlockStr
         for h in hooks:
             h.remove()
 
-    routers = [n for n in linears if _is_router(block, n)]
+    routers = [n for n in linears if _is_router(block, n) or not isinstance(linears[n], _linear_types())]
     quantizable = [n for n in linears if n not in routers]
     ups, reads, depth = {}, {}, {}
     for n in linears:
@@ -459,7 +474,8 @@ def _discover_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> BlockStr
     stages_list = [sorted(stages[d], key=order.get) for d in sorted(stages)]
 
     _, _, writers = _walk(out.grad_fn, nodes, leaf)
-    writers = {n: v for n, v in sorted(writers.items(), key=lambda kv: (depth_of(kv[0]), order[kv[0]])) if n not in routers}
+    by_depth = sorted(writers.items(), key=lambda kv: (depth_of(kv[0]), order[kv[0]]))
+    writers = {n: v for n, v in by_depth if n not in routers}
     readers = {n: _source_norm(rec[n]["in"].grad_fn, nodes["norm"]) for n in linears if reads.get(n)}
     for n in quantizable:  # an expert no probe token reached reads what its siblings read
         sib = next((m for m in readers if canon(m) == canon(n)), None)
@@ -497,7 +513,7 @@ def _roles(block, x, kwargs, ups, readers, writers, moe) -> dict[str, str]:
     roles["o"], roles["attn"] = attn_w, attn_w.rpartition(".")[0]
     attn_in = sorted(ups.get(attn_w, ()), key=list(readers).index) if ups.get(attn_w, set()) <= set(readers) else []
     if len(attn_in) == 3:
-        v = [n for n in attn_in if _scales_linearly(block, x, kwargs, block.get_submodule(n), block.get_submodule(attn_w))]
+        v = [n for n in attn_in if _scales_linearly(block, x, kwargs, n, attn_w)]
         if len(v) == 1:
             roles["q"], roles["k"] = [n for n in attn_in if n != v[0]]
             roles["v"] = v[0]
@@ -515,7 +531,7 @@ def _roles(block, x, kwargs, ups, readers, writers, moe) -> dict[str, str]:
     roles["down"] = down = mlp_ws[0]
     mlp_in = sorted(ups.get(down, ()), key=list(readers).index) if ups.get(down, set()) <= set(readers) else []
     if len(mlp_in) == 2:
-        up = [n for n in mlp_in if _scales_linearly(block, x, kwargs, block.get_submodule(n), block.get_submodule(down))]
+        up = [n for n in mlp_in if _scales_linearly(block, x, kwargs, n, down)]
         if len(up) == 1:
             roles["up"], roles["gate"] = up[0], next(n for n in mlp_in if n != up[0])
     return roles
@@ -531,7 +547,7 @@ def _dsq_pairs(block, x, kwargs, ups, roles, writers) -> dict[str, str]:
         if isinstance(parent, ExpertMLP):  # ours (moe.experts): down(act(gate x) * up x) by construction
             pairs[w] = w.rpartition(".")[0] + ".up_proj"
         elif w != roles.get("o") and w not in pairs and len(ups.get(w, ())) == 2:  # a shared expert
-            lin = [u for u in ups[w] if _scales_linearly(block, x, kwargs, block.get_submodule(u), block.get_submodule(w))]
+            lin = [u for u in ups[w] if _scales_linearly(block, x, kwargs, u, w)]
             if len(lin) == 1:
                 pairs[w] = lin[0]
     return pairs

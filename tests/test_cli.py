@@ -152,7 +152,8 @@ def test_unsupported_architecture(tmp_path):
     from transformers import ViTConfig, ViTModel
 
     d = tmp_path / "vit"  # not a causal language model: nothing to quantize it as
-    ViTModel(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    config = ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    ViTModel(config).save_pretrained(d)
     assert_one_line_error(run("model", d, "--out", tmp_path / "q"), "unsupported architecture 'vit'")
 
 

@@ -367,7 +367,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "quant/quantizers.py",
         "QuantLinear.from_quantized(quantize_rtn(lin.weight, s), lin.bias), s.sym)",
         "QuantLinear.from_quantized(quantize_rtn(lin.weight, s), None), s.sym)",
-        ("tests/test_adapters.py::test_roles_resolve_and_rtn_runs",),
+        ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
         "RTN drops the biases of Qwen2's q/k/v",
     ),
     Mutation(
@@ -383,7 +383,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "moe-expert-hessian-not-accumulated",
         "quant/blockwise.py",
         "a[0].addmm_(x.T, x)\n                    a[1] += x.shape[0]",
-        "a[0] = a[0] if a[1] else a[0].addmm_(x.T, x)  # mutated: first call only\n                    a[1] += x.shape[0]",
+        "a[0] = a[0] if a[1] else a[0].addmm_(x.T, x)  # mutated\n                    a[1] += x.shape[0]",
         ("tests/test_correct_moe.py",),
         "a Hessian holds only the first window's tokens",
     ),
