@@ -1,6 +1,6 @@
 """Shared fixtures: the real SmolLM2-135M (embedded, converted once) and tiny random-init models.
 
-Tiny models are for fast mechanics (save/load, CLI, adapters); quality claims use SmolLM2 only.
+Tiny models are for fast mechanics (save/load, CLI, structure discovery); quality claims use SmolLM2 only.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the one line below. The README's architecture table is these cells (benchmarks/a
 import pytest
 from arch_matrix import FAMILIES, PASSES, run_cell
 
-NOT_STAGED = "its blocks are not pre-norm"
+NOT_STAGED = "its blocks are not pre-norm `x + attn(norm(x))`, `h + mlp(norm(h))`"
 NO_UP = "d2quant's DSQ cannot run on this {f} model: its MLP has no gated up projection"
 LAYERNORM = "rotation cannot run on this {f} model: its norms are layernorm, not RMSNorm (mean-centring)"
 POST = "rotation cannot run on this {f} model: post-norms sit between its writers and the residual stream"

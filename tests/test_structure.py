@@ -137,6 +137,15 @@ def test_rotation_preserves_the_function_where_it_applies(family):
         torch.testing.assert_close(model(x).logits, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_declarative_entry_adds_a_role_the_graph_cannot_fix(monkeypatch):
+    from quant import structure
+
+    assert "up" not in structure_of(family_model("starcoder2")).roles  # non-gated MLP: no up projection
+    monkeypatch.setitem(structure.ROLE_OVERRIDES, "starcoder2", {"up": "mlp.c_fc", "gate": "mlp.no_such"})
+    roles = structure_of(family_model("starcoder2")).roles
+    assert roles["up"] == "mlp.c_fc" and "gate" not in roles
+
+
 def test_unsupported_architecture_is_refused_by_name():
     from quant.structure import check_model_type
 
