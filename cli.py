@@ -257,9 +257,18 @@ def model_cmd(
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
+    skipped = None
+    if rotation is None and any(name == "rotate" for name, _ in steps):  # d2quant's default, not asked for
+        from quant.rotation import ROTATION_NEEDS
+
+        skipped = structure_of(lm.model).missing(ROTATION_NEEDS)
+        if skipped:  # the documented degraded form: the residual stays unrotated
+            steps = [st for st in steps if st[0] != "rotate"]
+            typer.echo(f"d2quant runs without its default rotation: in this model {skipped}")
     report: dict = {
         "model": lm.source,
         "base_model": base_model_info(lm.source),
+        **({"rotation_skipped": skipped} if skipped else {}),
         "method": method,
         "versions": {"lowbit": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__},
     }

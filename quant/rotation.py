@@ -86,7 +86,7 @@ def fold_norms(model: nn.Module) -> None:
     """Fold every residual pre-norm's γ into the linears (routers too) reading its output, and the final
     norm's into lm_head; the norms become weightless."""
     structure = structure_of(model)
-    structure.check("rotation", ROTATION_NEEDS, "quantize without --rotate")
+    structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
     untie_embeddings(model)
     for block in structure.blocks(model):
         info = structure.info(block)
@@ -126,7 +126,7 @@ def rotate_pass(ctx: QuantContext, config: RotationConfig) -> dict:
     model = ctx.model
     d = model.config.hidden_size
     q, kind = rotation_matrix(d, config)
-    ctx.structure.check("rotation", ROTATION_NEEDS, "quantize without --rotate")
+    ctx.structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
     was_tied = ctx.structure.is_tied(model)
     fold_norms(model)
     rotate(model, q)

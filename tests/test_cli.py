@@ -310,3 +310,31 @@ def test_allocation_composes_with_every_quantizer(tmp_path, tiny_dir, method):
         assert {m["format"] for n, m in qc["modules"].items() if n.endswith("down_proj")} == {"dsq"}
     r = run("eval", out, "--max-windows", "1")
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_model_and_d2quant_degrades_without_its_rotation(tmp_path, tokenizer):
+    """Gemma 2's post-norms cannot absorb a rotation: inspect-model says so, and d2quant (whose default
+    includes the rotation) runs without it and records why; asking for --rotation is refused in one line."""
+    from arch_matrix import family_model
+
+    d = tmp_path / "gemma2"
+    family_model("gemma2").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    r = run("inspect-model", d, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["block 0"]["writes residual"] == {
+        "self_attn.o_proj": "through post_attention_layernorm",
+        "mlp.down_proj": "through post_feedforward_layernorm",
+    }
+    assert info["passes"]["rotate"].startswith("post-norms sit between its writers and the residual stream")
+    assert info["passes"]["gptq"] == "yes"
+    quick = ["--bits", "3", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
+    r = run("model", d, "--method", "d2quant", *quick, "--out", tmp_path / "q")
+    assert r.returncode == 0, r.stderr
+    assert "d2quant runs without its default rotation: in this model post-norms sit" in r.stdout
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert report["rotation_skipped"].startswith("post-norms sit")
+    r = run("model", d, "--method", "d2quant", "--rotation", *quick, "--out", tmp_path / "q2")
+    assert_one_line_error(r, "rotation cannot run on this gemma2 model: post-norms sit between its writers")
+    assert not (tmp_path / "q2").exists()
