@@ -76,7 +76,6 @@ class BlockRunner:
         Hessian of all its tokens under ``""``, for experts that saw too few."""
         acc: dict[str, list] = {}
         share: dict[str, str] = {}
-        order = list(linears)
 
         def pre(name):
             def hook(_mod, args):
@@ -92,7 +91,7 @@ class BlockRunner:
                         a[0] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                     a[0].addmm_(x.T, x)
                     a[1] += x.shape[0]
-                if whole is None and name == order[-1]:
+                if whole is None and len(seen) == len(linears):
                     raise _Stop
 
             return hook

@@ -612,4 +612,37 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_load_checks.py::test_a_static_activation_scale_that_is_not_positive_is_refused",),
         "a negative static activation scale loads and flips every quantized input (found by the fuzzer)",
     ),
+    # -- structure discovery --
+    Mutation(
+        "structure-post-norm-seen-as-direct",
+        "quant/structure.py",
+        "        if node in norm_nodes and via is None:\n            via = norm_nodes[node]",
+        "        if False:\n            via = norm_nodes[node]",
+        ("tests/test_structure.py::test_discovered_structure",),
+        "Gemma 2's and OLMo 2's post-norms go unseen: rotation would fold into a sandwich-normed residual",
+    ),
+    Mutation(
+        "blockrunner-replays-block0-kwargs",
+        "quant/blockwise.py",
+        "return self.kwargs[self._index.get(id(block), 0)]",
+        "return self.kwargs[0]",
+        ("tests/test_structure.py::test_each_block_replays_its_own_attention_arguments",),
+        "every block is calibrated with block 0's mask and rotary tables (Gemma 3's global layers see a window)",
+    ),
+    Mutation(
+        "structure-linearity-test-always-true",
+        "quant/structure.py",
+        "    return _close(doubled, 2 * base)",
+        "    return True",
+        ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
+        "q, k and v (gate and up) cannot be told apart: no roles, so DSQ and NSDS lose their targets",
+    ),
+    Mutation(
+        "staged-self-check-skipped",
+        "quant/structure.py",
+        "    return _close(staged, ref)",
+        "    return True",
+        ("tests/test_structure.py::test_discovered_structure",),
+        "Granite's scaled residual is driven as x + attn(x): D²Quant calibrates on a different block",
+    ),
 )
