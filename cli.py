@@ -170,6 +170,29 @@ def model_cmd(
     max_windows: int = typer.Option(
         32, help="Perplexity windows of 2048 tokens (0 = the full test split, 148 windows for SmolLM2)."
     ),
+    device: str = typer.Option(
+        "auto", help="Where blocks compute: auto (CUDA when present, else CPU), cpu, cuda or cuda:N. Under torchrun, "
+        "cuda means each rank's own GPU."
+    ),
+    dtype: str = typer.Option(
+        "auto",
+        help="Compute dtype of the blocks: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. "
+        "Hessians and the solvers stay in float32/float64.",
+    ),
+    stream: bool = typer.Option(
+        None,
+        "--stream/--no-stream",
+        help="Read the model block by block from its safetensors files instead of loading it whole: memory "
+        "stays near one block. Default: stream when the model in the compute dtype would take more than half "
+        "the available memory. A streamed run skips the perplexity (run quantize eval on the output) and "
+        "refuses whole-model passes (fptquant, --transforms fpt, --allocation, static activation scales).",
+        show_default=False,
+    ),
+    restart: bool = typer.Option(
+        False,
+        help="Discard an unfinished run of the same output folder. Without it, a run that was killed resumes "
+        "after its last finished block (same model, calibration and options only; kept in .<out>.partial).",
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
     """Quantize a model's linear layers and write a packed safetensors checkpoint.
@@ -186,6 +209,7 @@ def model_cmd(
     from quant.models import base_model_info, load_model
     from quant.passes import get_pass, quantizer_methods
     from quant.quantlinear import quantized_sizes
+    from quant.streaming import ResidentSource
     from quant.structure import structure_of
 
     info = get_pass(method)
@@ -253,15 +277,45 @@ def model_cmd(
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
+    from quant import distributed as dist
+    from quant.engine import parse_device, parse_dtype
+
+    dev = parse_device(device)
+    dist.init(dev)
+    dev = dist.local_device(dev)
+    cdtype = parse_dtype(dtype, dev)
+    whole_model = [
+        n
+        for n, used in (
+            (f"--method {method}", method == "fptquant"),
+            ("--transforms fpt", transforms == "fpt"),
+            ("--allocation", allocation != "none"),
+            ("static activation scales", act is not None and act.mode == "static"),
+        )
+        if used
+    ]
+    streaming = _choose_stream(model, stream, cdtype, whole_model)
     torch.manual_seed(seed)
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    source = None
+    if streaming:
+        from quant.models import LoadedModel, resolve
+        from quant.reader import load_tokenizer
+        from quant.streaming import DiskSource
+
+        source = DiskSource(resolve(model), dev, cdtype)
+        lm = LoadedModel(source.skeleton(), load_tokenizer(source.path), str(source.path), quantized=False)
+        if evaluate:
+            typer.echo("a streamed run does not measure perplexity: run quantize eval on the output")
+            evaluate = False
+    else:
+        lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
     skipped = None
     if rotation is None and any(name == "rotate" for name, _ in steps):  # d2quant's default, not asked for
         from quant.rotation import ROTATION_NEEDS
 
-        skipped = structure_of(lm.model).missing(ROTATION_NEEDS)
+        skipped = (source.structure(lm.model) if source else structure_of(lm.model)).missing(ROTATION_NEEDS)
         if skipped:  # the documented degraded form: the residual stays unrotated
             steps = [st for st in steps if st[0] != "rotate"]
             typer.echo(f"d2quant runs without its default rotation: in this model {skipped}")
@@ -279,14 +333,17 @@ def model_cmd(
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     routing_ids = routing_ref = None
-    if structure_of(lm.model).is_moe():  # routing fidelity: float routers vs the quantized model's
+    if not streaming and structure_of(lm.model).is_moe():  # routing fidelity: float routers vs the quantized model's
         from moe.routing import router_logits
 
         routing_ids = _routing_sample(lm.tokenizer)
         routing_ref = router_logits(lm.model, routing_ids)
-    ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids)
+    pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]
+    work = _work_dir(out, lm.source, calib_ids, pipeline, dev, cdtype, restart)
+    ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids, device=str(dev), work=work,
+                       source=source or ResidentSource(dev, cdtype))
     t0 = time.perf_counter()
-    passes = run_pipeline(ctx, [*steps, (method, config), *([("actquant", act)] if act else [])])
+    passes = run_pipeline(ctx, pipeline)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["passes"] = passes
     report["sizes"] = quantized_sizes(lm.model)
@@ -308,7 +365,13 @@ def model_cmd(
         "passes": [{"name": p["name"], "config": p["config"]} for p in passes],
         "calibration": report.get("calibration"),
     }
-    out = save_quantized(lm.model, lm.tokenizer, out, qc, report, overwrite=overwrite)
+    if dist.rank() != 0:  # rank 0 writes the checkpoint and reports
+        dist.barrier()
+        return
+    out = save_quantized(lm.model, lm.tokenizer, out, qc, report, overwrite=overwrite,
+                         tensors=work.tensor if streaming else None)
+    work.remove()
+    dist.barrier()
     typer.echo(
         f"quantized {len(ctx.modules)} linears in {report['quantize_seconds']} s; "
         f"{report['sizes']['bits_per_weight']} bits/weight including scales and zeros"
@@ -332,6 +395,44 @@ def model_cmd(
             f"WikiText-2 perplexity ({q['windows']}/{q['total_windows']} windows of 2048): "
             f"float {f['ppl']:.3f}  ->  {method} {width} {q['ppl']:.3f}"
         )
+
+
+def _choose_stream(model: str | None, stream: bool | None, dtype, whole_model: list[str]) -> bool:
+    """Stream when asked, or (by default) when a local float model would not fit comfortably in memory."""
+    from quant.models import resolve
+    from quant.reader import available_memory
+
+    if stream is False:
+        return False
+    path = Path(resolve(model))
+    if stream is None:
+        files = list(path.glob("*.safetensors")) if path.is_dir() else []
+        avail = available_memory()
+        need = sum(f.stat().st_size for f in files) * (4 if dtype.itemsize >= 4 else 2) // 2  # stored mostly bf16
+        if not files or avail is None or need <= avail // 2:
+            return False
+    if not path.is_dir():
+        raise QuantError(f"--stream reads a local model folder; {model!r} is not one (download it first)")
+    if whole_model:
+        raise QuantError(f"{whole_model[0]} needs the whole model in memory: use --no-stream")
+    return True
+
+
+def _work_dir(out: Path, source: str, calib_ids, pipeline: list, device, dtype, restart: bool):
+    """The run's work folder: finished blocks are kept there, and the same command resumes after a kill."""
+    import dataclasses
+
+    from quant import distributed as dist
+    from quant.resume import WorkDir, fingerprint, model_fingerprint, work_dir_for
+
+    path = Path(source)
+    fp = fingerprint(
+        model=model_fingerprint(path) if path.is_dir() else source,
+        calibration=calib_ids if calib_ids is not None else "none",
+        recipe=[(n, dataclasses.asdict(c)) for n, c in pipeline],
+        compute=[str(device.type), str(dtype), dist.world()],
+    )
+    return WorkDir(work_dir_for(out), fp, resume=not restart)
 
 
 def _allocation_config(bits: float, allocator: str, candidates: str, group_size: int, **rule):

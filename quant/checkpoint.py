@@ -84,15 +84,17 @@ def _sha256(path: Path) -> str:
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared tensors (tied lm_head) stored once, contiguous, on CPU."""
+    """State dict with shared tensors (tied lm_head) stored once. Tensors still on the meta device (a streamed
+    run's, which lie in its work folder) are kept as they are: ``save_quantized`` reads them shard by shard."""
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
-        if key in seen and name.endswith("lm_head.weight"):
+    tied = reader.tied(model.config)
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.untyped_storage().data_ptr() if t.numel() and not t.is_meta else id(t)
+        if (key in seen or (tied and t.is_meta)) and name.endswith("lm_head.weight"):
             continue
         seen.add(key)
-        out[name] = t.detach().cpu().contiguous()
+        out[name] = t.detach()
     return out
 
 
@@ -117,8 +119,12 @@ def save_quantized(
     report: dict | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tensors=None,
 ) -> Path:
-    """Write the checkpoint into a temporary sibling folder, then rename it into place."""
+    """Write the checkpoint into a temporary sibling folder, then rename it into place.
+
+    ``tensors(name)`` gives the tensors ``model`` holds on the meta device (a streamed run: its work folder
+    has them); they are read one shard at a time, so memory stays near one shard."""
     out = check_output_dir(out, overwrite).absolute()
     with atomic_dir(out) as tmp:
         state = _unique_state_dict(model)
@@ -129,7 +135,9 @@ def save_quantized(
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         for fname, shard in zip(names, shards, strict=False):
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            real = {k: (tensors(k) if t.is_meta else t).cpu().contiguous() for k, t in shard.items()}
+            save_file(real, str(tmp / fname), metadata={"format": "pt"})
+            del real
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

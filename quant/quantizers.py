@@ -7,13 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
-from quant.blockwise import quantize_blockwise
-from quant.gptq import gptq_quantize
-from quant.grid import QuantSpec, check_finite, quantize_rtn
-from quant.passes import QuantContext, register_pass
-from quant.quantlinear import QuantLinear
+from quant.blockquant import QuantizeStep, Solver
+from quant.grid import QuantSpec, check_finite
+from quant.passes import QuantContext, register_block_pass
 from quant.structure import normalize
 
 
@@ -38,53 +34,32 @@ class GPTQConfig(RTNConfig):
 
 
 def check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:
-    """Validate every target before touching any: NaN/Inf weights and group fit fail fast.
+    """Validate every target before touching any: NaN/Inf weights and group fit fail fast (a streamed
+    model's weights are still on the meta device here: they are checked as they are read).
 
     Fused MoE experts are split into one linear per expert projection, GPT-2's Conv1D become nn.Linear
     (``quant.structure.normalize``: the same function)."""
-    normalize(ctx.model)
+    if not ctx.streaming:
+        normalize(ctx.model)
     names = ctx.structure.linear_names(ctx.model)
     for name in names:
         w = ctx.model.get_submodule(name).weight
-        check_finite(w, name)
+        if not w.is_meta:
+            check_finite(w, name)
         ctx.spec_for(name, spec).group_for(w.shape[1])
     return names
 
 
-@register_pass("rtn", RTNConfig, quantizer=True)
-def rtn(ctx: QuantContext, config: RTNConfig) -> dict:
+@register_block_pass("rtn", RTNConfig, quantizer=True)
+def rtn(ctx: QuantContext, config: RTNConfig) -> QuantizeStep:
     spec = config.spec()
-    names = check_model(ctx, spec)
-    for name in tqdm(names, desc="rtn", disable=not ctx.progress, unit="layer"):
-        lin = ctx.model.get_submodule(name)
-        s = ctx.spec_for(name, spec)
-        ctx.install(name, QuantLinear.from_quantized(quantize_rtn(lin.weight, s), lin.bias), s.sym)
-    return {"layers": len(names)}
+    check_model(ctx, spec)
+    return QuantizeStep("rtn", ctx, Solver(spec, backend="rtn"))
 
 
-@register_pass("gptq", GPTQConfig, needs_calibration=True, quantizer=True)
-def gptq(ctx: QuantContext, config: GPTQConfig) -> dict:
+@register_block_pass("gptq", GPTQConfig, needs_calibration=True, quantizer=True)
+def gptq(ctx: QuantContext, config: GPTQConfig) -> QuantizeStep:
     spec = config.spec()
-    names = check_model(ctx, spec)
-    structure, prefix = ctx.structure, ctx.structure.layers
-    n_blocks = len(structure.blocks(ctx.model))
-
-    rounded: list[str] = []
-
-    def quantize_group(i, block, linears, hessians):
-        for rel, lin in linears.items():
-            name, H = f"{prefix}.{i}.{rel}", hessians[rel]
-            s = ctx.spec_for(name, spec)
-            if H is None:  # an expert's down_proj that the calibration tokens (almost) never reached
-                qw = quantize_rtn(lin.weight, s)
-                rounded.append(name)
-            else:
-                qw = gptq_quantize(lin.weight, H, s, config.damp, config.act_order, config.block_size)
-            ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
-
-    bar = tqdm(range(n_blocks), desc="gptq", disable=not ctx.progress, unit="block")
-    quantize_blockwise(ctx.model, structure, ctx.calib_ids, quantize_group, bar)
-    out = {"layers": len(names), "calibration_tokens": int(ctx.calib_ids.numel())}
-    if rounded:
-        out["rtn_fallback_experts"] = rounded
-    return out
+    check_model(ctx, spec)
+    solver = Solver(spec, backend="gptq", damp=config.damp, act_order=config.act_order, block_size=config.block_size)
+    return QuantizeStep("gptq", ctx, solver)

@@ -207,13 +207,20 @@ def build(config, dtype: torch.dtype, where: str | Path, device: str | torch.dev
         return normalize(model)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine has available (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def check_memory(meta_model: nn.Module, where: str | Path) -> None:
     """Refuse a build that cannot fit in the memory this machine has free (instead of being killed)."""
     need = sum(t.numel() * t.element_size() for t in meta_model.state_dict().values())
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
+    avail = available_memory()
+    if avail is None:
         return
     if need > avail:
         raise QuantError(

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quant.engine import BlockStep
 from quant.errors import QuantError
 from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
-from quant.passes import QuantContext, register_pass
+from quant.passes import QuantContext, register_block_pass
 from quant.structure import PASS_NEEDS, structure_of
 
 MODES = ("hadamard", "groupwise", "random")
@@ -60,9 +61,9 @@ def _scale_inputs(linear: nn.Linear, gamma: torch.Tensor) -> None:
     linear.weight.data = (linear.weight.data.double() * gamma.double()[None, :]).to(linear.weight.dtype)
 
 
-def untie_embeddings(model: nn.Module) -> bool:
+def untie_embeddings(model: nn.Module, structure=None) -> bool:
     """Give lm_head its own copy of the embedding matrix. Returns whether they were tied."""
-    structure = structure_of(model)
+    structure = structure or structure_of(model)
     if not structure.is_tied(model):
         return False
     head = structure.head(model)
@@ -81,19 +82,46 @@ def _fold(norm: nn.Module, kind: str, readers: list[nn.Module]) -> None:
     norm.weight.fill_(0.0 if kind == "rms_1p" else 1.0)
 
 
+def _right(w: torch.Tensor, q: torch.Tensor) -> None:  # w ← w Q
+    w.data = (w.data.double() @ q.to(w.device)).to(w.dtype)
+
+
+def _left(w: torch.Tensor, q: torch.Tensor) -> None:  # w ← Qᵀ w
+    w.data = (q.to(w.device).T @ w.data.double()).to(w.dtype)
+
+
+@torch.no_grad()
+def fold_block(structure, block: nn.Module) -> None:
+    """Fold each residual pre-norm's γ of ``block`` into the linears (routers too) reading its output."""
+    info = structure.info(block)
+    for name, (kind, place) in info.norms.items():
+        if place == "pre":
+            readers = [block.get_submodule(r) for r, n in info.readers.items() if n == name]
+            _fold(block.get_submodule(name), kind, readers)
+
+
+@torch.no_grad()
+def rotate_block(structure, block: nn.Module, q: torch.Tensor) -> None:
+    """Rotate ``block``'s residual readers (``W Q``) and writers (``Qᵀ W``, bias ``b Q``); norms already folded."""
+    info = structure.info(block)
+    for name in info.readers:
+        _right(block.get_submodule(name).weight, q)
+    for name in info.writers:
+        lin = block.get_submodule(name)
+        _left(lin.weight, q)
+        if lin.bias is not None:
+            lin.bias.data = (lin.bias.data.double() @ q.to(lin.bias.device)).to(lin.bias.dtype)
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module) -> None:
-    """Fold every residual pre-norm's γ into the linears (routers too) reading its output, and the final
-    norm's into lm_head; the norms become weightless."""
+    """Fold every residual pre-norm's γ into the linears reading its output, and the final norm's into
+    lm_head; the norms become weightless (whole-model form, for FPTQuant)."""
     structure = structure_of(model)
     structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
     untie_embeddings(model)
     for block in structure.blocks(model):
-        info = structure.info(block)
-        for name, (kind, place) in info.norms.items():
-            if place == "pre":
-                readers = [block.get_submodule(r) for r, n in info.readers.items() if n == name]
-                _fold(block.get_submodule(name), kind, readers)
+        fold_block(structure, block)
     _fold(model.get_submodule(structure.final_norm), structure.final_norm_kind, [structure.head(model)])
 
 
@@ -101,33 +129,41 @@ def fold_norms(model: nn.Module) -> None:
 def rotate(model: nn.Module, q: torch.Tensor) -> None:
     """Rotate the residual stream by the orthogonal ``q`` (norms must already be folded)."""
     structure = structure_of(model)
-
-    def right(w: torch.Tensor) -> None:  # w ← w Q
-        w.data = (w.data.double() @ q).to(w.dtype)
-
-    def left(w: torch.Tensor) -> None:  # w ← Qᵀ w
-        w.data = (q.T @ w.data.double()).to(w.dtype)
-
-    right(structure.embeddings(model).weight)
+    _right(structure.embeddings(model).weight, q)
     for block in structure.blocks(model):
-        info = structure.info(block)
-        for name in info.readers:
-            right(block.get_submodule(name).weight)
-        for name in info.writers:
-            lin = block.get_submodule(name)
-            left(lin.weight)
-            if lin.bias is not None:
-                lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
-    right(structure.head(model).weight)
+        rotate_block(structure, block, q)
+    _right(structure.head(model).weight, q)
 
 
-@register_pass("rotate", RotationConfig)
-def rotate_pass(ctx: QuantContext, config: RotationConfig) -> dict:
-    model = ctx.model
-    d = model.config.hidden_size
-    q, kind = rotation_matrix(d, config)
+class RotateStep(BlockStep):
+    """The rotation on the block engine: embeddings before block 0, each block as it loads (before the
+    quantizer sees it), the final norm and lm_head at the end."""
+
+    name = "rotate"
+
+    def __init__(self, ctx: QuantContext, config: RotationConfig) -> None:
+        self.ctx, self.config = ctx, config
+        self.q, self.kind = rotation_matrix(ctx.model.config.hidden_size, config)
+
+    def start(self, run) -> None:
+        model, s = self.ctx.model, run.structure
+        self.was_tied = untie_embeddings(model, s)
+        _right(s.embeddings(model).weight, self.q)
+
+    def block(self, run, i: int, block: nn.Module) -> None:
+        fold_block(run.structure, block)
+        rotate_block(run.structure, block, self.q)
+
+    def finish(self, run) -> dict:
+        model, s = self.ctx.model, run.structure
+        with torch.no_grad():
+            _fold(model.get_submodule(s.final_norm), s.final_norm_kind, [s.head(model)])
+            _right(s.head(model).weight, self.q)
+        return {"rotation": self.kind, "untied_embeddings": self.was_tied, "norms_folded": True}
+
+
+@register_block_pass("rotate", RotationConfig)
+def rotate_pass(ctx: QuantContext, config: RotationConfig) -> RotateStep:
+    config.validate()
     ctx.structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
-    was_tied = ctx.structure.is_tied(model)
-    fold_norms(model)
-    rotate(model, q)
-    return {"rotation": kind, "untied_embeddings": was_tied, "norms_folded": True}
+    return RotateStep(ctx, config)

@@ -193,7 +193,12 @@ class Structure:
         return model.get_submodule(self.lm_head)
 
     def is_tied(self, model: nn.Module) -> bool:
-        return self.head(model).weight is self.embeddings(model).weight
+        """lm_head computes with the embedding matrix (a streamed model's modules hold separate copies of it
+        while loaded: there the config says)."""
+        if self.head(model).weight is self.embeddings(model).weight:
+            return True
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return self.tied and bool(getattr(text, "tie_word_embeddings", False))
 
     def is_moe(self, model: nn.Module | None = None) -> bool:
         return any(b.moe for b in self.block_info)
