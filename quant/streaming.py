@@ -206,7 +206,8 @@ class DiskSource:
         for m in module.modules():
             for leaf, p in m._parameters.items():
                 if p is not None:
-                    m._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                    meta = torch.empty_like(p, device="meta")
+                    m._parameters[leaf] = nn.Parameter(meta, requires_grad=p.requires_grad)
             for leaf, b in m._buffers.items():
                 if b is not None and leaf not in m._non_persistent_buffers_set:
                     m._buffers[leaf] = torch.empty_like(b, device="meta")

@@ -13,7 +13,8 @@ from test_moe import tiny_moe
 
 from moe.experts import unfuse_experts
 from moe.routing import LayerRouting, compare_routing, max_violation, summarize
-from quant.blockwise import BlockRunner, quantize_blockwise
+from quant.blockwise import call_block
+from quant.engine import capture
 from quant.structure import structure_of
 
 E, K, D, FF = 4, 2, 64, 128  # tiny Mixtral: experts, top-k, hidden, expert intermediate
@@ -40,7 +41,27 @@ def expert_input(model, x: torch.Tensor, e: int, layer: int = 0) -> torch.Tensor
     return F.silu(x @ ex.gate_proj.weight.double().T) * (x @ ex.up_proj.weight.double().T)
 
 
-def test_expert_hessians_hold_exactly_the_routed_tokens_moments(calib):
+def solver_hessians(model, calib, monkeypatch, block: int = 0) -> dict:
+    """The Hessian the gptq pass hands the solver for each linear of ``block`` (names inside the block).
+    Nothing is installed, so the model stays float and the float inputs captured here are the reference."""
+    import quant.blockquant as bq
+    from quant import GPTQConfig, QuantContext, run_pipeline
+
+    names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    got = {}
+
+    def record(w, H, *args, **kw):
+        got[names[id(w)]] = H
+
+    monkeypatch.setattr(bq, "gptq_quantize", record)
+    monkeypatch.setattr(bq.QuantizeStep, "_install", lambda *a, **k: None)
+    ctx = QuantContext(model, None, calib_ids=calib, progress=False)
+    run_pipeline(ctx, [("gptq", GPTQConfig(bits=4, group_size=32))])
+    prefix = f"model.layers.{block}."
+    return {n[len(prefix):]: H for n, H in got.items() if n.startswith(prefix)}
+
+
+def test_expert_hessians_hold_exactly_the_routed_tokens_moments(calib, monkeypatch):
     model = tiny_moe("mixtral")
     unfuse_experts(model)
     block = model.model.layers[0]
@@ -50,27 +71,20 @@ def test_expert_hessians_hold_exactly_the_routed_tokens_moments(calib):
     top = logits.topk(K + 1, -1).values
     assert (top[:, K - 1] - top[:, K]).min() > 1e-4  # no near-tie at the k-th choice: the reference is sharp
     chosen = logits.topk(K, -1).indices
-    names = [f"mlp.experts.{e}.{p}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
-    hs = BlockRunner(model, model.model.layers, calib).hessians(block,
-                         {n: block.get_submodule(n) for n in names}, block.mlp)  # fmt: skip
-    H_all, n_all = hs[""]
-    assert n_all == calib.numel()
-    torch.testing.assert_close(H_all.double(), moment(x), rtol=1e-4, atol=1e-5)
+    hs = solver_hessians(model, calib, monkeypatch)
     counts = []
     for e in range(E):
         mine = (chosen == e).any(-1)  # tokens whose top-k holds e
         xe = x[mine]
         counts.append(len(xe))
         for p in ("gate_proj", "up_proj"):
-            H, n = hs[f"mlp.experts.{e}.{p}"]
-            assert n == len(xe), (e, p)
-            torch.testing.assert_close(H.double(), moment(xe), rtol=1e-4, atol=1e-5)
-        H, n = hs[f"mlp.experts.{e}.down_proj"]
-        assert n == len(xe) and H.shape == (FF, FF)
+            torch.testing.assert_close(hs[f"mlp.experts.{e}.{p}"].double(), moment(xe), rtol=1e-4, atol=1e-5)
+        H = hs[f"mlp.experts.{e}.down_proj"]
+        assert H.shape == (FF, FF)
         torch.testing.assert_close(H.double(), moment(expert_input(model, xe, e)), rtol=1e-4, atol=1e-6)
     assert sum(counts) == K * calib.numel() and min(counts) > D  # top-2: every token counted twice; all well fed
     # the routed moments really differ from the all-token one (else the comparison above proves nothing)
-    assert min((hs[f"mlp.experts.{e}.gate_proj"][0] - H_all).abs().max() for e in range(E)) > 1e-2
+    assert min((hs[f"mlp.experts.{e}.gate_proj"] - moment(x).float()).abs().max() for e in range(E)) > 1e-2
 
 
 def test_run_staged_gives_each_expert_its_routed_rows(calib):
@@ -82,7 +96,7 @@ def test_run_staged_gives_each_expert_its_routed_rows(calib):
     block = model.model.layers[0]
     x = mlp_inputs(model, calib)
     chosen = (x @ block.mlp.gate.weight.double().T).topk(K, -1).indices
-    runner = BlockRunner(model, model.model.layers, calib)
+    xs, kws = capture(model, model.model.layers, calib)
     seen = {}
 
     def visit(group, inputs):
@@ -90,9 +104,9 @@ def test_run_staged_gives_each_expert_its_routed_rows(calib):
             seen.update(inputs)
 
     with torch.no_grad():
-        out = run_staged(block, structure_of(model), runner.inputs, runner.block_kwargs, visit)
+        out = run_staged(block, structure_of(model), xs, kws[0], visit)
         # the block's output is the plain forward's, window by window
-        torch.testing.assert_close(out, torch.cat([runner._call(block, w[None]) for w in runner.inputs]))
+        torch.testing.assert_close(out, torch.cat([call_block(block, w[None], kws[0]) for w in xs]))
     torch.testing.assert_close(seen[""].double(), x, rtol=1e-5, atol=1e-5)  # all tokens, in order
     for e in range(E):
         xe = x[(chosen == e).any(-1)]  # in token order, as the rows are
@@ -102,45 +116,44 @@ def test_run_staged_gives_each_expert_its_routed_rows(calib):
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
-STARVED, FEW = 3, 3  # expert 3 only gets the first FEW tokens of each forward (one window per call)
+STARVED, FEW = 3, 24  # expert 3 only gets the FEW tokens whose first MLP input feature is largest
 
 
-def starve(model, layer: int = 0):
-    """Hook ``layer``'s router so expert STARVED gets exactly the first FEW tokens of every call."""
+def starve(model, calib, layer: int = 0) -> torch.Tensor:
+    """Hook ``layer``'s router so expert STARVED gets only the tokens whose first input feature exceeds a
+    threshold that FEW of the float model's calibration tokens pass (a per-token rule: the drivers route all
+    windows in one call or one window per call alike); returns the mask of those tokens."""
+    first = mlp_inputs(model, calib, layer)[:, 0]
+    thr = float(first.topk(FEW + 1).values[-1])
 
     def hook(mod, args, _out):
         logits = F.linear(args[0].reshape(-1, mod.hidden_dim), mod.weight)
+        forced = args[0].reshape(-1, mod.hidden_dim)[:, 0] > thr
         logits[:, STARVED] = -float("inf")
-        logits[:FEW, STARVED] = logits[:FEW].max(-1).values + 10  # forced into those tokens' top-k
+        logits[forced, STARVED] = logits[forced].max(-1).values + 10  # forced into those tokens' top-k
         top, idx = torch.topk(torch.softmax(logits, -1), mod.top_k, dim=-1)
         return logits, top / top.sum(-1, keepdim=True), idx
 
-    return model.model.layers[layer].mlp.gate.register_forward_hook(hook)
+    model.model.layers[layer].mlp.gate.register_forward_hook(hook)
+    return first > thr
 
 
-def test_under_routed_expert_gets_the_all_token_hessian_and_no_down_hessian(calib):
+def test_under_routed_expert_gets_the_all_token_hessian_and_no_down_hessian(calib, monkeypatch):
     model = tiny_moe("mixtral")
     unfuse_experts(model)
-    starve(model)
-    x = mlp_inputs(model, calib)  # the recording callback quantizes nothing: these are the inputs it sees
-    got = {}
-
-    def record(i, _block, _linears, hessians):
-        if i == 0:
-            got.update(hessians)
-
-    quantize_blockwise(model, structure_of(model), calib, record)
-    n_starved = FEW * calib.shape[0]  # 24 tokens: fewer than gate/up's 64 inputs
-    assert 0 < n_starved < D
+    forced = starve(model, calib)
+    x = mlp_inputs(model, calib)  # nothing is installed: these are the inputs the solver sees
+    got = solver_hessians(model, calib, monkeypatch)
+    assert 0 < int(forced.sum()) == FEW < D  # fewer tokens than gate/up's 64 inputs
     for p in ("gate_proj", "up_proj"):  # README: the Hessian of ALL the block's tokens
         torch.testing.assert_close(got[f"mlp.experts.{STARVED}.{p}"].double(), moment(x), rtol=1e-4, atol=1e-5)
-    assert got[f"mlp.experts.{STARVED}.down_proj"] is None  # README: round-to-nearest
+    assert f"mlp.experts.{STARVED}.down_proj" not in got  # README: round-to-nearest, no Hessian
     # a well-fed expert keeps its own routed moment (not the all-token one): recompute its routing by hand
     logits = x @ model.model.layers[0].mlp.gate.weight.double().T
     logits[:, STARVED] = -math.inf
     routed = (logits.topk(K, -1).indices == 0).any(-1)
     # the forced tokens' top-2 is {STARVED, best of the rest}: expert 0 there only as the best of the rest
-    routed.view(calib.shape[0], -1)[:, :FEW] = logits.view(calib.shape[0], -1, E)[:, :FEW].argmax(-1) == 0
+    routed[forced] = logits[forced].argmax(-1) == 0
     assert routed.sum() >= FF
     torch.testing.assert_close(got["mlp.experts.0.gate_proj"].double(), moment(x[routed]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["mlp.experts.0.down_proj"].double(),
@@ -154,7 +167,7 @@ def test_gptq_pass_rounds_a_starved_experts_down_proj_to_nearest(tokenizer, cali
 
     model = tiny_moe("mixtral")
     unfuse_experts(model)
-    starve(model)
+    starve(model, calib)
     experts = model.model.layers[0].mlp.experts
     float_w = {(e, p): getattr(experts[e], p).weight.detach().clone() for e in (0, STARVED)
                for p in ("gate_proj", "down_proj")}  # fmt: skip
@@ -181,7 +194,7 @@ def test_gptq_pass_rounds_a_starved_experts_down_proj_to_nearest(tokenizer, cali
         return float((gate == ref.codes).float().mean())
 
     assert agreement(moment(x)) > 0.99  # bit-exact here; margin for float summation order
-    assert agreement(moment(x.view(calib.shape[0], -1, D)[:, :FEW].reshape(-1, D))) < 0.9
+    assert agreement(moment(x[x[:, 0] > x[:, 0].topk(FEW + 1).values[-1]])) < 0.9
 
 
 # ---- routing metrics on hand-made logits: 4 tokens x 4 experts, k = 2 --------------------------------

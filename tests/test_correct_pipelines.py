@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import quant.blockquant as blockquant_mod
 import quant.d2quant as d2quant_mod
-import quant.quantizers as quantizers_mod
 from quant import GPTQConfig, QuantContext, run_pipeline
 from quant.d2quant import D2QuantConfig
 from quant.dsqlinear import DSQLinear
@@ -166,14 +166,14 @@ def spied_run(monkeypatch, tokenizer, calib, module, step):
 
 def test_gptq_hessians_come_from_the_quantized_stream(monkeypatch, tokenizer, calib):
     step = ("gptq", GPTQConfig(bits=2, group_size=32))
-    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, quantizers_mod, step)
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, blockquant_mod, step)
     assert _check_hessians(spy.calls, model, float_model, calib, names) == 14
 
 
 def test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream(monkeypatch, tokenizer, calib):
     """The staged driver (one forward per block) must feed each group what the sequential model gives it."""
     step = ("d2quant", D2QuantConfig(bits=2, group_size=32, backend="gptq", dsq=False))
-    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, d2quant_mod, step)
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, blockquant_mod, step)
     assert _check_hessians(spy.calls, model, float_model, calib, names) == 14
 
 
@@ -184,7 +184,7 @@ def test_gptaq_hands_the_solver_the_closed_form_asymmetric_target(monkeypatch, t
     """Target W + α W (P − H)(H + λI)⁻¹ with H = E[x̃x̃ᵀ] (x̃: the finished model's inputs) and P = E[x x̃ᵀ]
     (x: the float model's inputs), computed here in float64 from separately captured inputs."""
     cfg = D2QuantConfig(bits=2, group_size=32, backend="gptaq", dsq=False)
-    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, d2quant_mod, ("d2quant", cfg))
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, blockquant_mod, ("d2quant", cfg))
     q_in, f_in = linear_inputs(model, calib, names), linear_inputs(float_model, calib, names)
     for n, (target, H, _) in zip(names, spy.calls, strict=True):  # the pass visits linears in this order
         W = float_model.get_submodule(n).weight.detach().double()
@@ -234,7 +234,7 @@ def d2quant_run(tokenizer):
     rotated = copy.deepcopy(model)
     dsq_calls, absorbed = [], []
     mp = pytest.MonkeyPatch()
-    real_dsq, real_absorb = d2quant_mod.dsq_quantize, d2quant_mod.absorb_column_scale
+    real_dsq, real_absorb = blockquant_mod.dsq_quantize, blockquant_mod.absorb_column_scale
 
     def dsq(*a, **kw):
         dsq_calls.append(out := real_dsq(*a, **kw))
@@ -244,8 +244,8 @@ def d2quant_run(tokenizer):
         absorbed.append((up.dequantize().double(), c.detach().double().clone()))
         return real_absorb(up, c)
 
-    mp.setattr(d2quant_mod, "dsq_quantize", dsq)
-    mp.setattr(d2quant_mod, "absorb_column_scale", absorb)
+    mp.setattr(blockquant_mod, "dsq_quantize", dsq)
+    mp.setattr(blockquant_mod, "absorb_column_scale", absorb)
     try:
         run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False),
                      [("d2quant", D2QuantConfig(bits=3, group_size=32))])  # fmt: skip

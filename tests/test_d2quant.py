@@ -7,10 +7,11 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, run_pipeline, save_quantized
-from quant.blockwise import BlockRunner, mlp_inputs, run_staged
+from quant.blockwise import call_block, mlp_inputs, run_staged
 from quant.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
 from quant.dac import norm_bias_names
 from quant.dsqlinear import DSQLinear
+from quant.engine import capture
 from quant.errors import QuantError
 from quant.rotation import RotationConfig
 from quant.structure import structure_of
@@ -31,10 +32,10 @@ def test_absorption_alone_leaves_the_float_model_unchanged(smollm2):
 def test_staged_block_is_the_block(model_type, calib):
     """run_staged computes exactly the block's output and shows each group its real input."""
     model = tiny_model(model_type)
-    runner = BlockRunner(model, model.model.layers, calib[:5, :48])
+    xs, kws = capture(model, model.model.layers, calib[:5, :48])
     block = model.model.layers[0]
     seen: dict = {}
-    out = run_staged(block, structure_of(model), runner.inputs, runner.block_kwargs, seen.__setitem__, chunk=2)
+    out = run_staged(block, structure_of(model), xs, kws[0], seen.__setitem__, chunk=2)
     # the reference: one plain forward of the block per window, each stage's input caught by a hook
     caught: dict = {}
 
@@ -47,7 +48,7 @@ def test_staged_block_is_the_block(model_type, calib):
     hooks += [block.get_submodule(g[0]).register_forward_pre_hook(catch(g)) for g in (gate_up, down)]
     hooks.append(block.post_attention_layernorm.register_forward_hook(catch("post_attention_norm")))
     with torch.no_grad():
-        ref = torch.cat([runner._call(block, x[None]) for x in runner.inputs])
+        ref = torch.cat([call_block(block, x[None], kws[0]) for x in xs])
     for h in hooks:
         h.remove()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -106,8 +107,8 @@ def test_local_dac_teacher_is_float_attention_on_the_quantized_stream(tokenizer,
         model(calib)
     for h in hooks:
         h.remove()
-    runner = BlockRunner(model, model.model.layers, calib[:1])  # only for the block's rotary/mask kwargs
-    teacher = mlp_inputs(float_block, structure_of(model), got["x"], runner.block_kwargs)
+    _, kws = capture(model, model.model.layers, calib[:1])  # only for the block's rotary/mask kwargs
+    teacher = mlp_inputs(float_block, structure_of(model), got["x"], kws[1])
     k = cfg.dac_skip_first
     torch.testing.assert_close(got["student"][:, k:].mean((0, 1)), teacher[:, k:].mean((0, 1)), atol=1e-5, rtol=0)
     with pytest.raises(QuantError, match="DAC teacher"):

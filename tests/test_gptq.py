@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from calibrate import calibration_windows
-from quant.blockwise import BlockRunner
+from quant.blockwise import call_block
+from quant.engine import capture
 from quant.gptq import gptq_quantize
 from quant.grid import QuantSpec, quantize_rtn
 from quant.structure import structure_of
@@ -14,18 +15,19 @@ def _layer_inputs(lm, layer: int, role: str, seed: int, n: int = 8, seqlen: int 
     """Real inputs of one linear: calibration text pushed through the float model up to that layer."""
     ad = structure_of(lm.model)
     blocks = ad.blocks(lm.model)
-    runner = BlockRunner(lm.model, blocks, calibration_windows(lm.tokenizer, "c4", n, seqlen, seed=seed))
-    for i in range(layer):
-        runner.advance(blocks[i])
+    x, kws = capture(lm.model, blocks, calibration_windows(lm.tokenizer, "c4", n, seqlen, seed=seed))
+    with torch.no_grad():
+        for i in range(layer):
+            x = torch.cat([call_block(blocks[i], w[None], kws[i]) for w in x])
     lin = ad.role(blocks[layer], role)
-    H = runner.hessian(blocks[layer], lin)
     xs = []
     h = lin.register_forward_pre_hook(lambda _m, a: xs.append(a[0].reshape(-1, lin.in_features)))
     with torch.no_grad():
-        for x in runner.inputs:
-            runner._call(blocks[layer], x[None])
+        for w in x:
+            call_block(blocks[layer], w[None], kws[layer])
     h.remove()
-    return lin, H, torch.cat(xs)
+    X = torch.cat(xs)
+    return lin, X.T @ X / X.shape[0], X
 
 
 @pytest.mark.slow

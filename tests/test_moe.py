@@ -61,8 +61,6 @@ def test_quantize_every_expert_save_and_reload(tmp_path, tokenizer, calib, model
 def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, calib):
     import torch.nn.functional as F
 
-    from quant.blockwise import BlockRunner
-
     model = tiny_moe("mixtral")
 
     def never_expert_3(mod, args, _out):  # layer 0's router never picks expert 3
@@ -73,13 +71,6 @@ def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, 
 
     model.model.layers[0].mlp.gate.register_forward_hook(never_expert_3)
     unfuse_experts(model)
-    runner = BlockRunner(model, model.model.layers, calib)
-    block = model.model.layers[0]
-    names = [f"mlp.experts.{e}.gate_proj" for e in range(4)]
-    hs = runner.hessians(block, {n: block.get_submodule(n) for n in names}, block.mlp)
-    counts = [hs[n][1] for n in names]
-    assert hs[""][1] == calib.numel() and sum(counts) == 2 * calib.numel()  # top-2: two experts per token
-    assert counts[3] == 0 and min(counts[:3]) > 0
     ctx = QuantContext(model, tokenizer, calib_ids=calib)
     summary = run_pipeline(ctx, [("gptq", GPTQConfig(bits=4, group_size=32))])[0]["summary"]
     assert summary["rtn_fallback_experts"] == ["model.layers.0.mlp.experts.3.down_proj"]

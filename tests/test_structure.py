@@ -94,14 +94,18 @@ def test_conv1d_becomes_linear_computing_the_same():
     assert structure_of(model).position_embeddings
 
 
-def test_each_block_replays_its_own_attention_arguments(tokenizer):
-    """Gemma 3 alternates sliding-window and global layers: block 1 must see its own mask, not block 0's."""
-    from quant.blockwise import BlockRunner
+def test_each_block_replays_its_own_attention_arguments(tokenizer, monkeypatch):
+    """Gemma 3 alternates sliding-window and global layers: block 1 must see its own mask, not block 0's,
+    both where they are recorded and where the quantizer runs the block."""
+    import quant.blockquant as bq
+    from quant import GPTQConfig, QuantContext, run_pipeline
+    from quant.blockwise import call_block
+    from quant.engine import capture
 
     model = family_model("gemma3_text")
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
-    runner = BlockRunner(model, model.model.layers, ids)
-    assert not torch.equal(runner.kwargs[0]["position_embeddings"][0], runner.kwargs[1]["position_embeddings"][0])
+    x0, kws = capture(model, model.model.layers, ids)
+    assert not torch.equal(kws[0]["position_embeddings"][0], kws[1]["position_embeddings"][0])
     got = []
     h = model.model.layers[1].register_forward_hook(lambda _m, _a, out: got.append(out[0] if isinstance(out, tuple)
                                                                                    else out))  # fmt: skip
@@ -109,13 +113,17 @@ def test_each_block_replays_its_own_attention_arguments(tokenizer):
         model(ids[:1], use_cache=False)
         h.remove()
         want = got[0]
-        runner.advance(model.model.layers[0])
-        out = runner._call(model.model.layers[1], runner.inputs[:1])
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    bad = dict(runner.kwargs[0])  # block 0's (sliding) arguments replayed on the global block: different
-    with torch.no_grad():
-        wrong = model.model.layers[1](runner.inputs[:1], **bad)
+        x1 = call_block(model.model.layers[0], x0[:1], kws[0])
+        out = call_block(model.model.layers[1], x1, kws[1])
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        wrong = call_block(model.model.layers[1], x1, kws[0])  # block 0's (sliding) arguments: different
     assert not torch.allclose(wrong, want, atol=1e-4)
+    seen = []  # the quantizer runs each block with its own arguments
+    real = bq.run_staged
+    monkeypatch.setattr(bq, "run_staged", lambda b, s, x, kw, visit: seen.append(kw) or real(b, s, x, kw, visit))
+    run_pipeline(QuantContext(model, None, calib_ids=ids, progress=False), [("gptq", GPTQConfig(group_size=32))])
+    assert [torch.equal(k["position_embeddings"][0], kws[i]["position_embeddings"][0]) for i, k in enumerate(seen)] \
+        == [True] * len(kws)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gemma2", "gemma3_text", "olmo2")])
