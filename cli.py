@@ -193,6 +193,13 @@ def model_cmd(
         help="Discard an unfinished run of the same output folder. Without it, a run that was killed resumes "
         "after its last finished block (same model, calibration and options only; kept in .<out>.partial).",
     ),
+    recipe: Path = typer.Option(
+        None,
+        help="A YAML or JSON recipe: the ordered passes and their configs ([{name, config}], or a checkpoint's "
+        "config.json to replay its run). It replaces the pass options above; model, calibration, output, "
+        "device and stream options still apply.",
+        show_default=False,
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
     """Quantize a model's linear layers and write a packed safetensors checkpoint.
@@ -272,6 +279,21 @@ def model_cmd(
         rot.validate()
         steps.append(("rotate", rot))
     config.spec()  # validates bits / group size / clip before any work
+    pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]  # the run's recipe
+    if recipe is not None:  # the file replaces the pass options
+        from quant.recipe import load_recipe
+
+        pipeline = load_recipe(recipe)
+        method, config = next((n, c) for n, c in pipeline if get_pass(n).quantizer)
+        info = get_pass(method)
+        bits, group_size, sym = config.bits, config.group_size, config.sym
+        alloc = next((c for n, c in pipeline if n == "allocate"), None)
+        budget, allocation = (alloc.budget, alloc.allocator) if alloc else (None, "none")
+        act = next((c for n, c in pipeline if n == "actquant"), None)
+        act_bits, kv_bits = (act.bits, act.kv_bits) if act else (16, 16)
+        fpt = next((c for n, c in pipeline if n == "fpt"), getattr(config, "transforms", None))
+        transforms = "fpt" if fpt is not None else "none"
+        rotation = any(n == "rotate" for n, _ in pipeline)  # stated: refused, not skipped, where it cannot run
     slug = Path(model).name if model else "smollm2-135m"
     width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
@@ -295,6 +317,7 @@ def model_cmd(
         if used
     ]
     streaming = _choose_stream(model, stream, cdtype, whole_model)
+    evaluate = evaluate and dist.rank() == 0  # under torchrun, rank 0 measures and writes
     torch.manual_seed(seed)
     source = None
     if streaming:
@@ -312,12 +335,12 @@ def model_cmd(
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
     skipped = None
-    if rotation is None and any(name == "rotate" for name, _ in steps):  # d2quant's default, not asked for
+    if rotation is None and any(name == "rotate" for name, _ in pipeline):  # d2quant's default, not asked for
         from quant.rotation import ROTATION_NEEDS
 
         skipped = (source.structure(lm.model) if source else structure_of(lm.model)).missing(ROTATION_NEEDS)
         if skipped:  # the documented degraded form: the residual stays unrotated
-            steps = [st for st in steps if st[0] != "rotate"]
+            pipeline = [st for st in pipeline if st[0] != "rotate"]
             typer.echo(f"d2quant runs without its default rotation: in this model {skipped}")
     report: dict = {
         "model": lm.source,
@@ -338,7 +361,6 @@ def model_cmd(
 
         routing_ids = _routing_sample(lm.tokenizer)
         routing_ref = router_logits(lm.model, routing_ids)
-    pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]
     work = _work_dir(out, lm.source, calib_ids, pipeline, dev, cdtype, restart)
     ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids, device=str(dev), work=work,
                        source=source or ResidentSource(dev, cdtype))

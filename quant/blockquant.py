@@ -96,13 +96,18 @@ class QuantizeStep(BlockStep):
 
         def moment(u: torch.Tensor, x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
             """``(E[u xᵀ], tokens)`` over every rank's tokens: the Hessian with ``u = x``, GPTAQ's cross term
-            with the float ``u``."""
+            with the float ``u``. Window by window in float32, summed in float64 and rounded once, so how the
+            windows are split across ranks does not change the result (to float32 rounding)."""
             if (id(u), id(x)) not in moments:
-                a = _rows(x, width).float()
-                m = (a if u is x else _rows(u, width).float()).T @ a
-                n = torch.tensor([float(a.shape[0])], device=m.device)
+                xs = x if x.dim() == 3 else x.reshape(1, -1, width)  # MoE rows: one "window"
+                us = xs if u is x else (u if u.dim() == 3 else u.reshape(1, -1, width))
+                m = torch.zeros(width, width, dtype=torch.float64, device=x.device)
+                for uw, xw in zip(us, xs, strict=True):
+                    a = _rows(xw, width).float()
+                    m += ((a if u is x else _rows(uw, width).float()).T @ a).double()
+                n = torch.tensor([float(xs.shape[0] * xs.shape[1])], dtype=torch.float64, device=m.device)
                 dist.sum_(m), dist.sum_(n)
-                moments[id(u), id(x)] = (m / max(float(n), 1.0), int(n))
+                moments[id(u), id(x)] = ((m / max(float(n), 1.0)).float(), int(n))
             return moments[id(u), id(x)]
 
         out = None

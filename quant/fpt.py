@@ -406,4 +406,7 @@ class FPTQuantConfig(RTNConfig):
 
 @register_pass("fptquant", FPTQuantConfig, needs_calibration=True, quantizer=True)
 def fptquant_pass(ctx: QuantContext, config: FPTQuantConfig) -> dict:
-    return {"fpt": fpt_pass(ctx, config.transforms), "rtn": rtn(ctx, config)}
+    from quant.engine import run_blocks
+
+    fpt = fpt_pass(ctx, config.transforms)
+    return {"fpt": fpt, "rtn": run_blocks(ctx, [rtn(ctx, config)])[0]}

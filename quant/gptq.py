@@ -19,14 +19,18 @@ from quant.grid import QuantizedWeight, QuantSpec, dequantize_codes, find_params
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``; raises the damping if ``H`` is not positive definite."""
+    """Upper Cholesky factor of ``(H + λI)⁻¹``; raises the damping if ``H`` is not positive definite.
+    At most two ``[n, n]`` temporaries live at once (a 14336-wide down_proj's is 0.8 GB each)."""
     diag_mean = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(5):
         lam = damp * (10**attempt) * diag_mean
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        A = H.clone()
+        A.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U

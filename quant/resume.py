@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -37,17 +38,29 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def _write_atomic(path: Path, write) -> None:
+def failpoint(name: str) -> None:
+    """Fault injection for the resume tests: ``LOWBIT_FAILPOINT=after-part:3`` SIGKILLs the process at that
+    point of block 3 (``after-part``, ``after-stream``, ``after-record``, ``mid-part``: half-way through
+    writing the block's tensor file)."""
+    if os.environ.get("LOWBIT_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomic(path: Path, write, point: str | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    if point is not None and os.environ.get("LOWBIT_FAILPOINT") == point:
+        with open(tmp, "r+b") as f:  # a write cut short: half the file on disk, never renamed
+            f.truncate(tmp.stat().st_size // 2)
+        failpoint(point)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], point: str | None = None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _write_atomic(path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _write_atomic(path, lambda p: save_file(state, str(p), metadata={"format": "pt"}), point)
 
 
 def _save_json(path: Path, obj: dict) -> None:
@@ -158,8 +171,10 @@ class WorkDir:
         streams = {k: v for k, v in (("x", run.x), ("xf", run.xf)) if v is not None}
         if self.rank0:
             state = {prefix + k: v for k, v in block.state_dict().items()}
-            _save_tensors(self.path / f"block-{i:05d}.safetensors", state)
+            _save_tensors(self.path / f"block-{i:05d}.safetensors", state, point=f"mid-part:{i}")
+            failpoint(f"after-part:{i}")
         _save_tensors(self._stream_file(i + 1), streams)
+        failpoint(f"after-stream:{i}")
         dist.barrier()
         if self.rank0:
             record = {
@@ -168,6 +183,7 @@ class WorkDir:
                 "notes": run.notes.get(i, {}),
             }
             _save_json(self.path / f"block-{i:05d}.json", record)  # last: the block is finished
+            failpoint(f"after-record:{i}")
         dist.barrier()
         old = self._stream_file(i)
         if old.exists():

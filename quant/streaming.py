@@ -105,6 +105,7 @@ class DiskSource:
         if raw.get("quantization_config") is not None:
             raise QuantError(f"{self.path} is already quantized; pass the float model")
         self.config = reader.model_config(raw, self.path)
+        self.config._name_or_path = str(self.path)  # as from_pretrained records it (config.json stays the same)
         self.stored_tied = reader.tied(self.config)  # the files store a tied head once (rotation unties the model)
         self.files = self._files()
         self.headers = reader.read_headers(self.files, self.path)
@@ -114,7 +115,7 @@ class DiskSource:
         for f in self.files:
             with safe_open(str(f), framework="pt") as fh:
                 self.where.update(dict.fromkeys(fh.keys(), f))
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] | None = None  # open only inside materialize()
         self._structure: Structure | None = None
         self._signatures: tuple | None = None
 
@@ -162,8 +163,8 @@ class DiskSource:
         from safetensors import safe_open
 
         f = self.where[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")  # memory-mapped: only what is read is paged in
+        if f not in self._handles:  # memory-mapped: only what is read is paged in, and unmapped after the module
+            self._handles[f] = safe_open(str(f), framework="pt")
         t = self._handles[f].get_tensor(key)
         if t.is_floating_point():
             from quant.grid import check_finite
@@ -183,6 +184,14 @@ class DiskSource:
     def materialize(self, model: nn.Module, prefix: str) -> nn.Module:
         """Read module ``prefix`` (its parameters and stored buffers) from the files onto the device."""
         module = model.get_submodule(prefix)
+        self._handles = {}
+        try:
+            self._materialize(model, module, prefix)
+        finally:
+            self._handles = None  # closing the files unmaps them: a finished block's pages leave the process
+        return module
+
+    def _materialize(self, model: nn.Module, module: nn.Module, prefix: str) -> None:
         with torch.no_grad():
             for name, p in list(module.named_parameters(remove_duplicate=False)):
                 owner_name, _, leaf = name.rpartition(".")
@@ -197,7 +206,6 @@ class DiskSource:
                     owner._buffers[leaf] = self._read(key)
                 elif b is not None:
                     owner._buffers[leaf] = b.to(self.device)
-        return module
 
     def release(self, model: nn.Module, prefix: str) -> None:
         """Back to the meta device: parameters and stored buffers (packed linears' too); computed buffers

@@ -113,8 +113,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "rotation-writers-not-rotated",
         "quant/rotation.py",
-        "            left(lin.weight)\n",
-        "            pass  # mutated: left(lin.weight)\n",
+        "        _left(lin.weight, q)\n",
+        "        pass  # mutated: _left(lin.weight, q)\n",
         ("tests/test_rotation.py::test_rotated_tiny_model_is_the_same_function",),
         "o_proj/down_proj write into the unrotated stream: a different function",
     ),
@@ -364,11 +364,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "rtn-drops-linear-bias",
-        "quant/quantizers.py",
-        "QuantLinear.from_quantized(quantize_rtn(lin.weight, s), lin.bias), s.sym)",
-        "QuantLinear.from_quantized(quantize_rtn(lin.weight, s), None), s.sym)",
+        "quant/blockquant.py",
+        "self.ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)",
+        "self.ctx.install(name, QuantLinear.from_quantized(qw, None), s.sym)",
         ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
-        "RTN drops the biases of Qwen2's q/k/v",
+        "the quantizers drop the biases of Qwen2's q/k/v",
     ),
     Mutation(
         "checkpoint-sums-not-sha256",
@@ -382,8 +382,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "moe-expert-hessian-not-accumulated",
         "quant/blockquant.py",
-        "                a = _rows(x, width).float()\n",
-        "                a = _rows(x, width).float()[:128]  # mutated\n",
+        "                    a = _rows(xw, width).float()\n",
+        "                    a = _rows(xw, width).float()[:128]  # mutated\n",
         ("tests/test_correct_moe.py",),
         "a Hessian holds only the first window's tokens",
     ),
