@@ -147,8 +147,7 @@ def run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     if done:
         run.notes, streams = work.restore(done, run.device)
         run.x, run.xf = streams.get("x", run.x), streams.get("xf", run.xf)
-        if not source.streaming:
-            work.reinstall(ctx, structure, range(done))
+        work.reinstall(ctx, structure, range(done), source.streaming)
 
     bar = tqdm(range(done, len(blocks)), desc="+".join(s.name for s in steps), disable=not ctx.progress,
                unit="block", initial=done, total=len(blocks))

@@ -140,30 +140,36 @@ class WorkDir:
     def record(self, i: int) -> dict:
         return json.loads((self.path / f"block-{i:05d}.json").read_text())
 
-    def reinstall(self, ctx, structure, blocks: range) -> None:
-        """Put finished blocks back into a resident model: packed linears and DAC norm biases as recorded,
-        then every tensor from the block's file."""
+    def reinstall(self, ctx, structure, blocks: range, streaming: bool) -> None:
+        """Put finished blocks back into the model: packed linears and DAC norm biases as recorded (on the
+        meta device for a streamed model, whose tensors stay in this folder until the checkpoint is written;
+        a resident model gets every tensor from the block's file)."""
         from quant.checkpoint import LINEAR_FORMATS
         from quant.dac import add_norm_bias
 
         model = ctx.model
         for i in blocks:
             rec = self.record(i)
-            for name, spec in rec["modules"].items():
-                lin = model.get_submodule(name)
-                cls = LINEAR_FORMATS[spec.get("format", "uniform")]
-                q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None,
-                        lin.weight.dtype)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, q)
-                ctx.modules[name] = spec
-            for name in rec["norm_biases"]:
-                norm = model.get_submodule(name)
-                add_norm_bias(norm, torch.zeros_like(norm.weight))
-            prefix = f"{structure.layers}.{i}."
-            with safe_open(str(self.path / f"block-{i:05d}.safetensors"), framework="pt", device="cpu") as fh:
-                state = {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys()}
-            structure.blocks(model)[i].load_state_dict(state, strict=True, assign=True)
+            block = structure.blocks(model)[i]
+            device = "meta" if streaming else next(block.parameters()).device
+            with torch.device(device):
+                for name, spec in rec["modules"].items():
+                    lin = model.get_submodule(name)
+                    cls = LINEAR_FORMATS[spec.get("format", "uniform")]
+                    q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None,
+                            lin.weight.dtype)
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, q)
+                    ctx.modules[name] = spec
+                for name in rec["norm_biases"]:
+                    norm = model.get_submodule(name)
+                    add_norm_bias(norm, torch.zeros_like(norm.weight))
+                    ctx.norm_biases.append(name)
+            if not streaming:
+                prefix = f"{structure.layers}.{i}."
+                with safe_open(str(self.path / f"block-{i:05d}.safetensors"), framework="pt", device="cpu") as fh:
+                    state = {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys()}
+                block.load_state_dict(state, strict=True, assign=True)
 
     # -- writing ------------------------------------------------------------------------------------------
     def finish_block(self, ctx, structure, i: int, block: nn.Module, run) -> None:
