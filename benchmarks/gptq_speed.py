@@ -66,7 +66,7 @@ def timed(cmd: list[str], log: Path, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llmc-python", default=str(Path("/work/peers/venv_llmc/bin/python")))
-    ap.add_argument("--rows", default="ours,llm-compressor")
+    ap.add_argument("--rows", default="ours,eval-ours,llm-compressor")
     args = ap.parse_args()
     import torch
     from safetensors.torch import save_file
@@ -75,7 +75,8 @@ def main() -> None:
     from quant.models import embedded_model_dir, load_model
 
     model_dir = embedded_model_dir()
-    work = Path(tempfile.mkdtemp(prefix="gptq-speed-"))
+    work = Path(tempfile.gettempdir()) / "lowbit-gptq-speed"
+    work.mkdir(exist_ok=True)
     ids = calibration_windows(load_model().tokenizer, "c4", 128, 512, seed=0)
     save_file({"ids": ids.contiguous()}, str(work / "ids.safetensors"))
     (work / "peer.py").write_text(PEER)
@@ -85,6 +86,8 @@ def main() -> None:
     commands = {
         "ours": [sys.executable, "-c", "import cli; cli.main()", "model", "--method", "gptq", "--bits", "3",
                  "--group-size", "64", "--no-eval", "--out", str(work / "ours"), "--device", "cpu"],
+        "eval-ours": [sys.executable, "-c", "import cli; cli.main()", "eval", str(work / "ours"), "--max-windows", "16",
+                      "--json", str(work / "eval.json")],
         "llm-compressor": [args.llmc_python, str(work / "peer.py"), str(model_dir), str(work / "ids.safetensors")],
     }  # fmt: skip
     for row in args.rows.split(","):
@@ -96,6 +99,8 @@ def main() -> None:
         if row == "ours" and results[row]["exit"] == 0:
             report = json.loads((work / "ours" / "quant_report.json").read_text())
             results[row]["quantize_seconds"] = report["quantize_seconds"]
+        if row == "eval-ours" and results[row]["exit"] == 0:
+            results[row]["wikitext2_ppl_16_windows"] = json.loads((work / "eval.json").read_text())["ppl"]
         results[row]["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, no GPU"
         print(row, json.dumps(results[row]), flush=True)
         out_json.write_text(json.dumps(results, indent=2))
@@ -103,7 +108,11 @@ def main() -> None:
              "Same 128 x 512 C4 calibration tokens, one process at a time, 2 threads.", "",
              "| row | quantize s | process wall s | peak RSS GiB |", "|---|---:|---:|---:|"]  # fmt: skip
     for row, r in results.items():
-        lines.append(f"| {row} | {r.get('quantize_seconds')} | {r['wall_s']} | {r['peak_rss_gib']} |")
+        if row.startswith("eval"):
+            lines.append(f"| {row}: WikiText-2 ppl, first 16 windows = {r.get('wikitext2_ppl_16_windows')} | | "
+                         f"{r['wall_s']} | {r['peak_rss_gib']} |")
+        else:
+            lines.append(f"| {row} | {r.get('quantize_seconds')} | {r['wall_s']} | {r['peak_rss_gib']} |")
     if "ours" in results and "llm-compressor" in results:
         a, b = results["ours"].get("quantize_seconds"), results["llm-compressor"].get("quantize_seconds")
         if a and b:

@@ -211,8 +211,6 @@ def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> 
     """The model ``qc`` describes, with uninitialised weights: float, with packed linears and DAC norm biases
     where the checkpoint has them. On ``"meta"`` it costs nothing and is checked against free memory."""
     model = reader.build(config, dtype, path, device)
-    if device == "meta":
-        reader.check_memory(model, path)
     with torch.device(device):
         for name, spec in qc["modules"].items():
             lin = qconfig.check_linear(model, name, spec, path)
@@ -224,6 +222,8 @@ def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> 
             norm = qconfig.check_norm(model, name, path)
             add_norm_bias(norm, torch.zeros_like(norm.weight))
         attach_from_config(model, qc, path)
+    if device == "meta":  # what the loaded model holds: packed linears, not the float ones they replace
+        reader.check_memory(model, path)
     return model
 
 
@@ -248,7 +248,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None):
     meta = _skeleton(config, qc, dtype, path, "meta")
     reader.check_headers(reader.read_headers(files, path), meta, set(meta.state_dict()), config, stored, path)
     model = _skeleton(config, qc, dtype, path, "cpu")
-    reader.load_weights(model, reader.read_tensors(files, path), config, stored, path)
+    reader.load_weights(model, reader.read_tensors(files, path), config, stored, path, assign=True)
     for name in qc["modules"]:
         if not _valid(model.get_submodule(name)):
             raise reader.corrupt(path, f"{name} has invalid scales or zero-points")

@@ -114,8 +114,16 @@ class QuantLinear(PackedLinear):
 
 @contextmanager
 def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
-    """Dequantize every packed linear once for a run of many forwards (evaluation), then drop it."""
+    """Dequantize every packed linear once for a run of many forwards (evaluation), then drop it; where the
+    dense copies would take more than half the available memory (an 8B model's: 28 GB in fp32), nothing is
+    cached and each forward dequantizes layer by layer instead."""
+    from quant.reader import available_memory
+
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    need = sum(m.in_features * m.out_features for m in layers) * torch.empty(0, dtype=dtype).element_size()
+    avail = available_memory()
+    if avail is not None and need > avail // 2:
+        layers = []
     try:
         for m in layers:
             m._cached = m.dequantize(dtype)

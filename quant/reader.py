@@ -334,13 +334,23 @@ def check_headers(
     check_state(headers, meta, stored, str(where))
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], config, stored: torch.dtype, where) -> None:
-    """Copy ``state`` into ``model`` after checking every tensor (dtype, shape, finite values)."""
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], config, stored: torch.dtype, where, assign: bool = False
+) -> None:
+    """Put ``state`` into ``model`` after checking every tensor (dtype, shape, finite values). ``assign`` hands
+    the read tensors to the model instead of copying them (converted to the model's dtype where it differs):
+    one copy of the weights in memory, not two."""
     check_state(state, model, stored, str(where))
     if tied(config):
         _untie(model, state, where)
+    if assign:
+        expected = model.state_dict()
+        for k, t in state.items():
+            ref = expected.get(k)
+            if ref is not None and t.is_floating_point() and t.dtype != ref.dtype:
+                state[k] = t.to(ref.dtype)
     try:
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as e:
         raise corrupt(where, str(e).strip().splitlines()[-1].strip()) from None
     if tied(config):

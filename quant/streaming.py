@@ -26,9 +26,8 @@ from quant.structure import (
     _inside,
     _is_norm,
     _linear_types,
-    _module_names,
     find_blocks,
-    norm_kind,
+    model_level,
     normalize,
     probe_ids,
     structure_of,
@@ -249,8 +248,7 @@ class DiskSource:
 
         layers = find_blocks(model)
         blocks = model.get_submodule(layers)
-        names = _module_names(model)
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        head = model.get_output_embeddings()
         if head is None or not isinstance(head, _linear_types()):
             raise QuantError(f"{type(model).__name__} has no linear lm_head: only causal language models are supported")
         outer_norms = [n for n, m in model.named_modules() if _is_norm(m) and not _inside(n, layers)]
@@ -259,21 +257,9 @@ class DiskSource:
                 f"streaming needs one final norm outside the blocks; {type(model).__name__} has {len(outer_norms)}: "
                 "load the model whole (--no-stream)"
             )
-        self.materialize(model, outer_norms[0])
-        kind = norm_kind(model.get_submodule(outer_norms[0]))
+        final = self.materialize(model, outer_norms[0])  # its kind is found by evaluating it
+        s = model_level(model, layers, final)
         self.release(model, outer_norms[0])
-        outside = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m is not embed]
-        s = Structure(
-            model_type=getattr(model.config, "model_type", type(model).__name__),
-            layers=layers,
-            embed_tokens=names[id(embed)],
-            lm_head=names[id(head)],
-            final_norm=outer_norms[0],
-            final_norm_kind=kind,
-            tied=head.weight is embed.weight,
-            position_embeddings=any(not _inside(n, layers) for n in outside),
-        )
-        s._ids = {id(b): i for i, b in enumerate(blocks)}
         self._structure = s
         for n in _outer_names(model, s, "inputs"):
             self.materialize(model, n)

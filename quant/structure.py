@@ -615,10 +615,9 @@ def probe_ids(model: nn.Module, n: int = PROBE_TOKENS) -> torch.Tensor:
 def discover(model: nn.Module) -> Structure:
     """Find ``model``'s structure (see the module docstring). Costs a few short forwards of one sequence."""
     normalize(model)
-    names = _module_names(model)
     layers = find_blocks(model)
     blocks = model.get_submodule(layers)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head = model.get_output_embeddings()
     if head is None or not isinstance(head, _linear_types()):
         raise QuantError(f"{type(model).__name__} has no linear lm_head: only causal language models are supported")
     from quant.grid import check_finite
@@ -635,7 +634,18 @@ def discover(model: nn.Module) -> Structure:
         info = [_discover_block(b, x, kw) for b, (x, kw) in zip(blocks, inputs, strict=True)]
     finally:
         model.train(was_training)
-    outside = [m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m is not embed]
+    s = model_level(model, layers, final)
+    s.block_info = info
+    for block, b in zip(blocks, info, strict=True):
+        b.roles.update({r: n for r, n in ROLE_OVERRIDES.get(s.model_type, {}).items() if _has(block, n)})
+    return s
+
+
+def model_level(model: nn.Module, layers: str, final: nn.Module | None) -> Structure:
+    """The places outside the blocks (``final``: the norm lm_head reads); no block structure yet."""
+    names = _module_names(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    outside = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not embed]
     s = Structure(
         model_type=getattr(model.config, "model_type", type(model).__name__),
         layers=layers,
@@ -645,11 +655,8 @@ def discover(model: nn.Module) -> Structure:
         final_norm_kind=norm_kind(final) if final is not None else "none",
         tied=head.weight is embed.weight,
         position_embeddings=any(not _inside(names[id(m)], layers) for m in outside),
-        block_info=info,
     )
-    s._ids = {id(b): i for i, b in enumerate(blocks)}
-    for block, b in zip(blocks, info, strict=True):
-        b.roles.update({r: n for r, n in ROLE_OVERRIDES.get(s.model_type, {}).items() if _has(block, n)})
+    s._ids = {id(b): i for i, b in enumerate(model.get_submodule(layers))}
     return s
 
 
