@@ -87,9 +87,9 @@ def gptq_loop(
             q, deq = quantize_column(gid, j, w)
             codes[:, i1 + i] = q
             err = (w - deq) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: a temporary per column costs page faults
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     return codes[:, pos]
 
 
