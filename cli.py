@@ -27,22 +27,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DEVICE_HELP = "Where blocks compute: auto (CUDA when present, else CPU), cpu, cuda or cuda:N."
 MODEL_HELP = (
     "A local Hugging Face model folder, a Hub id (org/name; needs a network), or 'smollm2-135m' "
     "(default: the embedded SmolLM2-135M-Instruct)."
 )
 
 
-def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2") -> dict:
-    from quant.perplexity import perplexity, tokenize_eval
+def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2", source=None) -> dict:
+    """Perplexity of ``lm``'s model, or with ``source`` (a ``quant.engine.streaming.DiskSource``) of the model it
+    reads block by block."""
+    from quant.runtime.perplexity import perplexity, streamed_perplexity, tokenize_eval
 
     ids = tokenize_eval(lm.tokenizer, dataset=dataset)
+    if source is not None:
+        return streamed_perplexity(source, ids, seqlen, max_windows or None, desc=label, dataset=dataset)
     return perplexity(lm.model, ids, seqlen=seqlen, max_windows=max_windows or None, desc=label, dataset=dataset)
 
 
 def _routing_sample(tokenizer, windows: int = 4, seqlen: int = 512):
     """Held-out text for routing comparisons: the first windows of the WikiText-2 test split."""
-    from quant.perplexity import tokenize_eval
+    from quant.runtime.perplexity import tokenize_eval
 
     ids = tokenize_eval(tokenizer)
     return ids[: windows * seqlen].view(windows, seqlen)
@@ -50,8 +55,9 @@ def _routing_sample(tokenizer, windows: int = 4, seqlen: int = 512):
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` as JSON to a temporary sibling renamed over ``path``: an error or a kill never leaves a
-    half-written file, and what a killed run left is removed by the next write (``quant.atomic.atomic_file``)."""
-    from quant.atomic import atomic_file
+    half-written file, and what a killed run left is removed by the next write
+    (``quant.formats.atomic.atomic_file``)."""
+    from quant.formats.atomic import atomic_file
 
     with atomic_file(path) as f:
         json.dump(data, f, indent=2)
@@ -170,10 +176,7 @@ def model_cmd(
     max_windows: int = typer.Option(
         32, help="Perplexity windows of 2048 tokens (0 = the full test split, 148 windows for SmolLM2)."
     ),
-    device: str = typer.Option(
-        "auto", help="Where blocks compute: auto (CUDA when present, else CPU), cpu, cuda or cuda:N. Under torchrun, "
-        "cuda means each rank's own GPU."
-    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " Under torchrun, cuda means each rank's own GPU."),
     dtype: str = typer.Option(
         "auto",
         help="Compute dtype of the blocks: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. "
@@ -212,12 +215,12 @@ def model_cmd(
 
     from calibrate import calibration_windows
     from quant import QuantContext, run_pipeline, save_quantized
-    from quant.checkpoint import check_output_dir
-    from quant.models import base_model_info, load_model
-    from quant.passes import get_pass, quantizer_methods
-    from quant.quantlinear import quantized_sizes
-    from quant.streaming import ResidentSource
-    from quant.structure import structure_of
+    from quant.engine.passes import get_pass, quantizer_methods
+    from quant.engine.streaming import ResidentSource
+    from quant.engine.structure import structure_of
+    from quant.formats.checkpoint import check_output_dir
+    from quant.formats.models import base_model_info, load_model
+    from quant.runtime.quantlinear import quantized_sizes
 
     info = get_pass(method)
     if not info.quantizer:
@@ -242,7 +245,7 @@ def model_cmd(
         kwargs.update(backend=backend, dsq=dsq, dac=dac, dac_teacher=dac_teacher)
     act = None
     if act_bits != 16 or kv_bits != 16:
-        from quant.inputops import ActQuantConfig
+        from quant.runtime.inputops import ActQuantConfig
 
         act = ActQuantConfig(bits=act_bits, mode=act_mode, sym=act_sym, kv_bits=kv_bits)
         act.validate()
@@ -250,8 +253,8 @@ def model_cmd(
     if transforms not in ("none", "fpt"):
         raise QuantError(f"unknown --transforms {transforms!r}; choose none or fpt")
     if transforms == "fpt" or method == "fptquant":
-        from quant.fpt import FPTConfig
-        from quant.grid import QuantSpec
+        from quant.methods.fpt import FPTConfig
+        from quant.numerics.grid import QuantSpec
 
         fpt = FPTConfig(
             # the online Hadamard pays off for quantized inputs; DSQ's column scale cannot pass it
@@ -273,7 +276,7 @@ def model_cmd(
         steps.append(("fpt", fpt))
     config = info.config_cls(**kwargs)
     if rotation if rotation is not None else method == "d2quant":
-        from quant.rotation import RotationConfig
+        from quant.methods.rotation import RotationConfig
 
         rot = RotationConfig(mode=rotation_mode, block=group_size if group_size > 0 else 64, seed=seed)
         rot.validate()
@@ -281,7 +284,7 @@ def model_cmd(
     config.spec()  # validates bits / group size / clip before any work
     pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]  # the run's recipe
     if recipe is not None:  # the file replaces the pass options
-        from quant.recipe import load_recipe
+        from quant.engine.recipe import load_recipe
 
         pipeline = load_recipe(recipe)
         method, config = next((n, c) for n, c in pipeline if get_pass(n).quantizer)
@@ -299,8 +302,8 @@ def model_cmd(
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
-    from quant import distributed as dist
-    from quant.engine import parse_device, parse_dtype
+    from quant.engine import distributed as dist
+    from quant.engine.loop import parse_device, parse_dtype
 
     dev = parse_device(device)
     dist.init(dev)
@@ -321,22 +324,19 @@ def model_cmd(
     torch.manual_seed(seed)
     source = None
     if streaming:
-        from quant.models import LoadedModel, resolve
-        from quant.reader import load_tokenizer
-        from quant.streaming import DiskSource
+        from quant.engine.streaming import DiskSource
+        from quant.formats.models import LoadedModel, resolve
+        from quant.formats.reader import load_tokenizer
 
         source = DiskSource(resolve(model), dev, cdtype)
         lm = LoadedModel(source.skeleton(), load_tokenizer(source.path), str(source.path), quantized=False)
-        if evaluate:
-            typer.echo("a streamed run does not measure perplexity: run quantize eval on the output")
-            evaluate = False
     else:
         lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
     skipped = None
     if rotation is None and any(name == "rotate" for name, _ in pipeline):  # d2quant's default, not asked for
-        from quant.rotation import ROTATION_NEEDS
+        from quant.methods.rotation import ROTATION_NEEDS
 
         skipped = (source.structure(lm.model) if source else structure_of(lm.model)).missing(ROTATION_NEEDS)
         if skipped:  # the documented degraded form: the residual stays unrotated
@@ -350,7 +350,8 @@ def model_cmd(
         "versions": {"lowbit": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__},
     }
     if evaluate:
-        report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl")
+        float_source = DiskSource(source.path, dev, cdtype) if streaming else None  # its own skeleton
+        report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl", source=float_source)
     calib_ids = None
     if info.needs_calibration or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
@@ -403,14 +404,15 @@ def model_cmd(
         for g, n in sorted(fallback.items()):
             typer.echo(f"note: group {group_size} does not divide the inputs of {n} layers; they use group {g}")
     if ctx.allocation is not None:
-        from quant.allocation import allocation_table
-        from quant.allocation_plot import plot_allocation
+        from quant.methods.allocation import allocation_table
+        from quant.methods.allocation_plot import plot_allocation
 
         typer.echo(allocation_table(ctx.allocation).splitlines()[-1])
         typer.echo(f"allocation map: {plot_allocation(ctx.allocation, out / 'allocation.png')}")
     typer.echo(f"wrote {out}")
     if evaluate:
-        report["perplexity_quantized"] = _eval(lm, max_windows, 2048, "quantized ppl")
+        written = DiskSource(out, dev, cdtype, checkpoint=True) if streaming else None
+        report["perplexity_quantized"] = _eval(lm, max_windows, 2048, "quantized ppl", source=written)
         _write_json_atomic(out / "quant_report.json", report)
         f, q = report["perplexity_float"], report["perplexity_quantized"]
         typer.echo(
@@ -421,8 +423,8 @@ def model_cmd(
 
 def _choose_stream(model: str | None, stream: bool | None, dtype, whole_model: list[str]) -> bool:
     """Stream when asked, or (by default) when a local float model would not fit comfortably in memory."""
-    from quant.models import resolve
-    from quant.reader import available_memory
+    from quant.formats.models import resolve
+    from quant.formats.reader import available_memory
 
     if stream is False:
         return False
@@ -444,8 +446,8 @@ def _work_dir(out: Path, source: str, calib_ids, pipeline: list, device, dtype, 
     """The run's work folder: finished blocks are kept there, and the same command resumes after a kill."""
     import dataclasses
 
-    from quant import distributed as dist
-    from quant.resume import WorkDir, fingerprint, model_fingerprint, work_dir_for
+    from quant.engine import distributed as dist
+    from quant.engine.resume import WorkDir, fingerprint, model_fingerprint, work_dir_for
 
     path = Path(source)
     fp = fingerprint(
@@ -458,7 +460,7 @@ def _work_dir(out: Path, source: str, calib_ids, pipeline: list, device, dtype, 
 
 
 def _allocation_config(bits: float, allocator: str, candidates: str, group_size: int, **rule):
-    from quant.allocation import AllocationConfig
+    from quant.methods.allocation import AllocationConfig
 
     try:
         cands = tuple(int(c) for c in candidates.split(","))
@@ -492,9 +494,9 @@ def allocate_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
     """Score every layer with NSDS (weights only, no data) and print the bits each would get; no quantization."""
-    from quant.allocation import allocate, allocation_table
-    from quant.allocation_plot import plot_allocation
-    from quant.models import load_model
+    from quant.formats.models import load_model
+    from quant.methods.allocation import allocate, allocation_table
+    from quant.methods.allocation_plot import plot_allocation
 
     rule = dict(granularity=granularity, scheme=scheme, importance=importance, error_model=error_model)
     config = _allocation_config(bits, allocation, candidates, group_size, seed=seed, **rule)
@@ -505,7 +507,7 @@ def allocate_cmd(
     alloc = allocate(lm.model, config)
     seconds = time.perf_counter() - t0
     if alloc.scores is not None:
-        from quant.nsds import score_table
+        from quant.methods.nsds import score_table
 
         typer.echo(score_table(alloc.scores))
         typer.echo(f"unembedding subspace: {alloc.scores.unembed_rank} of {alloc.scores.hidden} directions")
@@ -530,16 +532,50 @@ def eval_cmd(
         "wikitext2", help="wikitext2 (raw test split) or c4 (the bundled C4 evaluation slice, 1,000 records)."
     ),
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option(
+        "auto", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."
+    ),
+    stream: bool = typer.Option(
+        None,
+        "--stream/--no-stream",
+        help="Read the model (a float model folder or one of our checkpoints) block by block from its "
+        "safetensors files and run batches of windows through one block at a time: memory stays near one "
+        "block plus the windows' activations. Default: stream when the model would take more than half the "
+        "available memory.",
+    ),
+    window_batch: int = typer.Option(
+        0, help="With --stream: windows per pass over the blocks (0 = as many as fit in a quarter of the "
+        "available memory). Each pass reads the whole model from disk once.",
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
 ) -> None:
     """Perplexity on WikiText-2 (raw, test) or the C4 slice: non-overlapping windows, ppl = exp(mean window NLL)."""
-    from quant.models import load_model
-    from quant.perplexity import EVAL_SETS
+    import torch
+
+    from quant.engine.loop import parse_device, parse_dtype
+    from quant.formats.models import LoadedModel, load_model, resolve
+    from quant.formats.reader import load_tokenizer
+    from quant.runtime.perplexity import EVAL_SETS, streamed_perplexity, tokenize_eval
 
     if dataset not in EVAL_SETS:
         raise QuantError(f"unknown dataset {dataset!r}; choose from {', '.join(EVAL_SETS)}")
-    lm = load_model(model, trust_remote_code=trust_remote_code)
-    res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl", dataset)}
+    if window_batch < 0:
+        raise QuantError("--window-batch must be 0 (automatic) or a positive number of windows")
+    dev = parse_device(device)
+    cdtype = parse_dtype(dtype, dev)
+    if _choose_stream(model, stream, cdtype, []):
+        from quant.engine.streaming import DiskSource
+
+        source = DiskSource(resolve(model), dev, cdtype, checkpoint=True)
+        ids = tokenize_eval(load_tokenizer(source.path), dataset=dataset)
+        res = streamed_perplexity(source, ids, seqlen, max_windows or None, desc="ppl", dataset=dataset,
+                                  window_batch=window_batch or None)
+        res = {"model": str(source.path), "quantized": source.qc is not None, **res}
+    else:
+        lm = load_model(model, dtype=torch.float32 if dtype == "auto" else cdtype, trust_remote_code=trust_remote_code)
+        lm = LoadedModel(lm.model.to(dev), lm.tokenizer, lm.source, lm.quantized)
+        res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl", dataset)}
     typer.echo(json.dumps(res, indent=2))
     if json_out:
         _write_json_atomic(json_out, res)
@@ -550,10 +586,10 @@ def inspect_cmd(
     ckpt: Path = typer.Argument(..., help="A checkpoint folder: ours (`quantize model`) or a GPTQ-format one."),
 ) -> None:
     """Summarise a quantized checkpoint: method, bits and groups per layer, sizes, recorded perplexity."""
-    from quant.checkpoint import read_quantization_config
-    from quant.gptq_format import read_gptq_config
-    from quant.models import checkpoint_kind
-    from quant.reader import read_config, read_json
+    from quant.formats.checkpoint import read_quantization_config
+    from quant.formats.gptq_format import read_gptq_config
+    from quant.formats.models import checkpoint_kind
+    from quant.formats.reader import read_config, read_json
 
     if not ckpt.is_dir():
         raise QuantError(f"{ckpt} is not a folder")
@@ -601,8 +637,8 @@ def inspect_model_cmd(
 ) -> None:
     """Show the structure discovered from a model (blocks, stages of linears, norms, what reads and writes the
     residual stream, roles) and which passes apply to it: those that do not say what the model lacks."""
-    from quant.models import load_model
-    from quant.structure import structure_of
+    from quant.engine.structure import structure_of
+    from quant.formats.models import load_model
 
     lm = load_model(model, trust_remote_code=trust_remote_code)
     s = structure_of(lm.model)
@@ -667,9 +703,9 @@ def export_cmd(
     """
     import tempfile
 
-    from quant.checkpoint import check_output_dir, read_quantization_config
-    from quant.gptq_format import export_gptq
-    from quant.hub import stage, upload
+    from quant.formats.checkpoint import check_output_dir, read_quantization_config
+    from quant.formats.gptq_format import export_gptq
+    from quant.formats.hub import stage, upload
 
     if fmt not in ("lowbit", "gptq"):
         raise QuantError(f"unknown --format {fmt!r}; choose lowbit or gptq")
@@ -732,10 +768,10 @@ def moe_align_cmd(
     from calibrate import calibration_windows
     from moe.mpi import AlignConfig, align_routers, alignment
     from moe.routing import compare_routing, router_logits, summarize
-    from quant.atomic import atomic_dir
-    from quant.checkpoint import check_output_dir
-    from quant.models import load_model
-    from quant.structure import structure_of
+    from quant.engine.structure import structure_of
+    from quant.formats.atomic import atomic_dir
+    from quant.formats.checkpoint import check_output_dir
+    from quant.formats.models import load_model
 
     if out is not None:
         check_output_dir(out, overwrite)

@@ -1,6 +1,6 @@
 """NSDS bit allocation against uniform and random allocations, GPTQ as the quantizer, SmolLM2-135M.
 
-Budgets 2.5 and 3.0 average bits (storage-matched: see quant/allocation.py). For each budget:
+Budgets 2.5 and 3.0 average bits (storage-matched: see quant/methods/allocation.py). For each budget:
 NSDS (defaults: module granularity, score importance, measured RTN error), uniform (3.0 only: 2.5
 is no single width), and five random allocations that shuffle NSDS's widths among linears of the
 same shape (same mix, same bytes). Every setting quantizes a fresh float model with GPTQ
@@ -23,8 +23,8 @@ import time
 from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting, setup_line
 
 from quant import AllocationConfig, GPTQConfig
-from quant.allocation import allocate
-from quant.allocation_plot import plot_allocation
+from quant.methods.allocation import allocate
+from quant.methods.allocation_plot import plot_allocation
 
 BUDGETS = (3.0, 2.5)
 SEEDS = range(5)

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 def quantize(method: str, blocks: int, samples: int, seqlen: int, out: str) -> None:
     from calibrate import calibration_windows
     from quant import QuantContext, run_pipeline
-    from quant.d2quant import D2QuantConfig
-    from quant.models import load_model
-    from quant.quantizers import GPTQConfig
+    from quant.formats.models import load_model
+    from quant.methods.d2quant import D2QuantConfig
+    from quant.methods.quantizers import GPTQConfig
 
     lm = load_model()
     model = lm.model

@@ -45,8 +45,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from calibrate import calibration_windows
-    from quant.atomic import atomic_file
-    from quant.models import load_model
+    from quant.formats.atomic import atomic_file
+    from quant.formats.models import load_model
 
     tok = load_model().tokenizer
     calib = calibration_windows(tok, "c4", 8, 128, seed=0)

@@ -17,8 +17,8 @@ import transformers
 
 from calibrate import calibration_windows
 from quant import QuantContext, load_model, load_quantized, run_pipeline, save_quantized
-from quant.perplexity import perplexity, tokenize_eval
-from quant.quantlinear import quantized_sizes
+from quant.runtime.perplexity import perplexity, tokenize_eval
+from quant.runtime.quantlinear import quantized_sizes
 
 
 def common_meta(calibration: str) -> dict:

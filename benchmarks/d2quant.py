@@ -18,9 +18,9 @@ from __future__ import annotations
 from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
 
 from quant import GPTQConfig, RTNConfig
-from quant.d2quant import D2QuantConfig
-from quant.perplexity import tokenize_eval
-from quant.rotation import RotationConfig
+from quant.methods.d2quant import D2QuantConfig
+from quant.methods.rotation import RotationConfig
+from quant.runtime.perplexity import tokenize_eval
 
 GROUP = 64
 C4_WINDOWS = 32

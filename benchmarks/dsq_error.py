@@ -20,8 +20,8 @@ from common import RESULTS
 from tqdm.auto import tqdm
 
 from quant import load_model
-from quant.dsq import dsq_dequantize, fit_dsq
-from quant.grid import QuantSpec, quantize_rtn
+from quant.methods.dsq import dsq_dequantize, fit_dsq
+from quant.numerics.grid import QuantSpec, quantize_rtn
 
 GROUP = 64
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
 
 from quant import ActQuantConfig, FPTConfig, GPTQConfig, QuantSpec, RTNConfig
-from quant.rotation import RotationConfig
+from quant.methods.rotation import RotationConfig
 
 E2E_STEPS = 32  # the --method fptquant default
 A4, A8 = ActQuantConfig(bits=4), ActQuantConfig(bits=8)

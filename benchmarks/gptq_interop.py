@@ -47,8 +47,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from quant import QuantContext, RTNConfig, load_quantized, run_pipeline, save_quantized
-    from quant.models import load_model
-    from quant.perplexity import perplexity, tokenize_eval
+    from quant.formats.models import load_model
+    from quant.runtime.perplexity import perplexity, tokenize_eval
 
     lm = load_model()
     ids = tokenize_eval(lm.tokenizer)

@@ -72,7 +72,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from calibrate import calibration_windows
-    from quant.models import embedded_model_dir, load_model
+    from quant.formats.models import embedded_model_dir, load_model
 
     model_dir = embedded_model_dir()
     work = Path(tempfile.gettempdir()) / "lowbit-gptq-speed"

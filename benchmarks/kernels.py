@@ -143,8 +143,8 @@ def tinygemm_pack(codes, scales, zeros, group: int, probe_x: torch.Tensor, ref: 
 def bench_shape(name: str, k: int, n: int, rows: tuple[int, ...], group: int, reps: int, l2: int, bw: float):
     from kernels_cuda.dispatch import lowbit_matmul
     from kernels_cuda.layout import repack
-    from quant.grid import dequantize_weight
-    from quant.packing import pack
+    from quant.numerics.grid import dequantize_weight
+    from quant.numerics.packing import pack
 
     out = []
     layers = {}
@@ -244,9 +244,9 @@ def end_to_end(tokens: int = 32) -> dict:
     import copy
 
     import kernels_cuda
-    from quant.models import load_model
-    from quant.passes import QuantContext, run_pipeline
-    from quant.quantizers import RTNConfig
+    from quant.engine.passes import QuantContext, run_pipeline
+    from quant.formats.models import load_model
+    from quant.methods.quantizers import RTNConfig
 
     lm = load_model(None)
     model = copy.deepcopy(lm.model)

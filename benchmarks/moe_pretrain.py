@@ -43,7 +43,7 @@ from calibrate.data import C4_SAMPLE, _jsonl_docs, eval_text  # noqa: E402
 from moe.mpi import MPIRouter, alignment, moe_blocks  # noqa: E402
 from moe.routing import compare_routing, max_violation, router_logits, summarize  # noqa: E402
 from quant import GPTQConfig, QuantContext, run_pipeline  # noqa: E402
-from quant.models import load_model  # noqa: E402
+from quant.formats.models import load_model  # noqa: E402
 
 VOCAB = 8192
 SEQ = 256

@@ -12,10 +12,10 @@ from __future__ import annotations
 from common import RESULTS, eval_and_calibration, open_bench, ppl_first, run_setting
 
 from quant import AllocationConfig, GPTQConfig
-from quant.allocation import allocate
-from quant.allocation_plot import plot_allocation
-from quant.d2quant import D2QuantConfig
-from quant.rotation import RotationConfig
+from quant.methods.allocation import allocate
+from quant.methods.allocation_plot import plot_allocation
+from quant.methods.d2quant import D2QuantConfig
+from quant.methods.rotation import RotationConfig
 
 PROBES = {  # name -> (calibration source, steps)
     "nsds-2.5-odds": ("c4-all", [("allocate", AllocationConfig(budget=2.5)), ("gptq", GPTQConfig(bits=4))]),

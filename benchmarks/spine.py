@@ -18,7 +18,7 @@ from common import RESULTS, bench_args, common_meta, load_results, run_setting, 
 
 from calibrate import calibration_windows
 from quant import GPTQConfig, RTNConfig, load_model
-from quant.perplexity import tokenize_eval
+from quant.runtime.perplexity import tokenize_eval
 
 # Pairs first (the comparison that matters), the float reference last.
 SETTINGS = {

@@ -49,8 +49,8 @@ def make_model(path: Path) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from quant.models import embedded_model_dir
-    from quant.reader import load_tokenizer
+    from quant.formats.models import embedded_model_dir
+    from quant.formats.reader import load_tokenizer
 
     if (path / "model.safetensors.index.json").exists():
         return

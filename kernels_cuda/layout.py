@@ -1,6 +1,6 @@
 """The kernel's weight layout: an offline repack of ``QuantLinear``'s checkpoint buffers.
 
-The checkpoint layout (``quant.packing``, ``rowpack-int32-v1``) stays the only on-disk format. The
+The checkpoint layout (``quant.numerics.packing``, ``rowpack-int32-v1``) stays the only on-disk format. The
 CUDA kernel wants each lane's share of a warp tile in one place, so :func:`repack` rewrites
 the buffers once per module and device (``kernels_cuda.dispatch`` caches the result on the module):
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.packing import unpack
+from quant.numerics.packing import unpack
 
 TILE_N = 32  # weight rows per warp tile (two m16 fragments)
 TILE_K = 128  # inputs per warp tile (eight k16 fragments)

@@ -64,11 +64,11 @@ def family_model(family: str, seed: int = 0):
 
 def steps(name: str) -> list[tuple]:
     from quant import GPTQConfig, RTNConfig
-    from quant.allocation import AllocationConfig
-    from quant.d2quant import D2QuantConfig
-    from quant.fpt import FPTConfig, FPTQuantConfig
-    from quant.inputops import ActQuantConfig
-    from quant.rotation import RotationConfig
+    from quant.methods.allocation import AllocationConfig
+    from quant.methods.d2quant import D2QuantConfig
+    from quant.methods.fpt import FPTConfig, FPTQuantConfig
+    from quant.methods.rotation import RotationConfig
+    from quant.runtime.inputops import ActQuantConfig
 
     g = 32
     return {
@@ -91,7 +91,7 @@ def run_cell(family: str, name: str, tokenizer, calib: torch.Tensor, tmp: Path) 
     from transformers import AutoModelForCausalLM
 
     from quant import QuantContext, QuantError, load_quantized, run_pipeline, save_quantized
-    from quant.gptq_format import export_gptq, load_gptq
+    from quant.formats.gptq_format import export_gptq, load_gptq
 
     model = family_model(family)
     ctx = QuantContext(model, tokenizer, calib_ids=calib, progress=False)

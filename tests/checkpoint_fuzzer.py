@@ -64,10 +64,10 @@ def build_fixtures(root: Path) -> dict[str, dict]:
 
     from calibrate import calibration_windows
     from quant import ActQuantConfig, FPTConfig, QuantContext, RTNConfig, run_pipeline, save_quantized
-    from quant.d2quant import D2QuantConfig
-    from quant.fpt import FPTQuantConfig
-    from quant.gptq_format import export_gptq
-    from quant.models import load_model
+    from quant.formats.gptq_format import export_gptq
+    from quant.formats.models import load_model
+    from quant.methods.d2quant import D2QuantConfig
+    from quant.methods.fpt import FPTQuantConfig
 
     tok = load_model().tokenizer
     calib = calibration_windows(tok, "c4", 4, 64, seed=0)
@@ -750,9 +750,9 @@ def _digest(model, tok) -> str:
 
 def _run_api(loader: str, folder: str) -> dict:
     from quant import QuantError
-    from quant.checkpoint import load_quantized
-    from quant.gptq_format import load_gptq
-    from quant.models import load_model
+    from quant.formats.checkpoint import load_quantized
+    from quant.formats.gptq_format import load_gptq
+    from quant.formats.models import load_model
 
     try:
         if loader == "load_model":
@@ -824,7 +824,7 @@ def worker() -> None:
 
     import cli  # noqa: F401  (imported once here; every child is a fork of this process)
     import quant  # noqa: F401
-    from quant import perplexity
+    from quant.runtime import perplexity
 
     # eval reads one 32-token window: a short slice of the real C4 text, not the 1,000 records, tokenized
     text, desc = perplexity.EVAL_SETS["c4"]
@@ -1026,7 +1026,7 @@ def main() -> None:
             print(f"[{i}] ...", flush=True)
 
     res = fuzz(args.cases, args.seed, args.timeout, work=args.work, progress=show)
-    from quant.atomic import atomic_file
+    from quant.formats.atomic import atomic_file
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(res, indent=1)), (".md", markdown(res["summary"], res["cases"]))):

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from quant.models import load_model
+    from quant.formats.models import load_model
 
     return load_model()
 

@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quant import AllocationConfig, QuantContext, QuantError, allocate, load_quantized, run_pipeline, save_quantized
-from quant.allocation import allocation_table
-from quant.allocation_plot import plot_allocation
-from quant.quantizers import RTNConfig
-from quant.quantlinear import quantized_sizes
+from quant.methods.allocation import allocation_table
+from quant.methods.allocation_plot import plot_allocation
+from quant.methods.quantizers import RTNConfig
+from quant.runtime.quantlinear import quantized_sizes
 
 LAYERS = 8
 

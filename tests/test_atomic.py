@@ -19,15 +19,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-import quant.atomic as atomic_mod
-import quant.checkpoint
-import quant.gptq_format as gptq_mod
-import quant.hub as hub_mod
+import quant.formats.atomic as atomic_mod
+import quant.formats.checkpoint
+import quant.formats.gptq_format as gptq_mod
+import quant.formats.hub as hub_mod
 from quant import QuantContext, QuantError, RTNConfig, load_quantized, run_pipeline, save_quantized
-from quant.atomic import atomic_dir, recover_output
-from quant.checkpoint import check_output_dir
-from quant.gptq_format import export_gptq, load_gptq
-from quant.hub import stage
+from quant.formats.atomic import atomic_dir, recover_output
+from quant.formats.checkpoint import check_output_dir
+from quant.formats.gptq_format import export_gptq, load_gptq
+from quant.formats.hub import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -98,20 +98,20 @@ def after(real):
 
 
 if mode == "save":
-    import quant.checkpoint as m
+    import quant.formats.checkpoint as m
     m.save_file = after(m.save_file)
     model, tok = m.load_quantized(src)
     m.save_quantized(model, tok, out, model.lowbit_config, overwrite=True)
 elif mode == "gptq":
-    import quant.gptq_format as m
+    import quant.formats.gptq_format as m
     m.save_file = after(m.save_file)
     m.export_gptq(src, out, overwrite=True)
 elif mode == "stage":
-    import quant.hub as m
+    import quant.formats.hub as m
     m._link_or_copy = after(m._link_or_copy)
     m.stage(src, out, "me/tiny", overwrite=True)
 elif mode == "renames":  # the fallback swap, killed between its two renames
-    import quant.atomic as m
+    import quant.formats.atomic as m
     m._exchange = lambda a, b: False
     rename = os.rename
     os.rename = lambda a, b: (block() if Path(b) == Path(out).absolute() else None, rename(a, b))
@@ -161,7 +161,8 @@ def _assert_old(out, snap, logits, loader=load_quantized):
 def test_save_error_mid_write_keeps_old_checkpoint(ck_a, tokenizer, monkeypatch, where):
     out, snap, logits = ck_a
     if where == "weights":
-        monkeypatch.setattr(quant.checkpoint, "save_file", _partial_then(OSError(errno.ENOSPC, "No space left")))
+        enospc = _partial_then(OSError(errno.ENOSPC, "No space left"))
+        monkeypatch.setattr(quant.formats.checkpoint, "save_file", enospc)
     else:  # Ctrl-C while the tokenizer is written, after the weights
 
         def interrupted(d, *a, **k):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import quant.checkpoint as ckpt_mod
+import quant.formats.checkpoint as ckpt_mod
 from quant import (
     GPTQConfig,
     QuantContext,
@@ -19,7 +19,7 @@ from quant import (
     run_pipeline,
     save_quantized,
 )
-from quant.perplexity import perplexity, tokenize_eval
+from quant.runtime.perplexity import perplexity, tokenize_eval
 
 
 def _quantize(model, tokenizer, step, calib=None):

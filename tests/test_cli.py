@@ -183,7 +183,7 @@ def test_tiny_model_is_really_quantized(tmp_path, tiny_dir):
     model, _ = load_quantized(out)
     q = model.model.layers[0].self_attn.q_proj
     assert q.bits == 2
-    # 2-bit RTN of the float weight from first principles (quant/grid.py, asymmetric min-max): the default
+    # 2-bit RTN of the float weight from first principles (quant/numerics/grid.py, asymmetric min-max): the default
     # group 128 exceeds the 64 inputs, so one group per row; range widened to hold 0, scale rounded to fp16
     from safetensors.torch import load_file
 

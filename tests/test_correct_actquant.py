@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from quant import ActQuantConfig, QuantContext, run_pipeline
-from quant.inputops import set_kv_quant
+from quant.runtime.inputops import set_kv_quant
 
 # the clip grid calibrate_static documents: 15 ratios of the absolute maximum, 0.3, 0.35, ..., 1.0
 RATIOS = [0.3 + 0.05 * i for i in range(15)]

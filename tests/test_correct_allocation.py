@@ -1,6 +1,6 @@
 """NSDS's knapsack against independent optima: brute force on small instances, a dynamic program on a
 SmolLM2-sized one. Loss, bytes and importance are recomputed here from their definitions (module
-docstring of quant.allocation), never through the code under test."""
+docstring of quant.methods.allocation), never through the code under test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from quant.allocation import Unit, knapsack
+from quant.methods.allocation import Unit, knapsack
 
 CANDS = [2, 3, 4]
 SHAPES = [(64, 128), (128, 64), (64, 64), (128, 128), (32, 128), (192, 64), (96, 256)]

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file as save_np
 from test_export import ref_decode, ref_encode
 
 from quant import QuantError, save_quantized
-from quant.gptq_format import export_gptq, load_gptq
+from quant.formats.gptq_format import export_gptq, load_gptq
 
 
 def hand_made(tmp_path, tokenizer, bits: int, zero_range: tuple[int, int], v1: bool = True, name: str = "gptq"):
@@ -97,7 +97,7 @@ def test_a_zero_point_of_0_is_shifted_into_v1_when_the_top_code_is_free(tmp_path
     """v1 stores zero-1: a group with zero 0 whose codes stay below 2^bits-1 is written as (codes+1, zero 1),
     which dequantizes to the same weights; the reimport must equal the original bit for bit."""
     from quant import QuantContext, RTNConfig, load_quantized, run_pipeline
-    from quant.packing import pack
+    from quant.numerics.packing import pack
 
     m = tiny_model()
     ctx = QuantContext(m, tokenizer)

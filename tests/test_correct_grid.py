@@ -5,7 +5,7 @@ within fp16's rounding of a code boundary, where an fp32 scale would pick the ot
 import pytest
 import torch
 
-from quant.grid import QuantSpec, quantize_rtn
+from quant.numerics.grid import QuantSpec, quantize_rtn
 
 
 @pytest.mark.parametrize("bits, sym", [(3, False), (4, False), (4, True), (8, False)])

@@ -13,9 +13,9 @@ from test_moe import tiny_moe
 
 from moe.experts import unfuse_experts
 from moe.routing import LayerRouting, compare_routing, max_violation, summarize
-from quant.blockwise import call_block
-from quant.engine import capture
-from quant.structure import structure_of
+from quant.engine.blockwise import call_block
+from quant.engine.loop import capture
+from quant.engine.structure import structure_of
 
 E, K, D, FF = 4, 2, 64, 128  # tiny Mixtral: experts, top-k, hidden, expert intermediate
 
@@ -44,7 +44,7 @@ def expert_input(model, x: torch.Tensor, e: int, layer: int = 0) -> torch.Tensor
 def solver_hessians(model, calib, monkeypatch, block: int = 0) -> dict:
     """The Hessian the gptq pass hands the solver for each linear of ``block`` (names inside the block).
     Nothing is installed, so the model stays float and the float inputs captured here are the reference."""
-    import quant.blockquant as bq
+    import quant.methods.blockquant as bq
     from quant import GPTQConfig, QuantContext, run_pipeline
 
     names = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -89,7 +89,7 @@ def test_expert_hessians_hold_exactly_the_routed_tokens_moments(calib, monkeypat
 
 def test_run_staged_gives_each_expert_its_routed_rows(calib):
     # D²Quant's driver: the MoE groups' visit gets {name: rows}; rows must be exactly the routed tokens
-    from quant.blockwise import run_staged
+    from quant.engine.blockwise import run_staged
 
     model = tiny_moe("mixtral")
     unfuse_experts(model)
@@ -162,8 +162,8 @@ def test_under_routed_expert_gets_the_all_token_hessian_and_no_down_hessian(cali
 
 def test_gptq_pass_rounds_a_starved_experts_down_proj_to_nearest(tokenizer, calib):
     from quant import GPTQConfig, QuantContext, run_pipeline
-    from quant.gptq import gptq_quantize
-    from quant.grid import quantize_rtn
+    from quant.methods.gptq import gptq_quantize
+    from quant.numerics.grid import quantize_rtn
 
     model = tiny_moe("mixtral")
     unfuse_experts(model)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from quant.perplexity import perplexity
+from quant.runtime.perplexity import perplexity
 
 
 @pytest.mark.parametrize(

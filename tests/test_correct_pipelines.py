@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import tiny_model
 
-import quant.blockquant as blockquant_mod
-import quant.d2quant as d2quant_mod
+import quant.methods.blockquant as blockquant_mod
+import quant.methods.d2quant as d2quant_mod
 from quant import GPTQConfig, QuantContext, run_pipeline
-from quant.d2quant import D2QuantConfig
-from quant.dsqlinear import DSQLinear
-from quant.gptq import gptq_quantize
-from quant.grid import QuantSpec
-from quant.quantlinear import QuantLinear
-from quant.rotation import RotationConfig
+from quant.methods.d2quant import D2QuantConfig
+from quant.methods.gptq import gptq_quantize
+from quant.methods.rotation import RotationConfig
+from quant.numerics.grid import QuantSpec
+from quant.runtime.dsqlinear import DSQLinear
+from quant.runtime.quantlinear import QuantLinear
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -175,6 +175,16 @@ def test_d2quant_gptq_backend_hessians_come_from_the_quantized_stream(monkeypatc
     step = ("d2quant", D2QuantConfig(bits=2, group_size=32, backend="gptq", dsq=False))
     model, float_model, spy, names = spied_run(monkeypatch, tokenizer, calib, blockquant_mod, step)
     assert _check_hessians(spy.calls, model, float_model, calib, names) == 14
+
+
+def test_gptq_runs_with_fewer_calibration_tokens_than_inputs(monkeypatch, tokenizer, calib):
+    """A dense linear sees every calibration token: with fewer tokens than inputs (8 x 256 tokens for a 4096-wide
+    model) its Hessian is singular, the damping makes it definite, and GPTQ must still run on it with that
+    Hessian. Falling back to rounding is for starved MoE experts only."""
+    few = calib[:1, :48]  # 48 tokens: fewer than every linear's inputs (64, and 128 for down_proj)
+    step = ("gptq", GPTQConfig(bits=2, group_size=32))
+    model, float_model, spy, names = spied_run(monkeypatch, tokenizer, few, blockquant_mod, step)
+    assert _check_hessians(spy.calls, model, float_model, few, names) == 14
 
 
 # ---- GPTAQ ----

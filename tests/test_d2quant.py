@@ -7,14 +7,14 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, run_pipeline, save_quantized
-from quant.blockwise import call_block, mlp_inputs, run_staged
-from quant.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
-from quant.dac import norm_bias_names
-from quant.dsqlinear import DSQLinear
-from quant.engine import capture
+from quant.engine.blockwise import call_block, mlp_inputs, run_staged
+from quant.engine.loop import capture
+from quant.engine.structure import structure_of
 from quant.errors import QuantError
-from quant.rotation import RotationConfig
-from quant.structure import structure_of
+from quant.methods.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
+from quant.methods.rotation import RotationConfig
+from quant.runtime.dac import norm_bias_names
+from quant.runtime.dsqlinear import DSQLinear
 
 
 def test_absorption_alone_leaves_the_float_model_unchanged(smollm2):

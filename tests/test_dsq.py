@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_model
 
 from quant import QuantContext, load_quantized, save_quantized
-from quant.dsq import dsq_quantize, fit_dsq
-from quant.dsqlinear import DSQLinear
-from quant.grid import QuantSpec, quantize_rtn
+from quant.methods.dsq import dsq_quantize, fit_dsq
+from quant.numerics.grid import QuantSpec, quantize_rtn
+from quant.runtime.dsqlinear import DSQLinear
 
 
 def rel_err(a, b):

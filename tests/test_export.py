@@ -15,9 +15,9 @@ from safetensors.numpy import save_file as save_np
 from test_cli import assert_one_line_error, run
 
 from quant import QuantContext, QuantError, RTNConfig, load_quantized, run_pipeline, save_quantized
-from quant.d2quant import D2QuantConfig
-from quant.gptq_format import export_gptq, load_gptq
-from quant.hub import stage, upload
+from quant.formats.gptq_format import export_gptq, load_gptq
+from quant.formats.hub import stage, upload
+from quant.methods.d2quant import D2QuantConfig
 
 
 def quantized_tiny(tmp_path, tokenizer, steps, name="ck", norm_biases=(), report=None):
@@ -28,7 +28,7 @@ def quantized_tiny(tmp_path, tokenizer, steps, name="ck", norm_biases=(), report
     return save_quantized(m, tokenizer, tmp_path / name, qc, report=report)
 
 
-# ---- a reference GPTQ codec written from the format's description, independent of quant.gptq_format ----
+# ---- a reference GPTQ codec written from the format's description, independent of quant.formats.gptq_format ----
 
 
 def ref_decode(qweight, qzeros, scales, bits, v1=True):
@@ -161,7 +161,7 @@ def test_gptq_export_refuses_what_it_cannot_express(tmp_path, tokenizer, calib):
         run_pipeline(ctx, steps)
         qc = {"method": steps[-1][0], "modules": ctx.modules, "norm_biases": list(ctx.norm_biases) + list(biases)}
         if biases:
-            from quant.dac import add_norm_bias
+            from quant.runtime.dac import add_norm_bias
 
             add_norm_bias(m.model.norm, torch.zeros(64))
         ck = save_quantized(m, tokenizer, tmp_path / name, qc)
@@ -317,7 +317,7 @@ def test_smollm2_w4_gptq_round_trip_and_from_pretrained(tmp_path, smollm2):
     """Real model: ours -> GPTQ -> our importer gives identical weights and logits; from_pretrained too."""
     from transformers import AutoModelForCausalLM
 
-    from quant.models import load_model
+    from quant.formats.models import load_model
 
     lm = load_model()
     ctx = QuantContext(lm.model, lm.tokenizer)

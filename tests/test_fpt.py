@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_model
 
 from quant import ActQuantConfig, FPTConfig, QuantContext, QuantError, QuantSpec, RTNConfig, run_pipeline
-from quant.checkpoint import load_quantized, save_quantized
-from quant.fpt import FPTQuantConfig, cayley
-from quant.hadamard import hadamard, hadamard_transform
-from quant.inputops import fake_quant_tokens, kv_bits, ops_modules, set_kv_quant
+from quant.formats.checkpoint import load_quantized, save_quantized
+from quant.methods.fpt import FPTQuantConfig, cayley
+from quant.numerics.hadamard import hadamard, hadamard_transform
+from quant.runtime.inputops import fake_quant_tokens, kv_bits, ops_modules, set_kv_quant
 
 OFF = dict(rotation=False, prerope=False, value=False, mlp_scale=False)
 ALONE = {
@@ -159,7 +159,7 @@ def test_refusals(tiny_llama):
 
 
 def test_fpt_prepass_then_d2quant(calib):
-    from quant.d2quant import D2QuantConfig
+    from quant.methods.d2quant import D2QuantConfig
 
     model = tiny_model("llama", num_hidden_layers=2)
     ids = torch.randint(0, 1000, (1, 20))

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from calibrate import calibration_windows
-from quant.blockwise import call_block
-from quant.engine import capture
-from quant.gptq import gptq_quantize
-from quant.grid import QuantSpec, quantize_rtn
-from quant.structure import structure_of
+from quant.engine.blockwise import call_block
+from quant.engine.loop import capture
+from quant.engine.structure import structure_of
+from quant.methods.gptq import gptq_quantize
+from quant.numerics.grid import QuantSpec, quantize_rtn
 
 
 def _layer_inputs(lm, layer: int, role: str, seed: int, n: int = 8, seqlen: int = 256):

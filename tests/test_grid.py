@@ -4,7 +4,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant.errors import QuantError
-from quant.grid import QuantSpec, check_finite, dequantize_weight, find_params, quantize_rtn
+from quant.numerics.grid import QuantSpec, check_finite, dequantize_weight, find_params, quantize_rtn
 
 
 def _weight(seed, rows, cols):

@@ -26,9 +26,9 @@ import torch
 import kernels_cuda
 from kernels_cuda import build, dispatch
 from kernels_cuda.layout import TILE_N, emulate_dequant, repack, unpack_kernel_codes
-from quant.grid import QuantSpec, dequantize_weight, quantize_rtn
-from quant.packing import pack
-from quant.quantlinear import QuantLinear
+from quant.numerics.grid import QuantSpec, dequantize_weight, quantize_rtn
+from quant.numerics.packing import pack
+from quant.runtime.quantlinear import QuantLinear
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (kernel correctness runs only there)")
@@ -474,7 +474,7 @@ def test_smollm2_greedy_tokens_match_dequant_path(smollm2):
     import copy
 
     from quant import QuantContext, run_pipeline
-    from quant.quantizers import RTNConfig
+    from quant.methods.quantizers import RTNConfig
 
     model = copy.deepcopy(smollm2.model)
     run_pipeline(QuantContext(model, smollm2.tokenizer, progress=False), [("rtn", RTNConfig(bits=4, group_size=64))])

@@ -14,8 +14,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from quant import QuantContext, QuantError, RTNConfig, load_quantized, run_pipeline, save_quantized
-from quant.gptq_format import export_gptq, load_gptq
-from quant.models import load_model
+from quant.formats.gptq_format import export_gptq, load_gptq
+from quant.formats.models import load_model
 
 
 @pytest.fixture
@@ -284,13 +284,13 @@ def test_bad_model_config_is_one_error(ours, gptq, fmt, edit, match):
 
 def test_no_tensor_is_read_before_the_headers_are_checked(ours, monkeypatch):
     """A checkpoint whose shapes contradict its config is refused from the headers alone."""
-    import quant.reader
+    import quant.formats.reader
 
     def refuse(*a, **k):
         raise AssertionError("tensor data was read before the headers were checked")
 
     rewrite(ours, lambda s: s.__setitem__(f"{Q}.scales", s[f"{Q}.scales"][:1].clone()))
-    monkeypatch.setattr(quant.reader, "read_tensors", refuse)
+    monkeypatch.setattr(quant.formats.reader, "read_tensors", refuse)
     with pytest.raises(QuantError, match="scales is float16 \\[1, "):
         load_quantized(ours)
 
@@ -429,7 +429,7 @@ def test_inspect_describes_a_gptq_folder(gptq):
 
 
 def test_a_perplexity_that_overflows_is_an_error_not_a_traceback(tokenizer):
-    from quant.perplexity import perplexity
+    from quant.runtime.perplexity import perplexity
 
     model = tiny_model()
     with torch.no_grad():

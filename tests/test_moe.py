@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from moe.experts import ExpertList, unfuse_experts
 from quant import GPTQConfig, QuantContext, QuantError, RTNConfig, load_quantized, run_pipeline, save_quantized
-from quant.d2quant import D2QuantConfig
+from quant.methods.d2quant import D2QuantConfig
 
 MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -78,7 +78,7 @@ def test_gptq_uses_routed_tokens_and_falls_back_for_a_starved_expert(tokenizer, 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_d2quant_with_rotation_quantizes_every_expert_and_reloads(tmp_path, tokenizer, calib, model_type):
-    from quant.rotation import RotationConfig
+    from quant.methods.rotation import RotationConfig
 
     model = tiny_moe(model_type)
     ctx = QuantContext(model, tokenizer, calib_ids=calib)
@@ -199,7 +199,7 @@ def test_cli_quantizes_a_moe_model_and_aligns_routers(tmp_path, tokenizer):
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_rotation_keeps_a_moe_model_and_its_routing(model_type):
     from moe.routing import router_logits
-    from quant.rotation import RotationConfig
+    from quant.methods.rotation import RotationConfig
 
     model = tiny_moe(model_type)
     with torch.no_grad():  # non-trivial norm scales, so folding into routers and experts is exercised

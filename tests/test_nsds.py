@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from scipy import stats
 
-from quant.nsds import (
+from quant.methods.nsds import (
     ROLES,
     _dense_svd,
     _product_svd,

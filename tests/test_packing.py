@@ -4,7 +4,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant.errors import QuantError
-from quant.packing import pack, unpack
+from quant.numerics.packing import pack, unpack
 
 
 def ref_pack(codes, bits):

@@ -7,8 +7,8 @@ import json
 import pytest
 from test_streaming import QUICK, float_dir, ok, quantize, weights
 
+from quant.engine.recipe import steps_from
 from quant.errors import QuantError
-from quant.recipe import steps_from
 
 
 def test_recipe_entries_are_checked_field_by_field():

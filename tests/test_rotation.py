@@ -8,8 +8,8 @@ from conftest import tiny_model
 
 from quant import QuantContext, run_pipeline
 from quant.errors import QuantError
-from quant.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
-from quant.rotation import RotationConfig
+from quant.methods.rotation import RotationConfig
+from quant.numerics.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 576, 960, 896, 1536, 5120])
@@ -59,7 +59,7 @@ def test_rotated_tiny_model_is_the_same_function(model_type, mode):
 
 
 def test_rotated_smollm2_is_the_same_function(smollm2, tokenizer):
-    from quant.models import load_model
+    from quant.formats.models import load_model
 
     lm = load_model()
     ids = tokenizer("The capital of France is Paris. It is known for", return_tensors="pt").input_ids

@@ -8,7 +8,7 @@ import torch
 
 from calibrate import calibration_windows
 from quant import GPTQConfig, QuantContext, QuantLinear, RTNConfig, load_quantized, run_pipeline, save_quantized
-from quant.perplexity import perplexity, tokenize_eval
+from quant.runtime.perplexity import perplexity, tokenize_eval
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ("--no-eval", "--nsamples", "4", "--seqlen", "64", "--group-size", "32", "--device", "cpu")
 
 
-def quantize(*args, env: dict | None = None, timeout: int = 600, launcher: tuple = ()) -> subprocess.CompletedProcess:
+def quantize(*args, env: dict | None = None, timeout: int = 600, launcher: tuple = (),
+             command: str = "model") -> subprocess.CompletedProcess:
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    cmd = [sys.executable, *launcher, str(ROOT / "tests" / "run_cli.py"), "model", *map(str, args)]
+    cmd = [sys.executable, *launcher, str(ROOT / "tests" / "run_cli.py"), command, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
 
 
@@ -55,6 +56,38 @@ def test_streamed_run_writes_the_resident_checkpoint(tmp_path, tokenizer, family
     ok(r)
     assert weights(tmp_path / "streamed") == weights(tmp_path / "resident")
     assert not (tmp_path / ".streamed.partial").exists()  # the work folder goes once the checkpoint is in place
+
+
+# Evaluation streamed block by block must give the resident model's window NLLs. gemma2's logit soft-capping is
+# made tight (0.5) so a tail that skipped the model's own head code would show; gpt2 has learned positions.
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("gemma2", {"final_logit_softcapping": 0.5}), ("gpt2", {})])
+def test_streamed_perplexity_is_the_resident_one(tmp_path, tokenizer, family, kw):
+    from quant.engine.streaming import DiskSource
+    from quant.formats.models import load_model
+    from quant.runtime.perplexity import perplexity, streamed_perplexity
+
+    d = float_dir(tmp_path, tokenizer, family, **kw)
+    ids = torch.randint(0, 49152, (5 * 64 + 7,), generator=torch.Generator().manual_seed(0))
+    resident = perplexity(load_model(str(d)).model, ids, seqlen=64, progress=False)
+    streamed = streamed_perplexity(DiskSource(d), ids, seqlen=64, progress=False, window_batch=2)  # 3 passes
+    assert streamed["windows"] == resident["windows"] == 5 and streamed["streamed"]
+    assert streamed["window_nll"] == pytest.approx(resident["window_nll"], rel=1e-5, abs=1e-5)
+
+
+def test_eval_streams_a_quantized_checkpoint(tmp_path, tokenizer):
+    """`quantize eval --stream` on one of our checkpoints (rotation, DSQ sign planes, DAC norm biases: d2quant)
+    gives the perplexity of the checkpoint loaded whole."""
+    src = float_dir(tmp_path, tokenizer, "llama")
+    ckpt = tmp_path / "d2q"
+    ok(quantize(src, "--method", "d2quant", "--bits", "3", *QUICK, "--out", ckpt))
+    res = {}
+    for mode in ("--stream", "--no-stream"):
+        r = quantize(ckpt, mode, "--max-windows", "3", "--seqlen", "64", "--window-batch", "2", "--json",
+                     tmp_path / f"{mode}.json", command="eval")
+        ok(r)
+        res[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    assert res["--stream"]["streamed"] and res["--stream"]["quantized"] and "streamed" not in res["--no-stream"]
+    assert res["--stream"]["window_nll"] == pytest.approx(res["--no-stream"]["window_nll"], rel=1e-5)
 
 
 # A kill after block 1's tensors (before its stream and record), after its stream, after block 2's record,
@@ -109,9 +142,9 @@ MEASURE = r"""
 import json, resource, sys, torch
 from pathlib import Path
 from quant import QuantContext, run_pipeline, save_quantized
-from quant.quantizers import RTNConfig
-from quant.resume import WorkDir
-from quant.streaming import DiskSource
+from quant.methods.quantizers import RTNConfig
+from quant.engine.resume import WorkDir
+from quant.engine.streaming import DiskSource
 from transformers import AutoModelForCausalLM
 
 def rss(field):

@@ -1,4 +1,4 @@
-"""Structure discovery (quant.structure): what it finds in each family, and that it finds it from the model.
+"""Structure discovery (quant.engine.structure): what it finds in each family, and that it finds it from the model.
 
 Facts are checked against the families' modeling code in transformers (read by hand), not against the
 names our code looks for: the discovery never reads names, so a wrong graph walk shows up here.
@@ -12,8 +12,8 @@ from arch_matrix import FAMILIES, family_model
 from conftest import tiny_model
 
 from quant import QuantContext, QuantError, QuantLinear, RTNConfig, run_pipeline
-from quant.grid import quantize_rtn
-from quant.structure import LINEAR_ROLES, normalize, structure_of
+from quant.engine.structure import LINEAR_ROLES, normalize, structure_of
+from quant.numerics.grid import quantize_rtn
 
 # family -> (stages of block 0, pre-norm kinds, writers through post-norms, parallel, staged)
 FACTS = {
@@ -97,10 +97,10 @@ def test_conv1d_becomes_linear_computing_the_same():
 def test_each_block_replays_its_own_attention_arguments(tokenizer, monkeypatch):
     """Gemma 3 alternates sliding-window and global layers: block 1 must see its own mask, not block 0's,
     both where they are recorded and where the quantizer runs the block."""
-    import quant.blockquant as bq
+    import quant.methods.blockquant as bq
     from quant import GPTQConfig, QuantContext, run_pipeline
-    from quant.blockwise import call_block
-    from quant.engine import capture
+    from quant.engine.blockwise import call_block
+    from quant.engine.loop import capture
 
     model = family_model("gemma3_text")
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -128,7 +128,7 @@ def test_each_block_replays_its_own_attention_arguments(tokenizer, monkeypatch):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gemma2", "gemma3_text", "olmo2")])
 def test_rotation_preserves_the_function_where_it_applies(family):
-    from quant.rotation import ROTATION_NEEDS, RotationConfig
+    from quant.methods.rotation import ROTATION_NEEDS, RotationConfig
 
     model = family_model(family)
     s = structure_of(model)
@@ -146,7 +146,7 @@ def test_rotation_preserves_the_function_where_it_applies(family):
 
 
 def test_a_declarative_entry_adds_a_role_the_graph_cannot_fix(monkeypatch):
-    from quant import structure
+    from quant.engine import structure
 
     assert "up" not in structure_of(family_model("starcoder2")).roles  # non-gated MLP: no up projection
     monkeypatch.setitem(structure.ROLE_OVERRIDES, "starcoder2", {"up": "mlp.c_fc", "gate": "mlp.no_such"})
@@ -155,7 +155,7 @@ def test_a_declarative_entry_adds_a_role_the_graph_cannot_fix(monkeypatch):
 
 
 def test_unsupported_architecture_is_refused_by_name():
-    from quant.structure import check_model_type
+    from quant.engine.structure import check_model_type
 
     with pytest.raises(QuantError, match="unsupported architecture 'vit': transformers has no causal language model"):
         check_model_type("vit")

@@ -28,7 +28,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the three bugs the issue found surviving --
     Mutation(
         "dsq-column-scale-not-absorbed",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "absorb_column_scale(block.get_submodule(pairs[rel]), q.col_scale)",
         "q.col_scale  # mutated: not absorbed",
         (f"{PIPE}::test_d2quant_mlp_is_the_one_rebuilt_from_dsq_codes_and_the_absorbed_column_scale",),
@@ -36,24 +36,32 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptaq-ignores-the-float-stream",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "P = moment(u, x, lin.in_features)[0] if u is not None",
         "P = moment(x, x, lin.in_features)[0] if u is not None",
         (f"{PIPE}::test_gptaq_hands_the_solver_the_closed_form_asymmetric_target",),
         "GPTAQ's cross moment uses the quantized inputs: the target is W and GPTAQ silently becomes GPTQ",
     ),
     Mutation(
+        "dense-linears-with-few-tokens-fall-back-to-rtn",
+        "quant/methods/blockquant.py",
+        'if n < lin.in_features and "" in inputs:',
+        "if n < lin.in_features:",
+        (f"{PIPE}::test_gptq_runs_with_fewer_calibration_tokens_than_inputs",),
+        "a dense model calibrated on fewer tokens than a layer's inputs is silently rounded to nearest",
+    ),
+    Mutation(
         "gptq-no-update-of-later-column-blocks",
-        "quant/gptq.py",
-        "W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]",
-        "W[:, i2:] -= 0 * Err1 @ Hinv[i1:i2, i2:]",
+        "quant/methods/gptq.py",
+        "W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)",
+        "W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=0)",
         (f"{PIPE}::test_gptq_solver_matches_a_plain_column_by_column_gptq",),
         "errors are fed back only inside each lazy block of 128 columns",
     ),
     # -- GPTQ and the sequential driver --
     Mutation(
         "gptq-no-error-feedback",
-        "quant/gptq.py",
+        "quant/methods/gptq.py",
         "err = (w - deq) / Hinv1[i, i]",
         "err = 0 * (w - deq) / Hinv1[i, i]",
         (f"{PIPE}::test_gptq_solver_matches_a_plain_column_by_column_gptq",),
@@ -61,7 +69,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-stream-not-advanced",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "        run.x = run_staged(block, structure, run.x, run.kwargs[i], visit)",
         "        run_staged(block, structure, run.x, run.kwargs[i], visit)  # mutated: stream not advanced",
         (f"{PIPE}::test_gptq_hessians_come_from_the_quantized_stream",),
@@ -69,7 +77,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "staged-o-proj-sees-float-qkv",
-        "quant/blockwise.py",
+        "quant/engine/blockwise.py",
         "    visit(qkv, xa)\n    attn_in = each(",
         "    attn_in = each(lambda c: input_to(role(\"o\"), lambda: attn(hidden_states=c, **block_kwargs)), xa)\n"
         "    visit(qkv, xa)\n    _unused = each(",
@@ -79,7 +87,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- grid and packing --
     Mutation(
         "grid-zero-point-truncated",
-        "quant/grid.py",
+        "quant/numerics/grid.py",
         "zero = torch.round(-xmin / scale).clamp(0, maxq)",
         "zero = (-xmin / scale).clamp(0, maxq)",
         ("tests/test_grid.py::test_quantize_dequantize_roundtrip",),
@@ -87,7 +95,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "packing-3bit-codes-straddle",
-        "quant/packing.py",
+        "quant/numerics/packing.py",
         "return 32 // bits",
         "return (32 + bits - 1) // bits",
         ("tests/test_packing.py",),
@@ -96,7 +104,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- DSQ, DAC, rotation --
     Mutation(
         "dsq-no-gptq-feedback",
-        "quant/dsq.py",
+        "quant/methods/dsq.py",
         "    if H is None:\n        codes = torch.zeros(out, n, dtype=torch.long, device=W.device)",
         "    if True:\n        codes = torch.zeros(out, n, dtype=torch.long, device=W.device)",
         ("tests/test_dsq.py::test_gptq_feedback_lowers_output_error",),
@@ -104,7 +112,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "dac-bias-sign-flipped",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "diff = (float_in[stage][:, k:] - xq[:, k:]).float()",
         "diff = (xq[:, k:] - float_in[stage][:, k:]).float()",
         ("tests/test_d2quant.py::test_dac_bias_is_teacher_minus_student",),
@@ -112,7 +120,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "rotation-writers-not-rotated",
-        "quant/rotation.py",
+        "quant/methods/rotation.py",
         "        _left(lin.weight, q)\n",
         "        pass  # mutated: _left(lin.weight, q)\n",
         ("tests/test_rotation.py::test_rotated_tiny_model_is_the_same_function",),
@@ -121,7 +129,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- checkpoints and the GPTQ format --
     Mutation(
         "checkpoint-checksums-not-checked",
-        "quant/checkpoint.py",
+        "quant/formats/checkpoint.py",
         "if _sha256(f) != digest:",
         "if False:",
         ("tests/test_checkpoint.py::test_altered_byte_detected",),
@@ -129,7 +137,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-v1-zero-not-restored",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "zeros = zeros + 1  # v1 stores zero - 1",
         "zeros = zeros + 0  # v1 stores zero - 1",
         ("tests/test_correct_gptq_format.py::test_v1_zero_points_import_exactly_up_to_the_top_of_the_field",),
@@ -137,7 +145,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-v1-8bit-zero-wraps",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "if int(zeros.max()) > ZERO_MAX:",
         "if False:",
         ("tests/test_correct_gptq_format.py::test_v1_8bit_zero_field_0xff_is_refused_not_wrapped",),
@@ -146,7 +154,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- atomic writes --
     Mutation(
         "atomic-overwrite-in-two-renames",
-        "quant/atomic.py",
+        "quant/formats/atomic.py",
         "    elif _exchange(tmp, out):",
         "    elif False:",
         ("tests/test_atomic.py::test_overwrite_swaps_in_one_step",),
@@ -154,7 +162,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "atomic-dead-writers-leftovers-kept",
-        "quant/atomic.py",
+        "quant/formats/atomic.py",
         "        if m and not _alive(int(m[2])):",
         "        if False:",
         ("tests/test_atomic.py::test_save_killed_mid_write_keeps_old_checkpoint",),
@@ -162,7 +170,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "atomic-live-writer-cleaned-up",
-        "quant/atomic.py",
+        "quant/formats/atomic.py",
         "        if m and not _alive(int(m[2])):",
         "        if m:",
         ("tests/test_atomic.py::test_live_writer_folder_kept_dead_leftovers_removed",),
@@ -170,7 +178,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "atomic-old-checkpoint-not-restored",
-        "quant/atomic.py",
+        "quant/formats/atomic.py",
         "            os.rename(olds[0], out)",
         "            raise OSError",
         ("tests/test_atomic.py::test_fallback_killed_between_renames_recovers_old",),
@@ -178,7 +186,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-export-written-in-place",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    with atomic_dir(out) as tmp:\n        save_file(state,",
         "    out.mkdir(exist_ok=True)\n    for tmp in [out]:\n        save_file(state,",
         ("tests/test_atomic.py::test_gptq_export_error_and_kill_keep_old_export",),
@@ -187,7 +195,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- activation and KV quantization, perplexity, RTN through the CLI --
     Mutation(
         "static-act-scale-not-searched",
-        "quant/inputops.py",
+        "quant/runtime/inputops.py",
         "best = float(ratios[int(torch.argmin(err[n]))])",
         "best = 1.0",
         ("tests/test_correct_actquant.py::test_static_scale_is_the_argmin_of_the_clip_error",),
@@ -195,7 +203,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "static-act-calibration-sees-quantized-inputs",
-        "quant/inputops.py",
+        "quant/runtime/inputops.py",
         "            self._observe(x)\n            return x",
         "            self._observe(x)",
         ("tests/test_correct_actquant.py::test_static_scale_is_the_argmin_of_the_clip_error",),
@@ -203,7 +211,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "kv-quantized-before-rope",
-        "quant/inputops.py",
+        "quant/runtime/inputops.py",
         "        key, value = fake_quant_tokens(key, cfg), fake_quant_tokens(value, cfg)",
         "        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb\n\n        cos, sin = LlamaRotaryEmbedding(module.config)(key, kwargs[\"position_ids\"])\n        raw = apply_rotary_pos_emb(key, key, cos, -sin)[1]  # undo RoPE: quantize the pre-RoPE key\n        key, value = apply_rotary_pos_emb(key, fake_quant_tokens(raw, cfg), cos, sin)[1], fake_quant_tokens(value, cfg)",  # noqa: E501
         ("tests/test_correct_actquant.py::test_kv_cache_is_per_token_per_head_after_rope",),
@@ -211,7 +219,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "kv-scale-per-channel-not-per-token",
-        "quant/inputops.py",
+        "quant/runtime/inputops.py",
         "key, value = fake_quant_tokens(key, cfg), fake_quant_tokens(value, cfg)",
         "key, value = fake_quant_tokens(key.transpose(-1, -2), cfg).transpose(-1, -2), fake_quant_tokens(value, cfg)",
         ("tests/test_correct_actquant.py::test_kv_cache_is_per_token_per_head_after_rope",),
@@ -219,7 +227,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "act-int4-qmax-off-by-one",
-        "quant/inputops.py",
+        "quant/runtime/inputops.py",
         "qmax = 2 ** (cfg.bits - 1) - 1",
         "qmax = 2 ** (cfg.bits - 1)",
         ("tests/test_fpt.py::test_fake_quant_tokens_levels_and_straight_through",),
@@ -227,7 +235,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ppl-mean-of-exp",
-        "quant/perplexity.py",
+        "quant/runtime/perplexity.py",
         "\"ppl\": math.exp(mean_nll)",
         "\"ppl\": sum(math.exp(x) for x in nlls) / n",
         ("tests/test_correct_perplexity.py",),
@@ -235,7 +243,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ppl-labels-not-shifted",
-        "quant/perplexity.py",
+        "quant/runtime/perplexity.py",
         "F.cross_entropy(logits, window[0, 1:])",
         "F.cross_entropy(logits, window[0, :-1])",
         ("tests/test_correct_perplexity.py",),
@@ -243,7 +251,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ppl-ignores-max-windows",
-        "quant/perplexity.py",
+        "quant/runtime/perplexity.py",
         "n = total if not max_windows else min(total, max_windows)",
         "n = total",
         ("tests/test_correct_perplexity.py",),
@@ -251,7 +259,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "grid-scale-over-2-to-the-bits",
-        "quant/grid.py",
+        "quant/numerics/grid.py",
         "        scale = (xmax - xmin) / maxq",
         "        scale = (xmax - xmin) / (maxq + 1)",
         ("tests/test_cli.py::test_tiny_model_is_really_quantized",),
@@ -259,7 +267,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "grid-codes-from-fp32-scale",
-        "quant/grid.py",
+        "quant/numerics/grid.py",
         "scale = scale.clamp(min=1e-8).to(torch.float16).to(torch.float32)",
         "scale = scale.clamp(min=1e-8)",
         ("tests/test_correct_grid.py",),
@@ -268,7 +276,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- from the review of tests that could not fail --
     Mutation(
         "grid-sym-scale-off-by-one-level",
-        "quant/grid.py",
+        "quant/numerics/grid.py",
         "scale = 2 * amax / maxq",
         "scale = 2 * amax / (maxq + 1)",
         ("tests/test_grid.py::test_quantize_dequantize_roundtrip",),
@@ -276,7 +284,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "grid-zero-not-representable",
-        "quant/grid.py",
+        "quant/numerics/grid.py",
         "xmin = torch.minimum(xmin, torch.zeros_like(xmin))",
         "xmin = xmin",
         ("tests/test_grid.py::test_quantize_dequantize_roundtrip",),
@@ -284,7 +292,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-dead-inputs-not-zeroed",
-        "quant/gptq.py",
+        "quant/methods/gptq.py",
         "    W[:, dead] = 0\n",
         "    pass  # mutated: W[:, dead] = 0\n",
         ("tests/test_gptq.py::test_dead_inputs_do_not_break_gptq",),
@@ -292,7 +300,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "dsq-sign-table-inverted",
-        "quant/dsq.py",
+        "quant/methods/dsq.py",
         "rows = [[1.0 if (code >> j) & 1 else -1.0",
         "rows = [[-1.0 if (code >> j) & 1 else 1.0",
         ("tests/test_dsq.py::test_sign_planes_round_trip_exactly",),
@@ -300,7 +308,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "staged-gate-up-sees-the-residual",
-        "quant/blockwise.py",
+        "quant/engine/blockwise.py",
         "    visit(gate_up, xc)\n",
         "    visit(gate_up, h)\n",
         ("tests/test_d2quant.py::test_staged_block_is_the_block",),
@@ -308,7 +316,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptaq-alpha-ignored",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "return (w64 + alpha * torch.linalg.solve(",
         "return (w64 + torch.linalg.solve(",
         ("tests/test_d2quant.py::test_gptaq_target_without_drift_is_the_weight",),
@@ -316,7 +324,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "nsds-gqa-heads-mapped-round-robin",
-        "quant/nsds.py",
+        "quant/methods/nsds.py",
         "kv = h // group",
         "kv = h % n_kv",
         ("tests/test_nsds.py::test_scores_on_gqa_model_and_outlier_layer_ranks_first",),
@@ -324,7 +332,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "nsds-mad-factor-dropped",
-        "quant/nsds.py",
+        "quant/methods/nsds.py",
         "MAD_FACTOR = 1.4826",
         "MAD_FACTOR = 1.0",
         ("tests/test_nsds.py::test_mad_sigmoid_and_soft_or",),
@@ -332,7 +340,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "rotation-last-group-not-rotated",
-        "quant/hadamard.py",
+        "quant/numerics/hadamard.py",
         "return torch.block_diag(*[_hadamard(block)] * (n // block))",
         "return torch.block_diag(*[_hadamard(block)] * (n // block - 1), torch.eye(block, dtype=torch.float64))",
         ("tests/test_rotation.py::test_orders_without_construction",),
@@ -340,7 +348,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-v1-export-always-refused",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    z0 = zeros == 0\n",
         "    z0 = zeros >= 0\n",
         ("tests/test_export.py::test_gptq_round_trip_and_v2",),
@@ -348,7 +356,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-v1-zero-0-never-shifted",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    if bool((z0 & top).any()):",
         "    if bool(z0.any()):",
         ("tests/test_correct_gptq_format.py::test_a_zero_point_of_0_is_shifted_into_v1_when_the_top_code_is_free",),
@@ -356,7 +364,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-dynamic-ignored-on-import",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "        specs[owner] = gptq_module_settings(gc, owner)\n",
         "        specs[owner] = gptq_module_settings({k: v for k, v in gc.items() if k != 'dynamic'}, owner)\n",
         ("tests/test_export.py::test_gptq_export_carries_per_module_settings_in_dynamic",),
@@ -364,7 +372,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "rtn-drops-linear-bias",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "self.ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)",
         "self.ctx.install(name, QuantLinear.from_quantized(qw, None), s.sym)",
         ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
@@ -372,7 +380,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "checkpoint-sums-not-sha256",
-        "quant/checkpoint.py",
+        "quant/formats/checkpoint.py",
         "h = hashlib.sha256()",
         "h = hashlib.sha1()",
         ("tests/test_checkpoint.py::test_checksums_are_the_files_sha256",),
@@ -381,7 +389,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- MoE calibration and routing, allocation --
     Mutation(
         "moe-expert-hessian-not-accumulated",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "                    a = _rows(xw, width).float()\n",
         "                    a = _rows(xw, width).float()[:128]  # mutated\n",
         ("tests/test_correct_moe.py",),
@@ -397,7 +405,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "moe-starved-expert-keeps-its-own-hessian",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "H = moment(inputs[\"\"], inputs[\"\"], lin.in_features)[0] if",
         "H = H if",
         ("tests/test_correct_moe.py",),
@@ -405,7 +413,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "moe-no-starvation-threshold",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "if n < lin.in_features:",
         "if n == 0:",
         ("tests/test_correct_moe.py",),
@@ -413,7 +421,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "moe-staged-rows-top1",
-        "quant/blockwise.py",
+        "quant/engine/blockwise.py",
         "rows[owner] = flat[(routed == int(e)).any(-1)]",
         "rows[owner] = flat[(routed[:, :1] == int(e)).any(-1)]",
         ("tests/test_correct_moe.py::test_run_staged_gives_each_expert_its_routed_rows",),
@@ -421,7 +429,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "moe-staged-experts-get-all-tokens",
-        "quant/blockwise.py",
+        "quant/engine/blockwise.py",
         "**{n: rows[n.rpartition(\".\")[0]] for n in gate_up}",
         "**{n: flat for n in gate_up}",
         ("tests/test_correct_moe.py::test_run_staged_gives_each_expert_its_routed_rows",),
@@ -461,7 +469,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "knapsack-budget-one-unit-over",
-        "quant/allocation.py",
+        "quant/methods/allocation.py",
         "fits = LinearConstraint(extra[None], -np.inf, spare)",
         "fits = LinearConstraint(extra[None], -np.inf, spare + 1)",
         ("tests/test_correct_allocation.py",),
@@ -469,7 +477,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "knapsack-solution-read-inverted",
-        "quant/allocation.py",
+        "quant/methods/allocation.py",
         "level = [int(i) for i in res.x.reshape(n, m).argmax(1)]",
         "level = [int(i) for i in res.x.reshape(n, m).argmin(1)]",
         ("tests/test_correct_allocation.py",),
@@ -477,7 +485,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "knapsack-importance-kinds-swapped",
-        "quant/allocation.py",
+        "quant/methods/allocation.py",
         "return s / (1 - s) if kind == \"odds\" else s",
         "return s / (1 - s) if kind != \"odds\" else s",
         ("tests/test_correct_allocation.py",),
@@ -486,7 +494,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- malformed checkpoints (issue: every malformed checkpoint is refused) --
     Mutation(
         "load-tensor-dtypes-not-checked",
-        "quant/tensor_checks.py",
+        "quant/formats/tensor_checks.py",
         "    if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):",
         "    if tuple(t.shape) != tuple(shape):",
         ("tests/test_load_checks.py::test_wrong_dtype_is_refused_in_our_format",),
@@ -494,7 +502,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "load-non-finite-accepted",
-        "quant/tensor_checks.py",
+        "quant/formats/tensor_checks.py",
         "if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):",
         "if False:",
         ("tests/test_load_checks.py::test_non_finite_and_reshaped_tensors_are_refused_in_our_format",),
@@ -502,7 +510,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-bias-broadcast",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    if \"bias\" in t:\n        check_tensor(f\"{name}.bias\"",
         "    if False:\n        check_tensor(f\"{name}.bias\"",
         ("tests/test_load_checks.py::test_malformed_gptq_tensors_are_refused",),
@@ -510,7 +518,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-reads-every-safetensors-file",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    files = _weight_files(path)\n",
         "    files = sorted(path.glob(\"*.safetensors\"))\n",
         ("tests/test_load_checks.py::test_a_stray_safetensors_file_does_not_override_the_gptq_weights",),
@@ -518,7 +526,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "load-model-falls-back-to-float",
-        "quant/models.py",
+        "quant/formats/models.py",
         "    _check_complete(source, info)",
         "    info = {}",
         ("tests/test_load_checks.py::test_a_quantized_folder_without_its_quantization_config_is_not_loaded_as_float",),
@@ -526,7 +534,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "qconfig-group-size-not-checked",
-        "quant/qconfig.py",
+        "quant/formats/qconfig.py",
         "    if lin.in_features % spec[\"group_size\"]:",
         "    if False:",
         ("tests/test_load_checks.py::test_malformed_quantization_config_is_refused_naming_the_field",),
@@ -534,7 +542,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "qconfig-hadamard-any-width",
-        "quant/qconfig.py",
+        "quant/formats/qconfig.py",
         "    if width and (width != n or not has_hadamard(width)):",
         "    if False:",
         ("tests/test_load_checks.py::test_malformed_quantization_config_is_refused_naming_the_field",),
@@ -542,7 +550,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "checksums-may-leave-the-folder",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "    if not isinstance(name, str) or Path(name).name != name or name in (\".\", \"..\") or not name:",
         "    if not isinstance(name, str):",
         ("tests/test_load_checks.py::test_malformed_or_escaping_checksum_files_are_refused",),
@@ -550,7 +558,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "tied-lm-head-not-compared",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "        if emb_name not in state or not torch.equal(state[k], state[emb_name]):",
         "        if False:",
         ("tests/test_load_checks.py::test_an_extra_lm_head_in_a_tied_checkpoint_must_equal_the_embedding",),
@@ -558,7 +566,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "model-config-schema-skipped",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "    check_model_config(raw, where)\n",
         "",
         ("tests/test_load_checks.py::test_bad_model_config_is_one_error",),
@@ -566,7 +574,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "special-files-read",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "    if not stat.S_ISREG(st.st_mode):",
         "    if False:",
         ("tests/test_load_checks.py::test_special_and_endless_files_are_refused_without_reading_them",),
@@ -574,7 +582,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gptq-settings-unvalidated",
-        "quant/gptq_format.py",
+        "quant/formats/gptq_format.py",
         "    if gc is not None:\n        validate_gptq(gc, path)",
         "    if False:\n        validate_gptq(gc, path)",
         ("tests/test_load_checks.py::test_malformed_gptq_config_is_refused_naming_the_field",),
@@ -582,7 +590,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "headers-not-checked-before-data",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "    check_state(headers, meta, stored, str(where))\n",
         "",
         ("tests/test_load_checks.py::test_no_tensor_is_read_before_the_headers_are_checked",),
@@ -590,7 +598,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "tensor-stored-twice-accepted",
-        "quant/reader.py",
+        "quant/formats/reader.py",
         "                    if k in out:",
         "                    if False:",
         ("tests/test_load_checks.py::test_a_tensor_stored_twice_is_refused",),
@@ -606,7 +614,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "act-scale-sign-unchecked",
-        "quant/checkpoint.py",
+        "quant/formats/checkpoint.py",
         "not float(m.act_scale) > 0:",
         "float(m.act_scale) == 0:",
         ("tests/test_load_checks.py::test_a_static_activation_scale_that_is_not_positive_is_refused",),
@@ -615,7 +623,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- structure discovery --
     Mutation(
         "structure-post-norm-seen-as-direct",
-        "quant/structure.py",
+        "quant/engine/structure.py",
         "        if node in norm_nodes and via is None:\n            via = norm_nodes[node]",
         "        if False:\n            via = norm_nodes[node]",
         ("tests/test_structure.py::test_discovered_structure",),
@@ -623,7 +631,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "engine-replays-block0-kwargs",
-        "quant/blockquant.py",
+        "quant/methods/blockquant.py",
         "        run.x = run_staged(block, structure, run.x, run.kwargs[i], visit)",
         "        run.x = run_staged(block, structure, run.x, run.kwargs[0], visit)",
         ("tests/test_structure.py::test_each_block_replays_its_own_attention_arguments",),
@@ -631,7 +639,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "structure-linearity-test-always-true",
-        "quant/structure.py",
+        "quant/engine/structure.py",
         "    return _close(doubled, 2 * base)",
         "    return True",
         ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
@@ -639,7 +647,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "staged-self-check-skipped",
-        "quant/structure.py",
+        "quant/engine/structure.py",
         "    return _close(staged, ref)",
         "    return True",
         ("tests/test_structure.py::test_discovered_structure",),
