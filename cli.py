@@ -191,6 +191,13 @@ def model_cmd(
         "refuses whole-model passes (fptquant, --transforms fpt, --allocation, static activation scales).",
         show_default=False,
     ),
+    offload_activations: bool = typer.Option(
+        False,
+        help="Keep the calibration activations (the streams between blocks and each stage's inputs, for every "
+        "window: tokens x the widest layer's inputs, often more than a block) in memory-mapped files in the "
+        "run's work folder instead of in memory; the kernel writes them back and drops them when memory runs "
+        "short. Same results, more disk traffic. CPU only.",
+    ),
     restart: bool = typer.Option(
         False,
         help="Discard an unfinished run of the same output folder. Without it, a run that was killed resumes "
@@ -363,8 +370,15 @@ def model_cmd(
         routing_ids = _routing_sample(lm.tokenizer)
         routing_ref = router_logits(lm.model, routing_ids)
     work = _work_dir(out, lm.source, calib_ids, pipeline, dev, cdtype, restart)
+    store = None
+    if offload_activations:
+        from quant.engine.blockwise import ActivationStore
+
+        if dev.type != "cpu":
+            raise QuantError("--offload-activations works with --device cpu (on a GPU the activations stay there)")
+        store = ActivationStore(work.path / "activations")
     ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib_ids, device=str(dev), work=work,
-                       source=source or ResidentSource(dev, cdtype))
+                       source=source or ResidentSource(dev, cdtype), activations=store)
     t0 = time.perf_counter()
     passes = run_pipeline(ctx, pipeline)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)

@@ -90,6 +90,50 @@ def test_eval_streams_a_quantized_checkpoint(tmp_path, tokenizer):
     assert res["--stream"]["window_nll"] == pytest.approx(res["--no-stream"]["window_nll"], rel=1e-5)
 
 
+def test_activation_store_maps_files_it_unlinks(tmp_path):
+    from quant.engine.blockwise import ActivationStore
+
+    store = ActivationStore(tmp_path / "act")
+    t = store.empty((3, 5, 7), torch.float32, torch.device("cpu"))
+    t.copy_(torch.arange(105.0).view(3, 5, 7))
+    assert t.untyped_storage().filename is not None  # backed by a file mapping, not anonymous memory
+    assert not any((tmp_path / "act").iterdir())  # unlinked at once: nothing is left behind after a kill
+    assert torch.equal(t, torch.arange(105.0).view(3, 5, 7))
+
+
+def test_offloaded_activations_change_no_number(tmp_path, tokenizer, calib, monkeypatch):
+    """With an activation store in files, the streams and stage inputs go there (every allocation the engine
+    makes for them) and the quantized model is the same to the bit, in process and through the CLI."""
+    from quant import QuantContext, run_pipeline
+    from quant.engine.blockwise import ActivationStore
+    from quant.methods.d2quant import D2QuantConfig
+
+    made: list[tuple[int, tuple, bool]] = []  # (run, shape, in a file)
+    empty = ActivationStore.empty
+
+    def spy(self, shape, dtype, device):
+        t = empty(self, shape, dtype, device)
+        made.append((len(models), tuple(shape), t.untyped_storage().filename is not None))
+        return t
+
+    monkeypatch.setattr(ActivationStore, "empty", spy)
+    step = ("d2quant", D2QuantConfig(bits=3, group_size=32))  # GPTAQ's float stream, DSQ and DAC too
+    models = []
+    for store in (None, ActivationStore(tmp_path / "act")):
+        model = tiny_model()
+        run_pipeline(QuantContext(model, tokenizer, calib_ids=calib, progress=False, activations=store), [step])
+        models.append(model.state_dict())
+    windows = tuple(calib.shape)
+    calibration = [(run, f) for run, shape, f in made if shape[:2] == windows]  # not structure discovery's probe
+    assert {f for run, f in calibration if run == 0} == {False} and {f for run, f in calibration if run == 1} == {True}
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    src = float_dir(tmp_path, tokenizer, "llama")
+    ok(quantize(src, "--method", "gptq", *QUICK, "--no-stream", "--out", tmp_path / "memory"))
+    ok(quantize(src, "--method", "gptq", *QUICK, "--stream", "--offload-activations", "--out", tmp_path / "disk"))
+    assert weights(tmp_path / "disk") == weights(tmp_path / "memory")
+
+
 # A kill after block 1's tensors (before its stream and record), after its stream, after block 2's record,
 # and half-way through writing block 0's tensor file.
 FAILPOINTS = ["after-part:1", "after-stream:1", "after-record:2", "mid-part:0"]

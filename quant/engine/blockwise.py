@@ -8,10 +8,63 @@ objective, D²Quant's DAC).
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
+
+
+class ActivationStore:
+    """Where the calibration activations live: the streams between blocks and each stage's inputs, all windows
+    at once ([windows, seq, width]: for a wide model and many tokens, more than the block itself). In memory by
+    default; ``folder`` puts them in memory-mapped files there (``--offload-activations``), which the kernel
+    writes back and drops when memory runs short. The numbers are the same either way."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self._n = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.folder is None or torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = self.folder / f"act-{os.getpid()}-{self._n}.bin"
+        self._n += 1
+        numel = math.prod(shape)
+        with open(f, "wb") as fh:
+            fh.truncate(numel * dtype.itemsize)
+        t = torch.from_file(str(f), shared=True, size=numel, dtype=dtype)
+        f.unlink()  # the mapping keeps the data; the disk space is freed with the tensor
+        return t.view(shape)
+
+
+_store = ActivationStore()
+
+
+@contextmanager
+def activation_store(store: ActivationStore):
+    """Use ``store`` for the activations the engine allocates inside this block."""
+    global _store
+    old, _store = _store, store
+    try:
+        yield store
+    finally:
+        _store = old
+
+
+def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` (along dim 0), into a tensor from the activation store."""
+    first = parts[0]
+    out = _store.empty((sum(t.shape[0] for t in parts), *first.shape[1:]), first.dtype, first.device)
+    i = 0
+    for t in parts:
+        out[i : i + t.shape[0]] = t
+        i += t.shape[0]
+    return out
 
 
 class _Stop(Exception):
@@ -48,9 +101,7 @@ POST_ATTENTION_NORM = "post_attention_norm"
 def mlp_inputs(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dict, chunk: int = 16) -> torch.Tensor:
     """The MLP's pre-norm output (the MLP's input) for every window of ``x``; the MLP does not run."""
     mlp = structure.role(block, "mlp")
-    return torch.cat(
-        [input_to(mlp, lambda c=x[i : i + chunk]: block(c, **block_kwargs)) for i in range(0, x.shape[0], chunk)]
-    )
+    return _each(lambda c: input_to(mlp, lambda: block(c, **block_kwargs)), x, chunk)
 
 
 Visit = Callable[[str | tuple[str, ...], torch.Tensor | dict], torch.Tensor | None]
@@ -76,7 +127,14 @@ def run_staged(
 
 
 def _each(fn, t: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([fn(t[i : i + chunk]) for i in range(0, t.shape[0], chunk)])
+    """``fn`` over ``chunk`` windows of ``t`` at a time, the results stacked in the activation store."""
+    out = None
+    for i in range(0, t.shape[0], chunk):
+        y = fn(t[i : i + chunk])
+        if out is None:
+            out = _store.empty((t.shape[0], *y.shape[1:]), y.dtype, y.device)
+        out[i : i + y.shape[0]] = y
+    return out
 
 
 def _run_generic(block: nn.Module, structure, x: torch.Tensor, kwargs: dict, visit: Visit, chunk: int) -> torch.Tensor:
@@ -146,7 +204,7 @@ def _run_prenorm(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dic
     attn_in = each(lambda c: input_to(role("o"), lambda: attn(hidden_states=c, **block_kwargs)), xa)
     del xa
     visit(o, attn_in)
-    h = x + each(role("o"), attn_in)
+    h = each(role("o"), attn_in).add_(x)  # x + o(attn): in place, so h lives in the activation store
     del attn_in
     norm2 = role(POST_ATTENTION_NORM)
     visit(POST_ATTENTION_NORM, each(norm2, h))
@@ -166,8 +224,8 @@ def _run_prenorm(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dic
             ins[n] = (input_to(owner.down_proj, lambda o=owner, t=t: o(t)) if len(t)
                       else t.new_zeros(0, owner.down_proj.in_features))
         visit(down, ins)
-        return h + each(mlp, xc)
+        return each(mlp, xc).add_(h)
     visit(gate_up, xc)
     xd = each(lambda c: input_to(role("down"), lambda: mlp(c)), xc)
     changed = visit(down, xd)
-    return h + each(role("down"), xd if changed is None else changed)
+    return each(role("down"), xd if changed is None else changed).add_(h)

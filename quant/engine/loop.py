@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.engine import distributed as dist
-from quant.engine.blockwise import _Stop, call_block
+from quant.engine.blockwise import ActivationStore, _each, _Stop, activation_store, call_block, stacked
 from quant.errors import QuantError
 
 
@@ -115,14 +115,19 @@ def capture(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> tuple
             del b.forward
     if any(k is None for k in kws):
         raise QuantError("cannot record the decoder blocks' arguments: some blocks did not run")
-    return torch.cat(xs), kws
+    return stacked(xs), kws
 
 
 # ----------------------------------------------------------------------------------------- the loop
 def run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     """Run ``steps`` block by block over ``ctx.model`` (resident, or streamed from ``ctx.source``); returns each
     step's summary. With ``ctx.work`` (a :class:`quant.engine.resume.WorkDir`), finished blocks are recorded and a
-    restarted run resumes after the last one."""
+    restarted run resumes after the last one; ``ctx.activations`` says where the activations live."""
+    with activation_store(getattr(ctx, "activations", None) or ActivationStore()):
+        return _run_blocks(ctx, steps)
+
+
+def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     from quant.engine.streaming import _outer_names
 
     model, source, work = ctx.model, ctx.source, ctx.work
@@ -140,7 +145,7 @@ def run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
         x, run.kwargs = capture(model, blocks, ids.to(run.device))
         run.kwargs = [_to(kw, run.device) for kw in run.kwargs]
         run.x = x.to(run.device)
-        run.xf = run.x.clone() if any(s.float_stream for s in steps) else None
+        run.xf = stacked([run.x]) if any(s.float_stream for s in steps) else None
     if source.streaming and work is not None:
         work.save_outer(model, _outer_names(model, structure, "inputs"), "inputs")
     source.release_outer(model, structure, "inputs")
@@ -172,7 +177,7 @@ def run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
 
 @torch.no_grad()
 def _advance(block: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int = 16) -> torch.Tensor:
-    return torch.cat([call_block(block, x[i : i + chunk], kwargs) for i in range(0, x.shape[0], chunk)])
+    return _each(lambda c: call_block(block, c, kwargs), x, chunk)
 
 
 def _to(obj, device: torch.device):

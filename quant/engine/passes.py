@@ -45,6 +45,7 @@ class QuantContext:
     device: str = "cpu"  # where blocks compute (quant.engine.loop.parse_device)
     source: object = None  # where block weights come from (quant.engine.streaming); default: the resident model
     work: object = None  # the run's work folder (quant.engine.resume.WorkDir): finished blocks are kept, runs resume
+    activations: object = None  # where calibration activations live (quant.engine.blockwise.ActivationStore)
 
     def __post_init__(self) -> None:
         if self.source is None:

@@ -102,9 +102,10 @@ class QuantizeStep(BlockStep):
                 xs = x if x.dim() == 3 else x.reshape(1, -1, width)  # MoE rows: one "window"
                 us = xs if u is x else (u if u.dim() == 3 else u.reshape(1, -1, width))
                 m = torch.zeros(width, width, dtype=torch.float64, device=x.device)
+                tmp = torch.empty(width, width, device=x.device)  # one buffer: fresh temporaries cost page faults
                 for uw, xw in zip(us, xs, strict=True):
                     a = _rows(xw, width).float()
-                    m += ((a if u is x else _rows(uw, width).float()).T @ a).double()
+                    m += torch.mm((a if u is x else _rows(uw, width).float()).T, a, out=tmp)
                 n = torch.tensor([float(xs.shape[0] * xs.shape[1])], dtype=torch.float64, device=m.device)
                 dist.sum_(m), dist.sum_(n)
                 moments[id(u), id(x)] = ((m / max(float(n), 1.0)).float(), int(n))
@@ -118,8 +119,8 @@ class QuantizeStep(BlockStep):
             H = P = None
             if cfg.backend != "rtn":
                 H, n = moment(x, x, lin.in_features)
-                if n < lin.in_features and "" in inputs:  # an expert (almost) no token reached (dense linears
-                    # with fewer calibration tokens than inputs keep GPTQ: the damping makes H positive definite)
+                if n < lin.in_features and ".experts." in rel:  # an expert (almost) no token reached (dense
+                    # linears with fewer calibration tokens than inputs keep GPTQ: damping makes H definite)
                     H = moment(inputs[""], inputs[""], lin.in_features)[0] if "" in inputs and not rel.endswith(
                         "down_proj") else None
                     if H is None:

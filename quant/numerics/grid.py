@@ -113,24 +113,23 @@ def find_params(
         return _minmax_params(xmin, xmax, spec.bits, spec.sym)
     shrink = torch.tensor([1 - max_shrink * i / grid for i in range(grid + 1)], device=w.device)
     chunk = max(1, (1 << 22) // max(w.numel(), 1))
-    buf = torch.empty(min(chunk, grid + 1), *w.shape, device=w.device)  # reused: fresh temporaries cost page faults
-    best = scale = zero = None
-    for c0 in range(0, grid + 1, chunk):
-        p = shrink[c0 : c0 + chunk, None, None]
-        s, z = _minmax_params(p * xmin, p * xmax, spec.bits, spec.sym)  # [factors, rows, 1]
-        t = torch.div(w, s, out=buf[: p.shape[0]])  # |w - deq(q(w))|^2.4, as quantize/dequantize_codes compute it
-        err = t.round_().add_(z).clamp_(0, 2**spec.bits - 1).sub_(z).mul_(s).sub_(w).abs_().pow_(2.4).sum(-1)
-        err, i = err.min(0)  # the first (widest) factor among equals, as a strict-improvement scan keeps
-        rows = torch.arange(w.shape[0], device=w.device)
-        s, z = s[i, rows], z[i, rows]
-        if best is None:
-            best, scale, zero = err, s, z
-            continue
-        better = err < best
-        best = torch.where(better, err, best)
-        scale = torch.where(better[:, None], s, scale)
-        zero = torch.where(better[:, None], z, zero)
-    return scale, zero
+    best = pick = None
+    with torch.no_grad():  # the search picks a factor per row; the range below is built (with grad) from it
+        wd, lo, hi = w.detach(), xmin.detach(), xmax.detach()
+        buf = torch.empty(min(chunk, grid + 1), *w.shape, device=w.device)  # reused: fresh ones cost page faults
+        for c0 in range(0, grid + 1, chunk):
+            p = shrink[c0 : c0 + chunk, None, None]
+            s, z = _minmax_params(p * lo, p * hi, spec.bits, spec.sym)  # [factors, rows, 1]
+            t = torch.div(wd, s, out=buf[: p.shape[0]])  # |w - deq(q(w))|^2.4 as quantize/dequantize_codes do
+            err = t.round_().add_(z).clamp_(0, 2**spec.bits - 1).sub_(z).mul_(s).sub_(wd).abs_().pow_(2.4).sum(-1)
+            err, i = err.min(0)  # the first (widest) factor among equals, as a strict-improvement scan keeps
+            if best is None:
+                best, pick = err, i + c0
+                continue
+            better = err < best
+            best, pick = torch.where(better, err, best), torch.where(better, i + c0, pick)
+    p = shrink[pick][:, None]
+    return _minmax_params(p * xmin, p * xmax, spec.bits, spec.sym)
 
 
 @dataclass

@@ -45,7 +45,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "dense-linears-with-few-tokens-fall-back-to-rtn",
         "quant/methods/blockquant.py",
-        'if n < lin.in_features and "" in inputs:',
+        'if n < lin.in_features and ".experts." in rel:',
         "if n < lin.in_features:",
         (f"{PIPE}::test_gptq_runs_with_fewer_calibration_tokens_than_inputs",),
         "a dense model calibrated on fewer tokens than a layer's inputs is silently rounded to nearest",
@@ -414,8 +414,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "moe-no-starvation-threshold",
         "quant/methods/blockquant.py",
-        "if n < lin.in_features:",
-        "if n == 0:",
+        'if n < lin.in_features and ".experts." in rel:',
+        'if n == 0 and ".experts." in rel:',
         ("tests/test_correct_moe.py",),
         "an expert with a handful of tokens is solved on them as if it had enough",
     ),
