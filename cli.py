@@ -34,15 +34,16 @@ MODEL_HELP = (
 )
 
 
-def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2", source=None) -> dict:
+def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2", source=None,
+          window_batch: int = 0) -> dict:
     """Perplexity of ``lm``'s model, or with ``source`` (a ``quant.engine.streaming.DiskSource``) of the model it
     reads block by block."""
-    from quant.runtime.perplexity import perplexity, streamed_perplexity, tokenize_eval
+    from quant.runtime.perplexity import perplexity, tokenize_eval
 
     ids = tokenize_eval(lm.tokenizer, dataset=dataset)
-    if source is not None:
-        return streamed_perplexity(source, ids, seqlen, max_windows or None, desc=label, dataset=dataset)
-    return perplexity(lm.model, ids, seqlen=seqlen, max_windows=max_windows or None, desc=label, dataset=dataset)
+    model = None if source is not None else lm.model
+    return perplexity(model, ids, seqlen, max_windows or None, desc=label, dataset=dataset, source=source,
+                      window_batch=window_batch or None)
 
 
 def _routing_sample(tokenizer, windows: int = 4, seqlen: int = 512):
@@ -570,7 +571,7 @@ def eval_cmd(
     from quant.engine.loop import parse_device, parse_dtype
     from quant.formats.models import LoadedModel, load_model, resolve
     from quant.formats.reader import load_tokenizer
-    from quant.runtime.perplexity import EVAL_SETS, streamed_perplexity, tokenize_eval
+    from quant.runtime.perplexity import EVAL_SETS
 
     if dataset not in EVAL_SETS:
         raise QuantError(f"unknown dataset {dataset!r}; choose from {', '.join(EVAL_SETS)}")
@@ -582,14 +583,13 @@ def eval_cmd(
         from quant.engine.streaming import DiskSource
 
         source = DiskSource(resolve(model), dev, cdtype, checkpoint=True)
-        ids = tokenize_eval(load_tokenizer(source.path), dataset=dataset)
-        res = streamed_perplexity(source, ids, seqlen, max_windows or None, desc="ppl", dataset=dataset,
-                                  window_batch=window_batch or None)
-        res = {"model": str(source.path), "quantized": source.qc is not None, **res}
+        lm = LoadedModel(None, load_tokenizer(source.path), str(source.path), quantized=source.qc is not None)
     else:
+        source = None
         lm = load_model(model, dtype=torch.float32 if dtype == "auto" else cdtype, trust_remote_code=trust_remote_code)
         lm = LoadedModel(lm.model.to(dev), lm.tokenizer, lm.source, lm.quantized)
-        res = {"model": lm.source, "quantized": lm.quantized, **_eval(lm, max_windows, seqlen, "ppl", dataset)}
+    res = {"model": lm.source, "quantized": lm.quantized,
+           **_eval(lm, max_windows, seqlen, "ppl", dataset, source=source, window_batch=window_batch)}
     typer.echo(json.dumps(res, indent=2))
     if json_out:
         _write_json_atomic(json_out, res)

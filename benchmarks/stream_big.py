@@ -10,9 +10,11 @@ time, each row runs the real command under ``/usr/bin/time -v`` and records wall
 - ``quantize eval OUT --max-windows 1`` on each output (random weights: the perplexity means nothing; the run is
   the point: the checkpoint reloads and computes).
 
-Rows already in the results file are skipped (resumable). Results: ``benchmarks/results/stream_big.{json,md}``.
+Rows already in the results file are skipped (resumable). A long row can be run in pieces (``--stop-after S``
+kills it after S seconds; the same command resumes it from its last finished block): the row then sums the
+pieces' wall times and keeps their largest peak RSS. Results: ``benchmarks/results/stream_big.{json,md}``.
 
-    python benchmarks/stream_big.py [--work /path/with/50GB] [--rows rtn,gptq,eval-rtn,eval-gptq]
+    python benchmarks/stream_big.py [--work /path/with/50GB] [--rows rtn,gptq,eval-rtn,eval-gptq] [--stop-after S]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,21 +101,30 @@ def make_model(path: Path) -> None:
     tmp.rename(path)
 
 
-def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v; wall seconds, peak RSS and the exit status."""
+def timed(cmd: list[str], log: Path, stop_after: float | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v; wall seconds, peak RSS and the exit status. With ``stop_after``, the
+    command (not ``time``, which then still reports its peak) is SIGKILLed after that many seconds: a piece of
+    a resumable run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        r = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        p = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            p.wait(timeout=stop_after)
+        except subprocess.TimeoutExpired:
+            children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            for c in children:
+                os.kill(int(c), signal.SIGKILL)
+            p.wait()
     wall = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return {
         "command": " ".join(cmd),
-        "exit": r.returncode,
+        "exit": p.returncode if "terminated by signal" not in text else "killed (a piece of a resumable run)",
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(int(rss.group(1)) / 2**20, 3) if rss else None,
-        "tail": text.strip().splitlines()[-30:-23] if r.returncode == 0 else text.strip().splitlines()[-40:],
+        "tail": text.strip().splitlines()[-30:-23] if p.returncode == 0 else text.strip().splitlines()[-40:],
     }
 
 
@@ -120,6 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / "lowbit-big", help="where the model and outputs go")
     ap.add_argument("--rows", default="rtn,eval-rtn,gptq,eval-gptq")
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="kill a quantize run after this many seconds; the next invocation resumes it, and the row "
+                    "sums its pieces' wall times and keeps their largest peak RSS")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / "llama3-8b-shape-random-bf16"
@@ -143,9 +158,20 @@ def main() -> None:
             print(f"{row}: measured already ({results[row]['wall_s']} s)")
             continue
         print(f"{row}: {' '.join(commands[row][3:])}", flush=True)
-        results[row] = timed(commands[row], args.work / f"{row}.log")
+        stop = args.stop_after if not row.startswith("eval") else None
+        piece = timed(commands[row], args.work / f"{row}.log", stop)
+        partial = args.work / f".{Path(commands[row][commands[row].index('--out') + 1]).name}.partial" \
+            if "--out" in commands[row] else None
+        piece["blocks_finished"] = len(list(partial.glob("block-*.json"))) if partial and partial.exists() else None
+        pieces = [*results.get(row, {}).get("pieces", []), {k: v for k, v in piece.items() if k != "tail"}]
+        results[row] = {**piece, "pieces": pieces, "wall_s": round(sum(x["wall_s"] for x in pieces), 1),
+                        "peak_rss_gib": max((x["peak_rss_gib"] or 0) for x in pieces)}
         results[row]["machine"] = f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, no GPU"
         print(json.dumps({k: v for k, v in results[row].items() if k != "tail"}), flush=True)
+        if piece["exit"] != 0:
+            out_json.write_text(json.dumps(results, indent=2))
+            write_md(results)
+            break  # unfinished: later rows need its output
         out_json.write_text(json.dumps(results, indent=2))
         write_md(results)
 

@@ -74,3 +74,20 @@ def test_dead_inputs_do_not_break_gptq(act_order):
     # and the live columns are still solved for: GPTQ's objective, the error on these very inputs, beats RTN's
     err = lambda w_hat: (X @ (W - w_hat).T).norm()  # noqa: E731
     assert err(deq) < err(quantize_rtn(W, spec).dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(dtype):
+    """``J L⁻¹ J`` from one Cholesky of the reversed matrix and a triangular inverse (LAPACK trtri on a CPU) is
+    the upper Cholesky factor of ``(H + λI)⁻¹``, computed here the long way in float64."""
+    from quant.methods.gptq import _inverse_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g, dtype=torch.float64) @ torch.randn(96, 96, generator=g, dtype=torch.float64)
+    H = x.T @ x / 300
+    U = _inverse_cholesky(H.to(dtype), 0.01)
+    A = H + 0.01 * torch.diag(H).mean() * torch.eye(96, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
+    assert U.dtype == dtype and torch.equal(U, U.triu()) and bool((torch.diag(U) > 0).all())
+    err = float((U.double() - ref).abs().max() / ref.abs().max())
+    assert err < (1e-4 if dtype == torch.float32 else 1e-10), err

@@ -64,12 +64,12 @@ def test_streamed_run_writes_the_resident_checkpoint(tmp_path, tokenizer, family
 def test_streamed_perplexity_is_the_resident_one(tmp_path, tokenizer, family, kw):
     from quant.engine.streaming import DiskSource
     from quant.formats.models import load_model
-    from quant.runtime.perplexity import perplexity, streamed_perplexity
+    from quant.runtime.perplexity import perplexity
 
     d = float_dir(tmp_path, tokenizer, family, **kw)
     ids = torch.randint(0, 49152, (5 * 64 + 7,), generator=torch.Generator().manual_seed(0))
     resident = perplexity(load_model(str(d)).model, ids, seqlen=64, progress=False)
-    streamed = streamed_perplexity(DiskSource(d), ids, seqlen=64, progress=False, window_batch=2)  # 3 passes
+    streamed = perplexity(None, ids, seqlen=64, progress=False, source=DiskSource(d), window_batch=2)  # 3 passes
     assert streamed["windows"] == resident["windows"] == 5 and streamed["streamed"]
     assert streamed["window_nll"] == pytest.approx(resident["window_nll"], rel=1e-5, abs=1e-5)
 

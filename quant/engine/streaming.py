@@ -2,8 +2,10 @@
 shards read block by block (``DiskSource``), so a model larger than memory is quantized in one block's room.
 
 ``DiskSource`` builds the model on the meta device (buffers such as rotary tables stay real: they are computed,
-not stored), then materialises one module at a time from the memory-mapped shards (found through the index)
-in the compute dtype on the compute device, and returns it to the meta device when the engine is done with it.
+not stored), then materialises one module at a time from the shards (found through the index; plain reads, no
+memory map) in the compute dtype on the compute device, and returns it to the meta device when the engine is
+done with it. It reads float models (to quantize or evaluate) and our checkpoints (to evaluate: packed linears
+as stored, checksums verified first). A block read again (each evaluation pass) is rebuilt from its stored form.
 The embeddings are loaded while the calibration stream is captured, the final norm and lm_head only at the end.
 The block structure is discovered on block 0 (on a short probe) and reused for every block of the same make;
 a block that differs (a dense first layer in an MoE model) is discovered when it loads.

@@ -57,18 +57,26 @@ def _result(nlls: list[float], total: int, seqlen: int, dataset: str, t0: float,
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module,
+    model: nn.Module | None,
     ids: torch.Tensor,
     seqlen: int = 2048,
     max_windows: int | None = None,
     progress: bool = True,
     desc: str = "perplexity",
     dataset: str = "wikitext2",
+    source=None,
+    window_batch: int | None = None,
 ) -> dict:
+    """Perplexity of ``model``, or (``source``: a ``quant.engine.streaming.DiskSource``, ``model`` None) of a
+    model read block by block from disk, for models that do not fit in memory: batches of ``window_batch``
+    windows go through the block engine (each batch reads every block once), and the model's own forward turns
+    the last block's output into logits."""
     n, total = _windows(ids, seqlen, max_windows)
+    t0 = time.perf_counter()
+    if source is not None:
+        return _streamed(source, ids[: n * seqlen].view(n, seqlen), progress, desc, window_batch, total, dataset, t0)
     device = next(model.parameters()).device
     nlls = []
-    t0 = time.perf_counter()
     dtype = next(model.parameters()).dtype
     with dequantized_weights(model, dtype):
         for i in tqdm(range(n), desc=desc, disable=not progress, unit="win"):
@@ -78,28 +86,14 @@ def perplexity(
     return _result(nlls, total, seqlen, dataset, t0)
 
 
-@torch.no_grad()
-def streamed_perplexity(
-    source,
-    ids: torch.Tensor,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    progress: bool = True,
-    desc: str = "perplexity",
-    dataset: str = "wikitext2",
-    window_batch: int | None = None,
-) -> dict:
-    """:func:`perplexity` of a model read block by block from disk (``quant.engine.streaming.DiskSource``), for models
-    that do not fit in memory: batches of windows go through the block engine (each batch reads every block
-    once), and the model's own forward computes the head on the last block's output."""
+def _streamed(source, windows: torch.Tensor, progress: bool, desc: str, batch: int | None, total: int,
+              dataset: str, t0: float) -> dict:
     from quant.engine.passes import QuantContext
 
-    n, total = _windows(ids, seqlen, max_windows)
     model = source.skeleton()
-    windows = ids[: n * seqlen].view(n, seqlen)
-    batch = window_batch or _window_batch(model, seqlen, n)
+    n, seqlen = windows.shape
+    batch = batch or _window_batch(model, seqlen, n)
     nlls: list[float] = []
-    t0 = time.perf_counter()
     for b0 in range(0, n, batch):
         step = WindowNLL(windows[b0 : b0 + batch], seqlen, f"{desc} windows {b0 + 1}-{min(n, b0 + batch)}/{n}")
         ctx = QuantContext(model, calib_ids=step.windows, progress=progress, device=str(source.device), source=source)
@@ -119,7 +113,7 @@ def _window_batch(model: nn.Module, seqlen: int, n: int) -> int:
 
 
 class WindowNLL(BlockStep):
-    """The block step of :func:`streamed_perplexity`: advances the windows' streams through each block, then
+    """The block step of a streamed :func:`perplexity`: advances the windows' streams through each block, then
     runs the model's forward with the embeddings and blocks stubbed out (the last block hands over the
     stream) so the final norm, head and any logit scaling or soft-capping are the model's own."""
 
