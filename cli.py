@@ -445,7 +445,8 @@ def _choose_stream(model: str | None, stream: bool | None, dtype, whole_model: l
         return False
     path = Path(resolve(model))
     if stream is None:
-        files = list(path.glob("*.safetensors")) if path.is_dir() else []
+        # regular files only: links, devices and the like are the loader's to refuse, in one line
+        files = [f for f in path.glob("*.safetensors") if f.is_file()] if path.is_dir() else []
         avail = available_memory()
         need = sum(f.stat().st_size for f in files) * (4 if dtype.itemsize >= 4 else 2) // 2  # stored mostly bf16
         if not files or avail is None or need <= avail // 2:
