@@ -103,12 +103,16 @@ class QuantizeStep(BlockStep):
                 us = xs if u is x else (u if u.dim() == 3 else u.reshape(1, -1, width))
                 m = torch.zeros(width, width, dtype=torch.float64, device=x.device)
                 tmp = torch.empty(width, width, device=x.device)  # one buffer: fresh temporaries cost page faults
+                # on a CPU, float64 slices small enough to come from the heap (a copy of all of tmp page-faults)
+                rows = max(1, (1 << 19) // (8 * width)) if x.device.type == "cpu" else width
                 for uw, xw in zip(us, xs, strict=True):
                     a = _rows(xw, width).float()
-                    m += torch.mm((a if u is x else _rows(uw, width).float()).T, a, out=tmp)
+                    torch.mm((a if u is x else _rows(uw, width).float()).T, a, out=tmp)
+                    for r in range(0, width, rows):  # m += tmp, without a float64 copy of all of tmp
+                        m[r : r + rows] += tmp[r : r + rows].double()
                 n = torch.tensor([float(xs.shape[0] * xs.shape[1])], dtype=torch.float64, device=m.device)
                 dist.sum_(m), dist.sum_(n)
-                moments[id(u), id(x)] = ((m / max(float(n), 1.0)).float(), int(n))
+                moments[id(u), id(x)] = (m.div_(max(float(n), 1.0)).float(), int(n))
             return moments[id(u), id(x)]
 
         out = None
