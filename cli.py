@@ -9,6 +9,9 @@ quantize inspect DIR                                        what a checkpoint ho
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import typer
 
+from quant.engine.options import cli_options
+from quant.engine.passes import PASSES, get_pass  # importing quant registers the built-in passes
 from quant.errors import QuantError
 
 app = typer.Typer(
@@ -64,7 +69,63 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
+def pass_options(*only: str):
+    """Give a command the flags that the pass configs declare (``quant.engine.options``; all passes, or ``only``
+    these), except those it declares itself. Their values reach it as ``pass_values`` (dest -> value, None when
+    not given): a new pass brings its own flags and help, and the command does not grow."""
+
+    def deco(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = set(sig.parameters)
+        wanted = [o for o in cli_options(PASSES) if not only or any(p in only for p, _ in o.targets)]
+        opts = [o for o in wanted if o.dest not in own]
+        params = [p for p in sig.parameters.values() if p.name != "pass_values"]
+        for o in opts:
+            decls = o.flag if "/" in o.flag or o.type is not bool else f"{o.flag}/--no-{o.flag[2:]}"
+            info = typer.Option(None, decls, help=o.help_text(), show_default=False, rich_help_panel="Pass options")
+            params.append(inspect.Parameter(o.dest, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                            annotation=o.type | None))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            pass_values = {o.dest: kwargs.pop(o.dest) for o in opts}
+            return fn(**kwargs, pass_values=pass_values)
+
+        command.__signature__ = sig.replace(parameters=params)
+        return command
+
+    return deco
+
+
+def _pass_config(name: str, values: dict, base=None, **fixed):
+    """Pass ``name``'s config: the flags given (``values``) over ``base`` (default: the config's own defaults),
+    then ``fixed`` (what the command sets itself); validated by the config."""
+    from quant.engine.options import given_fields
+
+    cls = get_pass(name).config_cls
+    kw = {**given_fields(cls, name, cli_options(PASSES), values), **fixed}
+    config = dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def _check_flags_apply(pass_values: dict, passes: set[str], recipe: bool) -> None:
+    """A pass flag the run would ignore is an error, not a silent no-op."""
+    for o in cli_options(PASSES):
+        if pass_values.get(o.dest) is None:
+            continue
+        flag = o.flag.split("/")[0]
+        if recipe:
+            raise QuantError(f"--recipe replaces the pass options; drop {flag} (or set it in the recipe)")
+        if not passes & {p for p, _ in o.targets}:
+            targets = ", ".join(dict.fromkeys(p for p, _ in o.targets))
+            run = ", ".join(sorted(passes))
+            raise QuantError(f"{flag} applies to {targets}, which this run does not include (its passes: {run})")
+
+
 @app.command("model")
+@pass_options()
 def model_cmd(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
     bits: float = typer.Option(
@@ -76,20 +137,8 @@ def model_cmd(
         "gptq",
         help="Quantizer: rtn (round to nearest, no data), gptq (calibrated), d2quant (sub-4-bit: dual-scale "
         "down_proj, deviation-aware norm correction, GPTAQ, Hadamard rotation), or fptquant (function-preserving "
-        "transforms fitted locally and end to end, then RTN; pair with --act-bits 4 for W4A4).",
-    ),
-    backend: str = typer.Option("gptaq", help="d2quant: the solver for every layer: gptaq, gptq or rtn."),
-    dsq: bool = typer.Option(True, help="d2quant: dual-scale quantizer on down_proj (2 and 3 bits)."),
-    dac: bool = typer.Option(
-        False,
-        help="d2quant: deviation-aware correction, a bias on each post-attention norm (off by default: with "
-        "the gptaq backend it measured slightly worse on SmolLM2 at 3 and 2 bits, with gptq 17% worse at 2 bits).",
-    ),
-    dac_teacher: str = typer.Option(
-        "local",
-        help="d2quant: what DAC corrects toward: local (float attention on the quantized model's own inputs: "
-        "only this block's attention error) or float (the float model's activations, as methods.md words it: "
-        "also the drift earlier blocks left, which measured far worse).",
+        "transforms fitted locally and end to end, then RTN; pair with --act-bits 4 for W4A4). Each method's own "
+        "options are listed under 'Pass options'.",
     ),
     rotation: bool = typer.Option(
         None,
@@ -98,68 +147,21 @@ def model_cmd(
         "off otherwise). Unties tied embeddings.",
         show_default=False,
     ),
-    rotation_mode: str = typer.Option(
-        "hadamard", help="Rotation: hadamard (full width), groupwise (block-diagonal, one block per group), random."
-    ),
     transforms: str = typer.Option(
         "none",
         help="Function-preserving transforms before the quantizer: none, or fpt (FPTQuant's residual rotation, "
         "pre-RoPE Q/K, value and MLP transforms, fitted locally; plus the online Hadamard before down_proj when "
         "activations are quantized and the method is not d2quant). --method fptquant always applies them.",
     ),
-    fpt_local_steps: int = typer.Option(200, help="FPT: AdamW steps of the data-free local fit (each phase)."),
-    fpt_e2e_steps: int = typer.Option(
-        None,
-        help="FPT: AdamW steps of the end-to-end student-teacher fit on calibration windows (about 10 s each on "
-        "2 cores for SmolLM2). Default: 32 for --method fptquant, 0 for --transforms fpt.",
-        show_default=False,
-    ),
-    fpt_e2e_lr: float = typer.Option(1e-3, help="FPT: learning rate of the end-to-end fit."),
-    act_bits: int = typer.Option(
-        16, help="Activation bits for the input of every block linear: 16 (not quantized), 8 or 4 (simulated)."
-    ),
-    act_mode: str = typer.Option(
-        "dynamic",
-        help="Activation scales: dynamic (per token, at run time) or static (one per tensor, calibrated).",
-    ),
-    act_sym: bool = typer.Option(True, "--act-sym/--act-asym", help="Symmetric or asymmetric activation grid."),
-    kv_bits: int = typer.Option(
-        16, help="KV cache bits: 16 (not quantized), 8 or 4 (keys after RoPE and values, per token and head)."
-    ),
     allocation: str = typer.Option(
         "none",
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
         "or random (NSDS's mix of widths, shuffled; a baseline).",
     ),
-    candidates: str = typer.Option("2,3,4", help="Allocation: the widths a layer may get, comma-separated."),
-    granularity: str = typer.Option(
-        "module", help="Allocation: one width per linear (module) or per block (layer, as in the NSDS paper)."
-    ),
-    scheme: str = typer.Option(
-        "knapsack",
-        help="NSDS allocation rule: knapsack (minimise sensitivity-weighted predicted error under the budget) "
-        "or tiers (the paper's rule: widest width to the most sensitive layers, narrowest to the rest).",
-    ),
-    importance: str = typer.Option(
-        "score", help="Knapsack: weight each unit by its NSDS score, or by the odds S/(1-S) (sharper)."
-    ),
-    error_model: str = typer.Option(
-        "rtn",
-        help="Knapsack: a unit's error at b bits is its measured round-to-nearest weight error (rtn, no data "
-        "needed) or the ideal params x 4^-b.",
-    ),
-    alloc_seed: int = typer.Option(0, help="Allocation: seed for --allocation random."),
     group_size: int = typer.Option(
         128,
         help="Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width "
         "it does not divide uses the largest supported group that does (recorded per layer).",
-    ),
-    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric (fixed zero-point) or asymmetric groups."),
-    clip: str = typer.Option(
-        None,
-        help="Range per group: minmax, or mse (search the clipping that minimises weight error). "
-        "Default: minmax for rtn, mse for gptq.",
-        show_default=False,
     ),
     calib: str = typer.Option(
         "c4",
@@ -168,9 +170,7 @@ def model_cmd(
     ),
     nsamples: int = typer.Option(128, help="Number of calibration windows (gptq)."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (gptq)."),
-    act_order: bool = typer.Option(True, help="GPTQ: quantize columns in order of decreasing Hessian diagonal."),
-    damp: float = typer.Option(0.01, help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean."),
-    seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows (and for random rotations)."),
     out: Path = typer.Option(None, help="Output folder (default: ./<model>-<method>-w<bits>g<group>)."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure WikiText-2 perplexity, float and quantized."),
@@ -212,6 +212,7 @@ def model_cmd(
         show_default=False,
     ),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+    pass_values: dict | None = None,
 ) -> None:
     """Quantize a model's linear layers and write a packed safetensors checkpoint.
 
@@ -233,78 +234,64 @@ def model_cmd(
     info = get_pass(method)
     if not info.quantizer:
         raise QuantError(f"{method!r} is not a quantization method; use one of {', '.join(quantizer_methods())}")
+    pass_values = pass_values or {}
+    values = {**pass_values, "group_size": group_size, "seed": seed}
     steps: list = []
     budget = None
     if allocation != "none":
-        rule = dict(granularity=granularity, scheme=scheme, importance=importance, error_model=error_model)
-        alloc_config = _allocation_config(bits, allocation, candidates, group_size, seed=alloc_seed, **rule)
-        steps.append(("allocate", alloc_config))
-        budget = alloc_config.budget
-        bits = max(alloc_config.candidates)  # the quantizer's default width; allocate sets every layer's
+        alloc = _pass_config("allocate", values, budget=bits, allocator=allocation)
+        steps.append(("allocate", alloc))
+        budget = bits
+        bits = max(alloc.candidates)  # the quantizer's default width; allocate sets every layer's
     elif bits != int(bits):
         raise QuantError(f"--bits {bits} is fractional: a fractional average needs --allocation nsds|random")
     bits = int(bits)
-    kwargs = {"bits": bits, "group_size": group_size, "sym": sym}
-    if clip is not None:
-        kwargs["clip"] = clip
-    if method in ("gptq", "d2quant"):
-        kwargs.update(damp=damp, act_order=act_order)
-    if method == "d2quant":
-        kwargs.update(backend=backend, dsq=dsq, dac=dac, dac_teacher=dac_teacher)
-    act = None
-    if act_bits != 16 or kv_bits != 16:
-        from quant.runtime.inputops import ActQuantConfig
-
-        act = ActQuantConfig(bits=act_bits, mode=act_mode, sym=act_sym, kv_bits=kv_bits)
-        act.validate()
+    act = _pass_config("actquant", values)
+    act = act if (act.bits, act.kv_bits) != (16, 16) else None  # 16: not quantized
+    config = _pass_config(method, values, bits=bits)
     fpt = None
     if transforms not in ("none", "fpt"):
         raise QuantError(f"unknown --transforms {transforms!r}; choose none or fpt")
     if transforms == "fpt" or method == "fptquant":
-        from quant.methods.fpt import FPTConfig
         from quant.numerics.grid import QuantSpec
 
-        fpt = FPTConfig(
+        fpt = _pass_config(
+            "fpt",
+            values,
+            base=getattr(config, "transforms", None),  # fptquant's own defaults (end-to-end steps) for its transforms
             # the online Hadamard pays off for quantized inputs; DSQ's column scale cannot pass it
             down_hadamard=act is not None and act.bits != 16 and method != "d2quant",
-            local_steps=fpt_local_steps,
-            e2e_steps=fpt_e2e_steps if fpt_e2e_steps is not None else (32 if method == "fptquant" else 0),
-            e2e_lr=fpt_e2e_lr,
-            weight=QuantSpec(bits, group_size, sym, "minmax"),
+            weight=QuantSpec(bits, group_size, config.sym, "minmax"),
             act=act,
-            seed=seed,
         )
-        fpt.validate()
         if rotation:
             raise QuantError("--transforms fpt already rotates the residual stream; drop --rotation")
         rotation = False
     if method == "fptquant":
-        kwargs["transforms"] = fpt
+        config = dataclasses.replace(config, transforms=fpt)
     elif fpt is not None:
         steps.append(("fpt", fpt))
-    config = info.config_cls(**kwargs)
     if rotation if rotation is not None else method == "d2quant":
-        from quant.methods.rotation import RotationConfig
-
-        rot = RotationConfig(mode=rotation_mode, block=group_size if group_size > 0 else 64, seed=seed)
-        rot.validate()
-        steps.append(("rotate", rot))
-    config.spec()  # validates bits / group size / clip before any work
+        steps.append(("rotate", _pass_config("rotate", values, block=group_size if group_size > 0 else 64)))
     pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]  # the run's recipe
+    used = {n for n, _ in pipeline} | ({"fpt"} if fpt else set())  # fptquant's transforms take the fpt flags
+    if pass_values.get("act_bits") is not None or pass_values.get("kv_bits") is not None:
+        used.add("actquant")  # --act-bits 16 is a stated "off", not a stray flag
+    _check_flags_apply(pass_values, used, recipe is not None)
     if recipe is not None:  # the file replaces the pass options
         from quant.engine.recipe import load_recipe
 
         pipeline = load_recipe(recipe)
         method, config = next((n, c) for n, c in pipeline if get_pass(n).quantizer)
         info = get_pass(method)
-        bits, group_size, sym = config.bits, config.group_size, config.sym
+        bits, group_size = config.bits, config.group_size
         alloc = next((c for n, c in pipeline if n == "allocate"), None)
         budget, allocation = (alloc.budget, alloc.allocator) if alloc else (None, "none")
         act = next((c for n, c in pipeline if n == "actquant"), None)
-        act_bits, kv_bits = (act.bits, act.kv_bits) if act else (16, 16)
         fpt = next((c for n, c in pipeline if n == "fpt"), getattr(config, "transforms", None))
         transforms = "fpt" if fpt is not None else "none"
         rotation = any(n == "rotate" for n, _ in pipeline)  # stated: refused, not skipped, where it cannot run
+    act_bits, kv_bits = (act.bits, act.kv_bits) if act else (16, 16)
     slug = Path(model).name if model else "smollm2-135m"
     width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
@@ -396,7 +383,7 @@ def model_cmd(
         "bits": bits if budget is None else budget,
         "allocation": allocation,
         "group_size": group_size,
-        "sym": sym,
+        "sym": config.sym,
         "modules": ctx.modules,
         "not_quantized": ["embeddings", "lm_head", "norms"],
         "norm_biases": ctx.norm_biases,
@@ -475,47 +462,22 @@ def _work_dir(out: Path, source: str, calib_ids, pipeline: list, device, dtype, 
     return WorkDir(work_dir_for(out), fp, resume=not restart)
 
 
-def _allocation_config(bits: float, allocator: str, candidates: str, group_size: int, **rule):
-    from quant.methods.allocation import AllocationConfig
-
-    try:
-        cands = tuple(int(c) for c in candidates.split(","))
-    except ValueError:
-        raise QuantError(f"--candidates must be comma-separated integers, got {candidates!r}") from None
-    config = AllocationConfig(
-        budget=bits,
-        allocator=allocator,
-        candidates=cands,
-        group_size=group_size,
-        **rule,  # granularity, scheme, importance, error_model, seed
-    )
-    config.validate()
-    return config
-
-
 @app.command("allocate")
+@pass_options("allocate")
 def allocate_cmd(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
     bits: float = typer.Option(3.0, help="Average budget in bits (storage-matched to uniform at that width)."),
-    allocation: str = typer.Option("nsds", help="nsds, uniform, or random (NSDS's mix of widths, shuffled)."),
-    candidates: str = typer.Option("2,3,4", help="The widths a layer may get, comma-separated."),
-    granularity: str = typer.Option("module", help="One width per linear (module) or per block (layer)."),
-    scheme: str = typer.Option("knapsack", help="knapsack (default) or tiers (the paper's widest/narrowest rule)."),
-    importance: str = typer.Option("score", help="Knapsack weight of a unit: score (S) or odds (S/(1-S))."),
-    error_model: str = typer.Option("rtn", help="Knapsack error at b bits: rtn (measured) or ideal (params x 4^-b)."),
-    seed: int = typer.Option(0, help="Seed for --allocation random."),
-    group_size: int = typer.Option(128, help="The quantizer's group size (scales and zeros count in the budget)."),
     png: Path = typer.Option(Path("allocation.png"), help="Where to write the allocation map."),
     json_out: Path = typer.Option(None, "--json", help="Also write scores and bits as JSON to this file."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+    pass_values: dict | None = None,
 ) -> None:
     """Score every layer with NSDS (weights only, no data) and print the bits each would get; no quantization."""
     from quant.formats.models import load_model
     from quant.methods.allocation import allocate, allocation_table
     from quant.methods.allocation_plot import plot_allocation
 
-    rule = dict(granularity=granularity, scheme=scheme, importance=importance, error_model=error_model)
-    config = _allocation_config(bits, allocation, candidates, group_size, seed=seed, **rule)
+    config = _pass_config("allocate", pass_values, budget=bits)
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
@@ -535,6 +497,22 @@ def allocate_cmd(
         if alloc.scores is not None:
             res["nsds"] = alloc.scores.to_dict()
         _write_json_atomic(json_out, res)
+
+
+@app.command("passes")
+def passes_cmd(
+    name: str = typer.Argument(None, help="One pass (default: all).", show_default=False),
+) -> None:
+    """The passes a recipe (quantize model --recipe FILE) can list, and every field of their configs: type,
+    default, command-line flag where there is one, and what it does."""
+    from quant.engine.options import describe
+
+    for info in [get_pass(name)] if name else PASSES.values():
+        kind = ("quantizer, " if info.quantizer else "") + ("block pass" if info.block else "whole-model pass")
+        data = ", needs calibration" if info.needs_calibration else ""
+        doc = (info.config_cls.__doc__ or "").strip().splitlines()[0] if info.config_cls.__doc__ else ""
+        typer.echo(f"{info.name} ({kind}{data}): {doc}")
+        typer.echo("\n".join(describe(info.config_cls)))
 
 
 @app.command("eval")

@@ -117,6 +117,10 @@ def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
         (["--method", "d2quant", "--backend", "awq"], "unknown backend"),
         (["--method", "d2quant", "--rotation-mode", "dct"], "unknown rotation mode"),
         (["--allocation", "nsds", "--candidates", "2,x"], "comma-separated integers"),
+        (["--method", "rtn", "--backend", "gptq"], "--backend applies to d2quant, which this run does not"),
+        (["--act-mode", "static"], "--act-mode applies to actquant"),
+        (["--fpt-e2e-steps", "2"], "--fpt-e2e-steps applies to fpt"),
+        (["--act-bits", "8", "--act-mode", "static", "--act-asym"], "static activation scales are symmetric"),
     ],
 )
 def test_bad_options(tmp_path, tiny_dir, args, pattern):
@@ -265,10 +269,11 @@ def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
 
 
 def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
-    common = ["--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval", "--fpt-local-steps", "3"]
+    common = ["--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
+    fpt = ["--fpt-local-steps", "3"]
     out = tmp_path / "fpt"
     r = run("model", tiny_dir, "--method", "fptquant", "--bits", "4", "--act-bits", "4", "--fpt-e2e-steps", "2",
-            *common, "--out", out)  # fmt: skip
+            *common, *fpt, "--out", out)  # fmt: skip
     assert r.returncode == 0, r.stderr
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert [p["name"] for p in qc["passes"]] == ["fptquant", "actquant"]
@@ -284,7 +289,18 @@ def test_fptquant_act_bits_and_fpt_prepass(tmp_path, tiny_dir):
     act = json.loads((tmp_path / "r" / "config.json").read_text())["quantization_config"]["activations"]
     assert (act["bits"], act["kv_bits"]) == (8, 4)
     r = run(
-        "model", tiny_dir, "--method", "gptq", "--bits", "3", "--transforms", "fpt", *common, "--out", tmp_path / "g"
+        "model",
+        tiny_dir,
+        "--method",
+        "gptq",
+        "--bits",
+        "3",
+        "--transforms",
+        "fpt",
+        *common,
+        *fpt,
+        "--out",
+        tmp_path / "g",
     )
     assert r.returncode == 0, r.stderr
     qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]

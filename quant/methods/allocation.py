@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_pass
 from quant.engine.structure import LINEAR_ROLES, PASS_NEEDS, structure_of
 from quant.errors import QuantError
@@ -51,16 +52,35 @@ ERROR_MODELS = ("ideal", "rtn")
 
 @dataclass
 class AllocationConfig:
-    budget: float = 3.0  # average bits per weight, storage-matched to uniform (see module docstring)
-    allocator: str = "nsds"
-    candidates: tuple[int, ...] = (2, 3, 4)
-    granularity: str = "module"  # "layer": one width per block, as in the paper
-    scheme: str = "knapsack"
-    importance: str = "score"  # knapsack weight of a unit: its Soft-OR score S, or the odds S/(1-S)
-    error_model: str = "rtn"  # knapsack error at b bits: the unit's measured RTN error, or "ideal" n·4^-b
-    seed: int = 0  # for allocator="random"
-    group_size: int = 128  # the quantizer's requested group: needed to count scale/zero bytes
-    nsds: NSDSConfig = field(default_factory=NSDSConfig)
+    """Per-layer bit widths under an average budget (NSDS: data-free sensitivity)."""
+
+    budget: float = option(3.0, "Average bits per weight, storage-matched to uniform quantization at that width.")
+    allocator: str = option(
+        "nsds", "nsds (data-free sensitivity), uniform, or random (NSDS's mix of widths, shuffled; a baseline).",
+        "--allocation",
+    )
+    candidates: tuple[int, ...] = option((2, 3, 4), "The widths a layer may get, comma-separated.", "--candidates")
+    granularity: str = option(
+        "module", "One width per linear (module) or per block (layer, as in the NSDS paper).", "--granularity"
+    )
+    scheme: str = option(
+        "knapsack",
+        "knapsack (minimise sensitivity-weighted predicted error under the budget) or tiers (the paper's rule: "
+        "widest width to the most sensitive layers, narrowest to the rest).",
+        "--scheme",
+    )
+    importance: str = option(
+        "score", "Knapsack: weight each unit by its NSDS score, or by the odds S/(1-S) (sharper).", "--importance"
+    )
+    error_model: str = option(
+        "rtn",
+        "Knapsack: a unit's error at b bits is its measured round-to-nearest weight error (rtn, no data needed) "
+        "or the ideal params x 4^-b.",
+        "--error-model",
+    )
+    seed: int = option(0, "Seed for the random allocator.", "--alloc-seed")
+    group_size: int = option(128, "The quantizer's group size (scales and zeros count in the budget).", "--group-size")
+    nsds: NSDSConfig = option(help="NSDS scoring.", default_factory=NSDSConfig)
 
     def validate(self) -> None:
         if self.allocator not in ALLOCATORS:

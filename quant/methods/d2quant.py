@@ -29,12 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.engine.structure import PASS_NEEDS
 from quant.errors import QuantError
 from quant.methods.blockquant import QuantizeStep, Solver, absorb_column_scale, gptaq_target  # noqa: F401  (public here)
 from quant.methods.dsq import DSQ_BITS
-from quant.methods.quantizers import check_model
+from quant.methods.quantizers import ACT_ORDER_HELP, CLIP_HELP, DAMP_HELP, GROUP_HELP, check_model
 from quant.numerics.grid import QuantSpec
 from quant.runtime.inputops import ops_modules
 
@@ -44,20 +45,34 @@ DAC_TEACHERS = ("float", "local")
 
 @dataclass
 class D2QuantConfig:
-    bits: int = 3
-    group_size: int = 64
-    backend: str = "gptaq"
-    dsq: bool = True
-    dac: bool = False  # opt-in: measured worse with GPTAQ (3 and 2 bits) and GPTQ (2 bits): results/d2quant.md
-    dsq_iters: int = 15
-    dac_teacher: str = "local"  # "float" (methods.md's wording) corrects earlier blocks' drift too: measured far worse
-    dac_skip_first: int = 4  # first tokens of each calibration window left out of μ: attention sinks (measured)
-    gptaq_alpha: float = 0.25  # share of the asymmetric correction applied (GPTAQ's released default)
-    sym: bool = False
-    clip: str = "mse"  # for the uniform (non-DSQ) layers
-    damp: float = 0.01
-    act_order: bool = True
-    block_size: int = 128
+    """D²Quant: dual-scale down_proj, GPTAQ, optional deviation-aware norm correction (sub-4-bit)."""
+
+    bits: int = option(3, "Weight bit width: 2, 3, 4 or 8.", "--bits")
+    group_size: int = option(64, GROUP_HELP, "--group-size")
+    backend: str = option("gptaq", "The solver for every layer: gptaq, gptq or rtn.", "--backend")
+    dsq: bool = option(True, "Dual-scale quantizer on down_proj (2 and 3 bits).", "--dsq/--no-dsq")
+    # opt-in: measured worse with GPTAQ (3 and 2 bits) and GPTQ (2 bits): results/d2quant.md
+    dac: bool = option(
+        False,
+        "Deviation-aware correction, a bias on each post-attention norm (off by default: with the gptaq backend "
+        "it measured slightly worse on SmolLM2 at 3 and 2 bits, with gptq 17% worse at 2 bits).",
+        "--dac/--no-dac",
+    )
+    dsq_iters: int = option(15, "Alternating refinements of DSQ's row and column scales.")
+    dac_teacher: str = option(
+        "local",
+        "What DAC corrects toward: local (float attention on the quantized model's own inputs: only this block's "
+        "attention error) or float (the float model's activations, as methods.md words it: also the drift earlier "
+        "blocks left, which measured far worse).",
+        "--dac-teacher",
+    )
+    dac_skip_first: int = option(4, "First tokens of each calibration window left out of DAC's mean (attention sinks).")
+    gptaq_alpha: float = option(0.25, "Share of GPTAQ's asymmetric correction applied (GPTAQ's released default).")
+    sym: bool = option(False, "Symmetric (fixed zero-point) or asymmetric groups.", "--sym/--asym")
+    clip: str = option("mse", CLIP_HELP + " For the uniform (non-DSQ) layers.", "--clip")
+    damp: float = option(0.01, DAMP_HELP, "--damp")
+    act_order: bool = option(True, ACT_ORDER_HELP, "--act-order/--no-act-order")
+    block_size: int = option(128, "Columns per lazy-update block of the solver.")
 
     def spec(self) -> QuantSpec:
         if self.backend not in BACKENDS:
@@ -65,6 +80,9 @@ class D2QuantConfig:
         if self.dac_teacher not in DAC_TEACHERS:
             raise QuantError(f"unknown DAC teacher {self.dac_teacher!r}; choose from {', '.join(DAC_TEACHERS)}")
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
+
+    def validate(self) -> None:
+        self.spec()
 
 
 class D2QuantStep(QuantizeStep):

@@ -33,13 +33,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_pass
 from quant.engine.structure import PASS_NEEDS
 from quant.errors import QuantError
@@ -55,22 +56,31 @@ WRITERS = ("o", "down")
 
 @dataclass
 class FPTConfig:
-    rotation: bool = True
-    prerope: bool = True
-    value: bool = True
-    mlp_scale: bool = True
-    down_hadamard: bool = False  # online op: worth it with activation quantization
-    dynamic_scale: bool = False  # online op: only matters with static activation scales
-    init: str = "identity"  # "random": random non-identity parameters (for function-preservation tests)
-    local_steps: int = 200
-    local_lr: float = 1e-2
-    rotation_rows: float = 1 / 16  # share of weight rows per step of the rotation's local fit
-    e2e_steps: int = 0
-    e2e_lr: float = 1e-3
-    e2e_batch: int = 2  # calibration windows per end-to-end step
-    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, clip="minmax"))  # the student's
-    act: ActQuantConfig | None = None  # the student's activation quantization (dynamic per token)
-    seed: int = 0
+    """FPTQuant's function-preserving transforms, fitted locally (data-free) and optionally end to end."""
+
+    rotation: bool = option(True, "The residual-stream rotation.")
+    prerope: bool = option(True, "The pre-RoPE transform of queries and keys.")
+    value: bool = option(True, "The value/output transform.")
+    mlp_scale: bool = option(True, "The MLP scaling between up and down.")
+    down_hadamard: bool = option(False, "The online Hadamard before down_proj (worth it with activation quantization).")
+    dynamic_scale: bool = option(False, "The online dynamic scale (only matters with static activation scales).")
+    init: str = option("identity", "identity, or random non-identity parameters (for function-preservation tests).")
+    local_steps: int = option(200, "AdamW steps of the data-free local fit (each phase).", "--fpt-local-steps")
+    local_lr: float = option(1e-2, "Learning rate of the local fit.")
+    rotation_rows: float = option(1 / 16, "Share of weight rows per step of the rotation's local fit.")
+    e2e_steps: int = option(
+        0,
+        "AdamW steps of the end-to-end student-teacher fit on calibration windows (about 10 s each on 2 cores "
+        "for SmolLM2). --method fptquant's transforms default to 32.",
+        "--fpt-e2e-steps",
+    )
+    e2e_lr: float = option(1e-3, "Learning rate of the end-to-end fit.", "--fpt-e2e-lr")
+    e2e_batch: int = option(2, "Calibration windows per end-to-end step.")
+    weight: QuantSpec = option(
+        help="The student's weight quantizer during the fits.", default_factory=lambda: QuantSpec(bits=4, clip="minmax")
+    )
+    act: ActQuantConfig | None = option(None, "The student's activation quantization (dynamic per token).")
+    seed: int = option(0, "Seed of the random initialisations.", "--seed")
 
     def validate(self) -> None:
         if self.init not in ("identity", "random"):
@@ -401,7 +411,10 @@ class FPTQuantConfig(RTNConfig):
     """FPTQuant as one method: the transforms (online Hadamard before down_proj included, local then
     end-to-end fit), then round-to-nearest weights. Activation quantization is its own pass after it."""
 
-    transforms: FPTConfig = field(default_factory=lambda: FPTConfig(down_hadamard=True, e2e_steps=32))
+    transforms: FPTConfig = option(
+        help="The transforms and their fits (see the fpt pass).",
+        default_factory=lambda: FPTConfig(down_hadamard=True, e2e_steps=32),
+    )
 
 
 @register_pass("fptquant", FPTQuantConfig, needs_calibration=True, quantizer=True)

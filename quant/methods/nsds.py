@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quant.engine.options import option
 from quant.engine.structure import LINEAR_ROLES, structure_of
 
 ROLES = ("qk", "ov", "up", "gate", "down")
@@ -35,8 +36,8 @@ MAD_FACTOR = 1.4826  # MAD -> standard deviation for a normal distribution (pape
 
 @dataclass
 class NSDSConfig:
-    temperature: float = 1.0  # T in sigmoid(z / T)
-    energy: float = ENERGY
+    temperature: float = option(1.0, "T of the MAD-sigmoid: sigmoid(z / T).")
+    energy: float = option(ENERGY, "Spectral energy kept in the 'top' subspace of each weight.")
 
 
 @dataclass

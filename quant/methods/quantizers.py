@@ -7,30 +7,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.engine.structure import normalize
 from quant.methods.blockquant import QuantizeStep, Solver
 from quant.numerics.grid import QuantSpec, check_finite
 
+GROUP_HELP = (
+    "Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width it does not "
+    "divide uses the largest supported group that does (recorded per layer)."
+)
+CLIP_HELP = "Range per group: minmax, or mse (search the clipping that minimises the weight error)."
+DAMP_HELP = "Damping added to the Hessian diagonal, as a fraction of its mean."
+ACT_ORDER_HELP = "Quantize columns in order of decreasing Hessian diagonal."
+
 
 @dataclass
 class RTNConfig:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
+    """Round to nearest: no data."""
+
+    bits: int = option(4, "Weight bit width: 2, 3, 4 or 8.", "--bits")
+    group_size: int = option(128, GROUP_HELP, "--group-size")
+    sym: bool = option(False, "Symmetric (fixed zero-point) or asymmetric groups.", "--sym/--asym")
     # min-max measured better than the MSE clip search for RTN on SmolLM2 (benchmarks/results/clip.md)
-    clip: str = "minmax"
+    clip: str = option("minmax", CLIP_HELP, "--clip")
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym, self.clip)
 
+    def validate(self) -> None:
+        self.spec()
+
 
 @dataclass
 class GPTQConfig(RTNConfig):
-    clip: str = "mse"  # measured better than min-max for GPTQ at w3 on SmolLM2 (benchmarks/results/clip.md)
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    act_order: bool = True
-    block_size: int = 128  # lazy-update block (columns)
+    """GPTQ: calibrated, error feedback through the inverse Hessian."""
+
+    clip: str = option("mse", CLIP_HELP, "--clip")  # measured better than min-max at w3 on SmolLM2 (results/clip.md)
+    damp: float = option(0.01, DAMP_HELP, "--damp")
+    act_order: bool = option(True, ACT_ORDER_HELP, "--act-order/--no-act-order")
+    block_size: int = option(128, "Columns per lazy-update block of the solver.")
 
 
 def check_model(ctx: QuantContext, spec: QuantSpec) -> list[str]:

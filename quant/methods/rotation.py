@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from quant.engine.loop import BlockStep
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.engine.structure import PASS_NEEDS, structure_of
 from quant.errors import QuantError
@@ -37,9 +38,15 @@ ROTATION_NEEDS = PASS_NEEDS["rotate"]  # a residual that only linears read (thro
 
 @dataclass
 class RotationConfig:
-    mode: str = "hadamard"
-    block: int = 64  # groupwise: the Hadamard block (match the quantization group)
-    seed: int = 0  # random mode, and the fallback for widths without a Hadamard
+    """A mergeable orthogonal rotation of the residual stream (untying tied embeddings)."""
+
+    mode: str = option(
+        "hadamard",
+        "hadamard (full width), groupwise (block-diagonal, one block per group) or random (orthogonal).",
+        "--rotation-mode",
+    )
+    block: int = option(64, "groupwise: the Hadamard block (the command line uses the quantization group).")
+    seed: int = option(0, "random mode, and the fallback for widths without a Hadamard.", "--seed")
 
     def validate(self) -> None:
         if self.mode not in MODES:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_pass
 from quant.errors import QuantError
 from quant.numerics.hadamard import hadamard_transform, has_hadamard
@@ -42,11 +43,18 @@ KV_ATTENTION = "lowbit_kv"
 
 @dataclass
 class ActQuantConfig:
-    bits: int = 4  # the inputs of every block linear
-    mode: str = "dynamic"  # dynamic: per token at run time; static: one calibrated scale per tensor
-    sym: bool = True
-    clip: float = 1.0  # dynamic: fraction of each token's range kept (static searches its own clip)
-    kv_bits: int = 16  # KV cache: per token and head, dynamic, symmetric
+    """Simulated activation quantization: the inputs of every block linear, and the KV cache."""
+
+    bits: int = option(16, "Bits of the inputs of every block linear: 16 (not quantized), 8 or 4.", "--act-bits")
+    mode: str = option(
+        "dynamic", "Activation scales: dynamic (per token, at run time) or static (one per tensor, calibrated).",
+        "--act-mode",
+    )
+    sym: bool = option(True, "Symmetric or asymmetric activation grid.", "--act-sym/--act-asym")
+    clip: float = option(1.0, "dynamic: fraction of each token's range kept (static searches its own clip).")
+    kv_bits: int = option(
+        16, "KV cache bits: 16 (not quantized), 8 or 4 (keys after RoPE and values, per token and head).", "--kv-bits"
+    )
 
     def validate(self) -> None:
         if self.bits not in ACT_BITS or self.kv_bits not in ACT_BITS:

@@ -605,6 +605,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a second file listed in SHA256SUMS overrides tensors of the first",
     ),
     Mutation(
+        "pass-flag-value-dropped",
+        "quant/engine/options.py",
+        "            out[field_name] = v",
+        "            pass",
+        ("tests/test_recipe.py::test_a_new_pass_brings_its_own_flag_help_and_validation",),
+        "a flag a pass config declares is offered but its value never reaches the config",
+    ),
+    Mutation(
+        "stray-pass-flag-ignored",
+        "cli.py",
+        "        if not passes & {p for p, _ in o.targets}:",
+        "        if False:",
+        ("tests/test_cli.py::test_bad_options",),
+        "--backend with --method rtn is silently ignored",
+    ),
+    Mutation(
         "inspect-report-unguarded",
         "cli.py",
         "    bpw = r.get(\"sizes\", {}).get(\"bits_per_weight\") if isinstance(r.get(\"sizes\"), dict) else None",
