@@ -74,14 +74,19 @@ def source_tag() -> str:
     return h.hexdigest()[:16]
 
 
+def cache_root() -> Path:
+    """``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit`` or ``~/.cache/lowbit`` (shared with ``kernels_cpu``)."""
+    root = os.environ.get("LOWBIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lowbit"
+    )
+    return Path(root)
+
+
 def build_dir() -> Path:
     override = os.environ.get("LOWBIT_KERNELS_BUILD_DIR")
     if override:
         return Path(override)
-    root = os.environ.get("LOWBIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lowbit"
-    )
-    return Path(root) / "kernels" / source_tag()
+    return cache_root() / "kernels" / source_tag()
 
 
 def load(verbose: bool = False) -> ModuleType:

@@ -7,10 +7,10 @@ Buffers (all saved in the checkpoint under ``<module>.<name>``):
 * ``zeros``   uint8 ``[out, in / group_size]``: integer zero-points
 * ``bias``    (optional) in the model's dtype
 
-``forward`` dequantizes and runs a dense matmul in the input's dtype; this is the reference path
-on CPU, and the one a CUDA kernel must match. On a CUDA input ``QuantLinear`` first offers the call
-to the low-bit kernel (``kernels_cuda.dispatch``), which declines (and this path runs) whenever
-shape, format or ``LOWBIT_KERNELS=0`` rule it out.
+``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
+the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
+(``kernels_cpu.dispatch``, uniform and DSQ), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
+declines (and this path runs) whenever shape, format or ``LOWBIT_KERNELS=0`` rule it out.
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ class PackedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self._cached is None:
+            # decoding-sized calls read the packed weight directly (kernels_cpu); the rest fall through
+            from kernels_cpu.dispatch import kernel_forward
+
+            y = kernel_forward(self, x)
+            if y is not None:
+                return y
         w = self._cached if self._cached is not None and self._cached.dtype == x.dtype else self.dequantize(x.dtype)
         return F.linear(x, w, self.bias)
 

@@ -1,0 +1,52 @@
+"""Low-bit GEMV/GEMM kernels for the CPU (2/3/4-bit uniform codes and DSQ sign planes, 1-8 tokens).
+
+* ``csrc/lowbit_gemv_cpu.cpp``: the kernels (AVX-512 or AVX2/FMA chosen at run time, a portable body
+  otherwise), reading the packed weights directly: no float weight is built.
+* :mod:`kernels_cpu.layout`: the offline repack of uniform codes into the kernel's ``chunk8`` layout.
+* :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
+  ``python -m kernels_cpu.build`` ahead of time.
+* :mod:`kernels_cpu.dispatch`: what ``QuantLinear``/``DSQLinear.forward`` call on CPU inputs.
+
+The dispatch rules are shared with ``kernels_cuda``: ``LOWBIT_KERNELS=0`` or ``kernels_cuda.disabled()``
+forces the dequantize + matmul path on every device. A failed build (no compiler) is reported once and
+every layer falls back to that path.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from types import ModuleType
+
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_error: str | None = None
+
+
+def load_extension() -> ModuleType | None:
+    """The compiled extension, building it on first use; None (warned once) if that fails."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _error is None:
+            from kernels_cpu import build
+
+            try:
+                _ext = build.load()
+            except Exception as e:  # noqa: BLE001 - any build/import failure means: fall back
+                _error = f"{type(e).__name__}: {e}".splitlines()[0]
+                warnings.warn(
+                    f"lowbit CPU kernels unavailable, packed linears fall back to dequantize + matmul: {_error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _ext
+
+
+def extension_error() -> str | None:
+    """Why the extension could not be loaded (None if it loaded or was never tried)."""
+    return _error
+
+
+__all__ = ["extension_error", "load_extension"]

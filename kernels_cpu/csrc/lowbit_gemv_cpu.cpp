@@ -1,0 +1,409 @@
+// Low-bit GEMV/GEMM for 1-8 tokens on the CPU, straight from packed codes (no float weight is built).
+//
+//   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4-bit)
+//   y[m, n] = sum_g sum_k r_k[n,g] * (2 * sum_{j in g, bit_k[n,j]=1} x[m,j] - xsum[m,g])  (DSQ sign planes)
+//
+// Uniform codes come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill
+// `bits` bytes, code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask
+// give 8 codes in 8 lanes for every width. DSQ planes are read as stored (1 bit per weight, 32 per int32).
+// Each row of weights is read once per call and reused from L1 for every token. Threads split the output
+// features (at::parallel_for: torch's intra-op pool). The AVX2/FMA/F16C and AVX-512 bodies are chosen at
+// run time; a portable body serves CPUs without AVX2 (and is the reference the tests compare against).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+namespace {
+
+constexpr int MAX_M = 4;  // tokens per pass over a weight row (accumulators stay in registers)
+
+inline float h2f(at::Half h) { return static_cast<float>(h); }
+
+// ---------------------------------------------------------------- portable
+template <int BITS>
+void uniform_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                      const at::Half* scales, const uint8_t* zeros, int64_t G, int64_t gs, const float* xsum,
+                      float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      double tot = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        float acc = 0;
+        for (int64_t j = g * gs; j < (g + 1) * gs; j += 8) {
+          uint32_t w;
+          std::memcpy(&w, row + (j / 8) * BITS, 4);
+          for (int i = 0; i < 8; ++i) acc += float((w >> (BITS * i)) & ((1u << BITS) - 1)) * x[m * K + j + i];
+        }
+        float s = h2f(scales[n * G + g]);
+        tot += s * acc - s * float(zeros[n * G + g]) * xsum[m * G + g];
+      }
+      y[m * N + n] = float(tot);
+    }
+  }
+}
+
+void dsq_rows_ref(const float* x, int64_t M, int64_t K, const int32_t* planes, int64_t B, int64_t words,
+                  const at::Half* rs, int64_t G, int64_t gs, const float* xsum, float* y, int64_t N, int64_t n0,
+                  int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      double tot = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t k = 0; k < B; ++k) {
+          const uint32_t* p = reinterpret_cast<const uint32_t*>(planes + (k * N + n) * words);
+          float acc = 0;
+          for (int64_t j = g * gs; j < (g + 1) * gs; ++j)
+            if ((p[j / 32] >> (j % 32)) & 1u) acc += x[m * K + j];
+          float r = h2f(rs[(n * G + g) * B + k]);
+          tot += r * (2 * acc - xsum[m * G + g]);
+        }
+      }
+      y[m * N + n] = float(tot);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+__attribute__((target("avx2,fma,f16c"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 codes of the chunk8 layout at code index j, as floats in 8 lanes (lambdas would not inherit the target)
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 chunk_avx2(const uint8_t* row, int64_t j) {
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  uint32_t w;
+  std::memcpy(&w, row + (j / 8) * BITS, 4);
+  return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), shifts), _mm256_set1_epi32((1 << BITS) - 1)));
+}
+
+template <int BITS, int M>
+__attribute__((target("avx2,fma,f16c"))) void uniform_row_avx2(const float* x, int64_t K, const uint8_t* row,
+                                                                const at::Half* s_row, const uint8_t* z_row,
+                                                                int64_t G, int64_t gs, const float* xsum,
+                                                                float* y, int64_t N) {
+  __m256 tot[M];
+  float zterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), zterm[m] = 0.f;
+  constexpr int U = M <= 2 ? 4 : 2;  // independent sums per token: the FMA latency, not a chain of them
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    int64_t j = g * gs;
+    const int64_t end = (g + 1) * gs;
+    for (; j + 8 * U <= end; j += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m256 c = chunk_avx2<BITS>(row, j + 8 * u);
+        for (int m = 0; m < M; ++m) acc[m][u] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + m * K + j + 8 * u), acc[m][u]);
+      }
+    }
+    for (; j < end; j += 8) {  // per-channel widths that are not a multiple of 8 * U
+      const __m256 c = chunk_avx2<BITS>(row, j);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + m * K + j), acc[m][0]);
+    }
+    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(s_row)[g]);
+    const float sz = s * float(z_row[g]);
+    const __m256 vs = _mm256_set1_ps(s);
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[m][0];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][u]);
+      tot[m] = _mm256_fmadd_ps(vs, sum, tot[m]);
+      zterm[m] += sz * xsum[m * G + g];
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - zterm[m];
+}
+
+// lanes whose sign bit (8 bits from byte j / 8 of a plane row) is set: all-ones, else zero
+__attribute__((target("avx2,fma,f16c"))) inline __m256 signs_avx2(const uint8_t* p, int64_t j) {
+  const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(p[j / 8]), bitsel), bitsel));
+}
+
+template <int M>
+__attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64_t K, const int32_t* planes,
+                                                            int64_t B, int64_t plane_stride, const at::Half* rs_row,
+                                                            int64_t G, int64_t gs, const float* xsum, float* y,
+                                                            int64_t N) {
+  __m256 tot[M];
+  float xterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), xterm[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float rsum = 0.f;
+    for (int64_t k = 0; k < B; ++k) {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);  // little-endian bytes
+      __m256 acc[M][2];
+      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      int64_t j = g * gs;
+      const int64_t end = (g + 1) * gs;
+      for (; j + 16 <= end; j += 16) {  // two independent sums
+        const __m256 on0 = signs_avx2(p, j), on1 = signs_avx2(p, j + 8);
+        for (int m = 0; m < M; ++m) {
+          acc[m][0] = _mm256_add_ps(acc[m][0], _mm256_and_ps(on0, _mm256_loadu_ps(x + m * K + j)));
+          acc[m][1] = _mm256_add_ps(acc[m][1], _mm256_and_ps(on1, _mm256_loadu_ps(x + m * K + j + 8)));
+        }
+      }
+      if (j < end) {  // groups are multiples of 8
+        const __m256 on = signs_avx2(p, j);
+        for (int m = 0; m < M; ++m) acc[m][0] = _mm256_add_ps(acc[m][0], _mm256_and_ps(on, _mm256_loadu_ps(x + m * K + j)));
+      }
+      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
+      rsum += r;
+      const __m256 v2r = _mm256_set1_ps(2.f * r);
+      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(v2r, _mm256_add_ps(acc[m][0], acc[m][1]), tot[m]);
+    }
+    for (int m = 0; m < M; ++m) xterm[m] += rsum * xsum[m * G + g];
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - xterm[m];
+}
+
+// ---------------------------------------------------------------- AVX-512 (16 codes per step)
+// 16 codes (two chunk8 runs) at code index j, as floats in 16 lanes
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512 step_avx512(const uint8_t* row, int64_t j) {
+  const __m512i shifts = _mm512_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, 0,
+                                           BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  uint32_t w0, w1;
+  std::memcpy(&w0, row + (j / 8) * BITS, 4);
+  std::memcpy(&w1, row + (j / 8 + 1) * BITS, 4);
+  __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(int(w0))), _mm256_set1_epi32(int(w1)), 1);
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+template <int BITS, int M>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) void uniform_row_avx512(
+    const float* x, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
+    int64_t gs, const float* xsum, float* y, int64_t N) {
+  const __m512i shifts = _mm512_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, 0,
+                                           BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  __m512 tot[M];
+  float zterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
+  constexpr int U = 2;  // two independent sums per token (a group of 32 is two steps of 16)
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t j = g * gs;
+    const int64_t end = (g + 1) * gs;
+    for (; j + 16 * U <= end; j += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512 c = step_avx512<BITS>(row, j + 16 * u);
+        for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + m * K + j + 16 * u), acc[m][u]);
+      }
+    }
+    for (; j + 16 <= end; j += 16) {
+      const __m512 c = step_avx512<BITS>(row, j);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + m * K + j), acc[m][0]);
+    }
+    for (; j < end; j += 8) {  // a group of 8 * odd codes (per-channel widths)
+      uint32_t w;
+      std::memcpy(&w, row + (j / 8) * BITS, 4);
+      __m512i v = _mm512_castsi256_si512(_mm256_set1_epi32(int(w)));
+      __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_and_epi32(0xFF, _mm512_srlv_epi32(v, shifts), mask));
+      for (int m = 0; m < M; ++m)
+        acc[m][1] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(0xFF, x + m * K + j), acc[m][1]);
+    }
+    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(s_row)[g]);
+    const float sz = s * float(z_row[g]);
+    const __m512 vs = _mm512_set1_ps(s);
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(acc[m][0], acc[m][1]), tot[m]);
+      zterm[m] += sz * xsum[m * G + g];
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - zterm[m];
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
+    const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t plane_stride, const at::Half* rs_row,
+    int64_t G, int64_t gs, const float* xsum, float* y, int64_t N) {
+  __m512 tot[M];
+  float xterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), xterm[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float rsum = 0.f;
+    for (int64_t k = 0; k < B; ++k) {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      int64_t j = g * gs;
+      for (; j + 16 <= (g + 1) * gs; j += 16) {
+        uint16_t bits;
+        std::memcpy(&bits, p + j / 8, 2);  // 16 sign bits are a ready-made lane mask
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], _mm512_maskz_loadu_ps(bits, x + m * K + j));
+      }
+      for (; j < (g + 1) * gs; j += 8) {
+        __mmask16 bits = p[j / 8];
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], _mm512_maskz_loadu_ps(bits, x + m * K + j));
+      }
+      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
+      rsum += r;
+      const __m512 v2r = _mm512_set1_ps(2.f * r);
+      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(v2r, acc[m], tot[m]);
+    }
+    for (int m = 0; m < M; ++m) xterm[m] += rsum * xsum[m * G + g];
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
+}
+
+// ---------------------------------------------------------------- dispatch
+enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa best_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Ref;
+  }();
+  return isa;
+}
+
+Isa pick(int64_t isa) { return isa < 0 ? best_isa() : static_cast<Isa>(std::min<int64_t>(isa, int64_t(best_isa()))); }
+
+torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
+  return x.view({x.size(0), x.size(1) / gs, gs}).sum(-1).contiguous();  // [M, G]
+}
+
+template <int BITS, int MM>
+void uniform_block(Isa isa, const float* x, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
+                   const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N, int64_t n) {
+  if (isa == Isa::Avx512)
+    uniform_row_avx512<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
+  else
+    uniform_row_avx2<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
+}
+
+template <int BITS>
+void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                  const at::Half* s, const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (isa == Isa::Ref) return uniform_rows_ref<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, xs, y, N, n0, n1);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {  // the row stays in L1 between token blocks
+        const float* xm = x + m0 * K;
+        const float* xsm = xs + m0 * G;
+        float* ym = y + m0 * N;
+        switch (std::min<int64_t>(M - m0, MAX_M)) {
+          case 1: uniform_block<BITS, 1>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
+          case 2: uniform_block<BITS, 2>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
+          case 3: uniform_block<BITS, 3>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
+          default: uniform_block<BITS, 4>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
+        }
+      }
+    }
+  });
+}
+
+template <int MM>
+void dsq_block(Isa isa, const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t words, int64_t N,
+               const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t n) {
+  if (isa == Isa::Avx512)
+    dsq_row_avx512<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
+  else
+    dsq_row_avx2<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous CPU float32 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [tokens, in_features]");
+}
+
+torch::Tensor output(const torch::Tensor& x, int64_t N, const c10::optional<torch::Tensor>& out) {
+  if (!out.has_value()) return torch::empty({x.size(0), N}, x.options());
+  TORCH_CHECK(out->scalar_type() == torch::kFloat32 && out->is_contiguous() && out->dim() == 2 &&
+                  out->size(0) == x.size(0) && out->size(1) == N,
+              "out must be a contiguous float32 [tokens, out_features] tensor");
+  return *out;
+}
+
+}  // namespace
+
+// codes: uint8 [N * row_bytes + 4] (chunk8 layout, 4 bytes of padding); scales fp16 [N, G]; zeros uint8 [N, G].
+// isa: -1 = best available, 0 = portable, 1 = AVX2, 2 = AVX-512 (capped at what the CPU has).
+torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                           int64_t bits, int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
+  const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
+  check_x(x, K);
+  TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4");
+  const int64_t row_bytes = K / 8 * bits;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
+              "codes must be the chunk8 layout of the weight");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
+  TORCH_CHECK(zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros must be contiguous uint8 shaped like scales");
+  const int64_t M = x.size(0);
+  auto xs = group_sums(x, group_size);
+  auto y = output(x, N, out);
+  const Isa which = pick(isa);
+  auto args = std::make_tuple(which, x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), row_bytes,
+                              scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), G, group_size,
+                              xs.data_ptr<float>(), y.data_ptr<float>(), N);
+  if (bits == 2) std::apply(uniform_impl<2>, args);
+  else if (bits == 3) std::apply(uniform_impl<3>, args);
+  else std::apply(uniform_impl<4>, args);
+  return y;
+}
+
+// planes: int32 [B, N, words] (bit 1 = +1); row_scales: fp16 [N, G, B].
+torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_scales, int64_t group_size,
+                       int64_t isa, c10::optional<torch::Tensor> out) {
+  const int64_t B = planes.size(0), N = planes.size(1), words = planes.size(2);
+  const int64_t G = row_scales.size(1), K = G * group_size;
+  check_x(x, K);
+  TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
+  TORCH_CHECK(planes.scalar_type() == torch::kInt32 && planes.is_contiguous() && words * 32 >= K,
+              "planes must be contiguous int32 [bits, out, ceil(in / 32)]");
+  TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.size(0) == N &&
+                  row_scales.size(2) == B,
+              "row_scales must be contiguous fp16 [out, groups, bits]");
+  const int64_t M = x.size(0);
+  auto xs = group_sums(x, group_size);
+  auto y = output(x, N, out);
+  const Isa which = pick(isa);
+  const float* xp = x.data_ptr<float>();
+  const float* xsp = xs.data_ptr<float>();
+  const int32_t* pp = planes.data_ptr<int32_t>();
+  const at::Half* rp = row_scales.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (which == Isa::Ref) return dsq_rows_ref(xp, M, K, pp, B, words, rp, G, group_size, xsp, yp, N, n0, n1);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const float* xm = xp + m0 * K;
+        const float* xsm = xsp + m0 * G;
+        float* ym = yp + m0 * N;
+        switch (std::min<int64_t>(M - m0, MAX_M)) {
+          case 1: dsq_block<1>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
+          case 2: dsq_block<2>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
+          case 3: dsq_block<3>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
+          default: dsq_block<4>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4-bit)", py::arg("x"),
+        py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("isa") = -1, py::arg("out") = py::none());
+  m.def("dsq_gemv", &dsq_gemv, "y = x W^T from DSQ sign planes", py::arg("x"), py::arg("planes"),
+        py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none());
+  m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512");
+}

@@ -1,0 +1,91 @@
+"""``QuantLinear``/``DSQLinear.forward`` on the CPU: the low-bit kernel for decoding-sized calls.
+
+The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, small batches) without autograd,
+for 2/3/4-bit uniform codes and DSQ sign planes whose group is a multiple of 8. Anything else (prefill,
+where dequantize + a BLAS matmul is faster; 8-bit; training; a failed build; ``LOWBIT_KERNELS=0``) falls
+back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in float32 and cast back.
+Each path is logged once per process (logger ``lowbit.kernels``).
+
+Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
+module (rebuilt when its buffers change); the fp16 scales and uint8 zeros are read as stored. DSQ planes are
+read as stored. No dequantized weight is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import kernels_cpu
+import kernels_cuda
+from kernels_cpu.layout import chunk8
+
+log = logging.getLogger("lowbit.kernels")
+
+MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
+KERNEL_BITS = {"uniform": (2, 3, 4), "dsq": (1, 2, 3, 4)}
+_seen: set[str] = set()
+
+
+def _once(key: str, msg: str, *args: object) -> None:
+    if key not in _seen:
+        _seen.add(key)
+        log.info(msg, *args)
+
+
+def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
+    """(key, message) saying why the kernel cannot run this call, or None if it can."""
+    if not kernels_cuda.enabled():
+        return "disabled", "disabled by LOWBIT_KERNELS=0 or kernels_cuda.disabled()"
+    if not x.dtype.is_floating_point:
+        return f"dtype-{x.dtype}", f"{x.dtype} input"
+    if x.requires_grad and torch.is_grad_enabled():
+        return "autograd", "input requires grad (the kernel has no backward)"
+    if layer.bits not in KERNEL_BITS.get(layer.FORMAT, ()):
+        return f"bits-{layer.FORMAT}{layer.bits}", f"{layer.bits}-bit {layer.FORMAT} weights"
+    if layer.group_size % 8:
+        return "group", f"group size {layer.group_size} (the kernel needs a multiple of 8)"
+    rows = x.numel() // max(layer.in_features, 1)
+    if rows == 0:
+        return "empty", "empty input"
+    if rows > MAX_ROWS:
+        return "rows", f"more than {MAX_ROWS} rows per call (prefill)"
+    return None
+
+
+def _chunk8(layer: torch.nn.Module) -> torch.Tensor:
+    key = (layer.qweight.data_ptr(), layer.qweight._version)
+    cached = layer.__dict__.get("_cpu_kernel_codes")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, chunk8(layer.qweight, layer.bits, layer.in_features))
+        layer.__dict__["_cpu_kernel_codes"] = cached
+    return cached[1]
+
+
+def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int = -1) -> torch.Tensor:
+    """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: -1 best, 0 portable, 1 AVX2, 2 AVX-512."""
+    ext = kernels_cpu.load_extension()
+    if ext is None:
+        raise RuntimeError(f"lowbit CPU kernels unavailable: {kernels_cpu.extension_error()}")
+    x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
+    if layer.FORMAT == "dsq":
+        y = ext.dsq_gemv(x2, layer.planes, layer.row_scales, layer.group_size, isa)
+    else:
+        y = ext.uniform_gemv(x2, _chunk8(layer), layer.scales, layer.zeros, layer.bits, layer.group_size, isa)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+
+
+def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the kernel, or None when the caller must fall back."""
+    why = unsupported_reason(layer, x)
+    if why is None and kernels_cpu.load_extension() is None:
+        why = "build", f"kernel build failed ({kernels_cpu.extension_error()})"
+    if why is not None:
+        _once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
+        return None
+    _once(f"cpu-kernel:{layer.FORMAT}", "%s on cpu: lowbit CPU kernel", type(layer).__name__)
+    return lowbit_matmul_cpu(layer, x)

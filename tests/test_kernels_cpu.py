@@ -1,0 +1,160 @@
+"""The CPU low-bit kernels against a float64 reference built from ``dequantize``, on fresh random weights and
+inputs: every width, group size, DSQ, odd shapes, 1-8 tokens, each instruction set this CPU has; the dispatch
+and its fallbacks; greedy decoding of the real SmolLM2 with and without the kernel."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import kernels_cpu
+import kernels_cuda
+from kernels_cpu import dispatch
+from kernels_cpu.layout import chunk8
+from quant.numerics.packing import pack, unpack
+from quant.runtime.dsqlinear import DSQLinear
+from quant.runtime.quantlinear import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the fallback is tested below)")
+    mod = kernels_cpu.load_extension()
+    assert mod is not None, kernels_cpu.extension_error()  # a compiler is there: the build must work
+    return mod
+
+
+def isas(ext) -> list[int]:
+    return list(range(ext.isa_level() + 1))  # portable, AVX2, AVX-512 as far as this CPU goes
+
+
+def uniform_layer(out: int, n: int, bits: int, group: int, seed: int, bias: bool = False) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    groups = n // group
+    layer = QuantLinear(n, out, bits, group, bias=bias)
+    codes = torch.randint(0, 2**bits, (out, n), generator=g)
+    layer.qweight.copy_(pack(codes, bits))
+    layer.scales.copy_((torch.rand(out, groups, generator=g) * 0.1 + 1e-3).half())
+    layer.zeros.copy_(torch.randint(0, 2**bits, (out, groups), generator=g).to(torch.uint8))
+    if bias:
+        layer.bias.copy_(torch.randn(out, generator=g))
+    return layer
+
+
+def dsq_layer(out: int, n: int, bits: int, group: int, seed: int) -> DSQLinear:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out, n), generator=g)
+    row_scales = (torch.rand(out, n // group, bits, generator=g) * 0.1).half()
+    return DSQLinear.from_codes(codes, row_scales)
+
+
+def reference(layer, x: torch.Tensor) -> torch.Tensor:
+    y = x.double() @ layer.dequantize(torch.float64).T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.isfinite(y).all()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 2e-5 * max(ref.abs().max().item(), 1.0), err  # fp32 sums of up to ~2k terms
+
+
+def test_chunk8_is_the_codes_in_runs_of_eight():
+    for bits in (2, 3, 4):
+        codes = torch.randint(0, 2**bits, (5, 48))
+        buf = chunk8(pack(codes, bits), bits, 48)
+        assert buf.numel() == 5 * 48 // 8 * bits + 4 and buf[-4:].eq(0).all()
+        words = buf[:-4].view(5, 6, bits).to(torch.int64)
+        value = (words << (torch.arange(bits) * 8)).sum(-1)  # [rows, runs]
+        back = (value[..., None] >> (torch.arange(8) * bits)) & (2**bits - 1)
+        assert torch.equal(back.view(5, 48), codes)
+    assert torch.equal(unpack(pack(codes, 4), 4, 48), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("out,n,group", [(37, 128, 32), (129, 256, 64), (64, 384, 128), (23, 200, 200), (8, 1536, 128)])
+def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
+    layer = uniform_layer(out, n, bits, group, seed=bits * 1000 + n, bias=True)
+    codes = chunk8(layer.qweight, bits, n)
+    for rows in (1, 2, 3, 5, 8):
+        x = torch.randn(rows, n)
+        ref = reference(layer, x) - layer.bias.double()
+        for isa in isas(ext):
+            y = torch.full((rows, out), float("nan"))  # poisoned: every output must be written
+            ext.uniform_gemv(x, codes, layer.scales, layer.zeros, bits, group, isa, y)
+            close(y, ref)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("out,n,group", [(37, 128, 32), (65, 256, 64), (16, 576, 64), (9, 200, 200)])
+def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
+    layer = dsq_layer(out, n, bits, group, seed=bits * 100 + n)
+    for rows in (1, 4, 7):
+        x = torch.randn(rows, n)
+        ref = reference(layer, x)
+        for isa in isas(ext):
+            y = torch.full((rows, out), float("nan"))
+            ext.dsq_gemv(x, layer.planes, layer.row_scales, group, isa, y)
+            close(y, ref)
+
+
+def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monkeypatch):
+    layers = [uniform_layer(48, 128, 3, 32, seed=1, bias=True), dsq_layer(40, 128, 2, 64, seed=2)]
+    calls = []
+    real = dispatch.lowbit_matmul_cpu
+    monkeypatch.setattr(dispatch, "lowbit_matmul_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for layer in layers:
+        for shape in [(1, 128), (2, 3, 128), (1, 8, 128)]:  # 1-8 tokens, any leading dims
+            x = torch.randn(*shape)
+            calls.clear()
+            with torch.no_grad():
+                y = layer(x)
+            assert calls and y.shape == (*shape[:-1], layer.out_features)
+            close(y.reshape(-1, layer.out_features), reference(layer, x.reshape(-1, 128)))
+        with torch.no_grad():
+            calls.clear()
+            layer(torch.randn(9, 128))  # prefill-sized
+            layer(torch.randn(1, 128, dtype=torch.float64).to(torch.bfloat16))  # other dtypes: via float32
+            assert len(calls) == 1
+            with kernels_cuda.disabled():
+                layer(torch.randn(1, 128))
+            assert len(calls) == 1
+        x = torch.randn(1, 128, requires_grad=True)
+        layer(x).sum().backward()  # autograd: the dequantize path, which has a backward
+        assert x.grad is not None and len(calls) == 1
+
+
+def test_no_extension_falls_back_to_dequantize(monkeypatch):
+    monkeypatch.setattr(kernels_cpu, "_ext", None)
+    monkeypatch.setattr(kernels_cpu, "_error", "RuntimeError: no compiler")
+    layer = uniform_layer(16, 64, 4, 32, seed=3)
+    x = torch.randn(1, 64)
+    assert dispatch.kernel_forward(layer, x) is None
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize()))
+
+
+@pytest.mark.slow
+def test_smollm2_int4_greedy_tokens_match_the_dequantize_path(ext):
+    from quant import QuantContext, RTNConfig, run_pipeline
+    from quant.formats.models import load_model
+
+    lm = load_model()  # a fresh copy: the session fixture stays float
+    ctx = QuantContext(lm.model, lm.tokenizer, progress=False)
+    run_pipeline(ctx, [("rtn", RTNConfig(bits=4, group_size=64))])
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        fast = lm.model.generate(ids, **kwargs)
+        with kernels_cuda.disabled():
+            slow = lm.model.generate(ids, **kwargs)
+    agree = (fast.sequences == slow.sequences).float().mean().item()
+    assert agree >= 1 - 1 / 32, agree  # fp32 sums in another order may flip one near-tie
+    first = next(i for i in range(32) if not torch.equal(fast.sequences[0, : ids.shape[1] + i + 1],
+                                                         slow.sequences[0, : ids.shape[1] + i + 1])) \
+        if agree < 1 else 32  # fmt: skip
+    for a, b in list(zip(fast.logits, slow.logits, strict=True))[:first]:  # same prefix: same logits
+        assert (a - b).abs().max().item() < 1e-3
