@@ -14,39 +14,28 @@ every layer falls back to that path.
 
 from __future__ import annotations
 
-import threading
-import warnings
 from types import ModuleType
 
-_lock = threading.Lock()
-_ext: ModuleType | None = None
-_error: str | None = None
+from kernels_cuda import LazyExtension
+
+
+def _build() -> ModuleType:
+    from kernels_cpu import build
+
+    return build.load()
+
+
+EXTENSION = LazyExtension("lowbit CPU kernels", _build)
 
 
 def load_extension() -> ModuleType | None:
     """The compiled extension, building it on first use; None (warned once) if that fails."""
-    global _ext, _error
-    if _ext is not None or _error is not None:
-        return _ext
-    with _lock:
-        if _ext is None and _error is None:
-            from kernels_cpu import build
-
-            try:
-                _ext = build.load()
-            except Exception as e:  # noqa: BLE001 - any build/import failure means: fall back
-                _error = f"{type(e).__name__}: {e}".splitlines()[0]
-                warnings.warn(
-                    f"lowbit CPU kernels unavailable, packed linears fall back to dequantize + matmul: {_error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return _ext
+    return EXTENSION.load()
 
 
 def extension_error() -> str | None:
     """Why the extension could not be loaded (None if it loaded or was never tried)."""
-    return _error
+    return EXTENSION.error
 
 
 __all__ = ["extension_error", "load_extension"]

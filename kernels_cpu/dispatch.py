@@ -13,25 +13,15 @@ read as stored. No dequantized weight is kept.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu.layout import chunk8
-
-log = logging.getLogger("lowbit.kernels")
+from kernels_cuda import log_once
 
 MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
 KERNEL_BITS = {"uniform": (2, 3, 4), "dsq": (1, 2, 3, 4)}
-_seen: set[str] = set()
-
-
-def _once(key: str, msg: str, *args: object) -> None:
-    if key not in _seen:
-        _seen.add(key)
-        log.info(msg, *args)
 
 
 def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
@@ -85,7 +75,7 @@ def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | No
     if why is None and kernels_cpu.load_extension() is None:
         why = "build", f"kernel build failed ({kernels_cpu.extension_error()})"
     if why is not None:
-        _once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
+        log_once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
         return None
-    _once(f"cpu-kernel:{layer.FORMAT}", "%s on cpu: lowbit CPU kernel", type(layer).__name__)
+    log_once(f"cpu-kernel:{layer.FORMAT}", "%s on cpu: lowbit CPU kernel", type(layer).__name__)
     return lowbit_matmul_cpu(layer, x)

@@ -19,20 +19,19 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
 log = logging.getLogger("lowbit.kernels")
 
-_lock = threading.Lock()
-_ext: ModuleType | None = None
-_error: str | None = None
 _disabled = 0
+_seen: set[str] = set()
 
 
 def enabled() -> bool:
-    """False under ``LOWBIT_KERNELS=0`` (or ``false``/``off``/``no``) or inside :func:`disabled`."""
+    """False under ``LOWBIT_KERNELS=0`` (or ``false``/``off``/``no``) or inside :func:`disabled`: the dequantize
+    path on every device (CUDA and CPU kernels alike)."""
     env = os.environ.get("LOWBIT_KERNELS", "1").strip().lower()
     return _disabled == 0 and env not in ("0", "false", "off", "no")
 
@@ -48,31 +47,57 @@ def disabled() -> Iterator[None]:
         _disabled -= 1
 
 
+def log_once(key: str, msg: str, *args: object) -> None:
+    """Log which path a layer takes (and why it falls back) once per process."""
+    if key not in _seen:
+        _seen.add(key)
+        log.info(msg, *args)
+
+
+class LazyExtension:
+    """A compiled extension built on first use; ``None`` (warned once, the reason kept) when that fails."""
+
+    def __init__(self, what: str, build: Callable[[], ModuleType]) -> None:
+        self.what, self._build = what, build
+        self._lock = threading.Lock()
+        self.module: ModuleType | None = None
+        self.error: str | None = None
+
+    def load(self) -> ModuleType | None:
+        if self.module is not None or self.error is not None:
+            return self.module
+        with self._lock:
+            if self.module is None and self.error is None:
+                try:
+                    self.module = self._build()
+                except Exception as e:  # noqa: BLE001 - any build/import failure means: fall back
+                    self.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                    warnings.warn(
+                        f"{self.what} unavailable, packed linears fall back to dequantize + matmul: {self.error}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        return self.module
+
+
+def _build_cuda() -> ModuleType:
+    from kernels_cuda import build
+
+    log.warning("loading the lowbit CUDA kernels (compiled once, cached in %s)", build.build_dir())
+    return build.load()
+
+
+EXTENSION = LazyExtension("lowbit CUDA kernels", _build_cuda)
+
+
 def load_extension() -> ModuleType | None:
     """The compiled extension, building it on first use; None (warned once) if that fails."""
-    global _ext, _error
-    if _ext is not None or _error is not None:
-        return _ext
-    with _lock:
-        if _ext is None and _error is None:
-            from kernels_cuda import build
-
-            log.warning("loading the lowbit CUDA kernels (compiled once, cached in %s)", build.build_dir())
-            try:
-                _ext = build.load()
-            except Exception as e:  # noqa: BLE001 - any build/import failure means: fall back
-                _error = f"{type(e).__name__}: {e}"
-                warnings.warn(
-                    f"lowbit CUDA kernels unavailable, QuantLinear falls back to dequantize + matmul: {_error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return _ext
+    return EXTENSION.load()
 
 
 def extension_error() -> str | None:
     """Why the extension could not be loaded (None if it loaded or was never tried)."""
-    return _error
+    return EXTENSION.error
 
 
-__all__ = ["disabled", "enabled", "extension_error", "load_extension"]
+__all__ = ["LazyExtension", "disabled", "enabled", "extension_error", "load_extension", "log_once"]

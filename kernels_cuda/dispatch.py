@@ -13,24 +13,15 @@ they are rebuilt when the module's buffers move or are modified in place (``load
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 import kernels_cuda
+from kernels_cuda import log_once
 from kernels_cuda.layout import KERNEL_BITS, TILE_K, TILE_N, KernelWeights, kernel_group_ok, repack
-
-log = logging.getLogger("lowbit.kernels")
 
 MAX_ROWS = 64  # tokens per call; more is prefill, where dequantize + cuBLAS is the better path
 DEFAULT_SMEM = 48 * 1024  # per-block shared memory every CUDA GPU allows without opting in
-_seen: set[str] = set()
-
-
-def _once(key: str, msg: str, *args: object) -> None:
-    if key not in _seen:
-        _seen.add(key)
-        log.info(msg, *args)
 
 
 def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
@@ -144,7 +135,7 @@ def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | No
     if why is None and kernels_cuda.load_extension() is None:
         why = "build", f"kernel build failed ({kernels_cuda.extension_error()})"
     if why is not None:
-        _once(f"fallback:{why[0]}", "QuantLinear on %s: dequantize + matmul (%s)", x.device.type, why[1])
+        log_once(f"fallback:{why[0]}", "QuantLinear on %s: dequantize + matmul (%s)", x.device.type, why[1])
         return None
-    _once("kernel", "QuantLinear on cuda: lowbit CUDA kernel")
+    log_once("kernel", "QuantLinear on cuda: lowbit CUDA kernel")
     return lowbit_matmul(x, kernel_weights(layer), layer.bias)

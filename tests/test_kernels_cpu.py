@@ -128,8 +128,8 @@ def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monk
 
 
 def test_no_extension_falls_back_to_dequantize(monkeypatch):
-    monkeypatch.setattr(kernels_cpu, "_ext", None)
-    monkeypatch.setattr(kernels_cpu, "_error", "RuntimeError: no compiler")
+    monkeypatch.setattr(kernels_cpu.EXTENSION, "module", None)
+    monkeypatch.setattr(kernels_cpu.EXTENSION, "error", "RuntimeError: no compiler")
     layer = uniform_layer(16, 64, 4, 32, seed=3)
     x = torch.randn(1, 64)
     assert dispatch.kernel_forward(layer, x) is None

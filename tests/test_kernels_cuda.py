@@ -264,9 +264,9 @@ def test_cpu_forward_never_touches_the_kernel_package(monkeypatch):
     monkeypatch.setattr(kernels_cuda, "load_extension", boom)
     layer = _layer()
     x = torch.randn(3, 256)
-    y = layer(x)
+    y = layer(x)  # served by the CPU kernel (kernels_cpu) or dequantize + matmul, never the CUDA package
     assert "kernels_cuda.dispatch" not in sys.modules
-    assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-4)
 
 
 def test_enabled_switches(monkeypatch):
