@@ -298,9 +298,9 @@ def test_unsupported_reasons(monkeypatch):
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch (the build must fail)")
 def test_failed_build_is_reported_once_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(kernels_cuda, "_ext", None)
-    monkeypatch.setattr(kernels_cuda, "_error", None)
-    monkeypatch.setattr(dispatch, "_seen", set())
+    monkeypatch.setattr(kernels_cuda.EXTENSION, "module", None)
+    monkeypatch.setattr(kernels_cuda.EXTENSION, "error", None)
+    monkeypatch.setattr(kernels_cuda, "_seen", set())
     monkeypatch.delenv("LOWBIT_KERNELS", raising=False)
     layer = _layer()
     x = torch.randn(2, 256, dtype=torch.float16)
