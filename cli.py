@@ -21,9 +21,10 @@ from pathlib import Path
 
 import typer
 
-from quant.engine.options import cli_options
+from quant.engine.options import cli_options, given_fields
 from quant.engine.passes import PASSES, get_pass  # importing quant registers the built-in passes
 from quant.errors import QuantError
+from quant.methods.quantizers import GROUP_HELP
 
 app = typer.Typer(
     help="Low-bit weight quantization for Hugging Face causal LMs (RTN, GPTQ; more methods as passes).",
@@ -100,8 +101,6 @@ def pass_options(*only: str):
 def _pass_config(name: str, values: dict, base=None, **fixed):
     """Pass ``name``'s config: the flags given (``values``) over ``base`` (default: the config's own defaults),
     then ``fixed`` (what the command sets itself); validated by the config."""
-    from quant.engine.options import given_fields
-
     cls = get_pass(name).config_cls
     kw = {**given_fields(cls, name, cli_options(PASSES), values), **fixed}
     config = dataclasses.replace(base, **kw) if base is not None else cls(**kw)
@@ -158,11 +157,7 @@ def model_cmd(
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
         "or random (NSDS's mix of widths, shuffled; a baseline).",
     ),
-    group_size: int = typer.Option(
-        128,
-        help="Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width "
-        "it does not divide uses the largest supported group that does (recorded per layer).",
-    ),
+    group_size: int = typer.Option(128, help=GROUP_HELP),
     calib: str = typer.Option(
         "c4",
         help="Calibration text (gptq, d2quant): c4 (bundled C4 sample minus its evaluation slice) | c4-all | "
