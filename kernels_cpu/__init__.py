@@ -21,7 +21,9 @@ from kernels_cuda import LazyExtension
 
 def _build() -> ModuleType:
     from kernels_cpu import build
+    from kernels_cuda import log
 
+    log.warning("loading the lowbit CPU kernels (compiled once, about a minute; cached in %s)", build.build_dir())
     return build.load()
 
 

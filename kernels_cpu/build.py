@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lowbit_gemv_cpu.cpp"
-CXX_FLAGS = ["-O3"]
+CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for uses threads only when built with OpenMP
 
 
 def source_tag() -> str:
@@ -48,6 +48,7 @@ def load(verbose: bool = False) -> ModuleType:
         name=f"lowbit_cpu_{source_tag()}",
         sources=[str(SOURCE)],
         extra_cflags=CXX_FLAGS,
+        extra_ldflags=["-fopenmp"],
         build_directory=str(out),
         verbose=verbose,
     )

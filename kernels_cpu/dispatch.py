@@ -7,11 +7,13 @@ back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed 
 Each path is logged once per process (logger ``lowbit.kernels``).
 
 Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
-module (rebuilt when its buffers change); the fp16 scales and uint8 zeros are read as stored. DSQ planes are
-read as stored. No dequantized weight is kept.
+module (rebuilt when its buffers change): a second copy of the codes, the same size or smaller (3-bit), and no
+float weight. The fp16 scales and uint8 zeros, and DSQ's planes and row scales, are read as stored.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -28,8 +30,13 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
     """(key, message) saying why the kernel cannot run this call, or None if it can."""
     if not kernels_cuda.enabled():
         return "disabled", "disabled by LOWBIT_KERNELS=0 or kernels_cuda.disabled()"
-    if not x.dtype.is_floating_point:
-        return f"dtype-{x.dtype}", f"{x.dtype} input"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype-{x.dtype}", f"{x.dtype} input (the kernel computes in float32)"
+    if x.shape[-1] != layer.in_features:
+        return "shape", "input width is not in_features"  # F.linear raises the error
+    scales = layer.row_scales if layer.FORMAT == "dsq" else layer.scales
+    if scales.dtype != torch.float16:
+        return f"scales-{scales.dtype}", f"{scales.dtype} scales (the kernel reads the checkpoint's fp16)"
     if x.requires_grad and torch.is_grad_enabled():
         return "autograd", "input requires grad (the kernel has no backward)"
     if layer.bits not in KERNEL_BITS.get(layer.FORMAT, ()):
@@ -45,13 +52,16 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
 
 
 def _chunk8(layer: torch.nn.Module) -> torch.Tensor:
-    key = (layer.qweight.data_ptr(), layer.qweight._version)
+    """The repacked codes, cached on the module; rebuilt when ``qweight`` is replaced or written in place (writes
+    through ``.data`` that bypass the version counter are not seen: load weights with ``load_state_dict``)."""
+    q = layer.qweight
+    key = (id(q), q.data_ptr(), q._version if not q.is_inference() else 0)
     cached = layer.__dict__.get("_cpu_kernel_codes")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key or cached[1]() is not q:
         with torch.no_grad():
-            cached = (key, chunk8(layer.qweight, layer.bits, layer.in_features))
+            cached = (key, weakref.ref(q), chunk8(q, layer.bits, layer.in_features))
         layer.__dict__["_cpu_kernel_codes"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int = -1) -> torch.Tensor:

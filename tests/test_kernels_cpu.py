@@ -125,6 +125,10 @@ def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monk
         x = torch.randn(1, 128, requires_grad=True)
         layer(x).sum().backward()  # autograd: the dequantize path, which has a backward
         assert x.grad is not None and len(calls) == 1
+        with torch.no_grad():
+            layer.float()  # scales no longer the checkpoint's fp16: the dequantize path still serves
+            close(layer(x.detach()), reference(layer, x.detach()))
+            assert len(calls) == 1
 
 
 def test_no_extension_falls_back_to_dequantize(monkeypatch):

@@ -7,12 +7,15 @@
 // `bits` bytes, code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask
 // give 8 codes in 8 lanes for every width. DSQ planes are read as stored (1 bit per weight, 32 per int32).
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
-// features (at::parallel_for: torch's intra-op pool). The AVX2/FMA/F16C and AVX-512 bodies are chosen at
+// features (at::parallel_for over torch's intra-op threads; built with -fopenmp, without which it runs serially). The AVX2/FMA/F16C and AVX-512 bodies are chosen at
 // run time; a portable body serves CPUs without AVX2 (and is the reference the tests compare against).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define LOWBIT_X86 1
+#endif
 
 namespace {
 
@@ -65,7 +68,8 @@ void dsq_rows_ref(const float* x, int64_t M, int64_t K, const int32_t* planes, i
   }
 }
 
-// ---------------------------------------------------------------- AVX2
+#if LOWBIT_X86
+// ---------------------------------------------------------------- AVX2 (every AVX2 CPU also has F16C)
 __attribute__((target("avx2,fma,f16c"))) inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -256,10 +260,13 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
 }
 
+#endif  // LOWBIT_X86
+
 // ---------------------------------------------------------------- dispatch
 enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2 };
 
 Isa best_isa() {
+#if LOWBIT_X86
   static const Isa isa = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
@@ -267,6 +274,9 @@ Isa best_isa() {
     return Isa::Ref;
   }();
   return isa;
+#else
+  return Isa::Ref;
+#endif
 }
 
 Isa pick(int64_t isa) { return isa < 0 ? best_isa() : static_cast<Isa>(std::min<int64_t>(isa, int64_t(best_isa()))); }
@@ -275,6 +285,7 @@ torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
   return x.view({x.size(0), x.size(1) / gs, gs}).sum(-1).contiguous();  // [M, G]
 }
 
+#if LOWBIT_X86
 template <int BITS, int MM>
 void uniform_block(Isa isa, const float* x, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
                    const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N, int64_t n) {
@@ -283,6 +294,12 @@ void uniform_block(Isa isa, const float* x, int64_t K, const uint8_t* codes, int
   else
     uniform_row_avx2<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
 }
+
+#else
+template <int BITS, int MM>
+void uniform_block(Isa, const float*, int64_t, const uint8_t*, int64_t, const at::Half*, const uint8_t*, int64_t,
+                   int64_t, const float*, float*, int64_t, int64_t) {}  // unreachable: best_isa() is Ref here
+#endif
 
 template <int BITS>
 void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
@@ -305,6 +322,7 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
   });
 }
 
+#if LOWBIT_X86
 template <int MM>
 void dsq_block(Isa isa, const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t words, int64_t N,
                const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t n) {
@@ -313,6 +331,12 @@ void dsq_block(Isa isa, const float* x, int64_t K, const int32_t* planes, int64_
   else
     dsq_row_avx2<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
 }
+
+#else
+template <int MM>
+void dsq_block(Isa, const float*, int64_t, const int32_t*, int64_t, int64_t, int64_t, const at::Half*, int64_t,
+               int64_t, const float*, float*, int64_t) {}  // unreachable: best_isa() is Ref here
+#endif
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -402,8 +426,9 @@ int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4-bit)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
-        py::arg("isa") = -1, py::arg("out") = py::none());
+        py::arg("isa") = -1, py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from DSQ sign planes", py::arg("x"), py::arg("planes"),
-        py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none());
+        py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512");
 }
