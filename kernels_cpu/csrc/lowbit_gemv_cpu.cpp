@@ -7,8 +7,9 @@
 // `bits` bytes, code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask
 // give 8 codes in 8 lanes for every width. DSQ planes are read as stored (1 bit per weight, 32 per int32).
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
-// features (at::parallel_for over torch's intra-op threads; built with -fopenmp, without which it runs serially). The AVX2/FMA/F16C and AVX-512 bodies are chosen at
-// run time; a portable body serves CPUs without AVX2 (and is the reference the tests compare against).
+// features (at::parallel_for over torch's intra-op threads: the build adds -fopenmp, without which it runs
+// serially). The AVX2/FMA/F16C and AVX-512 bodies are chosen at run time; a portable body serves other CPUs
+// (and is the reference the tests compare against).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
