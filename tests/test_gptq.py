@@ -91,3 +91,20 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(dtype):
     assert U.dtype == dtype and torch.equal(U, U.triu()) and bool((torch.diag(U) > 0).all())
     err = float((U.double() - ref).abs().max() / ref.abs().max())
     assert err < (1e-4 if dtype == torch.float32 else 1e-10), err
+
+
+def test_gptq_reads_the_hessian_without_changing_it():
+    """q/k/v share one Hessian and GPTQ no longer copies it (a down_proj's is 0.8 GB): it must stay as it was,
+    dead inputs (a zero diagonal) included, and those inputs' weights quantize to zero."""
+    from quant.methods.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 128, generator=g)
+    x[:, :3] = 0  # three inputs that never fire
+    H = x.T @ x / 400
+    before = H.clone()
+    W = torch.randn(32, 128, generator=g)
+    for act_order in (True, False):
+        q = gptq_quantize(W, H, QuantSpec(3, 64), act_order=act_order)
+        assert torch.equal(H, before)
+        assert q.dequantize()[:, :3].abs().max() <= q.scales.float().max()  # zeroed before rounding

@@ -110,6 +110,7 @@ class QuantizeStep(BlockStep):
                     torch.mm((a if u is x else _rows(uw, width).float()).T, a, out=tmp)
                     for r in range(0, width, rows):  # m += tmp, without a float64 copy of all of tmp
                         m[r : r + rows] += tmp[r : r + rows].double()
+                del tmp  # before the float32 copy below: a down_proj's tmp is 0.8 GB
                 n = torch.tensor([float(xs.shape[0] * xs.shape[1])], dtype=torch.float64, device=m.device)
                 dist.sum_(m), dist.sum_(n)
                 moments[id(u), id(x)] = (m.div_(max(float(n), 1.0)).float(), int(n))

@@ -161,6 +161,6 @@ def dsq_quantize(
             for j in range(group_size):
                 codes[:, gid * group_size + j] = quantize_column(gid, j, W[:, gid * group_size + j])[0]
     else:
-        H = H.detach().float().to(W.device, copy=True)
+        H = H.detach().float().to(W.device)  # read only
         codes = gptq_loop(W, H, group_size, fit_group, quantize_column, damp, act_order, block_size)
     return DSQWeight(codes.to(torch.uint8), row_scales.half(), col_scale, bits, group_size)
