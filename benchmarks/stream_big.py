@@ -194,6 +194,12 @@ def write_md(results: dict) -> None:
     for row, r in results.items():
         cmd = r["command"].split("cli.main()", 1)[-1].strip()
         lines.append(f"| {row} | {r['wall_s']} | {r['peak_rss_gib']} | {r['exit']} | `quantize {cmd}` |")
+    for row, r in results.items():  # what happened to a row that its numbers do not say (added by hand)
+        for i, piece in enumerate(r.get("pieces", []) if len(r.get("pieces", [])) > 1 else []):
+            lines.append(f"\n- {row}, piece {i + 1}: {piece['wall_s']} s, peak {piece['peak_rss_gib']} GiB, "
+                         f"{piece.get('blocks_finished') or 'all'} blocks done; {piece.get('note', '')}".rstrip("; "))
+        if r.get("note"):
+            lines.append(f"\n- {row}: {r['note']}")
     lines += ["", f"Machine: {next(iter(results.values()))['machine']}." if results else ""]
     (RESULTS / "stream_big.md").write_text("\n".join(lines) + "\n")
 
