@@ -70,9 +70,9 @@ def int4_torch(out: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     torch.manual_seed(0)
-    ext = kernels_cpu.load_extension()
+    ext = kernels_cpu.EXTENSION.load()
     if ext is None:
-        raise SystemExit(f"the CPU kernels did not build: {kernels_cpu.extension_error()}")
+        raise SystemExit(f"the CPU kernels did not build: {kernels_cpu.EXTENSION.error}")
     bw = bandwidth()
     rows = []
     for label, out, n in SHAPES:

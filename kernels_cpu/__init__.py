@@ -27,17 +27,6 @@ def _build() -> ModuleType:
     return build.load()
 
 
-EXTENSION = LazyExtension("lowbit CPU kernels", _build)
+EXTENSION = LazyExtension("lowbit CPU kernels", _build)  # .load(): the module or None; .error: why not
 
-
-def load_extension() -> ModuleType | None:
-    """The compiled extension, building it on first use; None (warned once) if that fails."""
-    return EXTENSION.load()
-
-
-def extension_error() -> str | None:
-    """Why the extension could not be loaded (None if it loaded or was never tried)."""
-    return EXTENSION.error
-
-
-__all__ = ["extension_error", "load_extension"]
+__all__ = ["EXTENSION"]

@@ -20,7 +20,7 @@ import torch
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu.layout import chunk8
-from kernels_cuda import log_once
+from kernels_cuda import log_once, rows_reason
 
 MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
 KERNEL_BITS = {"uniform": (2, 3, 4), "dsq": (1, 2, 3, 4)}
@@ -43,12 +43,7 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
         return f"bits-{layer.FORMAT}{layer.bits}", f"{layer.bits}-bit {layer.FORMAT} weights"
     if layer.group_size % 8:
         return "group", f"group size {layer.group_size} (the kernel needs a multiple of 8)"
-    rows = x.numel() // max(layer.in_features, 1)
-    if rows == 0:
-        return "empty", "empty input"
-    if rows > MAX_ROWS:
-        return "rows", f"more than {MAX_ROWS} rows per call (prefill)"
-    return None
+    return rows_reason(layer, x, MAX_ROWS)
 
 
 def _chunk8(layer: torch.nn.Module) -> torch.Tensor:
@@ -66,9 +61,9 @@ def _chunk8(layer: torch.nn.Module) -> torch.Tensor:
 
 def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int = -1) -> torch.Tensor:
     """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: -1 best, 0 portable, 1 AVX2, 2 AVX-512."""
-    ext = kernels_cpu.load_extension()
+    ext = kernels_cpu.EXTENSION.load()
     if ext is None:
-        raise RuntimeError(f"lowbit CPU kernels unavailable: {kernels_cpu.extension_error()}")
+        raise RuntimeError(f"lowbit CPU kernels unavailable: {kernels_cpu.EXTENSION.error}")
     x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
     if layer.FORMAT == "dsq":
         y = ext.dsq_gemv(x2, layer.planes, layer.row_scales, layer.group_size, isa)
@@ -82,8 +77,8 @@ def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int = -1) ->
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the kernel, or None when the caller must fall back."""
     why = unsupported_reason(layer, x)
-    if why is None and kernels_cpu.load_extension() is None:
-        why = "build", f"kernel build failed ({kernels_cpu.extension_error()})"
+    if why is None and kernels_cpu.EXTENSION.load() is None:
+        why = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
     if why is not None:
         log_once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
         return None

@@ -54,6 +54,16 @@ def log_once(key: str, msg: str, *args: object) -> None:
         log.info(msg, *args)
 
 
+def rows_reason(layer, x, max_rows: int) -> tuple[str, str] | None:
+    """Why a call has the wrong number of tokens for a kernel (none, or prefill-sized), or None."""
+    rows = x.numel() // max(layer.in_features, 1)
+    if rows == 0:
+        return "empty", "empty input"
+    if rows > max_rows:
+        return "rows", f"more than {max_rows} rows per call (prefill)"
+    return None
+
+
 class LazyExtension:
     """A compiled extension built on first use; ``None`` (warned once, the reason kept) when that fails."""
 
@@ -100,4 +110,4 @@ def extension_error() -> str | None:
     return EXTENSION.error
 
 
-__all__ = ["LazyExtension", "disabled", "enabled", "extension_error", "load_extension", "log_once"]
+__all__ = ["LazyExtension", "disabled", "enabled", "extension_error", "load_extension", "log_once", "rows_reason"]

@@ -17,7 +17,7 @@ import functools
 import torch
 
 import kernels_cuda
-from kernels_cuda import log_once
+from kernels_cuda import log_once, rows_reason
 from kernels_cuda.layout import KERNEL_BITS, TILE_K, TILE_N, KernelWeights, kernel_group_ok, repack
 
 MAX_ROWS = 64  # tokens per call; more is prefill, where dequantize + cuBLAS is the better path
@@ -36,12 +36,7 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
         return f"bits-{layer.bits}", f"{layer.bits}-bit weights (the kernel takes {KERNEL_BITS})"
     if not kernel_group_ok(layer.group_size, layer.in_features):
         return f"group-{layer.group_size}", f"group size {layer.group_size} (kernel: 32, 64, k*128, per-channel)"
-    rows = x.numel() // max(layer.in_features, 1)
-    if rows == 0:
-        return "empty", "empty input"
-    if rows > MAX_ROWS:
-        return "rows", f"more than {MAX_ROWS} rows per call (prefill)"
-    return None
+    return rows_reason(layer, x, MAX_ROWS)
 
 
 def kernel_weights(layer: torch.nn.Module) -> KernelWeights:

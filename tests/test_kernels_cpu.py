@@ -22,8 +22,8 @@ from quant.runtime.quantlinear import QuantLinear
 def ext():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the fallback is tested below)")
-    mod = kernels_cpu.load_extension()
-    assert mod is not None, kernels_cpu.extension_error()  # a compiler is there: the build must work
+    mod = kernels_cpu.EXTENSION.load()
+    assert mod is not None, kernels_cpu.EXTENSION.error  # a compiler is there: the build must work
     return mod
 
 
