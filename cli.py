@@ -4,6 +4,8 @@ quantize model [MODEL] --bits 4 --method gptq --out DIR     quantize, save, comp
 quantize model --bits 2.5 --allocation nsds                 mixed precision at an average budget
 quantize allocate [MODEL] --bits 3                          NSDS scores and bits, without quantizing
 quantize eval MODEL_OR_DIR                                  WikiText-2 perplexity
+quantize generate MODEL_OR_DIR --prompt ...                 continue a prompt (CPU kernels for our checkpoints)
+quantize bench MODEL_OR_DIR                                 prefill/decode tokens/s, time to first token, memory
 quantize inspect DIR                                        what a checkpoint holds
 """
 
@@ -184,7 +186,8 @@ def model_cmd(
         help="Read the model block by block from its safetensors files instead of loading it whole: memory "
         "stays near one block. Default: stream when the model in the compute dtype would take more than half "
         "the available memory. A streamed run skips the perplexity (run quantize eval on the output) and "
-        "refuses whole-model passes (fptquant, --transforms fpt, --allocation, static activation scales).",
+        "refuses whole-model passes (fptquant, --transforms fpt, --allocation, static activation scales, "
+        "--lm-head-bits).",
         show_default=False,
     ),
     offload_activations: bool = typer.Option(
@@ -243,6 +246,7 @@ def model_cmd(
     bits = int(bits)
     act = _pass_config("actquant", values)
     act = act if (act.bits, act.kv_bits) != (16, 16) else None  # 16: not quantized
+    head = _pass_config("lmhead", values)
     config = _pass_config(method, values, bits=bits)
     fpt = None
     if transforms not in ("none", "fpt"):
@@ -268,10 +272,13 @@ def model_cmd(
         steps.append(("fpt", fpt))
     if rotation if rotation is not None else method == "d2quant":
         steps.append(("rotate", _pass_config("rotate", values, block=group_size if group_size > 0 else 64)))
-    pipeline = [*steps, (method, config), *([("actquant", act)] if act else [])]  # the run's recipe
+    pipeline = [*steps, (method, config), *([("lmhead", head)] if head.enabled else []),
+                *([("actquant", act)] if act else [])]  # the run's recipe
     used = {n for n, _ in pipeline} | ({"fpt"} if fpt else set())  # fptquant's transforms take the fpt flags
     if pass_values.get("act_bits") is not None or pass_values.get("kv_bits") is not None:
         used.add("actquant")  # --act-bits 16 is a stated "off", not a stray flag
+    if pass_values.get("lm_head_bits") is not None:
+        used.add("lmhead")  # likewise --lm-head-bits 16
     _check_flags_apply(pass_values, used, recipe is not None)
     if recipe is not None:  # the file replaces the pass options
         from quant.engine.recipe import load_recipe
@@ -286,10 +293,12 @@ def model_cmd(
         fpt = next((c for n, c in pipeline if n == "fpt"), getattr(config, "transforms", None))
         transforms = "fpt" if fpt is not None else "none"
         rotation = any(n == "rotate" for n, _ in pipeline)  # stated: refused, not skipped, where it cannot run
+        head = next((c for n, c in pipeline if n == "lmhead"), head)
     act_bits, kv_bits = (act.bits, act.kv_bits) if act else (16, 16)
     slug = Path(model).name if model else "smollm2-135m"
     width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
+    width += f"h{head.bits}" if head.enabled else ""
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
 
     from quant.engine import distributed as dist
@@ -306,6 +315,7 @@ def model_cmd(
             ("--transforms fpt", transforms == "fpt"),
             ("--allocation", allocation != "none"),
             ("static activation scales", act is not None and act.mode == "static"),
+            ("--lm-head-bits", head.enabled),
         )
         if used
     ]
@@ -380,7 +390,7 @@ def model_cmd(
         "group_size": group_size,
         "sym": config.sym,
         "modules": ctx.modules,
-        "not_quantized": ["embeddings", "lm_head", "norms"],
+        "not_quantized": ["embeddings", *([] if head.enabled else ["lm_head"]), "norms"],
         "norm_biases": ctx.norm_biases,
         "passes": [{"name": p["name"], "config": p["config"]} for p in passes],
         "calibration": report.get("calibration"),
@@ -566,6 +576,106 @@ def eval_cmd(
            **_eval(lm, max_windows, seqlen, "ppl", dataset, source=source, window_batch=window_batch)}
     typer.echo(json.dumps(res, indent=2))
     if json_out:
+        _write_json_atomic(json_out, res)
+
+
+def _load_for_inference(model: str | None, dtype: str, threads: int, trust_remote_code: bool):
+    """A float model (in ``dtype``) or one of our checkpoints (in its stored dtype), on the CPU, for generation."""
+    import torch
+
+    from quant.formats.models import load_model
+
+    if threads < 0:
+        raise QuantError("--threads must be 0 (torch's default) or positive")
+    if threads:
+        torch.set_num_threads(threads)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise QuantError(f"unknown --dtype {dtype!r}; choose from {', '.join(dtypes)}")
+    return load_model(model, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
+
+
+INFER_DTYPE_HELP = "Dtype of a float model: float32, bfloat16 or float16 (our checkpoints run in their stored dtype)."
+THREADS_HELP = "CPU threads (0: torch's default, one per core)."
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(
+        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
+    ),
+    prompt: str = typer.Option("The capital of France is", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate at most (fewer if the model ends the text)."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
+    do_sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="With --sample: softmax temperature."),
+    top_k: int = typer.Option(50, help="With --sample: keep the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="With --sample: keep the smallest set of tokens with this much mass."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty on tokens already in the text (1.0: none)."),
+    seed: int = typer.Option(0, help="Seed of the sampler."),
+    dtype: str = typer.Option("float32", help=INFER_DTYPE_HELP),
+    threads: int = typer.Option(0, help=THREADS_HELP),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """Continue a prompt on the CPU, printing the text as it is generated (speed on stderr).
+
+    Our checkpoints decode through the low-bit CPU kernels (kernels_cpu); float models run as transformers runs them.
+    """
+    import torch
+    from transformers import TextStreamer
+
+    from quant.runtime.generation import SamplingConfig, generate, prompt_ids
+
+    if max_new_tokens < 1:
+        raise QuantError("--max-new-tokens must be at least 1")
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
+    sampling.validate()
+    lm = _load_for_inference(model, dtype, threads, trust_remote_code)
+    ids = prompt_ids(lm.tokenizer, prompt, chat)
+    torch.manual_seed(seed)
+    streamer = TextStreamer(lm.tokenizer, skip_prompt=chat, skip_special_tokens=True)
+    new, seconds = generate(lm.model, lm.tokenizer, ids, max_new_tokens, sampling, streamer)
+    typer.echo(f"{new.shape[1]} tokens in {seconds:.2f} s ({new.shape[1] / seconds:.1f} tokens/s, prompt "
+               f"{ids.shape[1]} tokens included in the time)", err=True)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(
+        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
+    ),
+    prompt_tokens: int = typer.Option(256, help="Prompt length (WikiText-2 test text)."),
+    new_tokens: int = typer.Option(128, help="Tokens decoded after the prompt (greedy)."),
+    batch: str = typer.Option("1,4", help="Comma-separated batch sizes; each is timed on its own."),
+    repeats: int = typer.Option(1, help="Timed runs per batch size; the run of median decode speed is reported."),
+    dtype: str = typer.Option("float32", help=INFER_DTYPE_HELP),
+    threads: int = typer.Option(0, help=THREADS_HELP),
+    json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
+) -> None:
+    """Inference speed on the CPU: prefill and decode tokens/s, time to first token, peak memory (RSS).
+
+    One forward over the prompt, then one per new token with the KV cache, after an untimed warm-up. Peak RSS
+    is reset after loading, so it is the memory of generation; the load's peak is reported beside it.
+    """
+    from quant.runtime.generation import bench, peak_rss
+
+    try:
+        batches = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise QuantError(f"--batch must be comma-separated integers, got {batch!r}") from None
+    t0 = time.perf_counter()
+    lm = _load_for_inference(model, dtype, threads, trust_remote_code)
+    load = {"load_seconds": round(time.perf_counter() - t0, 2), "peak_rss_load_bytes": peak_rss()}
+    res = {"model": lm.source, "quantized": lm.quantized, "dtype": dtype if not lm.quantized else "stored",
+           **load, **bench(lm.model, lm.tokenizer, prompt_tokens, new_tokens, batches, repeats)}
+    for b, r in res["batches"].items():
+        decode = f"decode {r['decode_tok_s']:.1f} tok/s, " if "decode_tok_s" in r else ""
+        typer.echo(f"batch {b}: prefill {r['prefill_tok_s']:.1f} tok/s, {decode}time to first token "
+                   f"{r['ttft_s'] * 1000:.0f} ms, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    typer.echo(f"lm_head {res['lm_head']}; {res['bytes_per_token'] / 1e6:.1f} MB of weights read per decoded token; "
+               f"{res['threads']} threads")
+    if json_out is not None:
         _write_json_atomic(json_out, res)
 
 

@@ -1,4 +1,4 @@
-"""Low-bit GEMV/GEMM kernels for the CPU (2/3/4-bit uniform codes and DSQ sign planes, 1-8 tokens).
+"""Low-bit GEMV/GEMM kernels for the CPU (2/3/4/8-bit uniform codes and DSQ sign planes, 1-8 tokens).
 
 * ``csrc/lowbit_gemv_cpu.cpp``: the kernels (AVX-512 or AVX2/FMA chosen at run time, a portable body
   otherwise), reading the packed weights directly: no float weight is built.

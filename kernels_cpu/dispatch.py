@@ -1,8 +1,8 @@
 """``QuantLinear``/``DSQLinear.forward`` on the CPU: the low-bit kernel for decoding-sized calls.
 
 The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, small batches) without autograd,
-for 2/3/4-bit uniform codes and DSQ sign planes whose group is a multiple of 8. Anything else (prefill,
-where dequantize + a BLAS matmul is faster; 8-bit; training; a failed build; ``LOWBIT_KERNELS=0``) falls
+for 2/3/4/8-bit uniform codes and DSQ sign planes whose group is a multiple of 8. Anything else (prefill,
+where dequantize + a BLAS matmul is faster; training; a failed build; ``LOWBIT_KERNELS=0``) falls
 back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in float32 and cast back.
 Each path is logged once per process (logger ``lowbit.kernels``).
 
@@ -23,7 +23,7 @@ from kernels_cpu.layout import chunk8
 from kernels_cuda import log_once, rows_reason
 
 MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
-KERNEL_BITS = {"uniform": (2, 3, 4), "dsq": (1, 2, 3, 4)}
+KERNEL_BITS = {"uniform": (2, 3, 4, 8), "dsq": (1, 2, 3, 4)}
 
 
 def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, str] | None:

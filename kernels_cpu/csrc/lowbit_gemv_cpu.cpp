@@ -1,6 +1,6 @@
 // Low-bit GEMV/GEMM for 1-8 tokens on the CPU, straight from packed codes (no float weight is built).
 //
-//   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4-bit)
+//   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4/8-bit)
 //   y[m, n] = sum_g sum_k r_k[n,g] * (2 * sum_{j in g, bit_k[n,j]=1} x[m,j] - xsum[m,g])  (DSQ sign planes)
 //
 // Uniform codes come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill
@@ -24,6 +24,18 @@ constexpr int MAX_M = 4;  // tokens per pass over a weight row (accumulators sta
 
 inline float h2f(at::Half h) { return static_cast<float>(h); }
 
+// code i (0..7) of the chunk8 run starting at code index j; 8-bit runs are plain bytes
+template <int BITS>
+inline uint32_t code_at(const uint8_t* row, int64_t j, int i) {
+  if constexpr (BITS == 8) {
+    return row[j + i];
+  } else {
+    uint32_t w;
+    std::memcpy(&w, row + (j / 8) * BITS, 4);
+    return (w >> (BITS * i)) & ((1u << BITS) - 1);
+  }
+}
+
 // ---------------------------------------------------------------- portable
 template <int BITS>
 void uniform_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
@@ -35,11 +47,8 @@ void uniform_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes
       double tot = 0;
       for (int64_t g = 0; g < G; ++g) {
         float acc = 0;
-        for (int64_t j = g * gs; j < (g + 1) * gs; j += 8) {
-          uint32_t w;
-          std::memcpy(&w, row + (j / 8) * BITS, 4);
-          for (int i = 0; i < 8; ++i) acc += float((w >> (BITS * i)) & ((1u << BITS) - 1)) * x[m * K + j + i];
-        }
+        for (int64_t j = g * gs; j < (g + 1) * gs; j += 8)
+          for (int i = 0; i < 8; ++i) acc += float(code_at<BITS>(row, j, i)) * x[m * K + j + i];
         float s = h2f(scales[n * G + g]);
         tot += s * acc - s * float(zeros[n * G + g]) * xsum[m * G + g];
       }
@@ -81,6 +90,7 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum256(__m256 v) {
 // 8 codes of the chunk8 layout at code index j, as floats in 8 lanes (lambdas would not inherit the target)
 template <int BITS>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 chunk_avx2(const uint8_t* row, int64_t j) {
+  if constexpr (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
   const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
   uint32_t w;
   std::memcpy(&w, row + (j / 8) * BITS, 4);
@@ -173,6 +183,7 @@ __attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64
 // 16 codes (two chunk8 runs) at code index j, as floats in 16 lanes
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512 step_avx512(const uint8_t* row, int64_t j) {
+  if constexpr (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
   const __m512i shifts = _mm512_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, 0,
                                            BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
   uint32_t w0, w1;
@@ -210,10 +221,15 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void uniform_row_avx512(
       for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + m * K + j), acc[m][0]);
     }
     for (; j < end; j += 8) {  // a group of 8 * odd codes (per-channel widths)
-      uint32_t w;
-      std::memcpy(&w, row + (j / 8) * BITS, 4);
-      __m512i v = _mm512_castsi256_si512(_mm256_set1_epi32(int(w)));
-      __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_and_epi32(0xFF, _mm512_srlv_epi32(v, shifts), mask));
+      __m512 c;
+      if constexpr (BITS == 8) {
+        c = _mm512_cvtepi32_ps(_mm512_maskz_cvtepu8_epi32(0xFF, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
+      } else {
+        uint32_t w;
+        std::memcpy(&w, row + (j / 8) * BITS, 4);
+        __m512i v = _mm512_castsi256_si512(_mm256_set1_epi32(int(w)));
+        c = _mm512_cvtepi32_ps(_mm512_maskz_and_epi32(0xFF, _mm512_srlv_epi32(v, shifts), mask));
+      }
       for (int m = 0; m < M; ++m)
         acc[m][1] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(0xFF, x + m * K + j), acc[m][1]);
     }
@@ -362,7 +378,7 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
   check_x(x, K);
   TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
   const int64_t row_bytes = K / 8 * bits;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight");
@@ -378,7 +394,8 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
                               xs.data_ptr<float>(), y.data_ptr<float>(), N);
   if (bits == 2) std::apply(uniform_impl<2>, args);
   else if (bits == 3) std::apply(uniform_impl<3>, args);
-  else std::apply(uniform_impl<4>, args);
+  else if (bits == 4) std::apply(uniform_impl<4>, args);
+  else std::apply(uniform_impl<8>, args);
   return y;
 }
 
@@ -425,7 +442,7 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4-bit)", py::arg("x"),
+  m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4/8-bit)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
         py::arg("isa") = -1, py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from DSQ sign planes", py::arg("x"), py::arg("planes"),

@@ -1,0 +1,185 @@
+"""Text generation and its speed, for float models and our checkpoints alike (``quantize generate``/``bench``).
+
+``bench`` times the model itself, as llama.cpp's ``llama-bench`` does: one forward over the prompt (prefill;
+time to first token is that forward and the pick of the first token), then one forward per new token with the
+KV cache (decode), greedy, after an untimed warm-up that builds or loads the kernels and repacks the codes. On
+the CPU, decoding-sized calls of packed linears go to the low-bit kernels (``kernels_cpu``); prefill uses
+dequantize + matmul. Peak memory is the process's resident set high-water mark, reset after loading (Linux:
+``/proc/self/clear_refs``), so it covers generation only; the load's own peak is reported beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quant.errors import QuantError
+from quant.runtime.quantlinear import PackedLinear
+
+
+@dataclass
+class SamplingConfig:
+    """transformers' generation options: greedy unless ``do_sample``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise QuantError(f"--temperature must be positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise QuantError(f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise QuantError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise QuantError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
+
+    def kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty}
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise QuantError("--chat: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def generate(model: nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+             streamer=None) -> tuple[torch.Tensor, float]:
+    """New token ids (``[batch, n]``) and the seconds they took, through ``model.generate``."""
+    sampling.validate()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, streamer=streamer, **sampling.kwargs())
+    return out[:, ids.shape[1]:], time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux); False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Bytes: the high-water mark since the last reset (VmHWM), else the process's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------------------------- bytes
+def decode_bytes(model: nn.Module) -> dict:
+    """Bytes of weights one decoded token reads: every linear (packed codes with their scales and zeros, or the
+    float weight), lm_head included; the embedding row, norms and KV cache are left out (small at these
+    lengths). Packed uniform codes count as the kernel reads them (``bits`` per weight, no padding)."""
+    total = head = 0
+    lm_head = model.get_output_embeddings()
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            n = m.in_features * m.out_features
+            if m.FORMAT == "uniform":
+                b = n * m.bits // 8 + m.scales.numel() * m.scales.element_size() + m.zeros.numel()
+            else:
+                b = sum(t.numel() * t.element_size() for t in m.storage_buffers())
+        elif isinstance(m, nn.Linear):
+            b = m.weight.numel() * m.weight.element_size()
+        else:
+            continue
+        total += b
+        head += b if m is lm_head else 0
+    return {"bytes_per_token": total, "lm_head_bytes": head}
+
+
+def head_kind(model: nn.Module) -> str:
+    """How lm_head is stored, for every benchmark row: "int4 g64", "fp32 (tied)", ..."""
+    h = model.get_output_embeddings()
+    if isinstance(h, PackedLinear):
+        return f"int{h.bits} g{h.group_size}" if h.FORMAT == "uniform" else f"{h.FORMAT}{h.bits}"
+    tied = h.weight is model.get_input_embeddings().weight
+    return str(h.weight.dtype).removeprefix("torch.").replace("float", "fp") + (" (tied)" if tied else "")
+
+
+# --------------------------------------------------------------------------------------------- bench
+def bench_prompt(tokenizer, tokens: int, batch: int) -> torch.Tensor:
+    """``batch`` different prompts of exactly ``tokens`` tokens: consecutive slices of the WikiText-2 test text."""
+    from calibrate.data import eval_text
+
+    ids = tokenizer(eval_text()[: 8 * tokens * batch + 1000], return_tensors="pt").input_ids[0]
+    if ids.numel() < tokens * batch:
+        raise QuantError(f"the prompt text is too short for {batch} x {tokens} tokens")
+    return ids[: tokens * batch].view(batch, tokens)
+
+
+def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy: one prefill forward, then ``new_tokens - 1`` single-token forwards with the cache."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
+    params = inspect.signature(model.forward).parameters
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache = DynamicCache()
+    kv = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
+    batch, n = ids.shape
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, **{kv: cache}, use_cache=True, **last)
+    toks = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=toks[-1], **{kv: cache}, use_cache=True, **last)
+        toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    decode = time.perf_counter() - t1
+    return {"ttft_s": ttft, "prefill_tok_s": batch * n / ttft,
+            "decode_tok_s": batch * (new_tokens - 1) / decode if new_tokens > 1 else None,
+            "tokens": torch.cat(toks, 1)}
+
+
+def bench(model: nn.Module, tokenizer, prompt_tokens: int = 256, new_tokens: int = 128,
+          batches: tuple[int, ...] = (1, 4), repeats: int = 1) -> dict:
+    """Prefill and decode speed, time to first token and peak memory at each batch size; with ``repeats`` timed
+    runs per batch size, the run of median decode speed is reported."""
+    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or not batches or min(batches) < 1:
+        raise QuantError("--prompt-tokens, --new-tokens, --repeats and every --batch must be at least 1")
+    model.eval()
+    rows = {}
+    with torch.inference_mode():
+        _run(model, bench_prompt(tokenizer, 16, 1), 4)  # warm-up: kernels built or loaded, codes repacked
+        for b in batches:
+            ids = bench_prompt(tokenizer, prompt_tokens, b)
+            reset = reset_peak_rss()
+            runs = sorted((_run(model, ids, new_tokens) for _ in range(repeats)),
+                          key=lambda r: r["decode_tok_s"] or r["prefill_tok_s"])
+            rows[str(b)] = {**{k: round(v, 4) for k, v in runs[len(runs) // 2].items() if isinstance(v, float)},
+                            "peak_rss_bytes": peak_rss(), "peak_rss_since_load": reset}
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "lm_head": head_kind(model), **decode_bytes(model), "batches": rows,
+            "kernels": os.environ.get("LOWBIT_KERNELS", "1") != "0"}
