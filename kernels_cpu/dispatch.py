@@ -6,13 +6,20 @@ where dequantize + a BLAS matmul is faster; training; a failed build; ``LOWBIT_K
 back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in float32 and cast back.
 Each path is logged once per process (logger ``lowbit.kernels``).
 
+On CPUs with AVX-512 VNNI and VBMI, uniform layers whose group is a multiple of 64 quantize the tokens to int8
+per group and multiply them with the codes in integer dot products, as llama.cpp does (1.7x faster than the float
+body on SmolLM2 INT4 here); the logits then differ from the dequantize path's by more than summation order does
+(tests/test_kernels_cpu.py states the bounds). ``LOWBIT_CPU_ISA=2`` keeps the tokens in float32.
+
 Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
-module (rebuilt when its buffers change): a second copy of the codes, the same size or smaller (3-bit), and no
-float weight. The fp16 scales and uint8 zeros, and DSQ's planes and row scales, are read as stored.
+module with the per-layer checks (rebuilt when its buffers change): a second copy of the codes, the same size
+or smaller (3-bit), and no float weight. The fp16 scales and uint8 zeros, and DSQ's planes and row scales, are
+read as stored.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -21,12 +28,37 @@ import kernels_cpu
 import kernels_cuda
 from kernels_cpu.layout import chunk8
 from kernels_cuda import log_once, rows_reason
+from quant.errors import QuantError
 
 MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
+ISA_ENV = "LOWBIT_CPU_ISA"  # the highest body to use: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 tokens)
+
+
+def max_isa() -> int:
+    """-1 (the best this CPU has) unless ``LOWBIT_CPU_ISA`` caps it: ``2`` keeps the tokens in float32 on a VNNI
+    CPU (bit-for-bit closer to the dequantize path, slower). Read when a layer's plan is built."""
+    v = os.environ.get(ISA_ENV, "").strip()
+    if not v:
+        return -1
+    if v not in ("0", "1", "2", "3"):
+        raise QuantError(f"{ISA_ENV} must be 0, 1, 2 or 3, got {v!r}")
+    return int(v)
 KERNEL_BITS = {"uniform": (2, 3, 4, 8), "dsq": (1, 2, 3, 4)}
 
 
-def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
+def _static_reason(layer: torch.nn.Module) -> tuple[str, str] | None:
+    """Why the kernel cannot serve this layer at all (format, width, group, scale dtype), or None."""
+    scales = layer.row_scales if layer.FORMAT == "dsq" else layer.scales
+    if scales.dtype != torch.float16:
+        return f"scales-{scales.dtype}", f"{scales.dtype} scales (the kernel reads the checkpoint's fp16)"
+    if layer.bits not in KERNEL_BITS.get(layer.FORMAT, ()):
+        return f"bits-{layer.FORMAT}{layer.bits}", f"{layer.bits}-bit {layer.FORMAT} weights"
+    if layer.group_size % 8:
+        return "group", f"group size {layer.group_size} (the kernel needs a multiple of 8)"
+    return None
+
+
+def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor, plan: tuple | None = None) -> tuple[str, str] | None:
     """(key, message) saying why the kernel cannot run this call, or None if it can."""
     if not kernels_cuda.enabled():
         return "disabled", "disabled by LOWBIT_KERNELS=0 or kernels_cuda.disabled()"
@@ -34,53 +66,65 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
         return f"dtype-{x.dtype}", f"{x.dtype} input (the kernel computes in float32)"
     if x.shape[-1] != layer.in_features:
         return "shape", "input width is not in_features"  # F.linear raises the error
-    scales = layer.row_scales if layer.FORMAT == "dsq" else layer.scales
-    if scales.dtype != torch.float16:
-        return f"scales-{scales.dtype}", f"{scales.dtype} scales (the kernel reads the checkpoint's fp16)"
     if x.requires_grad and torch.is_grad_enabled():
         return "autograd", "input requires grad (the kernel has no backward)"
-    if layer.bits not in KERNEL_BITS.get(layer.FORMAT, ()):
-        return f"bits-{layer.FORMAT}{layer.bits}", f"{layer.bits}-bit {layer.FORMAT} weights"
-    if layer.group_size % 8:
-        return "group", f"group size {layer.group_size} (the kernel needs a multiple of 8)"
-    return rows_reason(layer, x, MAX_ROWS)
+    return (plan or _plan(layer))[2] or rows_reason(layer, x, MAX_ROWS)
 
 
-def _chunk8(layer: torch.nn.Module) -> torch.Tensor:
-    """The repacked codes, cached on the module; rebuilt when ``qweight`` is replaced or written in place (writes
-    through ``.data`` that bypass the version counter are not seen: load weights with ``load_state_dict``)."""
-    q = layer.qweight
-    key = (id(q), q.data_ptr(), q._version if not q.is_inference() else 0)
-    cached = layer.__dict__.get("_cpu_kernel_codes")
-    if cached is None or cached[0] != key or cached[1]() is not q:
-        with torch.no_grad():
-            cached = (key, weakref.ref(q), chunk8(q, layer.bits, layer.in_features))
-        layer.__dict__["_cpu_kernel_codes"] = cached
-    return cached[2]
+def _plan(layer: torch.nn.Module) -> tuple:
+    """(key, buffer refs, reason or None, kernel call) for the layer, cached on the module: the checks that depend on
+    the layer only and the repacked codes are done once, not per token. Rebuilt when a buffer is replaced
+    (``.float()``, ``load_state_dict``) or written in place; writes through ``.data`` that bypass the version
+    counter are not seen (load weights with ``load_state_dict``)."""
+    b = layer._buffers  # not layer.<name>: nn.Module.__getattr__ costs a microsecond a time, per token and layer
+    bufs = (b["planes"], b["row_scales"]) if layer.FORMAT == "dsq" else (b["qweight"], b["scales"], b["zeros"])
+    key = tuple((t.data_ptr(), t._version if not t.is_inference() else 0) for t in bufs)
+    plan = layer.__dict__.get("_cpu_kernel_plan")
+    if plan is not None and plan[0] == key and all(r() is t for r, t in zip(plan[1], bufs, strict=True)):
+        return plan
+    reason, call = _static_reason(layer), None
+    if reason is None:
+        ext, best = kernels_cpu.EXTENSION.load(), max_isa()
+        if ext is None:
+            reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
+        elif layer.FORMAT == "dsq":
+            planes, rs, gs = bufs[0], bufs[1], layer.group_size
+            call = lambda x, isa=best: ext.dsq_gemv(x, planes, rs, gs, isa)  # noqa: E731
+        else:
+            with torch.no_grad():
+                codes = chunk8(bufs[0], layer.bits, layer.in_features)
+            scales, zeros, bits, gs = bufs[1], bufs[2], layer.bits, layer.group_size
+            call = lambda x, isa=best: ext.uniform_gemv(x, codes, scales, zeros, bits, gs, isa)  # noqa: E731
+    plan = (key, tuple(weakref.ref(t) for t in bufs), reason, call)
+    layer.__dict__["_cpu_kernel_plan"] = plan
+    return plan
 
 
-def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int = -1) -> torch.Tensor:
-    """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: -1 best, 0 portable, 1 AVX2, 2 AVX-512."""
-    ext = kernels_cpu.EXTENSION.load()
-    if ext is None:
-        raise RuntimeError(f"lowbit CPU kernels unavailable: {kernels_cpu.EXTENSION.error}")
-    x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
-    if layer.FORMAT == "dsq":
-        y = ext.dsq_gemv(x2, layer.planes, layer.row_scales, layer.group_size, isa)
-    else:
-        y = ext.uniform_gemv(x2, _chunk8(layer), layer.scales, layer.zeros, layer.bits, layer.group_size, isa)
-    if layer.bias is not None:
-        y += layer.bias
-    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int | None = None, plan: tuple | None = None
+                      ) -> torch.Tensor:
+    """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: None (the plan's: the best, or ``LOWBIT_CPU_ISA``),
+    0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI."""
+    _, _, reason, call = plan or _plan(layer)
+    if call is None:
+        raise RuntimeError(f"lowbit CPU kernel cannot serve this layer: {reason[1]}")
+    x2 = x.reshape(-1, layer.in_features)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = call(x2) if isa is None else call(x2, isa)
+    bias = layer._buffers["bias"]
+    if bias is not None:
+        y += bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the kernel, or None when the caller must fall back."""
-    why = unsupported_reason(layer, x)
-    if why is None and kernels_cpu.EXTENSION.load() is None:
-        why = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
+    plan = _plan(layer)
+    why = unsupported_reason(layer, x, plan)
     if why is not None:
         log_once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
         return None
     log_once(f"cpu-kernel:{layer.FORMAT}", "%s on cpu: lowbit CPU kernel", type(layer).__name__)
-    return lowbit_matmul_cpu(layer, x)
+    return lowbit_matmul_cpu(layer, x, plan=plan)

@@ -8,11 +8,14 @@
 // give 8 codes in 8 lanes for every width. DSQ planes are read as stored (1 bit per weight, 32 per int32).
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
 // features (at::parallel_for over torch's intra-op threads: the build adds -fopenmp, without which it runs
-// serially). The AVX2/FMA/F16C and AVX-512 bodies are chosen at run time; a portable body serves other CPUs
-// (and is the reference the tests compare against).
+// serially). The AVX2/FMA/F16C, AVX-512 and AVX-512 VNNI bodies are chosen at run time; a portable body serves
+// other CPUs (and is the reference the tests compare against). The VNNI body quantizes the tokens to int8 per group
+// and uses integer dot products, as llama.cpp does; the others compute in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define LOWBIT_X86 1
@@ -277,16 +280,73 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
 }
 
+
+// ---------------------------------------------------------------- AVX-512 VNNI + VBMI (int8 activations)
+// As llama.cpp does on the CPU: the tokens are quantized to int8 per group (scale = max|x| / 127, computed once
+// per call), and codes meet activations in integer dot products (vpdpbusd: 64 u8 x s8 products per instruction)
+// instead of being converted to floats. 64 codes per step: their 8 * BITS bytes are spread one run per 64-bit
+// lane (vpermb) and vpmultishiftqb pulls code i of the run from bit BITS * i into byte i.
+//   y[m, n] = sum_g s[n,g] dx[m,g] (sum_{j in g} c[n,j] xq[m,j] - z[n,g] sum_{j in g} xq[m,j])
+// Groups must be multiples of 64 codes; others use the float AVX-512 body.
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
+    const uint8_t* row, int64_t j) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(row + j);
+  } else {
+    alignas(64) static const auto tables = [] {
+      struct { uint8_t perm[64]; uint8_t shift[64]; } t{};
+      for (int r = 0; r < 8; ++r)
+        for (int b = 0; b < 8; ++b) {
+          t.perm[8 * r + b] = uint8_t(r * BITS + (b < BITS ? b : BITS - 1));
+          t.shift[8 * r + b] = uint8_t(BITS * b);
+        }
+      return t;
+    }();
+    const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64(1) << (8 * BITS)) - 1, row + (j / 8) * BITS);
+    const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(tables.perm), raw);
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift), spread),
+                            _mm512_set1_epi8(char((1 << BITS) - 1)));
+  }
+}
+
+template <int BITS, int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
+    const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
+    int64_t gs, const float* dx, const float* sxq, float* y, int64_t N) {
+  __m512 tot[M];
+  float zterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+      const __m512i c = codes64_vnni<BITS>(row, j);
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
+    }
+    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(s_row)[g]);
+    const float z = float(z_row[g]);
+    for (int m = 0; m < M; ++m) {
+      const float sd = s * dx[m * G + g];
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sd), tot[m]);
+      zterm[m] += sd * z * sxq[m * G + g];
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - zterm[m];
+}
 #endif  // LOWBIT_X86
 
 // ---------------------------------------------------------------- dispatch
-enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2, Vnni = 3 };
 
 Isa best_isa() {
 #if LOWBIT_X86
   static const Isa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) return Isa::Vnni;
+      return Isa::Avx512;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
     return Isa::Ref;
   }();
@@ -306,7 +366,7 @@ torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
 template <int BITS, int MM>
 void uniform_block(Isa isa, const float* x, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
                    const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N, int64_t n) {
-  if (isa == Isa::Avx512)
+  if (isa >= Isa::Avx512)
     uniform_row_avx512<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
   else
     uniform_row_avx2<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
@@ -318,9 +378,69 @@ void uniform_block(Isa, const float*, int64_t, const uint8_t*, int64_t, const at
                    int64_t, const float*, float*, int64_t, int64_t) {}  // unreachable: best_isa() is Ref here
 #endif
 
+#if LOWBIT_X86
+template <int BITS, int MM>
+void vnni_block(const int8_t* xq, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
+                const uint8_t* z, int64_t G, int64_t gs, const float* dx, const float* sxq, float* y, int64_t N,
+                int64_t n) {
+  uniform_row_vnni<BITS, MM>(xq, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, dx, sxq, y + n, N);
+}
+#else
+template <int BITS, int MM>
+void vnni_block(const int8_t*, int64_t, const uint8_t*, int64_t, const at::Half*, const uint8_t*, int64_t, int64_t,
+                const float*, const float*, float*, int64_t, int64_t) {}  // unreachable: best_isa() is Ref here
+#endif
+
+// Per (token, group): dx = max|x| / 127, xq = round(x / dx) in [-127, 127], sxq = sum of xq.
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* xq, float* dx, float* sxq) {
+  const int64_t G = K / gs;
+  for (int64_t mg = 0; mg < M * G; ++mg) {
+    const float* xg = x + mg * gs;
+    float amax = 0.f;
+    for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::abs(xg[j]));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < gs; ++j) {
+      const int32_t q = int32_t(std::nearbyint(xg[j] * inv));
+      xq[mg * gs + j] = int8_t(q);
+      sum += q;
+    }
+    dx[mg] = d;
+    sxq[mg] = float(sum);
+  }
+}
+
+template <int BITS>
+void uniform_vnni(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                  const at::Half* s, const uint8_t* z, int64_t G, int64_t gs, float* y, int64_t N) {
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * G), sxq(M * G);
+  quantize_activations(x, M, K, gs, xq.data(), dx.data(), sxq.data());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int8_t* xm = xq.data() + m0 * K;
+        const float* dm = dx.data() + m0 * G;
+        const float* sm = sxq.data() + m0 * G;
+        float* ym = y + m0 * N;
+        switch (std::min<int64_t>(M - m0, MAX_M)) {
+          case 1: vnni_block<BITS, 1>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
+          case 2: vnni_block<BITS, 2>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
+          case 3: vnni_block<BITS, 3>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
+          default: vnni_block<BITS, 4>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
+        }
+      }
+    }
+  });
+}
+
 template <int BITS>
 void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
                   const at::Half* s, const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N) {
+  if (isa == Isa::Vnni) {
+    if (gs % 64 == 0) return uniform_vnni<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, y, N);
+    isa = Isa::Avx512;  // groups of 32 (or 8 * odd): the float body
+  }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     if (isa == Isa::Ref) return uniform_rows_ref<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, xs, y, N, n0, n1);
     for (int64_t n = n0; n < n1; ++n) {
@@ -343,7 +463,7 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 template <int MM>
 void dsq_block(Isa isa, const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t words, int64_t N,
                const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t n) {
-  if (isa == Isa::Avx512)
+  if (isa >= Isa::Avx512)
     dsq_row_avx512<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
   else
     dsq_row_avx2<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
@@ -372,7 +492,8 @@ torch::Tensor output(const torch::Tensor& x, int64_t N, const c10::optional<torc
 }  // namespace
 
 // codes: uint8 [N * row_bytes + 4] (chunk8 layout, 4 bytes of padding); scales fp16 [N, G]; zeros uint8 [N, G].
-// isa: -1 = best available, 0 = portable, 1 = AVX2, 2 = AVX-512 (capped at what the CPU has).
+// isa: -1 = best available, 0 = portable, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI with int8 activations for groups
+// that are multiples of 64 (capped at what the CPU has).
 torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                            int64_t bits, int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
   const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
@@ -386,9 +507,10 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   TORCH_CHECK(zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
               "zeros must be contiguous uint8 shaped like scales");
   const int64_t M = x.size(0);
-  auto xs = group_sums(x, group_size);
-  auto y = output(x, N, out);
   const Isa which = pick(isa);
+  // the float bodies subtract the zero-points through per-group sums of x; the VNNI body sums its int8 tokens
+  auto xs = which == Isa::Vnni && group_size % 64 == 0 ? x.new_empty({0}) : group_sums(x, group_size);
+  auto y = output(x, N, out);
   auto args = std::make_tuple(which, x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), row_bytes,
                               scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), G, group_size,
                               xs.data_ptr<float>(), y.data_ptr<float>(), N);
@@ -441,6 +563,10 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_
 
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 
+// What isa (as uniform_gemv takes it) serves: the float AVX-512 body instead of VNNI for groups that are not
+// multiples of 64.
+bool int8_activations(int64_t isa, int64_t group_size) { return pick(isa) == Isa::Vnni && group_size % 64 == 0; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4/8-bit)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
@@ -448,5 +574,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from DSQ sign planes", py::arg("x"), py::arg("planes"),
         py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512");
+  m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 activations)");
+  m.def("int8_activations", &int8_activations, "whether uniform_gemv quantizes the tokens to int8 for this isa and group",
+        py::arg("isa"), py::arg("group_size"));
 }
