@@ -5,7 +5,8 @@
 * :mod:`kernels_cpu.layout`: the offline repack of uniform codes into the kernel's ``chunk8`` layout.
 * :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
   ``python -m kernels_cpu.build`` ahead of time.
-* :mod:`kernels_cpu.dispatch`: what ``QuantLinear``/``DSQLinear.forward`` call on CPU inputs.
+* :mod:`kernels_cpu.dispatch`: what ``QuantLinear``/``DSQLinear.forward`` call on CPU inputs, eagerly or inside a
+  ``torch.compile``'d decode step (``prepare_for_compile``; the kernels are also ``torch.ops.lowbit_cpu.*``).
 
 The dispatch rules are shared with ``kernels_cuda``: ``LOWBIT_KERNELS=0`` or ``kernels_cuda.disabled()``
 forces the dequantize + matmul path on every device. A failed build (no compiler) is reported once and
@@ -24,7 +25,21 @@ def _build() -> ModuleType:
     from kernels_cuda import log
 
     log.warning("loading the lowbit CPU kernels (compiled once, about a minute; cached in %s)", build.build_dir())
-    return build.load()
+    module = build.load()
+    _register_fakes()
+    return module
+
+
+def _register_fakes() -> None:
+    """Output shapes of the torch operators the extension registers (torch.ops.lowbit_cpu.*), for torch.compile."""
+    import torch
+
+    torch.library.register_fake("lowbit_cpu::uniform_gemv")(
+        lambda x, codes, scales, zeros, bits, group_size, isa: x.new_empty(x.shape[0], scales.shape[0])
+    )
+    torch.library.register_fake("lowbit_cpu::dsq_gemv")(
+        lambda x, planes, row_scales, group_size, isa: x.new_empty(x.shape[0], planes.shape[1])
+    )
 
 
 EXTENSION = LazyExtension("lowbit CPU kernels", _build)  # .load(): the module or None; .error: why not

@@ -72,30 +72,26 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor, plan: tuple | No
 
 
 def _plan(layer: torch.nn.Module) -> tuple:
-    """(key, buffer refs, reason or None, kernel call) for the layer, cached on the module: the checks that depend on
-    the layer only and the repacked codes are done once, not per token. Rebuilt when a buffer is replaced
-    (``.float()``, ``load_state_dict``) or written in place; writes through ``.data`` that bypass the version
-    counter are not seen (load weights with ``load_state_dict``)."""
+    """(key, buffer refs, reason or None, kernel name, its arguments after x, isa) for the layer, cached on the
+    module: the checks that depend on the layer only and the repacked codes are done once, not per token. Rebuilt
+    when a buffer is replaced (``.float()``, ``load_state_dict``) or written in place; writes through ``.data`` that
+    bypass the version counter are not seen (load weights with ``load_state_dict``)."""
     b = layer._buffers  # not layer.<name>: nn.Module.__getattr__ costs a microsecond a time, per token and layer
     bufs = (b["planes"], b["row_scales"]) if layer.FORMAT == "dsq" else (b["qweight"], b["scales"], b["zeros"])
     key = tuple((t.data_ptr(), t._version if not t.is_inference() else 0) for t in bufs)
     plan = layer.__dict__.get("_cpu_kernel_plan")
     if plan is not None and plan[0] == key and all(r() is t for r, t in zip(plan[1], bufs, strict=True)):
         return plan
-    reason, call = _static_reason(layer), None
-    if reason is None:
-        ext, best = kernels_cpu.EXTENSION.load(), max_isa()
-        if ext is None:
-            reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
-        elif layer.FORMAT == "dsq":
-            planes, rs, gs = bufs[0], bufs[1], layer.group_size
-            call = lambda x, isa=best: ext.dsq_gemv(x, planes, rs, gs, isa)  # noqa: E731
-        else:
-            with torch.no_grad():
-                codes = chunk8(bufs[0], layer.bits, layer.in_features)
-            scales, zeros, bits, gs = bufs[1], bufs[2], layer.bits, layer.group_size
-            call = lambda x, isa=best: ext.uniform_gemv(x, codes, scales, zeros, bits, gs, isa)  # noqa: E731
-    plan = (key, tuple(weakref.ref(t) for t in bufs), reason, call)
+    reason, name, args = _static_reason(layer), None, ()
+    if reason is None and kernels_cpu.EXTENSION.load() is None:
+        reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
+    elif reason is None and layer.FORMAT == "dsq":
+        name, args = "dsq_gemv", (bufs[0], bufs[1], layer.group_size)
+    elif reason is None:
+        with torch.no_grad():
+            codes = chunk8(bufs[0], layer.bits, layer.in_features)
+        name, args = "uniform_gemv", (codes, bufs[1], bufs[2], layer.bits, layer.group_size)
+    plan = (key, tuple(weakref.ref(t) for t in bufs), reason, name, args, max_isa())
     layer.__dict__["_cpu_kernel_plan"] = plan
     return plan
 
@@ -104,19 +100,48 @@ def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int | None =
                       ) -> torch.Tensor:
     """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: None (the plan's: the best, or ``LOWBIT_CPU_ISA``),
     0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI."""
-    _, _, reason, call = plan or _plan(layer)
-    if call is None:
+    _, _, reason, name, args, best = plan or _plan(layer)
+    if name is None:
         raise RuntimeError(f"lowbit CPU kernel cannot serve this layer: {reason[1]}")
     x2 = x.reshape(-1, layer.in_features)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
-    y = call(x2) if isa is None else call(x2, isa)
+    y = getattr(kernels_cpu.EXTENSION.module, name)(x2, *args, best if isa is None else isa)
     bias = layer._buffers["bias"]
     if bias is not None:
         y += bias
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
+
+
+def prepare_for_compile(model: torch.nn.Module) -> int:
+    """Ready every packed linear the kernel can serve for a ``torch.compile``'d decode step: its repacked codes and
+    fixed arguments are stored on the layer, and inside the compiled graph its forward is one call of
+    ``torch.ops.lowbit_cpu.*`` (no Python per layer and token). Returns how many layers were prepared."""
+    n = 0
+    for layer in model.modules():
+        layer.__dict__.pop("_cpu_compiled_op", None)
+        if getattr(layer, "FORMAT", None) not in KERNEL_BITS or not kernels_cuda.enabled():
+            continue
+        _, _, reason, name, args, isa = _plan(layer)
+        if reason is None:
+            layer.__dict__["_cpu_compiled_op"] = (getattr(torch.ops.lowbit_cpu, name), (*args, isa))
+            n += 1
+    return n
+
+
+def compiled_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Inside ``torch.compile``: the layer's output through its prepared operator, or None (not prepared, or more
+    rows than a decode step has) for the dequantize path, which compiles too."""
+    prepared = layer.__dict__.get("_cpu_compiled_op")
+    if prepared is None or x.numel() // layer.in_features > MAX_ROWS:
+        return None
+    op, args = prepared
+    y = op(x.reshape(-1, layer.in_features).to(torch.float32), *args)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -567,6 +567,27 @@ int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 // multiples of 64.
 bool int8_activations(int64_t isa, int64_t group_size) { return pick(isa) == Isa::Vnni && group_size % 64 == 0; }
 
+// The same two kernels as torch operators (torch.ops.lowbit_cpu.*): what a torch.compile'd decode step calls, with
+// no Python in between (kernels_cpu.dispatch registers their shape functions).
+torch::Tensor uniform_op(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                         int64_t group_size, int64_t isa) {
+  return uniform_gemv(x.contiguous(), codes, scales, zeros, bits, group_size, isa, c10::nullopt);
+}
+
+torch::Tensor dsq_op(torch::Tensor x, torch::Tensor planes, torch::Tensor row_scales, int64_t group_size, int64_t isa) {
+  return dsq_gemv(x.contiguous(), planes, row_scales, group_size, isa, c10::nullopt);
+}
+
+TORCH_LIBRARY(lowbit_cpu, m) {
+  m.def("uniform_gemv(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, int isa) -> Tensor");
+  m.def("dsq_gemv(Tensor x, Tensor planes, Tensor row_scales, int group_size, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
+  m.impl("uniform_gemv", &uniform_op);
+  m.impl("dsq_gemv", &dsq_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4/8-bit)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),

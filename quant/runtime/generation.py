@@ -2,7 +2,10 @@
 
 ``bench`` times the model itself, as llama.cpp's ``llama-bench`` does: one forward over the prompt (prefill;
 time to first token is that forward and the pick of the first token), then one forward per new token with the
-KV cache (decode), greedy, after an untimed warm-up that builds or loads the kernels and repacks the codes. On
+KV cache (decode), greedy, after an untimed warm-up that builds or loads the kernels and repacks the codes. With
+``compiled``, the decode step runs ``torch.compile``'d over a static KV cache, as gpt-fast and transformers'
+static-cache recipe do: the per-layer Python of an eager forward (most of a small model's decode time on a CPU)
+goes away, and the packed linears are graph operators. On
 the CPU, decoding-sized calls of packed linears go to the low-bit kernels (``kernels_cpu``); prefill uses
 dequantize + matmul. Peak memory is the process's resident set high-water mark, reset after loading (Linux:
 ``/proc/self/clear_refs``), so it covers generation only; the load's own peak is reported beside it.
@@ -122,6 +125,8 @@ def head_kind(model: nn.Module) -> str:
     h = model.get_output_embeddings()
     if isinstance(h, PackedLinear):
         return f"int{h.bits} g{h.group_size}" if h.FORMAT == "uniform" else f"{h.FORMAT}{h.bits}"
+    if not isinstance(getattr(h, "weight", None), torch.Tensor):
+        return type(h).__name__
     tied = h.weight is model.get_input_embeddings().weight
     return str(h.weight.dtype).removeprefix("torch.").replace("float", "fp") + (" (tied)" if tied else "")
 
@@ -137,26 +142,46 @@ def bench_prompt(tokenizer, tokens: int, batch: int) -> torch.Tensor:
     return ids[: tokens * batch].view(batch, tokens)
 
 
-def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy: one prefill forward, then ``new_tokens - 1`` single-token forwards with the cache."""
+def _compiled_forward(model: nn.Module):
+    """``model.forward`` compiled once per model (static shapes: one graph per batch size and cache length), with
+    the packed linears' kernels as graph operators (``kernels_cpu.dispatch.prepare_for_compile``)."""
+    if "_lowbit_compiled" not in model.__dict__:
+        from kernels_cpu.dispatch import prepare_for_compile
+
+        prepare_for_compile(model)
+        model.__dict__["_lowbit_compiled"] = torch.compile(model.forward, dynamic=False)
+    return model.__dict__["_lowbit_compiled"]
+
+
+def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False, max_len: int = 0,
+         warm: bool = False) -> dict:
+    """Greedy: one prefill forward, then ``new_tokens - 1`` single-token forwards with the cache. ``compiled``: the
+    single-token forwards run ``torch.compile``'d on a static cache of ``max_len`` positions (prefill stays eager);
+    ``warm``: a run with those shapes has compiled the step already."""
     import inspect
 
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
-    # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
     params = inspect.signature(model.forward).parameters
+    # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
     last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache = DynamicCache()
     kv = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
     batch, n = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=max_len or n + new_tokens) if compiled else DynamicCache()
+    step = _compiled_forward(model) if compiled else model
+    pos = (lambda i: {"cache_position": torch.arange(i, i + 1)}) if compiled else (lambda i: {})
     t0 = time.perf_counter()
-    out = model(input_ids=ids, **{kv: cache}, use_cache=True, **last)
+    out = model(input_ids=ids, **{kv: cache}, use_cache=True, **last,
+                **({"cache_position": torch.arange(n)} if compiled else {}))
     toks = [out.logits[:, -1].argmax(-1, keepdim=True)]
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=toks[-1], **{kv: cache}, use_cache=True, **last)
-        toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    # warm: every step has the shapes of the run that compiled it, so the guards need not be re-checked (they cost
+    # ~3 ms a step on SmolLM2: one per parameter)
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=compiled and warm):
+        for i in range(new_tokens - 1):
+            out = step(input_ids=toks[-1], **{kv: cache}, use_cache=True, **last, **pos(n + i))
+            toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
     decode = time.perf_counter() - t1
     return {"ttft_s": ttft, "prefill_tok_s": batch * n / ttft,
             "decode_tok_s": batch * (new_tokens - 1) / decode if new_tokens > 1 else None,
@@ -164,9 +189,10 @@ def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def bench(model: nn.Module, tokenizer, prompt_tokens: int = 256, new_tokens: int = 128,
-          batches: tuple[int, ...] = (1, 4), repeats: int = 1) -> dict:
+          batches: tuple[int, ...] = (1, 4), repeats: int = 1, compiled: bool = False) -> dict:
     """Prefill and decode speed, time to first token and peak memory at each batch size; with ``repeats`` timed
-    runs per batch size, the run of median decode speed is reported."""
+    runs per batch size, the run of median decode speed is reported. ``compiled``: decode steps through
+    ``torch.compile`` (the compile is timed apart, as ``compile_s``)."""
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or not batches or min(batches) < 1:
         raise QuantError("--prompt-tokens, --new-tokens, --repeats and every --batch must be at least 1")
     model.eval()
@@ -175,11 +201,16 @@ def bench(model: nn.Module, tokenizer, prompt_tokens: int = 256, new_tokens: int
         _run(model, bench_prompt(tokenizer, 16, 1), 4)  # warm-up: kernels built or loaded, codes repacked
         for b in batches:
             ids = bench_prompt(tokenizer, prompt_tokens, b)
+            extra = {}
+            if compiled:  # the same shapes as the timed runs: the graph is compiled here, not inside them
+                t0 = time.perf_counter()
+                _run(model, ids, 3, True, prompt_tokens + new_tokens)
+                extra["compile_s"] = round(time.perf_counter() - t0, 1)
             reset = reset_peak_rss()
-            runs = sorted((_run(model, ids, new_tokens) for _ in range(repeats)),
+            runs = sorted((_run(model, ids, new_tokens, compiled, warm=True) for _ in range(repeats)),
                           key=lambda r: r["decode_tok_s"] or r["prefill_tok_s"])
             rows[str(b)] = {**{k: round(v, 4) for k, v in runs[len(runs) // 2].items() if isinstance(v, float)},
-                            "peak_rss_bytes": peak_rss(), "peak_rss_since_load": reset}
+                            **extra, "peak_rss_bytes": peak_rss(), "peak_rss_since_load": reset}
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-            "lm_head": head_kind(model), **decode_bytes(model), "batches": rows,
+            "compiled": compiled, "lm_head": head_kind(model), **decode_bytes(model), "batches": rows,
             "kernels": os.environ.get("LOWBIT_KERNELS", "1") != "0"}

@@ -1,0 +1,331 @@
+"""CPU inference speed of SmolLM2-135M, every format side by side in one run: the float model (fp32, bf16), our
+INT4 / INT3 / INT2 / D²Quant (DSQ) checkpoints, torch's int4 CPU kernel on our INT4 weights, and llama.cpp on the
+embedded Q4_1 GGUF itself. Batch 1 (and 4 where the runtime batches), a 256-token prompt of WikiText-2 test text,
+128 greedy new tokens, the same thread count everywhere.
+
+Every row runs in its own process (``quantize bench``, or this script with ``--one``) so its peak memory is its
+own; the peak is reset after loading, so it is the memory of generation. "compiled" rows run the decode step
+``torch.compile``'d (``quantize bench --compile``); the others run transformers' eager forward. The machine's copy
+bandwidth is measured in the same run, and each row's roofline is bandwidth / bytes of weights read per token.
+
+Our INT4/INT3/INT2 checkpoints are RTN (speed depends on the format, not on how the codes were chosen: a GPTQ
+checkpoint has the same layout) and D²Quant's uses 16 calibration windows: their perplexity is not measured here.
+llama.cpp comes from ``llama-cpp-python`` (PyPI, built from source by pip) in its own virtual environment, not a
+project dependency:
+
+    python3 -m venv ../peers/venv_llamacpp && ../peers/venv_llamacpp/bin/pip install llama-cpp-python
+    python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows a,b] [--force]
+        # -> benchmarks/results/latency.{json,md,png}; rows already measured are kept (resumable)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "latency"
+THREADS = 2
+PROMPT, NEW = 256, 128
+GROUP = 64
+DEFAULT_LLAMA = ROOT.parent / "peers" / "venv_llamacpp" / "bin" / "python"
+
+# name -> (checkpoint recipe or None for the float model, bench options)
+CHECKPOINTS = {
+    "int4-h4": ["--method", "rtn", "--bits", "4", "--lm-head-bits", "4"],
+    "int4": ["--method", "rtn", "--bits", "4"],
+    "int3-h4": ["--method", "rtn", "--bits", "3", "--lm-head-bits", "4"],
+    "int2-h4": ["--method", "rtn", "--bits", "2", "--lm-head-bits", "4"],
+    "d2quant3-h4": ["--method", "d2quant", "--bits", "3", "--lm-head-bits", "4", "--nsamples", "16"],
+}
+ROWS = {  # row -> (kind, checkpoint, extra bench options)
+    "float fp32": ("bench", None, ["--dtype", "float32"]),
+    "float fp32, compiled": ("bench", None, ["--dtype", "float32", "--compile"]),
+    "float bf16": ("bench", None, ["--dtype", "bfloat16"]),
+    "ours int4 g64, head int4": ("bench", "int4-h4", []),
+    "ours int4 g64, head int4, compiled": ("bench", "int4-h4", ["--compile"]),
+    "ours int4 g64, head fp32, compiled": ("bench", "int4", ["--compile"]),
+    "ours int3 g64, head int4": ("bench", "int3-h4", []),
+    "ours int3 g64, head int4, compiled": ("bench", "int3-h4", ["--compile"]),
+    "ours int2 g64, head int4, compiled": ("bench", "int2-h4", ["--compile"]),
+    "ours D2Quant w3 g64 (DSQ down_proj), head int4": ("bench", "d2quant3-h4", []),
+    "ours D2Quant w3 g64 (DSQ down_proj), head int4, compiled": ("bench", "d2quant3-h4", ["--compile"]),
+    "torch int4 kernel, same int4 weights, head int4": ("torch-int4", "int4-h4", []),
+    "torch int4 kernel, same int4 weights, head int4, compiled": ("torch-int4", "int4-h4", ["--compile"]),
+    "llama.cpp Q4_1 (the embedded GGUF)": ("llama.cpp", None, []),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def bandwidth() -> float:
+    """Bytes per second of a large tensor copy (read + write), best of 5."""
+    import torch
+
+    a = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() / (time.perf_counter() - t0))
+    return best
+
+
+def quantize_cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import cli; cli.main()", *args]
+
+
+def checkpoint(name: str) -> Path:
+    out = WORK / name
+    if not (out / "config.json").exists():
+        cmd = quantize_cli("model", "--group-size", str(GROUP), "--no-eval", "--out", str(out), "--overwrite",
+                           *CHECKPOINTS[name])
+        print("building", name, flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
+def run_bench(ckpt: Path | None, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "r.json"
+        cmd = quantize_cli("bench", *([str(ckpt)] if ckpt else []), "--prompt-tokens", str(PROMPT), "--new-tokens",
+                           str(NEW), "--batch", "1,4", "--threads", str(THREADS), "--json", str(js), *extra)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(js.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- torch int4
+def torch_int4(ckpt: Path, compiled: bool) -> dict:
+    """Our INT4 checkpoint with every QuantLinear replaced by torch's int4 CPU kernel on the same codes, scales and
+    zero-points (``_weight_int4pack_mm_for_cpu``, what torchao's int4 CPU path calls), then the same bench."""
+    import torch
+    from torch import nn
+
+    from quant.formats.models import load_model
+    from quant.runtime.generation import bench, peak_rss
+    from quant.runtime.quantlinear import QuantLinear
+
+    class TorchInt4Linear(nn.Module):
+        def __init__(self, q: QuantLinear) -> None:
+            super().__init__()
+            self.in_features, self.out_features, self.group = q.in_features, q.out_features, q.group_size
+            codes = q.codes().to(torch.int32)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            s, z = q.scales.float(), q.zeros.float()  # ours: (c - z) s; torch's: (c - 8) scale + zero
+            self.sz = torch.stack([s.t(), ((8 - z) * s).t()], -1).contiguous()
+            self.bias = q.bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group,
+                                                           self.sz)
+            y = y + self.bias if self.bias is not None else y
+            return y.view(*x.shape[:-1], self.out_features)
+
+    torch.set_num_threads(THREADS)
+    t0 = time.perf_counter()
+    lm = load_model(str(ckpt))
+    nbytes = 0
+    for name, m in list(lm.model.named_modules()):
+        if isinstance(m, QuantLinear):
+            t = TorchInt4Linear(m)
+            x = torch.randn(3, m.in_features)
+            assert torch.allclose(t(x), nn.functional.linear(x, m.dequantize()), rtol=1e-3, atol=1e-3), name
+            parent, _, child = name.rpartition(".")
+            setattr(lm.model.get_submodule(parent), child, t)
+            nbytes += t.packed.numel() * t.packed.element_size() + t.sz.numel() * 4
+    load = {"load_seconds": round(time.perf_counter() - t0, 2), "peak_rss_load_bytes": peak_rss()}
+    res = {"model": str(ckpt), "quantized": True, **load,
+           **bench(lm.model, lm.tokenizer, PROMPT, NEW, (1, 4), 1, compiled)}
+    res.update(bytes_per_token=nbytes, lm_head_bytes=None)  # every linear and the head: torch's layout, fp32 scales
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+LLAMA_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+path, text = sys.argv[1], open(sys.argv[2]).read()
+prompt, new, threads = (int(a) for a in sys.argv[3:6])
+t0 = time.perf_counter()
+m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new, n_batch=prompt,
+          verbose=False)
+load = time.perf_counter() - t0
+load_rss = rss()
+toks = m.tokenize(text.encode(), add_bos=False)[:prompt]
+m.eval(toks[:16]); m.reset()  # warm-up
+open("/proc/self/clear_refs", "w").write("5")
+t0 = time.perf_counter()
+m.eval(toks)
+tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+ttft = time.perf_counter() - t0
+t1 = time.perf_counter()
+for _ in range(new - 1):
+    m.eval([tok])
+    tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+decode = time.perf_counter() - t1
+print(json.dumps({"load_seconds": round(load, 2), "peak_rss_load_bytes": load_rss, "batches": {"1": {
+    "ttft_s": round(ttft, 4), "prefill_tok_s": round(prompt / ttft, 4), "decode_tok_s": round((new - 1) / decode, 4),
+    "peak_rss_bytes": rss(), "peak_rss_since_load": True}}}))
+"""
+
+
+def llama_cpp(python: Path) -> dict:
+    from calibrate.data import eval_text
+    from quant.formats.models import _gguf_path
+
+    gguf = _gguf_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "s.py").write_text(LLAMA_SCRIPT)
+        (Path(tmp) / "t.txt").write_text(eval_text()[:8000])
+        out = subprocess.run([str(python), str(Path(tmp) / "s.py"), str(gguf), str(Path(tmp) / "t.txt"), str(PROMPT),
+                              str(NEW), str(THREADS)], check=True, capture_output=True, text=True).stdout
+    version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    res = json.loads(out.strip().splitlines()[-1])
+    # every tensor but the token embedding's rows is read once per token; its output layer is the tied embedding
+    res.update(model=str(gguf), quantized=True, compiled=False, threads=THREADS, prompt_tokens=PROMPT, new_tokens=NEW,
+               lm_head="Q4_1 (tied token_embd)", bytes_per_token=gguf.stat().st_size,
+               runtime=f"llama-cpp-python {version}")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- report
+def linear_params(data: dict) -> float:
+    """Weights of the linears and the head: the fp32 float row reads 4 bytes of each per token."""
+    return data["rows"]["float fp32"]["bytes_per_token"] / 4
+
+
+def write_report(data: dict) -> None:
+    bw, params = data["bandwidth_bytes_s"], linear_params(data)
+    lines = [
+        "# CPU inference speed, SmolLM2-135M",
+        "",
+        f"`python benchmarks/latency.py`, one run on this machine ({THREADS} threads, {data['cpu']}); measured copy "
+        f"bandwidth {bw / 1e9:.2f} GB/s. Prompt {PROMPT} tokens of WikiText-2 test text, {NEW} greedy new tokens. "
+        "Roofline = bandwidth / weight bytes read per decoded token (embedding row, norms and KV cache left out); "
+        "\"of roofline\" is batch-1 decode against it. Peak RSS is the high-water mark of generation (reset after "
+        "loading). Compiled rows run the decode step `torch.compile`'d over a static cache (`quantize bench "
+        "--compile`); the others, transformers' eager forward. Our checkpoints: RTN codes (the layout GPTQ writes "
+        "too), D2Quant with 16 calibration windows; no perplexity is measured here.",
+        "",
+        "| row | lm_head | bits/weight | MB/token | decode tok/s (b=1) | of roofline | decode tok/s (b=4) "
+        "| prefill tok/s | TTFT ms | peak RSS MiB | vs float fp32 (same mode) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = data["rows"]
+    for name, r in rows.items():
+        b1, b4 = r["batches"]["1"], r["batches"].get("4", {})
+        roof = bw / r["bytes_per_token"]
+        base = rows.get("float fp32, compiled" if r.get("compiled") else "float fp32")
+        ratio = f"{b1['decode_tok_s'] / base['batches']['1']['decode_tok_s']:.2f}x" if base else ""
+        lines.append(
+            f"| {name} | {r['lm_head']} | {8 * r['bytes_per_token'] / params:.2f} | "
+            f"{r['bytes_per_token'] / 1e6:.1f} | {b1['decode_tok_s']:.1f} | {b1['decode_tok_s'] / roof:.2f} | "
+            f"{b4.get('decode_tok_s', float('nan')):.1f} | {b1['prefill_tok_s']:.0f} | {1000 * b1['ttft_s']:.0f} | "
+            f"{b1['peak_rss_bytes'] / 2**20:.0f} | {ratio} |"
+        )
+    lines += ["", "Bits/weight: weight bytes per token x 8 over the linear and head parameters (llama.cpp: its file)."]
+    extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()
+             if "compile_s" in r["batches"]["1"]]
+    lines += ["", "Compile times (once per batch size, not in the speeds):", *extra, ""]
+    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
+    plot(data)
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = linear_params(data)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in data["rows"].items():
+        x = 8 * r["bytes_per_token"] / params
+        y = r["batches"]["1"]["decode_tok_s"]
+        marker = "s" if "llama.cpp" in name else "^" if "torch" in name else "o" if "ours" in name else "x"
+        ax.scatter(x, y, marker=marker, color="C1" if r.get("compiled") else "C0")
+        ax.annotate(name.replace(", head", "\nhead"), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    xs = [1.5 + i * 0.1 for i in range(320)]
+    ax.plot(xs, [data["bandwidth_bytes_s"] / (x / 8 * params) for x in xs], "k--", lw=0.8,
+            label="roofline (copy bandwidth)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight read per token (linears + head)")
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title(f"SmolLM2-135M decode on {THREADS} CPU threads (blue eager, orange compiled)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latency.png", dpi=130)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--force", action="store_true", help="re-measure rows already in the results")
+    ap.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA, help="python of the llama-cpp-python venv")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: torch-int4 in this process
+    ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one == "torch-int4":
+        args.json.write_text(json.dumps(torch_int4(args.ckpt, args.compile)))
+        return
+
+    out = RESULTS / "latency.json"
+    data = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    import platform
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    data.update(bandwidth_bytes_s=bandwidth(), cpu=platform.processor() or platform.machine(),
+                torch=torch.__version__)
+    wanted = [r for r in args.rows.split(",") if r] or list(ROWS)
+    for name in wanted:
+        if name in data["rows"] and not args.force:
+            continue
+        kind, ckpt_name, extra = ROWS[name]
+        ckpt = checkpoint(ckpt_name) if ckpt_name else None
+        print("measuring", name, flush=True)
+        if kind == "bench":
+            res = run_bench(ckpt, extra)
+        elif kind == "torch-int4":
+            with tempfile.TemporaryDirectory() as tmp:
+                js = Path(tmp) / "r.json"
+                subprocess.run([sys.executable, __file__, "--one", "torch-int4", "--ckpt", str(ckpt), "--json",
+                                str(js), *(["--compile"] if extra else [])], check=True, cwd=ROOT,
+                               stderr=subprocess.DEVNULL)
+                res = json.loads(js.read_text())
+        else:
+            res = llama_cpp(args.llama_python)
+        data["rows"][name] = res
+        data["rows"] = {k: data["rows"][k] for k in ROWS if k in data["rows"]}  # the table's order
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(out)  # after every row: a killed run keeps what it measured
+        b1 = res["batches"]["1"]
+        print(f"  decode {b1['decode_tok_s']:.1f} tok/s, prefill {b1['prefill_tok_s']:.0f} tok/s", flush=True)
+    write_report(data)
+
+
+if __name__ == "__main__":
+    main()
