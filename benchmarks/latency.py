@@ -1,7 +1,7 @@
 """CPU inference speed of SmolLM2-135M, every format side by side in one run: the float model (fp32, bf16), our
 INT4 / INT3 / INT2 / D²Quant (DSQ) checkpoints, torch's int4 CPU kernel on our INT4 weights, and llama.cpp on the
 embedded Q4_1 GGUF itself. Batch 1 (and 4 where the runtime batches), a 256-token prompt of WikiText-2 test text,
-128 greedy new tokens, the same thread count everywhere.
+128 greedy new tokens, the same thread count everywhere; each row's median of 3 timed runs.
 
 Every row runs in its own process (``quantize bench``, or this script with ``--one``) so its peak memory is its
 own; the peak is reset after loading, so it is the memory of generation. "compiled" rows run the decode step
@@ -35,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "latency"
 THREADS = 2
 PROMPT, NEW = 256, 128
+REPEATS = 3  # timed runs per row and batch size; the median (by decode speed) is reported
 GROUP = 64
 DEFAULT_LLAMA = ROOT.parent / "peers" / "venv_llamacpp" / "bin" / "python"
 
@@ -98,7 +99,8 @@ def run_bench(ckpt: Path | None, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / "r.json"
         cmd = quantize_cli("bench", *([str(ckpt)] if ckpt else []), "--prompt-tokens", str(PROMPT), "--new-tokens",
-                           str(NEW), "--batch", "1,4", "--threads", str(THREADS), "--json", str(js), *extra)
+                           str(NEW), "--batch", "1,4", "--threads", str(THREADS), "--repeats", str(REPEATS), "--json",
+                           str(js), *extra)
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(js.read_text())
 
@@ -125,8 +127,8 @@ def torch_int4(ckpt: Path, compiled: bool) -> dict:
             self.bias = q.bias
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group,
-                                                           self.sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), self.packed,
+                                                           self.group, self.sz)
             y = y + self.bias if self.bias is not None else y
             return y.view(*x.shape[:-1], self.out_features)
 
@@ -144,7 +146,7 @@ def torch_int4(ckpt: Path, compiled: bool) -> dict:
             nbytes += t.packed.numel() * t.packed.element_size() + t.sz.numel() * 4
     load = {"load_seconds": round(time.perf_counter() - t0, 2), "peak_rss_load_bytes": peak_rss()}
     res = {"model": str(ckpt), "quantized": True, **load,
-           **bench(lm.model, lm.tokenizer, PROMPT, NEW, (1, 4), 1, compiled)}
+           **bench(lm.model, lm.tokenizer, PROMPT, NEW, (1, 4), REPEATS, compiled)}
     res.update(bytes_per_token=nbytes, lm_head_bytes=None)  # every linear and the head: torch's layout, fp32 scales
     return res
 
@@ -161,27 +163,32 @@ def rss():
             return int(line.split()[1]) * 1024
 
 path, text = sys.argv[1], open(sys.argv[2]).read()
-prompt, new, threads = (int(a) for a in sys.argv[3:6])
+prompt, new, threads, repeats = (int(a) for a in sys.argv[3:7])
 t0 = time.perf_counter()
 m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new, n_batch=prompt,
           verbose=False)
 load = time.perf_counter() - t0
 load_rss = rss()
 toks = m.tokenize(text.encode(), add_bos=False)[:prompt]
-m.eval(toks[:16]); m.reset()  # warm-up
+m.eval(toks[:16])  # warm-up
 open("/proc/self/clear_refs", "w").write("5")
-t0 = time.perf_counter()
-m.eval(toks)
-tok = int(np.argmax(m.scores[m.n_tokens - 1]))
-ttft = time.perf_counter() - t0
-t1 = time.perf_counter()
-for _ in range(new - 1):
-    m.eval([tok])
+runs = []
+for _ in range(repeats):
+    m.reset()
+    t0 = time.perf_counter()
+    m.eval(toks)
     tok = int(np.argmax(m.scores[m.n_tokens - 1]))
-decode = time.perf_counter() - t1
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        m.eval([tok])
+        tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+    decode = time.perf_counter() - t1
+    runs.append({"ttft_s": round(ttft, 4), "prefill_tok_s": round(prompt / ttft, 4),
+                 "decode_tok_s": round((new - 1) / decode, 4)})
+median = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
 print(json.dumps({"load_seconds": round(load, 2), "peak_rss_load_bytes": load_rss, "batches": {"1": {
-    "ttft_s": round(ttft, 4), "prefill_tok_s": round(prompt / ttft, 4), "decode_tok_s": round((new - 1) / decode, 4),
-    "peak_rss_bytes": rss(), "peak_rss_since_load": True}}}))
+    **median, "peak_rss_bytes": rss(), "peak_rss_since_load": True}}}))
 """
 
 
@@ -194,7 +201,7 @@ def llama_cpp(python: Path) -> dict:
         (Path(tmp) / "s.py").write_text(LLAMA_SCRIPT)
         (Path(tmp) / "t.txt").write_text(eval_text()[:8000])
         out = subprocess.run([str(python), str(Path(tmp) / "s.py"), str(gguf), str(Path(tmp) / "t.txt"), str(PROMPT),
-                              str(NEW), str(THREADS)], check=True, capture_output=True, text=True).stdout
+                              str(NEW), str(THREADS), str(REPEATS)], check=True, capture_output=True, text=True).stdout
     version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], check=True,
                              capture_output=True, text=True).stdout.strip()
     res = json.loads(out.strip().splitlines()[-1])
@@ -225,20 +232,22 @@ def write_report(data: dict) -> None:
         "too), D2Quant with 16 calibration windows; no perplexity is measured here.",
         "",
         "| row | lm_head | bits/weight | MB/token | decode tok/s (b=1) | of roofline | decode tok/s (b=4) "
-        "| prefill tok/s | TTFT ms | peak RSS MiB | vs float fp32 (same mode) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill tok/s | TTFT ms | peak RSS MiB | decode vs float fp32 (same mode) | decode vs llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = data["rows"]
+    llama = rows.get("llama.cpp Q4_1 (the embedded GGUF)")
     for name, r in rows.items():
         b1, b4 = r["batches"]["1"], r["batches"].get("4", {})
         roof = bw / r["bytes_per_token"]
         base = rows.get("float fp32, compiled" if r.get("compiled") else "float fp32")
         ratio = f"{b1['decode_tok_s'] / base['batches']['1']['decode_tok_s']:.2f}x" if base else ""
+        vs_llama = f"{b1['decode_tok_s'] / llama['batches']['1']['decode_tok_s']:.2f}x" if llama else ""
         lines.append(
             f"| {name} | {r['lm_head']} | {8 * r['bytes_per_token'] / params:.2f} | "
             f"{r['bytes_per_token'] / 1e6:.1f} | {b1['decode_tok_s']:.1f} | {b1['decode_tok_s'] / roof:.2f} | "
             f"{b4.get('decode_tok_s', float('nan')):.1f} | {b1['prefill_tok_s']:.0f} | {1000 * b1['ttft_s']:.0f} | "
-            f"{b1['peak_rss_bytes'] / 2**20:.0f} | {ratio} |"
+            f"{b1['peak_rss_bytes'] / 2**20:.0f} | {ratio} | {vs_llama} |"
         )
     lines += ["", "Bits/weight: weight bytes per token x 8 over the linear and head parameters (llama.cpp: its file)."]
     extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()

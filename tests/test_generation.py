@@ -44,6 +44,13 @@ def test_lm_head_is_quantized_untied_and_reloads(tmp_path, tokenizer, bits):
     assert loaded.lm_head.qweight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+    if bits == 4:  # transformers' own loader (quant_method "lowbit") builds the same untied, packed head
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(out)
+        assert isinstance(hf.lm_head, QuantLinear)
+        with torch.no_grad():
+            assert torch.equal(hf(ids).logits, before)
 
 
 def test_lm_head_bits_16_leaves_the_head_alone():
@@ -63,6 +70,20 @@ def test_bench_loop_decodes_what_generate_decodes():
                              pad_token_id=0)
     assert torch.equal(ours["tokens"], ref[:, 10:])
     assert ours["decode_tok_s"] > 0 and ours["ttft_s"] > 0
+
+
+def test_compiled_decode_matches_eager_and_uses_the_kernel_operators():
+    """``bench --compile``: the decode step through torch.compile, packed linears as torch.ops.lowbit_cpu.*."""
+    model, _ = quantized_tiny(4)
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        eager = _run(model, ids, 5)
+        _run(model, ids, 3, compiled=True, max_len=15)  # compiles for these shapes
+        compiled = _run(model, ids, 5, compiled=True, warm=True)
+    prepared = [m for m in model.modules() if "_cpu_compiled_op" in m.__dict__]
+    assert len(prepared) == 15  # 14 block linears and the head
+    assert prepared[0].__dict__["_cpu_compiled_op"][0] is torch.ops.lowbit_cpu.uniform_gemv
+    assert torch.equal(compiled["tokens"], eager["tokens"])
 
 
 def test_decode_bytes_count_what_a_token_reads():

@@ -287,7 +287,7 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
 // instead of being converted to floats. 64 codes per step: their 8 * BITS bytes are spread one run per 64-bit
 // lane (vpermb) and vpmultishiftqb pulls code i of the run from bit BITS * i into byte i.
 //   y[m, n] = sum_g s[n,g] dx[m,g] (sum_{j in g} c[n,j] xq[m,j] - z[n,g] sum_{j in g} xq[m,j])
-// Groups must be multiples of 64 codes; others use the float AVX-512 body.
+// Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ planes: dsq_row_vnni below.
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
     const uint8_t* row, int64_t j) {
@@ -334,6 +334,38 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) void 
   }
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - zterm[m];
 }
+
+// DSQ sign planes with int8 tokens: a plane's 64 sign bits for 64 codes become bytes 0/1 under a mask (vmovdqu8)
+// and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) void dsq_row_vnni(
+    const int8_t* xq, int64_t K, const int32_t* planes, int64_t B, int64_t plane_stride, const at::Half* rs_row,
+    int64_t G, int64_t gs, const float* dx, const float* sxq, float* y, int64_t N) {
+  const __m512i one = _mm512_set1_epi8(1);
+  __m512 tot[M];
+  float xterm[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), xterm[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float rsum = 0.f;
+    for (int64_t k = 0; k < B; ++k) {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);  // little-endian bits
+      __m512i acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+        uint64_t bits;
+        std::memcpy(&bits, p + j / 8, 8);
+        const __m512i c = _mm512_maskz_mov_epi8(bits, one);
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
+      }
+      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
+      rsum += r;
+      for (int m = 0; m < M; ++m)
+        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(2.f * r * dx[m * G + g]), tot[m]);
+    }
+    for (int m = 0; m < M; ++m) xterm[m] += rsum * dx[m * G + g] * sxq[m * G + g];
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
+}
 #endif  // LOWBIT_X86
 
 // ---------------------------------------------------------------- dispatch
@@ -362,118 +394,98 @@ torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
   return x.view({x.size(0), x.size(1) / gs, gs}).sum(-1).contiguous();  // [M, G]
 }
 
-#if LOWBIT_X86
-template <int BITS, int MM>
-void uniform_block(Isa isa, const float* x, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
-                   const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N, int64_t n) {
-  if (isa >= Isa::Avx512)
-    uniform_row_avx512<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
-  else
-    uniform_row_avx2<BITS, MM>(x, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs, y + n, N);
-}
-
-#else
-template <int BITS, int MM>
-void uniform_block(Isa, const float*, int64_t, const uint8_t*, int64_t, const at::Half*, const uint8_t*, int64_t,
-                   int64_t, const float*, float*, int64_t, int64_t) {}  // unreachable: best_isa() is Ref here
-#endif
-
-#if LOWBIT_X86
-template <int BITS, int MM>
-void vnni_block(const int8_t* xq, int64_t K, const uint8_t* codes, int64_t row_bytes, const at::Half* s,
-                const uint8_t* z, int64_t G, int64_t gs, const float* dx, const float* sxq, float* y, int64_t N,
-                int64_t n) {
-  uniform_row_vnni<BITS, MM>(xq, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, dx, sxq, y + n, N);
-}
-#else
-template <int BITS, int MM>
-void vnni_block(const int8_t*, int64_t, const uint8_t*, int64_t, const at::Half*, const uint8_t*, int64_t, int64_t,
-                const float*, const float*, float*, int64_t, int64_t) {}  // unreachable: best_isa() is Ref here
-#endif
-
-// Per (token, group): dx = max|x| / 127, xq = round(x / dx) in [-127, 127], sxq = sum of xq.
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* xq, float* dx, float* sxq) {
-  const int64_t G = K / gs;
-  for (int64_t mg = 0; mg < M * G; ++mg) {
-    const float* xg = x + mg * gs;
-    float amax = 0.f;
-    for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::abs(xg[j]));
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int64_t j = 0; j < gs; ++j) {
-      const int32_t q = int32_t(std::nearbyint(xg[j] * inv));
-      xq[mg * gs + j] = int8_t(q);
-      sum += q;
-    }
-    dx[mg] = d;
-    sxq[mg] = float(sum);
-  }
-}
-
-template <int BITS>
-void uniform_vnni(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
-                  const at::Half* s, const uint8_t* z, int64_t G, int64_t gs, float* y, int64_t N) {
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> dx(M * G), sxq(M * G);
-  quantize_activations(x, M, K, gs, xq.data(), dx.data(), sxq.data());
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-        const int8_t* xm = xq.data() + m0 * K;
-        const float* dm = dx.data() + m0 * G;
-        const float* sm = sxq.data() + m0 * G;
-        float* ym = y + m0 * N;
-        switch (std::min<int64_t>(M - m0, MAX_M)) {
-          case 1: vnni_block<BITS, 1>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
-          case 2: vnni_block<BITS, 2>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
-          case 3: vnni_block<BITS, 3>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
-          default: vnni_block<BITS, 4>(xm, K, codes, row_bytes, s, z, G, gs, dm, sm, ym, N, n); break;
-        }
+// The tokens in int8 for the VNNI bodies, per (token, group): dx = max|x| / 127, q = round(x / dx) in
+// [-127, 127], sum = the sum of q.
+struct Int8Tokens {
+  std::vector<int8_t> q;
+  std::vector<float> dx, sum;
+  Int8Tokens(const float* x, int64_t M, int64_t K, int64_t gs) : q(M * K), dx(M * K / gs), sum(M * K / gs) {
+    for (int64_t mg = 0; mg < M * K / gs; ++mg) {
+      const float* xg = x + mg * gs;
+      float amax = 0.f;
+      for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::abs(xg[j]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t total = 0;
+      for (int64_t j = 0; j < gs; ++j) {
+        const int32_t v = int32_t(std::nearbyint(xg[j] * inv));
+        q[mg * gs + j] = int8_t(v);
+        total += v;
       }
+      dx[mg] = amax / 127.f;
+      sum[mg] = float(total);
     }
+  }
+};
+
+// Threads split the output rows; each row is read once per block of up to MAX_M tokens and stays in L1 between
+// blocks. f(std::integral_constant<int, MM>, n, m0) computes row n for tokens m0 .. m0 + MM - 1.
+template <typename F>
+void each_row(int64_t N, int64_t M, const F& f) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) switch (std::min<int64_t>(M - m0, MAX_M)) {
+          case 1: f(std::integral_constant<int, 1>(), n, m0); break;
+          case 2: f(std::integral_constant<int, 2>(), n, m0); break;
+          case 3: f(std::integral_constant<int, 3>(), n, m0); break;
+          default: f(std::integral_constant<int, 4>(), n, m0); break;
+        }
   });
 }
 
 template <int BITS>
 void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
                   const at::Half* s, const uint8_t* z, int64_t G, int64_t gs, const float* xs, float* y, int64_t N) {
-  if (isa == Isa::Vnni) {
-    if (gs % 64 == 0) return uniform_vnni<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, y, N);
-    isa = Isa::Avx512;  // groups of 32 (or 8 * odd): the float body
-  }
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (isa == Isa::Ref) return uniform_rows_ref<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, xs, y, N, n0, n1);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {  // the row stays in L1 between token blocks
-        const float* xm = x + m0 * K;
-        const float* xsm = xs + m0 * G;
-        float* ym = y + m0 * N;
-        switch (std::min<int64_t>(M - m0, MAX_M)) {
-          case 1: uniform_block<BITS, 1>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
-          case 2: uniform_block<BITS, 2>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
-          case 3: uniform_block<BITS, 3>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
-          default: uniform_block<BITS, 4>(isa, xm, K, codes, row_bytes, s, z, G, gs, xsm, ym, N, n); break;
-        }
-      }
-    }
-  });
-}
-
+  if (isa == Isa::Ref)
+    return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      uniform_rows_ref<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, xs, y, N, n0, n1);
+    });
 #if LOWBIT_X86
-template <int MM>
-void dsq_block(Isa isa, const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t words, int64_t N,
-               const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t n) {
-  if (isa >= Isa::Avx512)
-    dsq_row_avx512<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
-  else
-    dsq_row_avx2<MM>(x, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs, y + n, N);
+  if (isa == Isa::Vnni && gs % 64 == 0) {
+    const Int8Tokens t(x, M, K, gs);
+    return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+      uniform_row_vnni<BITS, decltype(mm)::value>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
+                                                  z + n * G, G, gs, t.dx.data() + m0 * G, t.sum.data() + m0 * G,
+                                                  y + m0 * N + n, N);
+    });
+  }
+  each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+    constexpr int MM = decltype(mm)::value;
+    const float* xm = x + m0 * K;
+    if (isa >= Isa::Avx512)  // groups of 32 (or 8 * odd) on a VNNI CPU take the float AVX-512 body
+      uniform_row_avx512<BITS, MM>(xm, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs + m0 * G,
+                                   y + m0 * N + n, N);
+    else
+      uniform_row_avx2<BITS, MM>(xm, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs + m0 * G,
+                                 y + m0 * N + n, N);
+  });
+#endif
 }
 
-#else
-template <int MM>
-void dsq_block(Isa, const float*, int64_t, const int32_t*, int64_t, int64_t, int64_t, const at::Half*, int64_t,
-               int64_t, const float*, float*, int64_t) {}  // unreachable: best_isa() is Ref here
+void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const int32_t* planes, int64_t B, int64_t words,
+              const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t N) {
+  if (isa == Isa::Ref)
+    return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      dsq_rows_ref(x, M, K, planes, B, words, rs, G, gs, xs, y, N, n0, n1);
+    });
+#if LOWBIT_X86
+  if (isa == Isa::Vnni && gs % 64 == 0) {
+    const Int8Tokens t(x, M, K, gs);
+    return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+      dsq_row_vnni<decltype(mm)::value>(t.q.data() + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G,
+                                        gs, t.dx.data() + m0 * G, t.sum.data() + m0 * G, y + m0 * N + n, N);
+    });
+  }
+  each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+    constexpr int MM = decltype(mm)::value;
+    if (isa >= Isa::Avx512)
+      dsq_row_avx512<MM>(x + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs + m0 * G,
+                         y + m0 * N + n, N);
+    else
+      dsq_row_avx2<MM>(x + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs + m0 * G,
+                       y + m0 * N + n, N);
+  });
 #endif
+}
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -534,37 +546,18 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_
                   row_scales.size(2) == B,
               "row_scales must be contiguous fp16 [out, groups, bits]");
   const int64_t M = x.size(0);
-  auto xs = group_sums(x, group_size);
-  auto y = output(x, N, out);
   const Isa which = pick(isa);
-  const float* xp = x.data_ptr<float>();
-  const float* xsp = xs.data_ptr<float>();
-  const int32_t* pp = planes.data_ptr<int32_t>();
-  const at::Half* rp = row_scales.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (which == Isa::Ref) return dsq_rows_ref(xp, M, K, pp, B, words, rp, G, group_size, xsp, yp, N, n0, n1);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-        const float* xm = xp + m0 * K;
-        const float* xsm = xsp + m0 * G;
-        float* ym = yp + m0 * N;
-        switch (std::min<int64_t>(M - m0, MAX_M)) {
-          case 1: dsq_block<1>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
-          case 2: dsq_block<2>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
-          case 3: dsq_block<3>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
-          default: dsq_block<4>(which, xm, K, pp, B, words, N, rp, G, group_size, xsm, ym, n); break;
-        }
-      }
-    }
-  });
+  auto xs = which == Isa::Vnni && group_size % 64 == 0 ? x.new_empty({0}) : group_sums(x, group_size);
+  auto y = output(x, N, out);
+  dsq_impl(which, x.data_ptr<float>(), M, K, planes.data_ptr<int32_t>(), B, words, row_scales.data_ptr<at::Half>(),
+           G, group_size, xs.data_ptr<float>(), y.data_ptr<float>(), N);
   return y;
 }
 
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 
-// What isa (as uniform_gemv takes it) serves: the float AVX-512 body instead of VNNI for groups that are not
-// multiples of 64.
+// Whether uniform_gemv and dsq_gemv quantize the tokens to int8 for this isa and group (VNNI, groups that are
+// multiples of 64; other groups take the float AVX-512 body).
 bool int8_activations(int64_t isa, int64_t group_size) { return pick(isa) == Isa::Vnni && group_size % 64 == 0; }
 
 // The same two kernels as torch operators (torch.ops.lowbit_cpu.*): what a torch.compile'd decode step calls, with
@@ -596,6 +589,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 activations)");
-  m.def("int8_activations", &int8_activations, "whether uniform_gemv quantizes the tokens to int8 for this isa and group",
+  m.def("int8_activations", &int8_activations, "whether the kernels quantize the tokens to int8 for this isa and group",
         py::arg("isa"), py::arg("group_size"));
 }
