@@ -16,7 +16,7 @@ llama.cpp comes from ``llama-cpp-python`` (PyPI, built from source by pip) in it
 project dependency:
 
     python3 -m venv ../peers/venv_llamacpp && ../peers/venv_llamacpp/bin/pip install llama-cpp-python
-    python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows a,b] [--force]
+    python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows "a;b"] [--force | --again]
         # -> benchmarks/results/latency.{json,md,png}; rows already measured are kept (resumable)
 """
 
@@ -167,8 +167,8 @@ def rss():
 path, text = sys.argv[1], open(sys.argv[2]).read()
 prompt, new, threads, repeats = (int(a) for a in sys.argv[3:7])
 t0 = time.perf_counter()
-m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new, n_batch=prompt,
-          verbose=False)
+ctx = max(512, prompt + new)  # scores has n_batch rows (without logits_all): indexed up to the last position
+m = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=ctx, n_batch=ctx, verbose=False)
 load = time.perf_counter() - t0
 load_rss = rss()
 toks = m.tokenize(text.encode(), add_bos=False)[:prompt]
@@ -293,7 +293,7 @@ def plot(data: dict) -> None:
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", default="", help="row names separated by semicolons (default: all)")
     ap.add_argument("--force", action="store_true", help="re-measure rows already in the results")
     ap.add_argument("--again", action="store_true",
                     help="measure every row once more and keep, per row, the round with the faster batch-1 decode "
@@ -317,7 +317,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     data.update(bandwidth_bytes_s=bandwidth(), cpu=platform.processor() or platform.machine(),
                 torch=torch.__version__)
-    wanted = [r for r in args.rows.split(",") if r] or list(ROWS)
+    wanted = [r.strip() for r in args.rows.split(";") if r.strip()] or list(ROWS)
     for name in wanted:
         old = data["rows"].get(name)
         if old is not None and not (args.force or args.again):
