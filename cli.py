@@ -670,6 +670,12 @@ def bench_cmd(
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise QuantError(f"--batch must be comma-separated integers, got {batch!r}") from None
+    if compile_:
+        import torch._inductor.config as inductor
+
+        # compile in this process: inductor's pool of compile workers boots in the background (each imports torch)
+        # and took CPU from the timed runs that followed (prefill at half speed in those rows)
+        inductor.compile_threads = 1
     t0 = time.perf_counter()
     lm = _load_for_inference(model, dtype, threads, trust_remote_code)
     load = {"load_seconds": round(time.perf_counter() - t0, 2), "peak_rss_load_bytes": peak_rss()}
