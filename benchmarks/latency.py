@@ -245,10 +245,11 @@ def write_report(data: dict) -> None:
         base = rows.get("float fp32, compiled" if r.get("compiled") else "float fp32")
         ratio = f"{b1['decode_tok_s'] / base['batches']['1']['decode_tok_s']:.2f}x" if base else ""
         vs_llama = f"{b1['decode_tok_s'] / llama['batches']['1']['decode_tok_s']:.2f}x" if llama else ""
+        batch4 = f"{b4['decode_tok_s']:.1f}" if b4 else "n/a"
         lines.append(
             f"| {name} | {r['lm_head']} | {8 * r['bytes_per_token'] / params:.2f} | "
             f"{r['bytes_per_token'] / 1e6:.1f} | {b1['decode_tok_s']:.1f} | {b1['decode_tok_s'] / roof:.2f} | "
-            f"{b4.get('decode_tok_s', float('nan')):.1f} | {b1['prefill_tok_s']:.0f} | {1000 * b1['ttft_s']:.0f} | "
+            f"{batch4} | {b1['prefill_tok_s']:.0f} | {1000 * b1['ttft_s']:.0f} | "
             f"{b1['peak_rss_bytes'] / 2**20:.0f} | {ratio} | {vs_llama} |"
         )
     lines += ["", "Bits/weight: weight bytes per token x 8 over the linear and head parameters (llama.cpp: its file)."]

@@ -128,7 +128,8 @@ def head_kind(model: nn.Module) -> str:
     if not isinstance(getattr(h, "weight", None), torch.Tensor):
         return type(h).__name__
     tied = h.weight is model.get_input_embeddings().weight
-    return str(h.weight.dtype).removeprefix("torch.").replace("float", "fp") + (" (tied)" if tied else "")
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(h.weight.dtype, str(h.weight.dtype)) + (" (tied)" if tied else "")
 
 
 # --------------------------------------------------------------------------------------------- bench
