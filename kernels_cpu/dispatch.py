@@ -9,7 +9,8 @@ Each path is logged once per process (logger ``lowbit.kernels``).
 On CPUs with AVX-512 VNNI and VBMI, uniform layers whose group is a multiple of 64 quantize the tokens to int8
 per group and multiply them with the codes in integer dot products, as llama.cpp does (1.7x faster than the float
 body on SmolLM2 INT4 here); the logits then differ from the dequantize path's by more than summation order does
-(tests/test_kernels_cpu.py states the bounds). ``LOWBIT_CPU_ISA=2`` keeps the tokens in float32.
+(tests/test_kernels_cpu.py states the bounds). It is opt-in (:func:`use_int8_tokens`, on in ``quantize generate``
+and ``bench``); ``LOWBIT_CPU_ISA`` overrides both.
 
 Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
 module with the per-layer checks (rebuilt when its buffers change): a second copy of the codes, the same size
@@ -34,12 +35,22 @@ MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the
 ISA_ENV = "LOWBIT_CPU_ISA"  # the highest body to use: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 tokens)
 
 
+_INT8_TOKENS = [False]
+
+
+def use_int8_tokens(on: bool = True) -> None:
+    """Let the kernels quantize the tokens to int8 (the VNNI body: faster, as llama.cpp does; the logits move by
+    more than summation order). Off by default, so a forward matches the dequantize path; ``quantize generate`` and
+    ``quantize bench`` turn it on unless told ``--float-tokens``."""
+    _INT8_TOKENS[0] = on
+
+
 def max_isa() -> int:
-    """-1 (the best this CPU has) unless ``LOWBIT_CPU_ISA`` caps it: ``2`` keeps the tokens in float32 on a VNNI
-    CPU (bit-for-bit closer to the dequantize path, slower). Read when a layer's plan is built."""
+    """The highest body a layer's plan uses: ``LOWBIT_CPU_ISA`` if set; else the best this CPU has, capped at 2
+    (float32 tokens) unless :func:`use_int8_tokens` is on. Read when a layer's plan is built."""
     v = os.environ.get(ISA_ENV, "").strip()
     if not v:
-        return -1
+        return -1 if _INT8_TOKENS[0] else 2
     if v not in ("0", "1", "2", "3"):
         raise QuantError(f"{ISA_ENV} must be 0, 1, 2 or 3, got {v!r}")
     return int(v)
@@ -78,7 +89,7 @@ def _plan(layer: torch.nn.Module) -> tuple:
     bypass the version counter are not seen (load weights with ``load_state_dict``)."""
     b = layer._buffers  # not layer.<name>: nn.Module.__getattr__ costs a microsecond a time, per token and layer
     bufs = (b["planes"], b["row_scales"]) if layer.FORMAT == "dsq" else (b["qweight"], b["scales"], b["zeros"])
-    key = tuple((t.data_ptr(), t._version if not t.is_inference() else 0) for t in bufs)
+    key = (_INT8_TOKENS[0], *((t.data_ptr(), t._version if not t.is_inference() else 0) for t in bufs))
     plan = layer.__dict__.get("_cpu_kernel_plan")
     if plan is not None and plan[0] == key and all(r() is t for r, t in zip(plan[1], bufs, strict=True)):
         return plan

@@ -107,7 +107,8 @@ def test_sign_planes_round_trip_exactly():
     torch.testing.assert_close(q.dequantize(with_col_scale=False), want)
     torch.testing.assert_close(q.dequantize(), want * q.col_scale[None, :])
     x = torch.randn(5, 256)
-    torch.testing.assert_close(m(x), x @ want.T)
+    # 5 tokens take the CPU kernel, which sums in its own float32 order
+    torch.testing.assert_close(m(x), x @ want.T, rtol=1e-5, atol=1e-4)
 
 
 def test_dsq_checkpoint_reload_is_bit_exact(tmp_path, tokenizer):
