@@ -79,7 +79,8 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor, plan: tuple | No
         return "shape", "input width is not in_features"  # F.linear raises the error
     if x.requires_grad and torch.is_grad_enabled():
         return "autograd", "input requires grad (the kernel has no backward)"
-    return (plan or _plan(layer))[2] or rows_reason(layer, x, MAX_ROWS)
+    # the rows before the plan: a prefill-sized call never builds one (nor holds the repacked codes)
+    return rows_reason(layer, x, MAX_ROWS) or (plan or _plan(layer))[2]
 
 
 def _plan(layer: torch.nn.Module) -> tuple:
@@ -157,10 +158,9 @@ def compiled_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
 
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the kernel, or None when the caller must fall back."""
-    plan = _plan(layer)
-    why = unsupported_reason(layer, x, plan)
+    why = unsupported_reason(layer, x)
     if why is not None:
         log_once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
         return None
     log_once(f"cpu-kernel:{layer.FORMAT}", "%s on cpu: lowbit CPU kernel", type(layer).__name__)
-    return lowbit_matmul_cpu(layer, x, plan=plan)
+    return lowbit_matmul_cpu(layer, x)
