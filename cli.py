@@ -41,6 +41,11 @@ MODEL_HELP = (
     "(default: the embedded SmolLM2-135M-Instruct)."
 )
 
+# the model argument of the commands that read float models and our checkpoints alike (eval, generate, bench)
+MODEL_OR_CHECKPOINT = typer.Argument(
+    None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
+)
+
 
 def _eval(lm, max_windows: int, seqlen: int, label: str, dataset: str = "wikitext2", source=None,
           window_batch: int = 0) -> dict:
@@ -522,9 +527,7 @@ def passes_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(
-        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
-    ),
+    model: str = MODEL_OR_CHECKPOINT,
     max_windows: int = typer.Option(0, help="Evaluate only the first N windows (0 = the full test split)."),
     seqlen: int = typer.Option(2048, help="Window length in tokens (2048 is the standard protocol)."),
     dataset: str = typer.Option(
@@ -608,9 +611,7 @@ THREADS_HELP = "CPU threads (0: torch's default, one per core)."
 
 @app.command("generate")
 def generate_cmd(
-    model: str = typer.Argument(
-        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
-    ),
+    model: str = MODEL_OR_CHECKPOINT,
     prompt: str = typer.Option("The capital of France is", help="The text to continue."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate at most (fewer if the model ends the text)."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
@@ -649,9 +650,7 @@ def generate_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: str = typer.Argument(
-        None, help=MODEL_HELP + " Also one of our quantized checkpoint folders.", show_default=False
-    ),
+    model: str = MODEL_OR_CHECKPOINT,
     prompt_tokens: int = typer.Option(256, help="Prompt length (WikiText-2 test text)."),
     new_tokens: int = typer.Option(128, help="Tokens decoded after the prompt (greedy)."),
     batch: str = typer.Option("1,4", help="Comma-separated batch sizes; each is timed on its own."),
