@@ -5,6 +5,8 @@
 * :mod:`kernels_cpu.layout`: the offline repack of uniform codes into the kernel's ``chunk8`` layout.
 * :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
   ``python -m kernels_cpu.build`` ahead of time.
+* ``csrc/decode_attention_cpu.cpp`` and :mod:`kernels_cpu.attention`: one query token's attention over a KV cache,
+  transformers' attention implementation ``"lowbit_cpu"`` for compiled decode steps.
 * :mod:`kernels_cpu.dispatch`: what ``QuantLinear``/``DSQLinear.forward`` call on CPU inputs, eagerly or inside a
   ``torch.compile``'d decode step (``prepare_for_compile``; the kernels are also ``torch.ops.lowbit_cpu.*``).
 
@@ -39,6 +41,9 @@ def _register_fakes() -> None:
     )
     torch.library.register_fake("lowbit_cpu::dsq_gemv")(
         lambda x, planes, row_scales, group_size, isa: x.new_empty(x.shape[0], planes.shape[1])
+    )
+    torch.library.register_fake("lowbit_cpu::decode_attention")(
+        lambda q, k, v, mask, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
     )
 
 

@@ -1,6 +1,6 @@
 """Building the CPU kernels: JIT through ``torch.utils.cpp_extension.load`` into the persistent cache that
 ``kernels_cuda`` uses (``$LOWBIT_KERNELS_BUILD_DIR``, else ``<lowbit cache>/kernels/cpu-<tag>``), where the
-tag hashes the source, the flags and the torch/Python versions. The instruction set is chosen at run time
+tag hashes the sources, the flags and the torch/Python versions. The instruction set is chosen at run time
 inside the binary (AVX-512, AVX2/FMA or portable), so one build serves every x86-64 CPU.
 
     python -m kernels_cpu.build     # build (or find) the extension ahead of time, print where it is
@@ -15,14 +15,17 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "lowbit_gemv_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "lowbit_gemv_cpu.cpp", CSRC / "decode_attention_cpu.cpp"]
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for uses threads only when built with OpenMP
 
 
 def source_tag() -> str:
     import torch
 
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
     h.update(" ".join(CXX_FLAGS).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}".encode())
     return h.hexdigest()[:16]
@@ -46,7 +49,7 @@ def load(verbose: bool = False) -> ModuleType:
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     return cpp_extension.load(
         name=f"lowbit_cpu_{source_tag()}",
-        sources=[str(SOURCE)],
+        sources=[str(s) for s in SOURCES],
         extra_cflags=CXX_FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(out),

@@ -73,16 +73,21 @@ def test_bench_loop_decodes_what_generate_decodes():
 
 
 def test_compiled_decode_matches_eager_and_uses_the_kernel_operators():
-    """``bench --compile``: the decode step through torch.compile, packed linears as torch.ops.lowbit_cpu.*."""
+    """``bench --compile``: the decode step through torch.compile, packed linears and the attention as
+    torch.ops.lowbit_cpu.*."""
     model, _ = quantized_tiny(4)
     ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         eager = _run(model, ids, 5)
         _run(model, ids, 3, compiled=True, max_len=15)  # compiles for these shapes
-        compiled = _run(model, ids, 5, compiled=True, warm=True)
+        with torch.profiler.profile() as prof:
+            compiled = _run(model, ids, 5, compiled=True, warm=True)
     prepared = [m for m in model.modules() if "_cpu_compiled_op" in m.__dict__]
     assert len(prepared) == 15  # 14 block linears and the head
     assert prepared[0].__dict__["_cpu_compiled_op"][0] is torch.ops.lowbit_cpu.uniform_gemv
+    ops = {e.name for e in prof.events()}
+    assert model.config._attn_implementation == "lowbit_cpu" and "lowbit_cpu::decode_attention" in ops, ops
+    assert "lowbit_cpu::uniform_gemv" in ops
     assert torch.equal(compiled["tokens"], eager["tokens"])
 
 

@@ -145,11 +145,15 @@ def bench_prompt(tokenizer, tokens: int, batch: int) -> torch.Tensor:
 
 def _compiled_forward(model: nn.Module):
     """``model.forward`` compiled once per model (static shapes: one graph per batch size and cache length), with
-    the packed linears' kernels as graph operators (``kernels_cpu.dispatch.prepare_for_compile``)."""
+    the packed linears' kernels (``kernels_cpu.dispatch.prepare_for_compile``) and the decode attention
+    (``kernels_cpu.attention``) as graph operators."""
     if "_lowbit_compiled" not in model.__dict__:
+        from kernels_cpu.attention import use_decode_attention
         from kernels_cpu.dispatch import prepare_for_compile
 
         prepare_for_compile(model)
+        if next(model.parameters()).device.type == "cpu":
+            use_decode_attention(model)
         model.__dict__["_lowbit_compiled"] = torch.compile(model.forward, dynamic=False)
     return model.__dict__["_lowbit_compiled"]
 
