@@ -277,13 +277,17 @@ def model_cmd(
         steps.append(("fpt", fpt))
     if rotation if rotation is not None else method == "d2quant":
         steps.append(("rotate", _pass_config("rotate", values, block=group_size if group_size > 0 else 64)))
-    pipeline = [*steps, (method, config), *([("lmhead", head)] if head.enabled else []),
+    ft = _pass_config("finetune", values)
+    pipeline = [*steps, (method, config), *([("finetune", ft)] if ft.enabled else []),
+                *([("lmhead", head)] if head.enabled else []),
                 *([("actquant", act)] if act else [])]  # the run's recipe
     used = {n for n, _ in pipeline} | ({"fpt"} if fpt else set())  # fptquant's transforms take the fpt flags
     if pass_values.get("act_bits") is not None or pass_values.get("kv_bits") is not None:
         used.add("actquant")  # --act-bits 16 is a stated "off", not a stray flag
     if pass_values.get("lm_head_bits") is not None:
         used.add("lmhead")  # likewise --lm-head-bits 16
+    if pass_values.get("finetune") is not None:
+        used.add("finetune")  # and --finetune none
     _check_flags_apply(pass_values, used, recipe is not None)
     if recipe is not None:  # the file replaces the pass options
         from quant.engine.recipe import load_recipe
@@ -299,12 +303,14 @@ def model_cmd(
         transforms = "fpt" if fpt is not None else "none"
         rotation = any(n == "rotate" for n, _ in pipeline)  # stated: refused, not skipped, where it cannot run
         head = next((c for n, c in pipeline if n == "lmhead"), head)
+        ft = next((c for n, c in pipeline if n == "finetune"), ft)
     act_bits, kv_bits = (act.bits, act.kv_bits) if act else (16, 16)
     slug = Path(model).name if model else "smollm2-135m"
     width = f"w{bits}" if budget is None else f"{allocation}{budget:g}"
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
     width += f"h{head.bits}" if head.enabled else ""
-    out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}"), overwrite)
+    out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}{'-ft' if ft.enabled else ''}"),
+                           overwrite)
 
     from quant.engine import distributed as dist
     from quant.engine.loop import parse_device, parse_dtype
@@ -358,7 +364,8 @@ def model_cmd(
         float_source = DiskSource(source.path, dev, cdtype) if streaming else None  # its own skeleton
         report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl", source=float_source)
     calib_ids = None
-    if info.needs_calibration or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
+    needs_data = any(get_pass(n).needs_calibration for n, _ in pipeline)
+    if needs_data or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     routing_ids = routing_ref = None

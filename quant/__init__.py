@@ -9,6 +9,7 @@ from quant.formats import hf_integration as _hf  # noqa: F401  (registers quant_
 from quant.formats.checkpoint import load_quantized, save_quantized
 from quant.formats.models import load_model
 from quant.methods import d2quant as _d2quant  # noqa: F401  (registers the d2quant pass)
+from quant.methods import finetune as _finetune  # noqa: F401  (registers the finetune pass)
 from quant.methods import fpt as _fpt  # noqa: F401  (registers the fpt pass)
 from quant.methods import lmhead as _lmhead  # noqa: F401  (registers the lmhead pass)
 from quant.methods import quantizers as _quantizers  # noqa: F401  (registers the rtn/gptq passes)

@@ -58,6 +58,8 @@ class Run:
     kwargs: list[dict] = field(default_factory=list)  # each block's own arguments (mask, rotary tables)
     x: torch.Tensor | None = None  # the quantized model's stream at the current block, [windows, seq, hidden]
     xf: torch.Tensor | None = None  # the float model's stream (GPTAQ, DAC's float teacher)
+    x_in: torch.Tensor | None = None  # the quantized stream entering the current block (steps may replace run.x)
+    steps: list = field(default_factory=list)  # the run's steps, in order
     notes: dict = field(default_factory=dict)  # per-block notes: {block index: {key: value}}
     current: int = 0
 
@@ -133,7 +135,7 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     model, source, work = ctx.model, ctx.source, ctx.work
     structure = source.structure(model)
     blocks = structure.blocks(model)
-    run = Run(ctx, structure, blocks, torch.device(ctx.device))
+    run = Run(ctx, structure, blocks, torch.device(ctx.device), steps=steps)
     done = work.finished() if work is not None else 0
     needs_data = any(s.needs_data for s in steps)
 
@@ -159,6 +161,7 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     for i in bar:
         run.current = i
         block = source.load_block(model, structure, i, run)
+        run.x_in = run.x
         for step in steps:
             step.block(run, i, block)
         if run.x is not None and not needs_data:  # only the probe stream: advance it
@@ -166,6 +169,7 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
         if work is not None:
             work.finish_block(ctx, structure, i, block, run)
         source.release_block(model, structure, i)
+        run.x_in = None
 
     source.load_outer(model, structure, "outputs")
     summaries = [s.finish(run) for s in steps]

@@ -79,10 +79,14 @@ class QuantizeStep(BlockStep):
         local_dac = solver.dac and solver.dac_teacher == "local"
         self.float_stream = solver.backend == "gptaq" or (solver.dac and not local_dac)
         self.local_dac = local_dac
+        self.keep_float = False  # leave each linear's float weight on its packed module (finetune's start)
 
     # -- one linear ---------------------------------------------------------------------------------------
-    def _install(self, run: Run, name: str, lin, qw, s: QuantSpec) -> None:
-        self.ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)
+    def _install(self, run: Run, name: str, lin, qw, s: QuantSpec, w: torch.Tensor | None = None) -> None:
+        q = QuantLinear.from_quantized(qw, lin.bias)
+        if self.keep_float and w is not None:  # the weight it was quantized from: finetune's starting point
+            q.__dict__["_float_weight"] = w.detach()
+        self.ctx.install(name, q, s.sym)
 
     def _quantize_group(self, run: Run, i: int, block, group: tuple[str, ...], xq, xf):
         """Quantize one stage from its inputs on the quantized (``xq``) and float (``xf``) streams; returns
@@ -142,9 +146,9 @@ class QuantizeStep(BlockStep):
                 if not isinstance(xq, dict):
                     out = xq * q.col_scale.to(xq.dtype)
             elif H is None:
-                self._install(run, name, lin, quantize_rtn(w, s), s)
+                self._install(run, name, lin, quantize_rtn(w, s), s, w)
             else:
-                self._install(run, name, lin, gptq_quantize(w, H, s, cfg.damp, cfg.act_order, cfg.block_size), s)
+                self._install(run, name, lin, gptq_quantize(w, H, s, cfg.damp, cfg.act_order, cfg.block_size), s, w)
         return out
 
     # -- one block ----------------------------------------------------------------------------------------

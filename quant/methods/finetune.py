@@ -1,0 +1,293 @@
+"""Block-wise reconstruction after the solver: learned rounding and quantizer ranges, per block.
+
+Starting from the codes and scales GPTQ, GPTAQ or D²Quant just produced for a block, it learns
+
+* the rounding: a bounded offset ``v ∈ [-½, ½]`` per weight on top of a soft grid position that rounds to the
+  solver's code (the float weight's position, clamped to within half a step of that code), so a code moves at
+  most one step, toward its float value or away from it;
+* the ranges: a factor ``1 + a`` (``a ∈ [-½, ½]``) on each group's scale, and on each of DSQ's row scales (DSQ's
+  sign planes are kept; its absorbed column scale is in up_proj's scales, which are tuned too),
+
+so that the quantized block's output on the quantized stream matches the float block's output on the float stream
+(GPTAQ's asymmetric target: what the next block will really see against what it should). Rounding goes through a
+straight-through estimator; both kinds of parameter take signed-gradient steps with a linearly decaying step,
+as AutoRound (SignRound) does: a sign step moves every parameter at the same pace, which suits bounded offsets
+where only crossing a rounding boundary matters, and over ``steps`` steps of ``lr`` (default ``1 / steps``)
+decaying to zero the total travel is at most half a step. A slice of the calibration windows is held out; the
+held-out loss is measured every few steps, the best parameters are kept, and tuning stops early when it has not
+improved for ``patience`` measurements. The result is hardened to integer codes and fp16 scales: the checkpoint
+format is unchanged.
+
+It is a block pass (``finetune``) after the quantizer in the same engine run: the quantizer carries the float
+stream for it, and the block's quantized-stream input is ``run.x_in``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from quant.engine import distributed as dist
+from quant.engine.blockwise import call_block
+from quant.engine.loop import BlockStep, Run, _advance
+from quant.engine.options import option
+from quant.engine.passes import QuantContext, register_block_pass
+from quant.errors import QuantError
+from quant.runtime.dsqlinear import DSQLinear
+from quant.runtime.quantlinear import PackedLinear, QuantLinear
+
+MODES = ("none", "block")
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = option(
+        "none",
+        "Learned rounding and quantizer ranges after the solver: none, or block (per block, against the float "
+        "block's output on the float stream).",
+        "--finetune",
+    )
+    steps: int = option(100, "Signed-gradient steps per block (fewer when the held-out loss stops improving).",
+                        "--finetune-steps")
+    batch: int = option(4, "Calibration windows per step.", "--finetune-batch")
+    lr: float = option(0.0, "Step size of the signed updates (0: 1 / steps, AutoRound's default); decays linearly.",
+                       "--finetune-lr")
+    rounding: bool = option(True, "Learn the rounding (uniform layers); off: only the scales.",
+                            "--finetune-rounding/--finetune-scales-only")
+    holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
+    eval_every: int = option(10, "Steps between held-out measurements.")
+    patience: int = option(3, "Held-out measurements without improvement before a block stops early.")
+    seed: int = option(0, "Seed of the window order.")
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise QuantError(f"unknown --finetune {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.steps < 1 or self.batch < 1 or self.eval_every < 1 or self.patience < 1:
+            raise QuantError("--finetune-steps, --finetune-batch, eval_every and patience must be at least 1")
+        if not 0 < self.holdout < 1 or self.lr < 0:
+            raise QuantError("finetune holdout must be in (0, 1) and --finetune-lr not negative")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+class _Ste(torch.autograd.Function):
+    """round() forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+class Tunable(nn.Module):
+    """A packed linear while its block is tuned: the weight rebuilt from trainable rounding offsets and scale
+    factors on every forward. ``harden()`` writes the result back into the packed module."""
+
+    def __init__(self, packed: PackedLinear, rounding: bool) -> None:
+        super().__init__()
+        self.packed = packed
+        g = packed.group_size
+        if isinstance(packed, QuantLinear):
+            q = packed.codes().float()
+            s, z = packed.scales.float(), packed.zeros.float()
+            self.register_buffer("s", s.repeat_interleave(g, 1))
+            self.register_buffer("z", z.repeat_interleave(g, 1))
+            base = q
+            w = packed.__dict__.pop("_float_weight", None)
+            if w is not None:  # the float weight's grid position, within half a step of the solver's code
+                base = q + (w.float() / self.s + self.z - q).clamp(-0.499, 0.499)
+            self.register_buffer("base", base)
+            self.v = nn.Parameter(torch.zeros_like(q)) if rounding else None
+            self.a = nn.Parameter(torch.zeros_like(s))
+        elif isinstance(packed, DSQLinear):
+            packed.__dict__.pop("_float_weight", None)
+            r = packed.row_scales.float()  # [out, groups, bits]; W = Σ_k r_k b_k, linear in each r_k
+            self.register_buffer("r", r)
+            self.register_buffer("signs", self._planes(packed))  # [bits, out, in] of ±1
+            self.v = None
+            self.a = nn.Parameter(torch.zeros_like(r))
+        else:
+            raise TypeError(f"cannot tune {type(packed).__name__}")
+
+    @staticmethod
+    def _planes(m: DSQLinear) -> torch.Tensor:
+        codes = m.codes()
+        return torch.stack([((codes >> k) & 1).float() * 2 - 1 for k in range(m.bits)])
+
+    def _codes(self) -> torch.Tensor:
+        m = self.packed
+        u = self.base if self.v is None else self.base + self.v
+        return _Ste.apply(u).clamp(0, 2**m.bits - 1)
+
+    def weight(self) -> torch.Tensor:
+        m, g = self.packed, self.packed.group_size
+        if isinstance(m, QuantLinear):
+            scale = self.s * (1 + self.a).repeat_interleave(g, 1)
+            return (self._codes() - self.z) * scale
+        r = (self.r * (1 + self.a)).repeat_interleave(g, 1)  # [out, in, bits]
+        return torch.einsum("oik,koi->oi", r, self.signs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), self.packed.bias)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            if self.v is not None:
+                self.v.clamp_(-0.5, 0.5)
+            self.a.clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        from quant.numerics.packing import pack
+
+        m = self.packed
+        if isinstance(m, QuantLinear):
+            m.qweight.copy_(pack(self._codes().to(torch.int64), m.bits))
+            m.scales.copy_((m.scales.float() * (1 + self.a)).half())
+        else:
+            m.row_scales.copy_((self.r * (1 + self.a)).half())
+
+
+def _swap(block: nn.Module, names: list[str], new: list[nn.Module]) -> None:
+    for name, mod in zip(names, new, strict=True):
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, mod)
+
+
+def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
+               desc: str = "", progress: bool = True) -> dict:
+    """Tune the packed linears of ``block`` so ``block(x)`` approaches ``target`` (both ``[windows, seq, hidden]``);
+    returns the loss curve (train loss per step, held-out loss per measurement). The block keeps its packed
+    modules, with the tuned codes and scales written back."""
+    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
+    if not names:
+        return {}
+    packed = [block.get_submodule(n) for n in names]
+    tun = [Tunable(m, cfg.rounding) for m in packed]
+    params = [p for t in tun for p in (t.v, t.a) if p is not None]
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    n = x.shape[0]
+    held = max(1, round(n * cfg.holdout)) if n > 1 else 0
+    train, hold = torch.arange(n - held), torch.arange(n - held, n)
+    if held == 0:
+        train = hold = torch.arange(n)
+    g = torch.Generator().manual_seed(cfg.seed)
+    lr = cfg.lr or 1.0 / cfg.steps
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        out = call_block(block, x[idx], kwargs)
+        return F.mse_loss(out.float(), target[idx].float())
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            total = torch.tensor([sum(float(loss_on(hold[i : i + cfg.batch])) * len(hold[i : i + cfg.batch])
+                                      for i in range(0, len(hold), cfg.batch)), float(len(hold))],
+                                 dtype=torch.float64)
+        dist.sum_(total)
+        return float(total[0] / total[1])
+
+    for p in frozen:
+        p.requires_grad_(False)
+    _swap(block, names, tun)
+    curve: dict = {"train": [], "held": [], "best_step": 0}
+    try:
+        best = held_loss()
+        curve["held"].append(round(best, 8))
+        kept = [p.detach().clone() for p in params]
+        stale = 0
+        bar = tqdm(range(cfg.steps), desc=desc or "finetune", leave=False, disable=not progress)
+        for step in bar:
+            idx = train[torch.randperm(len(train), generator=g)[: cfg.batch]]
+            with torch.enable_grad():
+                loss = loss_on(idx)
+                grads = torch.autograd.grad(loss, params)
+            loss = float(loss.detach())
+            step_size = lr * (1 - step / cfg.steps)
+            with torch.no_grad():
+                for p, gr in zip(params, grads, strict=True):
+                    p.sub_(step_size * torch.sign(dist.sum_(gr)))
+            for t in tun:
+                t.clamp_()
+            curve["train"].append(loss)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                h = held_loss()
+                curve["held"].append(round(h, 8))
+                bar.set_postfix(loss=f"{loss:.3g}", held=f"{h:.3g}")
+                if h < best:
+                    best, stale, curve["best_step"] = h, 0, step + 1
+                    kept = [p.detach().clone() for p in params]
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
+        with torch.no_grad():
+            for p, k in zip(params, kept, strict=True):
+                p.copy_(k)
+        for t in tun:
+            t.harden()
+    finally:
+        _swap(block, names, packed)
+        for p in frozen:
+            p.requires_grad_(True)
+    curve["held_best"] = round(best, 8)
+    return curve
+
+
+class BlockFinetuneStep(BlockStep):
+    """After the quantizer step of the same engine run: tune the block, then advance the quantized stream through
+    the tuned block (the quantizer advanced it through the untuned one)."""
+
+    name = "finetune"
+    needs_data = True
+    float_stream = True
+
+    def __init__(self, ctx: QuantContext, cfg: FinetuneConfig) -> None:
+        self.ctx, self.cfg = ctx, cfg
+
+    def start(self, run: Run) -> None:
+        from quant.methods.blockquant import QuantizeStep
+
+        mine = run.steps.index(self)
+        quantizers = [s for s in run.steps[:mine] if isinstance(s, QuantizeStep)]
+        if not quantizers:
+            raise QuantError("finetune must follow a quantizer pass (rtn, gptq, d2quant) in the same run")
+        q = quantizers[-1]
+        q.needs_data = q.float_stream = True  # it carries the float stream through each float block for us
+        q.keep_float = True  # and leaves each linear's float weight for the rounding's starting point
+
+    def block(self, run: Run, i: int, block: nn.Module) -> None:
+        curve = tune_block(block, run.x_in, run.xf, run.kwargs[i], self.cfg, f"finetune block {i}",
+                           self.ctx.progress)
+        run.x = _advance(block, run.x_in, run.kwargs[i])
+        if curve:
+            run.note("finetune", curve)
+
+    def finish(self, run: Run) -> dict:
+        curves = run.noted("finetune")
+        first = [c["held"][0] for c in curves]
+        best = [c["held_best"] for c in curves]
+        return {"mode": self.cfg.mode, "blocks": len(curves),
+                "held_loss_before": first, "held_loss_after": best,
+                "mean_reduction": round(1 - sum(b / f for b, f in zip(best, first, strict=True) if f > 0)
+                                        / max(len(curves), 1), 4) if curves else 0.0,
+                "steps_run": [len(c["train"]) for c in curves], "curves": curves}
+
+
+@register_block_pass("finetune", FinetuneConfig, needs_calibration=True)
+def finetune(ctx: QuantContext, config: FinetuneConfig) -> BlockFinetuneStep:
+    config.validate()
+    if not config.enabled:
+        raise QuantError("the finetune pass needs mode: block")
+    return BlockFinetuneStep(ctx, config)
+
+
+__all__ = ["FinetuneConfig", "BlockFinetuneStep", "Tunable", "tune_block"]

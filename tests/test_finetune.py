@@ -1,0 +1,118 @@
+"""Block-wise learned rounding and ranges (the ``finetune`` pass): the tunable weight is the packed one until it
+moves, codes move at most one step and stay on the grid, hardening writes what was tuned, and a tuned model is
+closer to the float one than the solver alone left it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_kernels_cpu import dsq_layer, uniform_layer
+
+from quant import QuantContext, QuantError, load_quantized, run_pipeline, save_quantized
+from quant.methods.finetune import FinetuneConfig, Tunable
+from quant.methods.quantizers import GPTQConfig, RTNConfig
+from quant.runtime.dsqlinear import DSQLinear
+from quant.runtime.quantlinear import QuantLinear
+
+
+def test_tunable_starts_at_the_packed_weight_and_hardens_to_the_grid():
+    layer = uniform_layer(24, 64, 3, 32, seed=0)
+    before = layer.dequantize()
+    w = before + 0.3 * layer.scales.float().repeat_interleave(32, 1) * torch.randn(24, 64)
+    layer.__dict__["_float_weight"] = w
+    t = Tunable(layer, rounding=True)
+    assert "_float_weight" not in layer.__dict__
+    torch.testing.assert_close(t.weight(), before, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        t.v.uniform_(-3, 3)  # far past the bounds: clamp_ brings them back
+        t.a.fill_(0.1)
+    t.clamp_()
+    assert t.v.abs().max() <= 0.5 and t.a.max() <= 0.5
+    codes0 = layer.codes()
+    scales0 = layer.scales.clone()
+    t.harden()
+    moved = (layer.codes().long() - codes0.long()).abs()
+    assert moved.max() <= 1 and moved.sum() > 0  # one step at most, and some moved
+    assert layer.codes().max() <= 7 and layer.codes().min() >= 0
+    torch.testing.assert_close(layer.scales, (scales0.float() * 1.1).half())
+    torch.testing.assert_close(layer.dequantize(), t.weight().detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_tunable_dsq_keeps_its_signs_and_scales_its_row_scales():
+    layer = dsq_layer(16, 64, 2, 32, seed=1)
+    t = Tunable(layer, rounding=True)
+    assert t.v is None  # sign planes are kept
+    torch.testing.assert_close(t.weight(), layer.dequantize(), rtol=1e-5, atol=1e-6)
+    codes = layer.codes()
+    with torch.no_grad():
+        t.a.fill_(-0.2)
+    t.harden()
+    assert torch.equal(layer.codes(), codes)
+    torch.testing.assert_close(layer.dequantize(), t.weight().detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_the_gradient_reaches_rounding_and_scales():
+    layer = uniform_layer(8, 32, 4, 32, seed=2)
+    t = Tunable(layer, rounding=True)
+    t(torch.randn(5, 32)).square().sum().backward()
+    assert t.v.grad.abs().sum() > 0 and t.a.grad.abs().sum() > 0
+
+
+def _logit_error(model, ref, ids):
+    with torch.no_grad():
+        return float((model(ids).logits - ref).pow(2).mean())
+
+
+def test_finetune_brings_the_quantized_model_closer_to_the_float_one(tmp_path, tokenizer):
+    from calibrate import calibration_windows
+
+    ids = calibration_windows(tokenizer, "c4", 16, 64, seed=0)
+    test_ids = calibration_windows(tokenizer, "wikitext2-valid", 4, 64, seed=1)
+    ref_model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        ref = ref_model(test_ids).logits
+    errors = {}
+    for name, steps in {"solver": [("gptq", GPTQConfig(bits=2, group_size=32))],
+                        "tuned": [("gptq", GPTQConfig(bits=2, group_size=32)),
+                                  ("finetune", FinetuneConfig(mode="block", steps=60, holdout=0.25))]}.items():
+        model = tiny_model("llama", seed=3)
+        ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
+        records = run_pipeline(ctx, steps)
+        errors[name] = _logit_error(model, ref, test_ids)
+    summary = records[1]["summary"]
+    assert summary["blocks"] == 2 and len(summary["curves"]) == 2
+    assert all(after <= before for before, after in zip(summary["held_loss_before"], summary["held_loss_after"],
+                                                         strict=True))
+    assert errors["tuned"] < errors["solver"], errors  # on text it never saw
+    # the tuned codes and scales are an ordinary checkpoint: saved and reloaded, the same logits
+    out = save_quantized(model, tokenizer, tmp_path / "ck", {"method": "gptq", "modules": ctx.modules,
+                                                              "passes": records})
+    again, _ = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(again(test_ids).logits, model(test_ids).logits)
+
+
+def test_finetune_tunes_dsq_and_rtn_output_too(tokenizer):
+    from calibrate import calibration_windows
+    from quant.methods.d2quant import D2QuantConfig
+
+    ids = calibration_windows(tokenizer, "c4", 6, 32, seed=0)
+    for quantizer in (("rtn", RTNConfig(bits=3, group_size=32)), ("d2quant", D2QuantConfig(bits=2, group_size=32))):
+        model = tiny_model("llama", seed=4)
+        ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
+        records = run_pipeline(ctx, [quantizer, ("finetune", FinetuneConfig(mode="block", steps=5, eval_every=1))])
+        assert records[1]["summary"]["blocks"] == 2
+        kinds = {type(m) for m in model.modules() if isinstance(m, (QuantLinear, DSQLinear))}
+        assert QuantLinear in kinds and (DSQLinear in kinds) == (quantizer[0] == "d2quant")
+
+
+def test_finetune_needs_a_quantizer_before_it(tokenizer):
+    from calibrate import calibration_windows
+
+    ctx = QuantContext(tiny_model("llama"), tokenizer=tokenizer,
+                       calib_ids=calibration_windows(tokenizer, "c4", 2, 32, seed=0), progress=False)
+    with pytest.raises(QuantError, match="must follow a quantizer"):
+        run_pipeline(ctx, [("finetune", FinetuneConfig(mode="block", steps=2))])
+    with pytest.raises(QuantError, match="unknown --finetune"):
+        FinetuneConfig(mode="e2e2").validate()
