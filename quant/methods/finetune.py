@@ -104,7 +104,8 @@ class Tunable(nn.Module):
             base = q
             w = packed.__dict__.pop("_float_weight", None)
             if w is not None:  # the float weight's grid position, within half a step of the solver's code
-                base = q + (w.float() / self.s + self.z - q).clamp(-0.499, 0.499)
+                d = torch.nan_to_num(w.float() / self.s + self.z - q, nan=0.0, posinf=0.0, neginf=0.0)
+                base = q + d.clamp(-0.499, 0.499)  # (a zero scale gives no position: the code itself)
             self.register_buffer("base", base)
             self.v = nn.Parameter(torch.zeros_like(q)) if rounding else None
             self.a = nn.Parameter(torch.zeros_like(s))
