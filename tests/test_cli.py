@@ -121,6 +121,9 @@ def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
         (["--act-mode", "static"], "--act-mode applies to actquant"),
         (["--fpt-e2e-steps", "2"], "--fpt-e2e-steps applies to fpt"),
         (["--act-bits", "8", "--act-mode", "static", "--act-asym"], "static activation scales are symmetric"),
+        (["--finetune", "e2e2"], "unknown --finetune 'e2e2'"),
+        (["--finetune-steps", "5"], "--finetune-steps applies to finetune"),
+        (["--finetune", "block", "--finetune-steps", "0"], "must be at least 1"),
     ],
 )
 def test_bad_options(tmp_path, tiny_dir, args, pattern):
@@ -234,6 +237,19 @@ def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
     assert layer_bits == {k: res["bits"][k] for k in ("0", "1")}
     r = run("inspect", out)
     assert r.returncode == 0 and "2: 7" in r.stdout and "3: 7" in r.stdout
+
+
+def test_finetune_block_writes_its_curves(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    r = run("model", tiny_dir, "--method", "gptq", "--bits", "3", "--group-size", "32", "--nsamples", "6",
+            "--seqlen", "64", "--finetune", "block", "--finetune-steps", "6", "--no-eval", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "held-out block error" in r.stdout and (out / "finetune.png").stat().st_size > 0
+    report = json.loads((out / "quant_report.json").read_text())
+    tuned = next(p for p in report["passes"] if p["name"] == "finetune")
+    assert tuned["engine_run"] == "gptq+finetune" and len(tuned["summary"]["curves"]) == 2
+    passes = json.loads((out / "config.json").read_text())["quantization_config"]["passes"]
+    assert [p["name"] for p in passes] == ["gptq", "finetune"]
 
 
 def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
