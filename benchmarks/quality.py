@@ -35,7 +35,7 @@ def settings() -> dict[str, list]:
         gptq = ("gptq", GPTQConfig(bits=b, group_size=GROUP))
         out[f"d2quant-w{b}"] = [rot, d2q]
         out[f"d2quant-w{b}-ft"] = [rot, d2q, ("finetune", FinetuneConfig(mode="block"))]
-        out[f"d2quant-w{b}-ft-scales"] = [rot, d2q, ("finetune", FinetuneConfig(mode="block", rounding=False))]
+        out[f"d2quant-w{b}-ft-rounding"] = [rot, d2q, ("finetune", FinetuneConfig(mode="block", rounding=True))]
         out[f"gptq-w{b}-ft"] = [gptq, ("finetune", FinetuneConfig(mode="block"))]
     return out
 
