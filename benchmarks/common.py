@@ -20,6 +20,8 @@ from quant import QuantContext, load_model, load_quantized, run_pipeline, save_q
 from quant.runtime.perplexity import perplexity, tokenize_eval
 from quant.runtime.quantlinear import quantized_sizes
 
+CALIBRATION = "c4 (bundled, disjoint from the C4 evaluation slice), {nsamples} x {seqlen} tokens"
+
 
 def common_meta(calibration: str) -> dict:
     return {
@@ -170,3 +172,22 @@ def run_settings(
         print(f"== {name}", flush=True)
         results[name] = measure(name)
         save()
+
+
+def run_calibrated_bench(tag: str, description: str, todo: dict[str, list],
+                         write_markdown: Callable[[dict, dict], None], c4_windows: int = 0) -> None:
+    """The whole of a benchmark whose settings are recipes calibrated on C4: parse the options, then measure each
+    setting not measured yet on WikiText-2 (and on the first ``c4_windows`` windows of the C4 evaluation slice
+    when given, as ``r["ppl_c4"]``), saving after every one."""
+    args, _, run = open_bench(tag, description, CALIBRATION, write_markdown, only_choices=list(todo))
+    base, ids, calib = eval_and_calibration(args, ("c4",))
+    extra = {"ppl_c4": (tokenize_eval(base.tokenizer, dataset="c4"), c4_windows, "c4")} if c4_windows else {}
+    del base
+
+    def measure(name: str) -> dict:
+        r, _ = run_setting(todo[name], calib["c4"], ids, args.max_windows or None, name, extra)
+        c4 = f"  c4 {r['ppl_c4']['ppl']:.3f}" if extra else ""
+        print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}{c4}  ({r.get('quantize_seconds', 0)} s)", flush=True)
+        return r
+
+    run(args.only or list(todo), measure)

@@ -15,12 +15,11 @@ settings already measured with the same window count.
 
 from __future__ import annotations
 
-from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
+from common import RESULTS, bits_per_weight, run_calibrated_bench, setup_line
 
 from quant import GPTQConfig, RTNConfig
 from quant.methods.d2quant import D2QuantConfig
 from quant.methods.rotation import RotationConfig
-from quant.runtime.perplexity import tokenize_eval
 
 GROUP = 64
 C4_WINDOWS = 32
@@ -70,20 +69,7 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    calibration = "c4 (bundled, disjoint from the C4 slice), {nsamples} x {seqlen} tokens"
-    args, _, run = open_bench("d2quant", __doc__, calibration, write_markdown)
-    base, ids, calib = eval_and_calibration(args, ("c4",))
-    c4 = tokenize_eval(base.tokenizer, dataset="c4")
-    del base
-    todo = settings()
-
-    def measure(name: str) -> dict:
-        extra = {"ppl_c4": (c4, C4_WINDOWS, "c4")}
-        r, _ = run_setting(todo[name], calib["c4"], ids, args.max_windows or None, name, extra)
-        print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}  c4 {r['ppl_c4']['ppl']:.3f}", flush=True)
-        return r
-
-    run(args.only or list(todo), measure)
+    run_calibrated_bench("d2quant", __doc__, settings(), write_markdown, C4_WINDOWS)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ already measured with the same window count.
 
 from __future__ import annotations
 
-from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
+from common import RESULTS, bits_per_weight, run_calibrated_bench, setup_line
 
 from quant import ActQuantConfig, FPTConfig, GPTQConfig, QuantSpec, RTNConfig
 from quant.methods.rotation import RotationConfig
@@ -85,17 +85,7 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    calibration = "c4 (bundled, disjoint from the C4 evaluation slice), {nsamples} x {seqlen} tokens"
-    todo = settings()
-    args, _, run = open_bench("fptquant", __doc__, calibration, write_markdown, only_choices=list(todo))
-    _, ids, calib = eval_and_calibration(args, ("c4",))
-
-    def measure(name: str) -> dict:
-        r, _ = run_setting(todo[name], calib["c4"], ids, args.max_windows or None, name)
-        print(f"{name}: ppl {r['ppl']['ppl']:.3f}", flush=True)
-        return r
-
-    run(args.only or list(todo), measure)
+    run_calibrated_bench("fptquant", __doc__, settings(), write_markdown, 0)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ measured on the same number of windows.
 
 from __future__ import annotations
 
-from common import RESULTS, bits_per_weight, eval_and_calibration, open_bench, run_setting, setup_line
+from common import RESULTS, bits_per_weight, run_calibrated_bench, setup_line
 
 from quant import GPTQConfig
 from quant.methods.d2quant import D2QuantConfig
 from quant.methods.finetune import FinetuneConfig
 from quant.methods.rotation import RotationConfig
-from quant.runtime.perplexity import tokenize_eval
 
 GROUP = 64
 C4_WINDOWS = 32
@@ -69,21 +68,7 @@ def write_markdown(results: dict, meta: dict) -> None:
 
 
 def main() -> None:
-    calibration = "c4 (bundled, disjoint from the C4 slice), {nsamples} x {seqlen} tokens"
-    todo = settings()
-    args, _, run = open_bench("quality", __doc__, calibration, write_markdown, only_choices=list(todo))
-    base, ids, calib = eval_and_calibration(args, ("c4",))
-    c4 = tokenize_eval(base.tokenizer, dataset="c4")
-    del base
-
-    def measure(name: str) -> dict:
-        r, _ = run_setting(todo[name], calib["c4"], ids, args.max_windows or None, name,
-                           {"ppl_c4": (c4, C4_WINDOWS, "c4")})
-        print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}  c4 {r['ppl_c4']['ppl']:.3f}  "
-              f"({r.get('quantize_seconds', 0)} s)", flush=True)
-        return r
-
-    run(args.only or list(todo), measure)
+    run_calibrated_bench("quality", __doc__, settings(), write_markdown, C4_WINDOWS)
 
 
 if __name__ == "__main__":

@@ -210,9 +210,10 @@ def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
         p.requires_grad_(False)
     _swap(block, names, tun)
     curve: dict = {"train": [], "held": [], "best_step": 0}
+    sig = lambda v: float(f"{v:.6g}")  # noqa: E731  (the report's precision: six significant digits)
     try:
         best = held_loss()
-        curve["held"].append(round(best, 8))
+        curve["held"].append(sig(best))
         kept = [p.detach().clone() for p in params]
         stale = 0
         bar = tqdm(range(cfg.steps), desc=desc or "finetune", leave=False, disable=not progress)
@@ -233,10 +234,10 @@ def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
             adam.step()
             for t in tun:
                 t.clamp_()
-            curve["train"].append(loss)
+            curve["train"].append(sig(loss))
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 h = held_loss()
-                curve["held"].append(round(h, 8))
+                curve["held"].append(sig(h))
                 bar.set_postfix(loss=f"{loss:.3g}", held=f"{h:.3g}")
                 if h < best:
                     best, stale, curve["best_step"] = h, 0, step + 1
@@ -254,7 +255,7 @@ def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
         _swap(block, names, packed)
         for p in frozen:
             p.requires_grad_(True)
-    curve["held_best"] = round(best, 8)
+    curve["held_best"] = sig(best)
     return curve
 
 
