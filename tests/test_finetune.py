@@ -67,7 +67,7 @@ def _logit_error(model, ref, ids):
 def test_finetune_brings_the_quantized_model_closer_to_the_float_one(tmp_path, tokenizer):
     from calibrate import calibration_windows
 
-    ids = calibration_windows(tokenizer, "c4", 16, 64, seed=0)
+    ids = calibration_windows(tokenizer, "c4", 32, 128, seed=0)
     test_ids = calibration_windows(tokenizer, "wikitext2-valid", 4, 64, seed=1)
     ref_model = tiny_model("llama", seed=3)
     with torch.no_grad():

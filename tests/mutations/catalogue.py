@@ -373,8 +373,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "rtn-drops-linear-bias",
         "quant/methods/blockquant.py",
-        "self.ctx.install(name, QuantLinear.from_quantized(qw, lin.bias), s.sym)",
-        "self.ctx.install(name, QuantLinear.from_quantized(qw, None), s.sym)",
+        "q = QuantLinear.from_quantized(qw, lin.bias)",
+        "q = QuantLinear.from_quantized(qw, None)",
         ("tests/test_structure.py::test_roles_resolve_and_rtn_runs",),
         "the quantizers drop the biases of Qwen2's q/k/v",
     ),
@@ -668,5 +668,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    return True",
         ("tests/test_structure.py::test_discovered_structure",),
         "Granite's scaled residual is driven as x + attn(x): D²Quant calibrates on a different block",
+    ),
+    Mutation(
+        "finetune-targets-its-own-output",
+        "quant/methods/finetune.py",
+        "curve = tune_block(block, run.x_in, run.xf, run.kwargs[i]",
+        "curve = tune_block(block, run.x_in, run.x, run.kwargs[i]",
+        ("tests/test_finetune.py::test_finetune_brings_the_quantized_model_closer_to_the_float_one",),
+        "the block is tuned toward the untuned quantized block's own output: nothing moves toward the float model",
+    ),
+    Mutation(
+        "finetune-scales-not-hardened",
+        "quant/methods/finetune.py",
+        "            m.scales.copy_((m.scales.float() * (1 + self.a)).half())",
+        "            pass  # mutated: the tuned scale factors are dropped",
+        ("tests/test_finetune.py::test_tunable_starts_at_the_packed_weight_and_hardens_to_the_grid",),
+        "the checkpoint keeps the solver's scales: the tuning is lost on save",
     ),
 )
