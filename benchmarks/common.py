@@ -81,6 +81,22 @@ def run_setting(
     return r, ctx
 
 
+def c4_table(results: dict, order: list[str], extra: dict[str, Callable[[dict], str]] | None = None) -> list[str]:
+    """The Markdown table of settings measured on WikiText-2 and the C4 slice (``run_calibrated_bench`` with
+    ``c4_windows``), in ``order``; ``extra`` adds columns (header -> cell of a result) before the last one."""
+    extra = extra or {}
+    heads = ["setting", "WikiText-2 ppl", "C4 ppl", "bits/weight (all scales)", "quantize wall (s)", *extra,
+             "reload identical"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name in sorted(results, key=order.index):
+        r = results[name]
+        cells = [name, f"{r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']})",
+                 f"{r['ppl_c4']['ppl']:.2f}", str(bits_per_weight(r)), str(r.get("quantize_seconds", "-")),
+                 *(cell(r) for cell in extra.values()), str(r.get("reload_identical", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def ppl_first(r: dict, n: int = 32) -> float:
     """Perplexity over the first ``n`` windows of a measured run (tracks the full split within 1-5%)."""
     nll = r["ppl"]["window_nll"][:n]

@@ -15,7 +15,7 @@ settings already measured with the same window count.
 
 from __future__ import annotations
 
-from common import RESULTS, bits_per_weight, run_calibrated_bench, setup_line
+from common import RESULTS, c4_table, run_calibrated_bench, setup_line
 
 from quant import GPTQConfig, RTNConfig
 from quant.methods.d2quant import D2QuantConfig
@@ -55,16 +55,8 @@ def write_markdown(results: dict, meta: dict) -> None:
         f"{setup_line(meta)} WikiText-2: raw test split, all windows of 2048. "
         f"C4: the first {C4_WINDOWS} windows of 2048 of the bundled evaluation slice.",
         "",
-        "| setting | WikiText-2 ppl | C4 ppl | bits/weight (all scales) | quantize wall (s) | reload identical |",
-        "|---|---|---|---|---|---|",
+        *c4_table(results, list(settings())),
     ]
-    for name in sorted(results, key=list(settings()).index):
-        r = results[name]
-        lines.append(
-            f"| {name} | {r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']}) "
-            f"| {r['ppl_c4']['ppl']:.2f} | {bits_per_weight(r)} | {r.get('quantize_seconds', '-')} "
-            f"| {r.get('reload_identical', '-')} |"
-        )
     (RESULTS / "d2quant.md").write_text("\n".join(lines) + "\n")
 
 

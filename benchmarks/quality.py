@@ -15,7 +15,7 @@ measured on the same number of windows.
 
 from __future__ import annotations
 
-from common import RESULTS, bits_per_weight, run_calibrated_bench, setup_line
+from common import RESULTS, c4_table, run_calibrated_bench, setup_line
 
 from quant import GPTQConfig
 from quant.methods.d2quant import D2QuantConfig
@@ -53,17 +53,8 @@ def write_markdown(results: dict, meta: dict) -> None:
         "evaluation slice. Block loss: the mean drop of the held-out block-output error that the finetune pass "
         "reached (per block, against the solver's).",
         "",
-        "| setting | WikiText-2 ppl | C4 ppl | bits/weight (all scales) | quantize wall (s) | block loss | reload "
-        "identical |",
-        "|---|---|---|---|---|---|---|",
+        *c4_table(results, list(settings()), {"block loss": _ft}),
     ]
-    for name in sorted(results, key=list(settings()).index):
-        r = results[name]
-        lines.append(
-            f"| {name} | {r['ppl']['ppl']:.2f} ({r['ppl']['windows']}/{r['ppl']['total_windows']}) "
-            f"| {r['ppl_c4']['ppl']:.2f} | {bits_per_weight(r)} | {r.get('quantize_seconds', '-')} | {_ft(r)} "
-            f"| {r.get('reload_identical', '-')} |"
-        )
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
 
 
