@@ -93,7 +93,8 @@ def test_chunk8_is_the_codes_in_runs_of_eight():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(
-    "out,n,group", [(37, 128, 32), (129, 256, 64), (64, 384, 128), (23, 200, 200), (8, 1536, 128), (16, 576, 576)]
+    "out,n,group",
+    [(37, 128, 32), (129, 256, 64), (64, 384, 128), (23, 200, 200), (8, 1536, 128), (16, 576, 576), (9, 1344, 64)],
 )
 def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
     layer = uniform_layer(out, n, bits, group, seed=bits * 1000 + n, bias=True)
@@ -115,7 +116,10 @@ def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("out,n,group", [(37, 128, 32), (65, 256, 64), (16, 576, 64), (9, 200, 200), (12, 1536, 128)])
+# (9, 1344, 64): 21 groups, past the VNNI bodies' blocks of 16 groups (and of 16 group-plane pairs) with a tail
+@pytest.mark.parametrize(
+    "out,n,group", [(37, 128, 32), (65, 256, 64), (16, 576, 64), (9, 200, 200), (12, 1536, 128), (9, 1344, 64)]
+)
 def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
     layer = dsq_layer(out, n, bits, group, seed=bits * 100 + n)
     gen = torch.Generator().manual_seed(bits + n)

@@ -310,61 +310,94 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inlin
   }
 }
 
+// The per-group factors s dx and the zero-point term sum_g s z dx sum xq are made 16 groups at a time (vector
+// loads of the fp16 scales and uint8 zeros) rather than one group at a time in scalar code; two accumulators
+// alternate between groups so that consecutive FMAs do not wait on each other.
 template <int BITS, int M>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
     const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
-    int64_t gs, const float* dx, const float* sxq, float* y, int64_t N) {
-  __m512 tot[M];
-  float zterm[M];
-  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), zterm[m] = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
-    for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-      const __m512i c = codes64_vnni<BITS>(row, j);
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
-    }
-    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(s_row)[g]);
-    const float z = float(z_row[g]);
+    int64_t gs, const float* dx, const float* dxs, float* y, int64_t N) {
+  __m512 tot[2][M], zt[M];
+  for (int m = 0; m < M; ++m) tot[0][m] = tot[1][m] = zt[m] = _mm512_setzero_ps();
+  alignas(64) float coef[M][16];
+  for (int64_t g0 = 0; g0 < G; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, G - g0);
+    const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, s_row + g0));
+    const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z_row + g0))));
     for (int m = 0; m < M; ++m) {
-      const float sd = s * dx[m * G + g];
-      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sd), tot[m]);
-      zterm[m] += sd * z * sxq[m * G + g];
+      _mm512_store_ps(coef[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, dx + m * G + g0)));
+      zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, dxs + m * G + g0), zt[m]);
     }
-  }
-  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - zterm[m];
-}
-
-// DSQ sign planes with int8 tokens: a plane's 64 sign bits for 64 codes become bytes 0/1 under a mask (vmovdqu8)
-// and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq).
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) void dsq_row_vnni(
-    const int8_t* xq, int64_t K, const int32_t* planes, int64_t B, int64_t plane_stride, const at::Half* rs_row,
-    int64_t G, int64_t gs, const float* dx, const float* sxq, float* y, int64_t N) {
-  const __m512i one = _mm512_set1_epi8(1);
-  __m512 tot[M];
-  float xterm[M];
-  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), xterm[m] = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    float rsum = 0.f;
-    for (int64_t k = 0; k < B; ++k) {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);  // little-endian bits
+    for (int64_t g = g0; g < g0 + n; ++g) {
       __m512i acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
       for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-        uint64_t bits;
-        std::memcpy(&bits, p + j / 8, 8);
-        const __m512i c = _mm512_maskz_mov_epi8(bits, one);
+        const __m512i c = codes64_vnni<BITS>(row, j);
         for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
       }
-      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
-      rsum += r;
       for (int m = 0; m < M; ++m)
-        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(2.f * r * dx[m * G + g]), tot[m]);
+        tot[g & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(coef[m][g - g0]), tot[g & 1][m]);
     }
-    for (int m = 0; m < M; ++m) xterm[m] += rsum * dx[m * G + g] * sxq[m * G + g];
   }
-  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
+  for (int m = 0; m < M; ++m)
+    y[m * N] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(tot[0][m], tot[1][m]), zt[m]));
+}
+
+// DSQ sign planes with int8 tokens: a plane's 64 sign bits for 64 codes become bytes 0/1 under a mask (vmovdqu8)
+// and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq). Each plane has its own
+// float accumulator (B independent FMA chains, not one chain B times as long), and the factors 2 r_k dx are made
+// 16 at a time from the row's fp16 scales and the call's dx2 = 2 dx (repeated per plane) rather than one by one;
+// dxs = dx * sum xq likewise gives the sum-of-tokens term as one dot product per 16 (group, plane) pairs.
+template <int B, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void dsq_row_vnni(
+    const int8_t* xq, int64_t K, const int32_t* planes, int64_t plane_stride, const at::Half* rs_row, int64_t G,
+    int64_t gs, const float* dx2, const float* dxs, float* y, int64_t N) {
+  constexpr int64_t CHUNK = 16;  // groups whose factors are made at once: 16 * B <= 64 floats
+  const __m512i one = _mm512_set1_epi8(1);
+  const int64_t GB = G * B;
+  __m512 tot[B][M], xt[M];
+  for (int m = 0; m < M; ++m) {
+    xt[m] = _mm512_setzero_ps();
+    for (int k = 0; k < B; ++k) tot[k][m] = _mm512_setzero_ps();
+  }
+  alignas(64) float coef[M][CHUNK * B];
+  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
+    const int64_t n_pairs = std::min<int64_t>(CHUNK, G - g0) * B;
+    for (int64_t i = 0; i < n_pairs; i += 16) {
+      const int64_t at = g0 * B + i;
+      const __mmask16 live = n_pairs - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n_pairs - i)) - 1);
+      const __m512 r = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, rs_row + at));
+      for (int m = 0; m < M; ++m) {
+        _mm512_store_ps(coef[m] + i, _mm512_mul_ps(r, _mm512_maskz_loadu_ps(live, dx2 + m * GB + at)));
+        xt[m] = _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(live, dxs + m * GB + at), xt[m]);
+      }
+    }
+    for (int64_t g = g0; g < g0 + n_pairs / B; ++g) {
+      __m512i acc[B][M];
+      for (int k = 0; k < B; ++k)
+        for (int m = 0; m < M; ++m) acc[k][m] = _mm512_setzero_si512();
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+        __m512i xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(xq + m * K + j);
+        for (int k = 0; k < B; ++k) {
+          uint64_t bits;  // little-endian: bit i of the 8 bytes is code j + i
+          std::memcpy(&bits, reinterpret_cast<const uint8_t*>(planes + k * plane_stride) + j / 8, 8);
+          const __m512i c = _mm512_maskz_mov_epi8(bits, one);
+          for (int m = 0; m < M; ++m) acc[k][m] = _mm512_dpbusd_epi32(acc[k][m], c, xv[m]);
+        }
+      }
+      for (int k = 0; k < B; ++k)
+        for (int m = 0; m < M; ++m)
+          tot[k][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[k][m]), _mm512_set1_ps(coef[m][(g - g0) * B + k]),
+                                      tot[k][m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = tot[0][m];
+    for (int k = 1; k < B; ++k) sum = _mm512_add_ps(sum, tot[k][m]);
+    y[m * N] = _mm512_reduce_add_ps(_mm512_sub_ps(sum, xt[m]));
+  }
 }
 #endif  // LOWBIT_X86
 
@@ -376,7 +409,9 @@ Isa best_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) return Isa::Vnni;
+      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+          __builtin_cpu_supports("avx512vl"))
+        return Isa::Vnni;
       return Isa::Avx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
@@ -395,11 +430,11 @@ torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
 }
 
 // The tokens in int8 for the VNNI bodies, per (token, group): dx = max|x| / 127, q = round(x / dx) in
-// [-127, 127], sum = the sum of q.
+// [-127, 127], dxsum = dx * the sum of q.
 struct Int8Tokens {
   std::vector<int8_t> q;
-  std::vector<float> dx, sum;
-  Int8Tokens(const float* x, int64_t M, int64_t K, int64_t gs) : q(M * K), dx(M * K / gs), sum(M * K / gs) {
+  std::vector<float> dx, dxsum;
+  Int8Tokens(const float* x, int64_t M, int64_t K, int64_t gs) : q(M * K), dx(M * K / gs), dxsum(M * K / gs) {
     for (int64_t mg = 0; mg < M * K / gs; ++mg) {
       const float* xg = x + mg * gs;
       float amax = 0.f;
@@ -412,7 +447,7 @@ struct Int8Tokens {
         total += v;
       }
       dx[mg] = amax / 127.f;
-      sum[mg] = float(total);
+      dxsum[mg] = dx[mg] * float(total);
     }
   }
 };
@@ -444,7 +479,7 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
     const Int8Tokens t(x, M, K, gs);
     return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
       uniform_row_vnni<BITS, decltype(mm)::value>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
-                                                  z + n * G, G, gs, t.dx.data() + m0 * G, t.sum.data() + m0 * G,
+                                                  z + n * G, G, gs, t.dx.data() + m0 * G, t.dxsum.data() + m0 * G,
                                                   y + m0 * N + n, N);
     });
   }
@@ -470,9 +505,24 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const int32_t* plan
 #if LOWBIT_X86
   if (isa == Isa::Vnni && gs % 64 == 0) {
     const Int8Tokens t(x, M, K, gs);
+    // per (token, group, plane): 2 dx and dx * sum xq, the factors dsq_row_vnni multiplies the row scales by
+    const int64_t G_B = G * B;
+    std::vector<float> dx2(M * G_B), dxs(M * G_B);
+    for (int64_t mg = 0; mg < M * G; ++mg)
+      for (int64_t k = 0; k < B; ++k) dx2[mg * B + k] = 2.f * t.dx[mg], dxs[mg * B + k] = t.dxsum[mg];
     return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
-      dsq_row_vnni<decltype(mm)::value>(t.q.data() + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G,
-                                        gs, t.dx.data() + m0 * G, t.sum.data() + m0 * G, y + m0 * N + n, N);
+      constexpr int MM = decltype(mm)::value;
+      auto row = [&](auto b) {
+        dsq_row_vnni<decltype(b)::value, MM>(t.q.data() + m0 * K, K, planes + n * words, N * words,
+                                             rs + n * G_B, G, gs, dx2.data() + m0 * G_B, dxs.data() + m0 * G_B,
+                                             y + m0 * N + n, N);
+      };
+      switch (B) {
+        case 1: row(std::integral_constant<int, 1>()); break;
+        case 2: row(std::integral_constant<int, 2>()); break;
+        case 3: row(std::integral_constant<int, 3>()); break;
+        default: row(std::integral_constant<int, 4>()); break;
+      }
     });
   }
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
@@ -540,6 +590,7 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_
   const int64_t G = row_scales.size(1), K = G * group_size;
   check_x(x, K);
   TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
+  TORCH_CHECK(B >= 1 && B <= 4, "DSQ weights have 1 to 4 sign planes");
   TORCH_CHECK(planes.scalar_type() == torch::kInt32 && planes.is_contiguous() && words * 32 >= K,
               "planes must be contiguous int32 [bits, out, ceil(in / 32)]");
   TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.size(0) == N &&
