@@ -15,7 +15,7 @@ and ``bench``); ``LOWBIT_CPU_ISA`` overrides both.
 Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
 module with the per-layer checks (rebuilt when its buffers change): a second copy of the codes, the same size
 or smaller (3-bit), and no float weight. The fp16 scales and uint8 zeros, and DSQ's planes and row scales, are
-read as stored.
+read as stored; 8-bit scales and 4-bit zeros are decoded into them once, in the same cache.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 import kernels_cpu
 import kernels_cuda
-from kernels_cpu.layout import chunk8
+from kernels_cpu.layout import chunk8, kernel_buffer
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
@@ -54,7 +54,7 @@ def max_isa() -> int:
     if v not in ("0", "1", "2", "3"):
         raise QuantError(f"{ISA_ENV} must be 0, 1, 2 or 3, got {v!r}")
     return int(v)
-KERNEL_BITS = {"uniform": (2, 3, 4, 8), "dsq": (1, 2, 3, 4)}
+KERNEL_BITS = {"uniform": (2, 3, 4, 8), "uniform-dq8": (2, 3, 4), "dsq": (1, 2, 3, 4)}
 
 
 def _static_reason(layer: torch.nn.Module) -> tuple[str, str] | None:
@@ -89,7 +89,7 @@ def _plan(layer: torch.nn.Module) -> tuple:
     when a buffer is replaced (``.float()``, ``load_state_dict``) or written in place; writes through ``.data`` that
     bypass the version counter are not seen (load weights with ``load_state_dict``)."""
     b = layer._buffers  # not layer.<name>: nn.Module.__getattr__ costs a microsecond a time, per token and layer
-    bufs = (b["planes"], b["row_scales"]) if layer.FORMAT == "dsq" else (b["qweight"], b["scales"], b["zeros"])
+    bufs = tuple(b[name] for name in layer.STORED)
     key = (_INT8_TOKENS[0], *((t.data_ptr(), t._version if not t.is_inference() else 0) for t in bufs))
     plan = layer.__dict__.get("_cpu_kernel_plan")
     if plan is not None and plan[0] == key and all(r() is t for r, t in zip(plan[1], bufs, strict=True)):
@@ -100,9 +100,11 @@ def _plan(layer: torch.nn.Module) -> tuple:
     elif reason is None and layer.FORMAT == "dsq":
         name, args = "dsq_gemv", (bufs[0], bufs[1], layer.group_size)
     elif reason is None:
-        with torch.no_grad():
-            codes = chunk8(bufs[0], layer.bits, layer.in_features)
-        name, args = "uniform_gemv", (codes, bufs[1], bufs[2], layer.bits, layer.group_size)
+        with torch.no_grad():  # 8-bit-scale layers store chunk8 rows already
+            dense = layer.FORMAT == "uniform-dq8"
+            codes = kernel_buffer(bufs[0]) if dense else chunk8(bufs[0], layer.bits, layer.in_features)
+        # 8-bit scales (ScaleCodedLinear) are decoded here, once: the kernel reads fp16 scales and uint8 zeros
+        name, args = "uniform_gemv", (codes, layer.scales, layer.zeros, layer.bits, layer.group_size)
     plan = (key, tuple(weakref.ref(t) for t in bufs), reason, name, args, max_isa())
     layer.__dict__["_cpu_kernel_plan"] = plan
     return plan

@@ -144,7 +144,7 @@ class WorkDir:
         """Put finished blocks back into the model: packed linears and DAC norm biases as recorded (on the
         meta device for a streamed model, whose tensors stay in this folder until the checkpoint is written;
         a resident model gets every tensor from the block's file)."""
-        from quant.formats.checkpoint import LINEAR_FORMATS
+        from quant.formats.checkpoint import empty_packed
         from quant.runtime.dac import add_norm_bias
 
         model = ctx.model
@@ -155,11 +155,8 @@ class WorkDir:
             with torch.device(device):
                 for name, spec in rec["modules"].items():
                     lin = model.get_submodule(name)
-                    cls = LINEAR_FORMATS[spec.get("format", "uniform")]
-                    q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None,
-                            lin.weight.dtype)
                     parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, q)
+                    setattr(model.get_submodule(parent), child, empty_packed(lin, spec, lin.weight.dtype))
                     ctx.modules[name] = spec
                 for name in rec["norm_biases"]:
                     norm = model.get_submodule(name)

@@ -1,6 +1,6 @@
 """Quantized checkpoints: safetensors shards + ``config.json`` with ``quantization_config``.
 
-Folder layout (format version 1)::
+Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
 
     config.json                  HF config + quantization_config (below)
     generation_config.json       if the model has one
@@ -12,14 +12,15 @@ Folder layout (format version 1)::
 ``quantization_config``::
 
     quant_method    "lowbit"
-    format_version  1
+    format_version  1, or 2 when a module has format "uniform-dq8" (the lowest version that holds the checkpoint)
     packing         "rowpack-int32-v1" (see quant.numerics.packing)
     method          the quantizer pass ("rtn", "gptq", ...)
     bits, group_size, sym     the requested defaults
     modules         {qualified name: {"bits", "group_size", "sym", "format"}}: what each packed linear
                     holds; group_size is the effective one for that layer; format "uniform"
-                    (``QuantLinear``: qweight/scales/zeros, the default when absent) or "dsq"
-                    (``DSQLinear``: sign planes + per-(row, group) scales)
+                    (``QuantLinear``: qweight/scales/zeros, the default when absent), "dsq"
+                    (``DSQLinear``: sign planes + per-(row, group) scales) or "uniform-dq8"
+                    (``ScaleCodedLinear``: qweight, 8-bit scale codes on per-row grids, 4-bit zeros)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.runtime.dac``); RMSNorm has no bias of its own
@@ -29,8 +30,9 @@ Folder layout (format version 1)::
                     linears it applies to; static scales are stored as ``<linear>.input_ops.act_scale``
     passes          [{"name", "config"}] in the order they ran
 
-Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), see
-``quant.runtime.quantlinear``; each DSQ linear ``<name>.planes`` and ``.row_scales``, see ``quant.runtime.dsqlinear``.
+Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), or with 8-bit
+scales ``.qweight``, ``.scale_codes``, ``.scale_grid``, ``.zero_pairs``, see ``quant.runtime.quantlinear``;
+each DSQ linear ``<name>.planes`` and ``.row_scales``, see ``quant.runtime.dsqlinear``.
 Everything else is the model's own state dict in its dtype; a tied ``lm_head`` is stored once, as
 the embedding.
 """
@@ -50,14 +52,13 @@ from torch import nn
 from quant.errors import QuantError
 from quant.formats import qconfig, reader
 from quant.formats.atomic import atomic_dir, recover_output
+from quant.formats.qconfig import FORMAT_VERSION, QUANT_METHOD  # noqa: F401  (public here)
 from quant.numerics.packing import LAYOUT
 from quant.runtime.dac import add_norm_bias
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.inputops import attach_from_config, input_ops_config
-from quant.runtime.quantlinear import QuantLinear
+from quant.runtime.quantlinear import PackedLinear, QuantLinear, ScaleCodedLinear
 
-QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
-FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
@@ -146,7 +147,8 @@ def save_quantized(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / f)}  {f}\n" for f in names))
 
-        qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "packing": LAYOUT, **quantization_config}
+        version = qconfig.version_for(quantization_config["modules"])
+        qc = {"quant_method": QUANT_METHOD, "format_version": version, "packing": LAYOUT, **quantization_config}
         qc.update(input_ops_config(model))
         config = json.loads(model.config.to_json_string(use_diff=False))
         config["quantization_config"] = qc
@@ -168,11 +170,7 @@ def read_quantization_config(path: str | Path, raw: dict | None = None) -> dict:
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise QuantError(f"{path} is not a lowbit checkpoint (quantization_config.quant_method is not 'lowbit')")
-    if qc.get("format_version") != FORMAT_VERSION or qc.get("packing") != LAYOUT:
-        raise QuantError(
-            f"{path} uses checkpoint format {qc.get('format_version')}/{qc.get('packing')}; "
-            f"this version reads {FORMAT_VERSION}/{LAYOUT}"
-        )
+    qconfig.check_version(qc, path)
     qconfig.validate(qc, path)
     return qc
 
@@ -204,7 +202,13 @@ def _verified_files(path: Path) -> list[Path]:
     return files
 
 
-LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear)}
+LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear, ScaleCodedLinear)}
+
+
+def empty_packed(lin: nn.Module, spec: dict, dtype: torch.dtype) -> PackedLinear:
+    """The zeroed packed linear a checkpoint's module ``spec`` describes, in place of the linear ``lin``."""
+    cls = LINEAR_FORMATS[spec.get("format", "uniform")]
+    return cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
 
 
 def _skeleton(config, qc: dict, dtype: torch.dtype, path: Path, device: str) -> nn.Module:
@@ -220,9 +224,7 @@ def install_packed(model: nn.Module, qc: dict, dtype: torch.dtype, path: Path, d
         for name, spec in qc["modules"].items():
             lin = qconfig.check_linear(model, name, spec, path)
             parent_name, _, child = name.rpartition(".")
-            cls = LINEAR_FORMATS[spec.get("format", "uniform")]
-            q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
-            setattr(model.get_submodule(parent_name), child, q)
+            setattr(model.get_submodule(parent_name), child, empty_packed(lin, spec, dtype))
         for name in qc.get("norm_biases", []):
             norm = qconfig.check_norm(model, name, path)
             add_norm_bias(norm, torch.zeros_like(norm.weight))
@@ -234,6 +236,10 @@ def _valid(m: nn.Module) -> bool:
     if isinstance(m, DSQLinear):
         r = m.row_scales.float()
         return bool(torch.isfinite(r).all() and (r >= 0).all())
+    if isinstance(m, ScaleCodedLinear):
+        grid = m.scale_grid.float()
+        if not bool(torch.isfinite(grid).all() and (grid[:, 0] > 0).all() and (grid[:, 1] >= 0).all()):
+            return False
     s = m.scales.float()
     return bool(torch.isfinite(s).all() and (s >= 0).all() and int(m.zeros.max()) <= 2**m.bits)  # 2^bits: v1 imports
 

@@ -112,9 +112,14 @@ def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, Quant
     float), or a QuantError that says why the checkpoint has no GPTQ form."""
     alt = "ship our own format instead (`quantize export DIR --to-hub ORG/NAME`), which keeps everything"
     formats = {spec.get("format", "uniform") for spec in qc["modules"].values()}
-    if formats != {"uniform"}:
+    if "dsq" in formats:
         raise QuantError(
             f"cannot export to GPTQ format: DSQ codes (sign planes + dual scales) have no GPTQ form; {alt}"
+        )
+    if formats != {"uniform"}:
+        raise QuantError(
+            "cannot export to GPTQ format: 8-bit scales and 4-bit zero-points (uniform-dq8) have no GPTQ form "
+            f"(GPTQ stores fp16 scales); quantize with --scale-bits 16 for a GPTQ-exportable model, or {alt}"
         )
     if qc.get("norm_biases"):
         raise QuantError(

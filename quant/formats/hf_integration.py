@@ -3,7 +3,7 @@ quantizer registry (``register_quantization_config`` / ``register_quantizer``).
 
 ``import quant`` registers ``quant_method: "lowbit"``. Before transformers loads the weights, the
 quantizer swaps every linear named in ``quantization_config.modules`` for the packed class its
-``format`` names (``QuantLinear`` or ``DSQLinear``) and gives the DAC norms their bias, so the
+``format`` names (``QuantLinear``, ``DSQLinear`` or ``ScaleCodedLinear``) and gives the DAC norms their bias, so the
 checkpoint's tensors land in the same buffers :func:`quant.formats.checkpoint.load_quantized` fills and the
 logits are identical. Differences from ``load_quantized``: transformers does not check our
 ``SHA256SUMS`` (use ``load_quantized`` to verify a download), and the model cannot be re-saved
@@ -19,10 +19,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quant.engine.structure import normalize
-from quant.errors import QuantError
 from quant.formats import qconfig
-from quant.formats.checkpoint import FORMAT_VERSION, LINEAR_FORMATS, QUANT_METHOD
-from quant.numerics.packing import LAYOUT
+from quant.formats.checkpoint import QUANT_METHOD, empty_packed
 from quant.runtime.dac import add_norm_bias
 from quant.runtime.inputops import attach_from_config
 
@@ -46,11 +44,7 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, **kwargs) -> None:
         qc = self.quantization_config
-        if getattr(qc, "format_version", None) != FORMAT_VERSION or getattr(qc, "packing", None) != LAYOUT:
-            raise QuantError(
-                f"checkpoint format {getattr(qc, 'format_version', None)}/{getattr(qc, 'packing', None)}; "
-                f"this version of lowbit reads {FORMAT_VERSION}/{LAYOUT}"
-            )
+        qconfig.check_version(qc.to_dict(), "the checkpoint")
         qconfig.validate(qc.to_dict(), "(from_pretrained)")  # the same schema as load_quantized
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
@@ -61,11 +55,9 @@ class LowbitHfQuantizer(HfQuantizer):
         normalize(model)
         for name, spec in qc.modules.items():
             lin = qconfig.check_linear(model, name, spec, "(from_pretrained)")
-            cls = LINEAR_FORMATS[spec.get("format", "uniform")]
-            q = cls(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], lin.bias is not None, dtype)
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent)
-            setattr(owner, child, q)
+            setattr(owner, child, empty_packed(lin, spec, dtype))
             # every tensor comes from the checkpoint: the owner's own weight init (GPT-2's reaches into
             # c_proj.weight, which a packed linear does not have) must not run
             owner._is_hf_initialized = True

@@ -1,4 +1,7 @@
-"""The schema of our ``quantization_config`` (format version 1), checked before any tensor is read.
+"""The schema of our ``quantization_config`` (format versions 1 and 2), checked before any tensor is read.
+
+Version 2 added the linear format ``uniform-dq8`` (8-bit scales, ``ScaleCodedLinear``). A checkpoint records the
+lowest version that holds it, so one without 8-bit scales still reads in releases that know only version 1.
 
 Structure and ranges here (:func:`validate`); what needs the model (a module name that exists and is a
 linear, a group that divides its width, a norm that is a norm) is checked by :func:`check_linear` and
@@ -16,8 +19,27 @@ from torch import nn
 from quant.errors import QuantError
 from quant.methods.dsq import DSQ_BITS
 from quant.numerics.grid import SUPPORTED_BITS
+from quant.numerics.packing import LAYOUT
 
-FORMATS = ("uniform", "dsq")
+QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
+FORMATS_BY_VERSION = {1: ("uniform", "dsq"), 2: ("uniform", "dsq", "uniform-dq8")}  # the linear formats each allows
+FORMAT_VERSION = max(FORMATS_BY_VERSION)  # the newest this release reads
+FORMATS = FORMATS_BY_VERSION[FORMAT_VERSION]
+BITS_BY_FORMAT = {"uniform": SUPPORTED_BITS, "dsq": DSQ_BITS, "uniform-dq8": (2, 3, 4)}
+
+
+def version_for(modules: dict) -> int:
+    """The lowest format version that holds these module specs."""
+    formats = {spec.get("format", "uniform") for spec in modules.values()}
+    return min(v for v, allowed in FORMATS_BY_VERSION.items() if formats <= set(allowed))
+
+
+def check_version(qc: dict, where: str | Path) -> None:
+    """A one-line error unless this release reads the config's format version and packing."""
+    version, packing = qc.get("format_version"), qc.get("packing")
+    if not _int(version) or version not in FORMATS_BY_VERSION or packing != LAYOUT:
+        readable = ", ".join(str(v) for v in FORMATS_BY_VERSION)
+        raise QuantError(f"{where} uses checkpoint format {version}/{packing}; this version reads {readable}/{LAYOUT}")
 
 
 def _int(v) -> bool:
@@ -38,10 +60,12 @@ def validate(qc: dict, path: str | Path) -> None:
         if not isinstance(spec, dict):
             raise _bad(path, field, "must be an object with bits, group_size and format")
         fmt = spec.get("format", "uniform")
-        if fmt not in FORMATS:
-            raise _bad(path, f"{field}.format", f"is {fmt!r}; known formats: {', '.join(FORMATS)}")
+        known = FORMATS_BY_VERSION.get(qc.get("format_version"), FORMATS)
+        if fmt not in known:
+            raise _bad(path, f"{field}.format", f"is {fmt!r}; format version {qc.get('format_version')} knows "
+                       f"{', '.join(known)}")
         bits, group = spec.get("bits"), spec.get("group_size")
-        allowed = DSQ_BITS if fmt == "dsq" else SUPPORTED_BITS
+        allowed = BITS_BY_FORMAT[fmt]
         if not _int(bits) or bits not in allowed:
             raise _bad(path, f"{field}.bits", f"must be one of {allowed} for format {fmt}, got {bits!r}")
         if not _int(group) or group <= 0:

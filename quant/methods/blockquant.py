@@ -61,9 +61,9 @@ def gptaq_target(w: torch.Tensor, H: torch.Tensor, P: torch.Tensor, damp: float,
 def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
     """Multiply output row j of ``up`` by ``c_j``: exact for SwiGLU, whose output is linear in up."""
     if isinstance(up, QuantLinear):
-        up.scales.copy_((up.scales.float() * c[:, None].to(up.scales.device)).to(up.scales.dtype))
+        up.scale_rows(c)
         if "_float_weight" in up.__dict__:  # finetune's starting point moves with it
-            up.__dict__["_float_weight"] = up.__dict__["_float_weight"] * c[:, None].to(up.scales.device)
+            up.__dict__["_float_weight"] = up.__dict__["_float_weight"] * c[:, None].to(up.qweight.device)
     else:
         up.weight.data.mul_(c[:, None].to(up.weight.dtype))
     if up.bias is not None:

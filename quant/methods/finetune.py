@@ -155,12 +155,10 @@ class Tunable(nn.Module):
 
     @torch.no_grad()
     def harden(self) -> None:
-        from quant.numerics.packing import pack
-
         m = self.packed
         if isinstance(m, QuantLinear):
-            m.qweight.copy_(pack(self._codes().to(torch.int64), m.bits))
-            m.scales.copy_((m.scales.float() * (1 + self.a)).half())
+            m.set_codes(self._codes().to(torch.int64))
+            m.set_scales(m.scales.float() * (1 + self.a))  # 8-bit scales: the nearest point of the row's grid
         else:
             m.row_scales.copy_((self.r * (1 + self.a)).half())
 

@@ -15,7 +15,14 @@ from collections.abc import Callable
 import torch
 
 from quant.errors import QuantError
-from quant.numerics.grid import QuantizedWeight, QuantSpec, dequantize_codes, find_params, quantize_codes
+from quant.numerics.grid import (
+    QuantizedWeight,
+    QuantSpec,
+    dequantize_codes,
+    find_params,
+    quantize_codes,
+    scale_grid,
+)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -132,9 +139,12 @@ def gptq_quantize(
     g = spec.group_for(n)
     scales = torch.zeros(out, n // g, device=W.device)
     zeros = torch.zeros_like(scales)
+    # 8-bit scales: each row's grid is fixed before any code, from the weight's own groups; a group whose
+    # error-fed columns later want a scale past the grid gets its end (clipped a little)
+    sg = scale_grid(W, spec)
 
     def fit_group(gid: int, current: torch.Tensor) -> None:
-        s, z = find_params(current, spec)
+        s, z = find_params(current, spec, snap=None if sg is None else sg.snap)
         scales[:, gid], zeros[:, gid] = s[:, 0], z[:, 0]
 
     def quantize_column(gid: int, j: int, w: torch.Tensor):
@@ -150,4 +160,5 @@ def gptq_quantize(
         zeros=zeros.to(torch.uint8),
         bits=spec.bits,
         group_size=g,
+        scale_grid=sg,
     )

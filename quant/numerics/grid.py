@@ -17,11 +17,13 @@ what a reloaded checkpoint computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from quant.errors import QuantError
+from quant.numerics.scalecodes import SCALE_BITS, ScaleGrid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)  # plus -1 for per-channel
@@ -36,10 +38,15 @@ class QuantSpec:
     group_size: int = 128  # -1: one group per row
     sym: bool = False
     clip: str = "mse"  # "minmax" or "mse" (search a shrink of the range that minimises the error)
+    scale_bits: int = 16  # 16: fp16 scales, uint8 zeros; 8: scales on a per-row 8-bit grid, 4-bit zeros
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise QuantError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.scale_bits not in SCALE_BITS:
+            raise QuantError(f"scale bits must be one of {SCALE_BITS}, got {self.scale_bits}")
+        if self.scale_bits == 8 and self.bits > 4:
+            raise QuantError(f"8-bit scales store 4-bit zero-points: they need bits <= 4, got {self.bits}")
         if self.group_size != -1 and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise QuantError(
                 f"group size must be one of {SUPPORTED_GROUP_SIZES} or -1 (per-channel), got {self.group_size}"
@@ -68,7 +75,12 @@ class QuantSpec:
         )
 
 
-def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+Snap = Callable[[torch.Tensor], torch.Tensor]  # a scale -> the nearest one storage holds (ScaleGrid.snap)
+
+
+def _minmax_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, snap: Snap | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = 2**bits - 1
     if sym:
         amax = torch.maximum(xmin.abs(), xmax.abs())
@@ -79,8 +91,9 @@ def _minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool)
         xmax = torch.maximum(xmax, torch.zeros_like(xmax))
         scale = (xmax - xmin) / maxq
         zero = None
-    # fp16 storage: round now so codes are computed with the scale that will be stored.
-    scale = scale.clamp(min=1e-8).to(torch.float16).to(torch.float32)
+    # round now to what storage holds (fp16, or the row's 8-bit grid) so codes are computed with the stored scale
+    scale = scale.clamp(min=1e-8)
+    scale = scale.to(torch.float16).to(torch.float32) if snap is None else snap(scale)
     if zero is None:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
@@ -96,7 +109,7 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 
 def find_params(
-    w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75
+    w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75, snap: Snap | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero (each ``[rows, 1]``, float32) for one group of columns ``w`` of shape ``[rows, cols]``.
 
@@ -104,13 +117,14 @@ def find_params(
     factor with the lowest ``sum |w - deq(q(w))|^2.4`` is kept (the norm GPTQ's reference search uses;
     on ties the widest range). Factors are tried together, in chunks of about 4M elements computed in place
     in one buffer: GPTQ calls this for every group, where a loop over factors cost hundreds of small kernel
-    launches and fresh temporaries cost most of an 8B-shaped block's time in page faults.
+    launches and fresh temporaries cost most of an 8B-shaped block's time in page faults. ``snap`` stands for the
+    fp16 rounding of the scale (8-bit scales: the rows' grids), in the search too.
     """
     w = w.float()
     xmin = w.min(dim=1, keepdim=True).values
     xmax = w.max(dim=1, keepdim=True).values
     if spec.clip == "minmax":
-        return _minmax_params(xmin, xmax, spec.bits, spec.sym)
+        return _minmax_params(xmin, xmax, spec.bits, spec.sym, snap)
     shrink = torch.tensor([1 - max_shrink * i / grid for i in range(grid + 1)], device=w.device)
     chunk = max(1, (1 << 22) // max(w.numel(), 1))
     best = pick = None
@@ -119,7 +133,7 @@ def find_params(
         buf = torch.empty(min(chunk, grid + 1), *w.shape, device=w.device)  # reused: fresh ones cost page faults
         for c0 in range(0, grid + 1, chunk):
             p = shrink[c0 : c0 + chunk, None, None]
-            s, z = _minmax_params(p * lo, p * hi, spec.bits, spec.sym)  # [factors, rows, 1]
+            s, z = _minmax_params(p * lo, p * hi, spec.bits, spec.sym, snap)  # [factors, rows, 1]
             t = torch.div(wd, s, out=buf[: p.shape[0]])  # |w - deq(q(w))|^2.4 as quantize/dequantize_codes do
             err = t.round_().add_(z).clamp_(0, 2**spec.bits - 1).sub_(z).mul_(s).sub_(wd).abs_().pow_(2.4).sum(-1)
             err, i = err.min(0)  # the first (widest) factor among equals, as a strict-improvement scan keeps
@@ -129,7 +143,7 @@ def find_params(
             better = err < best
             best, pick = torch.where(better, err, best), torch.where(better, i + c0, pick)
     p = shrink[pick][:, None]
-    return _minmax_params(p * xmin, p * xmax, spec.bits, spec.sym)
+    return _minmax_params(p * xmin, p * xmax, spec.bits, spec.sym, snap)
 
 
 @dataclass
@@ -141,6 +155,7 @@ class QuantizedWeight:
     zeros: torch.Tensor  # uint8
     bits: int
     group_size: int  # effective group size for this layer
+    scale_grid: ScaleGrid | None = None  # 8-bit scales: every scale is a point of its row's grid
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scales, self.zeros, self.group_size, dtype)
@@ -161,12 +176,24 @@ def check_finite(w: torch.Tensor, name: str) -> None:
         raise QuantError(f"{name} has {bad} NaN/Inf weight(s); refusing to quantize a broken model")
 
 
+def scale_grid(w: torch.Tensor, spec: QuantSpec) -> ScaleGrid | None:
+    """With 8-bit scales, each row's grid, fitted to the scales its groups of ``w`` ``[out, in]`` would get in
+    fp16 (the solvers then keep every scale on it); None with fp16 scales."""
+    if spec.scale_bits == 16:
+        return None
+    out, n = w.shape
+    g = spec.group_for(n)
+    scale, _ = find_params(w.detach().float().reshape(out * (n // g), g), spec)
+    return ScaleGrid.fit(scale.reshape(out, n // g))
+
+
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest, group by group."""
     out, n = w.shape
     g = spec.group_for(n)
     groups = w.float().reshape(out * (n // g), g)  # every (row, group) pair is an independent row here
-    scale, zero = find_params(groups, spec)
+    sg = scale_grid(w, spec)
+    scale, zero = find_params(groups, spec, snap=None if sg is None else sg.rows(n // g).snap)
     codes = quantize_codes(groups, scale, zero, spec.bits)
     return QuantizedWeight(
         codes=codes.reshape(out, n).to(torch.uint8),
@@ -174,4 +201,5 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         zeros=zero.reshape(out, n // g).to(torch.uint8),
         bits=spec.bits,
         group_size=g,
+        scale_grid=sg,
     )

@@ -6,6 +6,10 @@ Layout: codes stay in their weight's row order. Row ``r`` of a ``[out, in]`` cod
 word, so 3-bit packs 10 codes per word and leaves the top 2 bits zero (3.2 bits/code); 1-, 2-, 4-
 and 8-bit fill their words exactly (1-bit: the sign planes of DSQ). Padding codes at the end of a
 row are zero.
+
+The 8-bit-scale format (``ScaleCodedLinear``) packs its codes densely instead (:func:`pack_dense`, layout
+``chunk8``): every run of 8 consecutive codes of a row fills ``bits`` bytes, code ``i`` of the run at bit
+``bits * i``, so 3-bit codes cost 3 bits, not 3.2. It is the CPU kernel's own layout (``kernels_cpu``).
 """
 
 from __future__ import annotations
@@ -53,3 +57,25 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(k, dtype=torch.int64, device=packed.device) * bits
     codes = (p[..., None] >> shifts) & (2**bits - 1)
     return codes.view(rows, words * k)[:, :n].to(torch.uint8)
+
+
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[rows, n]`` codes (``n`` a multiple of 8, ``bits`` 2, 3, 4 or 8) -> uint8 ``[rows, n / 8 * bits]``."""
+    rows, n = codes.shape
+    if n % 8 or bits not in (2, 3, 4, 8):
+        raise QuantError(f"dense packing needs rows of a multiple of 8 codes of 2, 3, 4 or 8 bits; got {n} x {bits}")
+    c = codes.to(torch.int64)
+    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
+        raise QuantError(f"codes out of range for {bits}-bit packing")
+    value = (c.view(rows, n // 8, 8) << (torch.arange(8, device=c.device) * bits)).sum(-1)  # disjoint fields
+    nbytes = (value[..., None] >> (torch.arange(bits, device=c.device) * 8)) & 0xFF  # [rows, runs, bits]
+    return nbytes.to(torch.uint8).reshape(rows, n // 8 * bits)
+
+
+def unpack_dense(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_dense`: uint8 ``[rows, n]`` codes."""
+    rows = packed.shape[0]
+    nbytes = packed.to(torch.int64).view(rows, n // 8, bits)
+    value = (nbytes << (torch.arange(bits, device=packed.device) * 8)).sum(-1)  # [rows, runs]
+    codes = (value[..., None] >> (torch.arange(8, device=packed.device) * bits)) & (2**bits - 1)
+    return codes.reshape(rows, n).to(torch.uint8)

@@ -23,6 +23,7 @@ from quant.runtime.quantlinear import PackedLinear
 
 class DSQLinear(PackedLinear):
     FORMAT = "dsq"
+    STORED = ("planes", "row_scales")
 
     def _register_weight(self) -> None:
         out, n, k = self.out_features, self.in_features, self.bits
@@ -55,9 +56,6 @@ class DSQLinear(PackedLinear):
         codes = self.codes().view(self.out_features * n_groups, g)
         r = self.row_scales.float().reshape(self.out_features * n_groups, self.bits)
         return decode(codes, r).view(self.out_features, self.in_features).to(dtype)
-
-    def storage_buffers(self) -> list[torch.Tensor]:
-        return [self.planes, self.row_scales]
 
     def extra_repr(self) -> str:
         return (

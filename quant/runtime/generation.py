@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quant.errors import QuantError
-from quant.runtime.quantlinear import PackedLinear
+from quant.runtime.quantlinear import PackedLinear, QuantLinear
 
 
 @dataclass
@@ -107,10 +107,10 @@ def decode_bytes(model: nn.Module) -> dict:
     for m in model.modules():
         if isinstance(m, PackedLinear):
             n = m.in_features * m.out_features
-            if m.FORMAT == "uniform":
-                b = n * m.bits // 8 + m.scales.numel() * m.scales.element_size() + m.zeros.numel()
-            else:
-                b = sum(t.numel() * t.element_size() for t in m.storage_buffers())
+            stored, b = m.storage_buffers(), 0
+            if isinstance(m, QuantLinear):  # the codes as the kernel reads them, not rowpack's padded words
+                stored, b = stored[1:], n * m.bits // 8
+            b += sum(t.numel() * t.element_size() for t in stored)
         elif isinstance(m, nn.Linear):
             b = m.weight.numel() * m.weight.element_size()
         else:
@@ -124,7 +124,9 @@ def head_kind(model: nn.Module) -> str:
     """How lm_head is stored, for every benchmark row: "int4 g64", "fp32 (tied)", ..."""
     h = model.get_output_embeddings()
     if isinstance(h, PackedLinear):
-        return f"int{h.bits} g{h.group_size}" if h.FORMAT == "uniform" else f"{h.FORMAT}{h.bits}"
+        if isinstance(h, QuantLinear):
+            return f"int{h.bits} g{h.group_size}" + (" (8-bit scales)" if h.FORMAT == "uniform-dq8" else "")
+        return f"{h.FORMAT}{h.bits}"
     if not isinstance(getattr(h, "weight", None), torch.Tensor):
         return type(h).__name__
     tied = h.weight is model.get_input_embeddings().weight

@@ -7,6 +7,13 @@ Buffers (all saved in the checkpoint under ``<module>.<name>``):
 * ``zeros``   uint8 ``[out, in / group_size]``: integer zero-points
 * ``bias``    (optional) in the model's dtype
 
+``ScaleCodedLinear`` (format ``uniform-dq8``) holds the same kind of weight in fewer bits: ``qcodes`` uint8
+``[out, in / 8 * bits]``, the codes packed densely (``quant.numerics.packing.pack_dense``: 3 bits per 3-bit code,
+not rowpack's 3.2); ``scale_codes`` uint8 ``[out, in / group_size]`` on a per-row grid ``scale_grid`` fp16
+``[out, 2]`` (``quant.numerics.scalecodes``); the zero-points packed two per byte in ``zero_pairs`` uint8
+``[out, ceil(groups / 2)]``. Its ``qweight``, ``scales`` and ``zeros`` are those decoded, so everything that
+reads a uniform layer reads it too.
+
 ``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
 the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
 (``kernels_cpu.dispatch``, uniform and DSQ), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
@@ -22,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.numerics.grid import QuantizedWeight, dequantize_weight
-from quant.numerics.packing import pack, packed_width, unpack
+from quant.numerics.packing import pack, pack_dense, packed_width, unpack, unpack_dense
+from quant.numerics.scalecodes import ScaleGrid, pack_nibbles, unpack_nibbles
 
 
 class PackedLinear(nn.Module):
@@ -30,6 +38,7 @@ class PackedLinear(nn.Module):
     :func:`dequantized_weights` fills) and runs a dense matmul. Subclasses define ``dequantize``."""
 
     FORMAT = ""  # recorded per module in the checkpoint; selects the class on load
+    STORED: tuple[str, ...] = ()  # the buffers that hold the weight (not the bias): what its size on disk counts
 
     def __init__(
         self,
@@ -58,7 +67,7 @@ class PackedLinear(nn.Module):
 
     def storage_buffers(self) -> list[torch.Tensor]:
         """The tensors that hold the weight (not the bias): what its size on disk counts."""
-        raise NotImplementedError
+        return [self._buffers[name] for name in self.STORED]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self._cached is None:
@@ -74,6 +83,7 @@ class PackedLinear(nn.Module):
 
 class QuantLinear(PackedLinear):
     FORMAT = "uniform"
+    STORED = ("qweight", "scales", "zeros")
 
     def _register_weight(self) -> None:
         out, n, n_groups = self.out_features, self.in_features, self.in_features // self.group_size
@@ -83,15 +93,33 @@ class QuantLinear(PackedLinear):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        """The packed layer of ``qw``: a ``ScaleCodedLinear`` when its scales are on 8-bit grids."""
+        if qw.scale_grid is not None:
+            cls = ScaleCodedLinear
         out, n = qw.codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
         m = cls(n, out, qw.bits, qw.group_size, bias=bias is not None, dtype=dtype)
-        m.qweight.copy_(pack(qw.codes, qw.bits))
-        m.scales.copy_(qw.scales)
-        m.zeros.copy_(qw.zeros)
+        m.set_codes(qw.codes)
+        m._store(qw.scales, qw.zeros, qw.scale_grid)
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
+
+    def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Replace the integer codes (``[out, in]``)."""
+        self.qweight.copy_(pack(codes, self.bits))
+
+    def set_scales(self, scales: torch.Tensor) -> None:
+        """Replace the group scales (``[out, groups]``) by the nearest ones storage holds."""
+        self.scales.copy_(scales.to(torch.float16))
+
+    def scale_rows(self, c: torch.Tensor) -> None:
+        """Multiply output row ``j`` of the weight by ``c_j`` through its scales."""
+        self.set_scales(self.scales.float() * c[:, None].to(self.scales.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self._cached is None:
@@ -109,14 +137,69 @@ class QuantLinear(PackedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype)
 
-    def storage_buffers(self) -> list[torch.Tensor]:
-        return [self.qweight, self.scales, self.zeros]
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+class ScaleCodedLinear(QuantLinear):
+    """``QuantLinear`` with 8-bit scales on a per-row grid and 4-bit zero-points (see the module docstring)."""
+
+    FORMAT = "uniform-dq8"
+    STORED = ("qcodes", "scale_codes", "scale_grid", "zero_pairs")
+
+    def _register_weight(self) -> None:
+        out, n, n_groups = self.out_features, self.in_features, self.in_features // self.group_size
+        if n % 8 or self.bits not in (2, 3, 4):
+            raise ValueError(f"8-bit scales take 2-4-bit codes in rows of a multiple of 8; got {self.bits} x {n}")
+        self.register_buffer("qcodes", torch.zeros(out, n // 8 * self.bits, dtype=torch.uint8))
+        self.register_buffer("scale_codes", torch.zeros(out, n_groups, dtype=torch.uint8))
+        self.register_buffer("scale_grid", torch.zeros(out, 2, dtype=torch.float16))
+        self.register_buffer("zero_pairs", torch.zeros(out, (n_groups + 1) // 2, dtype=torch.uint8))
+
+    def grid(self) -> ScaleGrid:
+        return ScaleGrid.from_stored(self.scale_grid)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_dense(self.qcodes, self.bits, self.in_features)
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        self.qcodes.copy_(pack_dense(codes, self.bits))
+
+    @property
+    def qweight(self) -> torch.Tensor:  # the codes in rowpack words, for the paths that read a QuantLinear's
+        return pack(self.codes(), self.bits)
+
+    @property
+    def scales(self) -> torch.Tensor:  # fp16 [out, groups], decoded
+        return self.grid().decode(self.scale_codes)
+
+    @property
+    def zeros(self) -> torch.Tensor:  # uint8 [out, groups]
+        return unpack_nibbles(self.zero_pairs, self.scale_codes.shape[1])
+
+    def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
+        if grid is None:
+            raise ValueError("ScaleCodedLinear needs the scales' grid")
+        if int(zeros.max()) > 15:
+            raise ValueError("ScaleCodedLinear stores zero-points in 4 bits")
+        self.scale_grid.copy_(grid.stored())
+        codes = grid.encode(scales)
+        if not torch.equal(grid.decode(codes), scales.to(torch.float16)):
+            raise ValueError("scales are not points of their rows' grids: quantize with this grid's snap")
+        self.scale_codes.copy_(codes)
+        self.zero_pairs.copy_(pack_nibbles(zeros))
+
+    def set_scales(self, scales: torch.Tensor) -> None:
+        self.scale_codes.copy_(self.grid().encode(scales))  # the nearest grid point, within the row's range
+
+    def scale_rows(self, c: torch.Tensor) -> None:
+        # the grid's base moves and the codes stay: every scale of the row keeps its fp16-level precision
+        g = self.grid()
+        g.base = (g.base.double() * c[:, None].double().cpu()).to(torch.float16).float()
+        self.scale_grid.copy_(g.stored())
 
 
 @contextmanager
