@@ -27,15 +27,24 @@ C4_WINDOWS = 32
 
 
 def settings() -> dict[str, list]:
+    """Names: ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points
+    (``--scale-bits 8``), ``-g128`` group 128, ``-ft`` the block-wise finetune after the solver."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
+    ft = ("finetune", FinetuneConfig(mode="block"))
     out: dict[str, list] = {"float": []}
     for b in (3, 2, 4):
         d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))
         gptq = ("gptq", GPTQConfig(bits=b, group_size=GROUP))
         out[f"d2quant-w{b}"] = [rot, d2q]
-        out[f"d2quant-w{b}-ft"] = [rot, d2q, ("finetune", FinetuneConfig(mode="block"))]
+        out[f"d2quant-w{b}-ft"] = [rot, d2q, ft]
         out[f"d2quant-w{b}-ft-rounding"] = [rot, d2q, ("finetune", FinetuneConfig(mode="block", rounding=True))]
-        out[f"gptq-w{b}-ft"] = [gptq, ("finetune", FinetuneConfig(mode="block"))]
+        out[f"gptq-w{b}-ft"] = [gptq, ft]
+        for name, kw in (("-s8", {"scale_bits": 8}), ("-nodsq", {"dsq": False}),
+                         ("-nodsq-s8", {"dsq": False, "scale_bits": 8}),
+                         ("-g128-s8", {"group_size": 128, "scale_bits": 8})):
+            d2q = ("d2quant", D2QuantConfig(bits=b, **{"group_size": GROUP, **kw}))
+            out[f"d2quant-w{b}{name}"] = [rot, d2q]
+            out[f"d2quant-w{b}{name}-ft"] = [rot, d2q, ft]
     return out
 
 
