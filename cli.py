@@ -430,11 +430,15 @@ def model_cmd(
         typer.echo(allocation_table(ctx.allocation).splitlines()[-1])
         typer.echo(f"allocation map: {plot_allocation(ctx.allocation, out / 'allocation.png')}")
     tuned = next((p["summary"] for p in passes if p["name"] == "finetune"), None)
-    if tuned and tuned["curves"]:
+    if tuned and (tuned["curves"] or tuned.get("e2e")):
         from quant.methods.finetune_plot import plot_finetune
 
-        typer.echo(f"finetune: held-out block error {100 * tuned['mean_reduction']:.1f}% lower on average; "
-                   f"curves: {plot_finetune(tuned, out / 'finetune.png')}")
+        said = [f"held-out block error {100 * tuned['mean_reduction']:.1f}% lower on average"] * bool(tuned["curves"])
+        if tuned.get("e2e"):
+            e2e = tuned["e2e"]
+            said.append(f"held-out KL to the float model {100 * e2e['kl_reduction']:.1f}% lower "
+                        f"({e2e['held'][0]:.4g} -> {e2e['held_best']:.4g})")
+        typer.echo(f"finetune: {'; '.join(said)}; curves: {plot_finetune(tuned, out / 'finetune.png')}")
     typer.echo(f"wrote {out}")
     if evaluate:
         written = DiskSource(out, dev, cdtype, checkpoint=True) if streaming else None

@@ -28,9 +28,12 @@ C4_WINDOWS = 32
 
 def settings() -> dict[str, list]:
     """Names: ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points
-    (``--scale-bits 8``), ``-g128`` group 128, ``-ft`` the block-wise finetune after the solver."""
+    (``--scale-bits 8``), ``-g128`` group 128, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the
+    end-to-end distillation of the scales, ``-ft-e2e`` both."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
+    e2e = ("finetune", FinetuneConfig(mode="e2e"))
+    both = ("finetune", FinetuneConfig(mode="both"))
     out: dict[str, list] = {"float": []}
     for b in (3, 2, 4):
         d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))
@@ -45,12 +48,19 @@ def settings() -> dict[str, list]:
             d2q = ("d2quant", D2QuantConfig(bits=b, **{"group_size": GROUP, **kw}))
             out[f"d2quant-w{b}{name}"] = [rot, d2q]
             out[f"d2quant-w{b}{name}-ft"] = [rot, d2q, ft]
+            out[f"d2quant-w{b}{name}-e2e"] = [rot, d2q, e2e]
+            out[f"d2quant-w{b}{name}-ft-e2e"] = [rot, d2q, both]
     return out
 
 
 def _ft(r: dict) -> str:
     s = next((p["summary"] for p in r.get("passes", []) if p["name"] == "finetune"), None)
-    return f"{100 * s['mean_reduction']:.1f}%" if s else "-"
+    return f"{100 * s['mean_reduction']:.1f}%" if s and s.get("curves") else "-"
+
+
+def _e2e(r: dict) -> str:
+    s = next((p["summary"] for p in r.get("passes", []) if p["name"] == "finetune"), None)
+    return f"{100 * s['e2e']['kl_reduction']:.1f}%" if s and s.get("e2e") else "-"
 
 
 def write_markdown(results: dict, meta: dict) -> None:
@@ -60,9 +70,10 @@ def write_markdown(results: dict, meta: dict) -> None:
         f"{setup_line(meta)} WikiText-2: raw test split, windows of 2048 (the count is beside each perplexity: "
         f"148 is the full split, 40 an ablation). C4: the first {C4_WINDOWS} windows of 2048 of the bundled "
         "evaluation slice. Block loss: the mean drop of the held-out block-output error that the finetune pass "
-        "reached (per block, against the solver's).",
+        "reached (per block, against the solver's). End-to-end KL: the drop of the held-out KL(float || quantized) "
+        "per token that the end-to-end distillation reached.",
         "",
-        *c4_table(results, list(settings()), {"block loss": _ft}),
+        *c4_table(results, list(settings()), {"block loss": _ft, "end-to-end KL": _e2e}),
     ]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
 

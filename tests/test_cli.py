@@ -123,6 +123,7 @@ def test_quantize_inspect_eval_tiny(tmp_path, tiny_dir):
         (["--act-bits", "8", "--act-mode", "static", "--act-asym"], "static activation scales are symmetric"),
         (["--finetune", "e2e2"], "unknown --finetune 'e2e2'"),
         (["--scale-bits", "12"], "scale bits must be one of"),
+        (["--method", "gptq", "--finetune", "e2e", "--stream"], "needs the whole model in memory"),
         (["--finetune-steps", "5"], "--finetune-steps applies to finetune"),
         (["--finetune", "block", "--finetune-steps", "0"], "must be at least 1"),
     ],
@@ -240,18 +241,20 @@ def test_allocate_and_quantize_with_allocation(tmp_path, tiny_dir):
     assert r.returncode == 0 and "2: 7" in r.stdout and "3: 7" in r.stdout
 
 
-def test_finetune_block_writes_its_curves(tmp_path, tiny_dir):
+def test_finetune_writes_its_curves(tmp_path, tiny_dir):
     out = tmp_path / "q"
     r = run("model", tiny_dir, "--method", "gptq", "--bits", "3", "--group-size", "32", "--nsamples", "6",
-            "--seqlen", "64", "--finetune", "block", "--finetune-steps", "6", "--scale-bits", "8", "--no-eval",
-            "--out", out)
+            "--seqlen", "64", "--finetune", "both", "--finetune-steps", "6", "--finetune-e2e-steps", "3",
+            "--scale-bits", "8", "--no-eval", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert "held-out block error" in r.stdout and (out / "finetune.png").stat().st_size > 0
+    assert "held-out block error" in r.stdout and "held-out KL to the float model" in r.stdout
+    assert (out / "finetune.png").stat().st_size > 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]  # tuned scales stay 8-bit codes
     assert qc["format_version"] == 2 and {m["format"] for m in qc["modules"].values()} == {"uniform-dq8"}
     report = json.loads((out / "quant_report.json").read_text())
     tuned = next(p for p in report["passes"] if p["name"] == "finetune")
     assert tuned["engine_run"] == "gptq+finetune" and len(tuned["summary"]["curves"]) == 2
+    assert len(tuned["summary"]["e2e"]["train"]) <= 3
     passes = json.loads((out / "config.json").read_text())["quantization_config"]["passes"]
     assert [p["name"] for p in passes] == ["gptq", "finetune"]
 

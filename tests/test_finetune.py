@@ -116,3 +116,50 @@ def test_finetune_needs_a_quantizer_before_it(tokenizer):
         run_pipeline(ctx, [("finetune", FinetuneConfig(mode="block", steps=2))])
     with pytest.raises(QuantError, match="unknown --finetune"):
         FinetuneConfig(mode="e2e2").validate()
+
+
+def _kl_to(model, ref_logits, ids) -> float:
+    """Mean KL(float || quantized) per token."""
+    with torch.no_grad():
+        s = torch.log_softmax(model(ids).logits.double(), -1)
+        t = torch.log_softmax(ref_logits.double(), -1)
+    return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / (ids.shape[0] * ids.shape[1]))
+
+
+def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer):
+    from calibrate import calibration_windows
+
+    ids = calibration_windows(tokenizer, "c4", 32, 128, seed=0)
+    test_ids = calibration_windows(tokenizer, "wikitext2-valid", 4, 64, seed=1)
+    with torch.no_grad():
+        ref = tiny_model("llama", seed=5)(test_ids).logits
+    kl = {}
+    for name, tail in {"solver": [], "e2e": [("finetune", FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4,
+                                                                          holdout=0.25, e2e_lr=5e-3))]}.items():
+        model = tiny_model("llama", seed=5)
+        ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
+        records = run_pipeline(ctx, [("gptq", GPTQConfig(bits=2, group_size=32, scale_bits=8)), *tail])
+        kl[name] = _kl_to(model, ref, test_ids)
+    e2e = records[1]["summary"]["e2e"]
+    assert records[1]["summary"]["blocks"] == 0  # e2e alone: no block tuning
+    assert e2e["held_best"] < e2e["held"][0] and e2e["kl_reduction"] > 0
+    assert kl["e2e"] < kl["solver"], kl  # on text it never saw
+    out = save_quantized(model, tokenizer, tmp_path / "ck", {"method": "gptq", "modules": ctx.modules,
+                                                              "passes": records})
+    again, _ = load_quantized(out)  # the tuned scales are still points of their 8-bit grids: exact reload
+    with torch.no_grad():
+        assert torch.equal(again(test_ids).logits, model(test_ids).logits)
+
+
+def test_both_modes_run_block_then_e2e_on_dsq(tokenizer):
+    from calibrate import calibration_windows
+    from quant.methods.d2quant import D2QuantConfig
+
+    ids = calibration_windows(tokenizer, "c4", 8, 32, seed=0)
+    model = tiny_model("llama", seed=6)
+    ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
+    records = run_pipeline(ctx, [("d2quant", D2QuantConfig(bits=2, group_size=32)),
+                                 ("finetune", FinetuneConfig(mode="both", steps=3, e2e_steps=3, eval_every=1))])
+    summary = records[1]["summary"]
+    assert summary["blocks"] == 2 and len(summary["e2e"]["held"]) == 4  # before, and after each of 3 steps
+    assert summary["e2e"]["held_best"] <= summary["e2e"]["held"][0]

@@ -44,6 +44,18 @@ def test_grid_of_a_row_of_equal_scales_is_exact():
     assert torch.equal(grid.decode(grid.encode(scales)), scales.half())
 
 
+def test_every_grid_point_encodes_to_its_own_code_in_narrow_rows():
+    # rows whose scales span a few percent (a rotated model's): fp16's rounding of a decoded scale must not move it
+    # to a neighbouring code, or a stored scale would not be the one the codes were computed with
+    gen = torch.Generator().manual_seed(3)
+    scales = (1 + 0.05 * torch.rand(64, 24, generator=gen)) * torch.logspace(-4, 1, 64)[:, None]
+    grid = ScaleGrid.fit(scales)
+    codes = torch.arange(LEVELS + 1, dtype=torch.uint8).expand(64, -1)
+    assert torch.equal(grid.encode(grid.decode(codes).float()), codes)
+    snapped = grid.snap(scales.T[:, :, None])  # as the clip search calls it: [factors, rows, 1]
+    assert torch.equal(grid.decode(grid.encode(snapped[..., 0].T)).float(), snapped[..., 0].T)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dense_packing_roundtrips_and_matches_the_kernel_layout(bits):
     codes = torch.randint(0, 2**bits, (5, 48), generator=torch.Generator().manual_seed(bits))

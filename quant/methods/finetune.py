@@ -25,11 +25,14 @@ that GPTQ had moved flipped back at once); started halfway there, it helped bloc
 against the scales alone, so the scales alone are the default (``--finetune-rounding`` adds the rounding).
 
 It is a block pass (``finetune``) after the quantizer in the same engine run: the quantizer carries the float
-stream for it, and the block's quantized-stream input is ``run.x_in``.
+stream for it, and the block's quantized-stream input is ``run.x_in``. With ``e2e`` or ``both`` it also trains
+every scale of the model end to end after the last block (:mod:`quant.methods.distill`); both share the training
+loop :func:`fit`.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +49,16 @@ from quant.errors import QuantError
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import PackedLinear, QuantLinear
 
-MODES = ("none", "block")
+MODES = ("none", "block", "e2e", "both")
 
 
 @dataclass
 class FinetuneConfig:
     mode: str = option(
         "none",
-        "Learned rounding and quantizer ranges after the solver: none, or block (per block, against the float "
-        "block's output on the float stream).",
+        "Learned rounding and quantizer ranges after the solver: none; block (per block, against the float "
+        "block's output on the float stream); e2e (every scale of the model at once, against the float model's "
+        "next-token distribution: KL, codes frozen; the model must be resident); or both (block, then e2e).",
         "--finetune",
     )
     steps: int = option(50, "Steps per block (fewer when the held-out loss stops improving).",
@@ -65,6 +69,10 @@ class FinetuneConfig:
     scale_lr: float = option(5e-3, "Adam learning rate of the scale factors; decays linearly.", "--finetune-scale-lr")
     rounding: bool = option(False, "Also learn the rounding of uniform layers (off: the scale factors only, which "
                             "measured better per block on SmolLM2).", "--finetune-rounding/--finetune-scales-only")
+    e2e_steps: int = option(100, "Steps of the end-to-end distillation (e2e, both).", "--finetune-e2e-steps")
+    e2e_batch: int = option(2, "Calibration windows per end-to-end step.", "--finetune-e2e-batch")
+    e2e_lr: float = option(1e-3, "Adam learning rate of the scale factors end to end; decays linearly.",
+                           "--finetune-e2e-lr")
     holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
     eval_every: int = option(10, "Steps between held-out measurements.")
     patience: int = option(3, "Held-out measurements without improvement before a block stops early.")
@@ -73,14 +81,23 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise QuantError(f"unknown --finetune {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.steps < 1 or self.batch < 1 or self.eval_every < 1 or self.patience < 1:
-            raise QuantError("--finetune-steps, --finetune-batch, eval_every and patience must be at least 1")
-        if not 0 < self.holdout < 1 or self.lr < 0 or self.scale_lr < 0:
+        if min(self.steps, self.batch, self.e2e_steps, self.e2e_batch, self.eval_every, self.patience) < 1:
+            raise QuantError("--finetune-steps, --finetune-batch, --finetune-e2e-steps, --finetune-e2e-batch, "
+                             "eval_every and patience must be at least 1")
+        if not 0 < self.holdout < 1 or min(self.lr, self.scale_lr, self.e2e_lr) < 0:
             raise QuantError("finetune holdout must be in (0, 1) and the learning rates not negative")
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def blockwise(self) -> bool:
+        return self.mode in ("block", "both")
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.mode in ("e2e", "both")
 
 
 class _Ste(torch.autograd.Function):
@@ -169,92 +186,124 @@ def _swap(block: nn.Module, names: list[str], new: list[nn.Module]) -> None:
         setattr(block.get_submodule(parent) if parent else block, child, mod)
 
 
-def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
-               desc: str = "", progress: bool = True) -> dict:
-    """Tune the packed linears of ``block`` so ``block(x)`` approaches ``target`` (both ``[windows, seq, hidden]``);
-    returns the loss curve (train loss per step, held-out loss per measurement). The block keeps its packed
-    modules, with the tuned codes and scales written back."""
-    names = [n for n, m in block.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
-    if not names:
-        return {}
-    packed = [block.get_submodule(n) for n in names]
-    tun = [Tunable(m, cfg.rounding) for m in packed]
+@dataclass
+class Schedule:
+    """How one tuning run steps: the block pass's and the end-to-end pass's settings share this loop."""
+
+    steps: int
+    batch: int
+    scale_lr: float
+    lr: float = 0.0  # signed rounding steps (0: 1 / steps)
+
+
+def tunable_names(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
+
+
+@contextmanager
+def tunables(module: nn.Module, names: list[str], rounding: bool):
+    """The packed linears ``names`` of ``module`` swapped for :class:`Tunable` s and every other parameter frozen,
+    for the duration; the packed modules come back, hardened only by an explicit ``harden()``."""
+    packed = [module.get_submodule(n) for n in names]
+    tun = [Tunable(m, rounding) for m in packed]
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    _swap(module, names, tun)
+    try:
+        yield tun
+    finally:
+        _swap(module, names, packed)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedule, desc: str = "",
+        progress: bool = True) -> dict:
+    """Minimise ``loss_on(window indices)`` over the tunables' parameters on ``n`` windows (1/``cfg.holdout`` held
+    out, measured every ``cfg.eval_every`` steps, the best kept, early stop after ``cfg.patience`` measurements
+    without improvement), then harden them into their packed modules; returns the loss curve."""
     rounding = [t.v for t in tun if t.v is not None]
     scales = [t.a for t in tun]
     params = rounding + scales
-    adam = torch.optim.Adam(scales, lr=cfg.scale_lr)
-    frozen = [p for p in block.parameters() if p.requires_grad]
-    n = x.shape[0]
+    adam = torch.optim.Adam(scales, lr=sched.scale_lr)
     held = max(1, round(n * cfg.holdout)) if n > 1 else 0
     train, hold = torch.arange(n - held), torch.arange(n - held, n)
     if held == 0:
         train = hold = torch.arange(n)
     g = torch.Generator().manual_seed(cfg.seed)
-    lr = cfg.lr or 1.0 / cfg.steps
+    lr = sched.lr or 1.0 / sched.steps
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            total = torch.tensor([sum(float(loss_on(hold[i : i + sched.batch])) * len(hold[i : i + sched.batch])
+                                      for i in range(0, len(hold), sched.batch)), float(len(hold))],
+                                 dtype=torch.float64)
+        dist.sum_(total)
+        return float(total[0] / total[1])
+
+    curve: dict = {"train": [], "held": [], "best_step": 0}
+    sig = lambda v: float(f"{v:.6g}")  # noqa: E731  (the report's precision: six significant digits)
+    best = held_loss()
+    curve["held"].append(sig(best))
+    kept = [p.detach().clone() for p in params]
+    stale = 0
+    bar = tqdm(range(sched.steps), desc=desc or "finetune", leave=False, disable=not progress)
+    for step in bar:
+        idx = train[torch.randperm(len(train), generator=g)[: sched.batch]]
+        with torch.enable_grad():
+            loss = loss_on(idx)
+            grads = torch.autograd.grad(loss, params)
+        loss = float(loss.detach())
+        decay = 1 - step / sched.steps
+        with torch.no_grad():
+            for p, gr in zip(rounding, grads, strict=False):
+                p.sub_(lr * decay * torch.sign(dist.sum_(gr)))
+        for p, gr in zip(scales, grads[len(rounding):], strict=True):
+            p.grad = dist.sum_(gr)
+        for group in adam.param_groups:
+            group["lr"] = sched.scale_lr * decay
+        adam.step()
+        for t in tun:
+            t.clamp_()
+        curve["train"].append(sig(loss))
+        bar.set_postfix(loss=f"{loss:.3g}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == sched.steps:
+            h = held_loss()
+            curve["held"].append(sig(h))
+            bar.set_postfix(loss=f"{loss:.3g}", held=f"{h:.3g}")
+            if h < best:
+                best, stale, curve["best_step"] = h, 0, step + 1
+                kept = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    with torch.no_grad():
+        for p, k in zip(params, kept, strict=True):
+            p.copy_(k)
+    for t in tun:
+        t.harden()
+    curve["held_best"] = sig(best)
+    return curve
+
+
+def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
+               desc: str = "", progress: bool = True) -> dict:
+    """Tune the packed linears of ``block`` so ``block(x)`` approaches ``target`` (both ``[windows, seq, hidden]``);
+    returns the loss curve (train loss per step, held-out loss per measurement). The block keeps its packed
+    modules, with the tuned codes and scales written back."""
+    names = tunable_names(block)
+    if not names:
+        return {}
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         out = call_block(block, x[idx], kwargs)
         return F.mse_loss(out.float(), target[idx].float())
 
-    def held_loss() -> float:
-        with torch.no_grad():
-            total = torch.tensor([sum(float(loss_on(hold[i : i + cfg.batch])) * len(hold[i : i + cfg.batch])
-                                      for i in range(0, len(hold), cfg.batch)), float(len(hold))],
-                                 dtype=torch.float64)
-        dist.sum_(total)
-        return float(total[0] / total[1])
-
-    for p in frozen:
-        p.requires_grad_(False)
-    _swap(block, names, tun)
-    curve: dict = {"train": [], "held": [], "best_step": 0}
-    sig = lambda v: float(f"{v:.6g}")  # noqa: E731  (the report's precision: six significant digits)
-    try:
-        best = held_loss()
-        curve["held"].append(sig(best))
-        kept = [p.detach().clone() for p in params]
-        stale = 0
-        bar = tqdm(range(cfg.steps), desc=desc or "finetune", leave=False, disable=not progress)
-        for step in bar:
-            idx = train[torch.randperm(len(train), generator=g)[: cfg.batch]]
-            with torch.enable_grad():
-                loss = loss_on(idx)
-                grads = torch.autograd.grad(loss, params)
-            loss = float(loss.detach())
-            decay = 1 - step / cfg.steps
-            with torch.no_grad():
-                for p, gr in zip(rounding, grads, strict=False):
-                    p.sub_(lr * decay * torch.sign(dist.sum_(gr)))
-            for p, gr in zip(scales, grads[len(rounding):], strict=True):
-                p.grad = dist.sum_(gr)
-            for group in adam.param_groups:
-                group["lr"] = cfg.scale_lr * decay
-            adam.step()
-            for t in tun:
-                t.clamp_()
-            curve["train"].append(sig(loss))
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                h = held_loss()
-                curve["held"].append(sig(h))
-                bar.set_postfix(loss=f"{loss:.3g}", held=f"{h:.3g}")
-                if h < best:
-                    best, stale, curve["best_step"] = h, 0, step + 1
-                    kept = [p.detach().clone() for p in params]
-                else:
-                    stale += 1
-                    if stale >= cfg.patience:
-                        break
-        with torch.no_grad():
-            for p, k in zip(params, kept, strict=True):
-                p.copy_(k)
-        for t in tun:
-            t.harden()
-    finally:
-        _swap(block, names, packed)
-        for p in frozen:
-            p.requires_grad_(True)
-    curve["held_best"] = sig(best)
-    return curve
+    with tunables(block, names, cfg.rounding) as tun:
+        return fit(tun, loss_on, x.shape[0], cfg, Schedule(cfg.steps, cfg.batch, cfg.scale_lr, cfg.lr), desc,
+                   progress)
 
 
 class BlockFinetuneStep(BlockStep):
@@ -276,10 +325,15 @@ class BlockFinetuneStep(BlockStep):
         if not quantizers:
             raise QuantError("finetune must follow a quantizer pass (rtn, gptq, d2quant) in the same run")
         q = quantizers[-1]
-        q.needs_data = q.float_stream = True  # it carries the float stream through each float block for us
-        q.keep_float = True  # and leaves each linear's float weight for the rounding's starting point
+        # it carries the float stream through each float block for us (the block targets; after the last block,
+        # the float model's final hidden states, the end-to-end teacher) and, for learned rounding, leaves each
+        # linear's float weight as the rounding's starting point
+        q.needs_data = q.float_stream = True
+        q.keep_float = self.cfg.blockwise and self.cfg.rounding
 
     def block(self, run: Run, i: int, block: nn.Module) -> None:
+        if not self.cfg.blockwise:
+            return
         curve = tune_block(block, run.x_in, run.xf, run.kwargs[i], self.cfg, f"finetune block {i}",
                            self.ctx.progress)
         run.x = _advance(block, run.x_in, run.kwargs[i])
@@ -290,19 +344,29 @@ class BlockFinetuneStep(BlockStep):
         curves = run.noted("finetune")
         first = [c["held"][0] for c in curves]
         best = [c["held_best"] for c in curves]
-        return {"mode": self.cfg.mode, "blocks": len(curves),
-                "held_loss_before": first, "held_loss_after": best,
-                "mean_reduction": round(1 - sum(b / f for b, f in zip(best, first, strict=True) if f > 0)
-                                        / max(len(curves), 1), 4) if curves else 0.0,
-                "steps_run": [len(c["train"]) for c in curves], "curves": curves}
+        out = {"mode": self.cfg.mode, "blocks": len(curves),
+               "held_loss_before": first, "held_loss_after": best,
+               "mean_reduction": round(1 - sum(b / f for b, f in zip(best, first, strict=True) if f > 0)
+                                       / max(len(curves), 1), 4) if curves else 0.0,
+               "steps_run": [len(c["train"]) for c in curves], "curves": curves}
+        if self.cfg.end_to_end:
+            from quant.methods.distill import distill_scales
+
+            e2e = distill_scales(run, self.cfg, self.ctx.progress)
+            out["e2e"] = {**e2e, "kl_reduction": round(1 - e2e["held_best"] / e2e["held"][0], 4)
+                          if e2e["held"][0] > 0 else 0.0}
+        return out
 
 
 @register_block_pass("finetune", FinetuneConfig, needs_calibration=True)
 def finetune(ctx: QuantContext, config: FinetuneConfig) -> BlockFinetuneStep:
     config.validate()
     if not config.enabled:
-        raise QuantError("the finetune pass needs mode: block")
+        raise QuantError("the finetune pass needs mode: block, e2e or both")
+    if config.end_to_end and ctx.streaming:
+        raise QuantError("--finetune e2e needs the whole model in memory (it trains every block at once); "
+                         "use --finetune block with --stream")
     return BlockFinetuneStep(ctx, config)
 
 
-__all__ = ["FinetuneConfig", "BlockFinetuneStep", "Tunable", "tune_block"]
+__all__ = ["FinetuneConfig", "BlockFinetuneStep", "Schedule", "Tunable", "fit", "tune_block", "tunables"]

@@ -27,6 +27,10 @@ import torch
 SCALE_BITS = (16, 8)  # fp16 scales with uint8 zeros, or the 8-bit grid here with 4-bit zeros
 LEVELS = 255  # the highest code
 MAX_OCTAVES = 16.0  # a row's scales span at most 2^16
+# The smallest step (log2): half of it exceeds fp16's rounding of a decoded scale (2^-11 relative, 0.0007 in
+# log2), so every grid point encodes back to its own code; a row whose scales span less than one octave then
+# uses fewer than 256 codes (the error stays below half of 2^-8: 0.14%).
+MIN_STEP = 2.0**-8
 
 
 def _fp16_up(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,7 @@ class ScaleGrid:
         hi = s.max(dim=1, keepdim=True).values
         lo = torch.maximum(s.min(dim=1, keepdim=True).values, hi * 2.0**-MAX_OCTAVES)
         base = lo.to(torch.float16).float().clamp(min=2.0**-24)  # fp16's smallest positive value
-        step = _fp16_up((torch.log2(hi) - torch.log2(base.double())).clamp(min=0).float() / LEVELS)
+        step = _fp16_up((torch.log2(hi) - torch.log2(base.double())).float() / LEVELS).clamp(min=MIN_STEP)
         return cls(base.cpu(), step.cpu())
 
     @classmethod

@@ -1,0 +1,64 @@
+"""End-to-end distillation of the quantization scales (``--finetune e2e`` or ``both``), with the codes frozen.
+
+After the last block of the quantizer's engine run, every packed linear of the model gets a trainable factor
+``1 + a`` on each group scale (and each DSQ row scale), as the block pass learns them (:class:`Tunable`), and all
+of them are trained together so that the quantized model's next-token distribution matches the float model's:
+KL(float || quantized) per token, over the calibration windows (never the evaluation text). This is
+EfficientQAT's end-to-end step (its E2E-QP trains the step sizes with the integer codes frozen): the block pass
+matches each block's output, this one what the model finally predicts, so errors that only add up across blocks
+are corrected too.
+
+The float model is no longer there at this point; its prediction is not needed in full. The engine carried the
+float model's residual stream through every block (the quantizer's float stream, GPTAQ's target), so after the
+last block ``run.xf`` holds the float model's final hidden states for every calibration window; the teacher's
+logits are the final norm and lm_head (still float, and the same modules the student ends in) applied to them.
+The student runs its blocks from the embeddings with the engine's own block calls, so any architecture the
+structure discovery supports works, and the model must be resident (a streamed run refuses it).
+
+Optimiser: Adam on the factors, ``e2e_lr`` decaying linearly, ``e2e_steps`` steps of ``e2e_batch`` windows;
+1/8 of the windows held out and the best held-out KL kept (the shared loop of :func:`quant.methods.finetune.fit`),
+so the result is never worse than the solver's on held-out calibration text. Hardened as the block pass does:
+fp16 scales (or the rows' 8-bit grids), the format unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quant.engine.blockwise import call_block
+from quant.engine.loop import Run, capture
+
+
+def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
+    """Train every packed linear's scale factors on KL(float || quantized) next-token distributions; returns the
+    loss curve. ``cfg``: the :class:`quant.methods.finetune.FinetuneConfig` (its ``e2e_*`` settings)."""
+    from quant.engine import distributed as dist
+    from quant.methods.finetune import Schedule, fit, tunable_names, tunables
+
+    ctx, structure, model = run.ctx, run.structure, run.ctx.model
+    norm = model.get_submodule(structure.final_norm) if structure.final_norm else nn.Identity()
+    head = structure.head(model)
+    ids = dist.shard(ctx.calib_ids).to(run.device)
+    ctx.source.load_outer(model, structure, "inputs")
+    x0, _ = capture(model, run.blocks, ids)  # every window's input to block 0 (the embeddings' output)
+    ctx.source.release_outer(model, structure, "inputs")
+    teacher = run.xf
+
+    def logprobs(h: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(head(norm(h)).float(), dim=-1)
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        x = x0[idx]
+        for i, block in enumerate(run.blocks):
+            x = call_block(block, x, run.kwargs[i])
+        with torch.no_grad():
+            t = logprobs(teacher[idx].to(x.dtype))
+        s = logprobs(x)
+        return F.kl_div(s, t, log_target=True, reduction="sum") / (s.shape[0] * s.shape[1])
+
+    names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
+    with tunables(model, names, rounding=False) as tun:
+        return fit(tun, loss_on, x0.shape[0], cfg, Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr),
+                   "finetune e2e (KL)", progress)
