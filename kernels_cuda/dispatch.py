@@ -42,7 +42,7 @@ def unsupported_reason(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, st
 def kernel_weights(layer: torch.nn.Module) -> KernelWeights:
     """The layer's weights in the kernel layout, repacked once and cached on the module."""
     bufs = layer.storage_buffers()  # the stored tensors (8-bit scales: their codes, decoded in the repack)
-    key = (layer.qweight.device, *((b.data_ptr(), b._version) for b in bufs))
+    key = (bufs[0].device, *((b.data_ptr(), b._version) for b in bufs))
     cached = layer.__dict__.get("_kernel_weights")
     if cached is not None and cached[0] == key:
         return cached[1]

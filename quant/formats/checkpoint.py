@@ -20,7 +20,7 @@ Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
                     holds; group_size is the effective one for that layer; format "uniform"
                     (``QuantLinear``: qweight/scales/zeros, the default when absent), "dsq"
                     (``DSQLinear``: sign planes + per-(row, group) scales) or "uniform-dq8"
-                    (``ScaleCodedLinear``: qweight, 8-bit scale codes on per-row grids, 4-bit zeros)
+                    (``ScaleCodedLinear``: dense codes, 8-bit scale codes on per-row grids, 4-bit zeros)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.runtime.dac``); RMSNorm has no bias of its own
@@ -31,7 +31,7 @@ Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
     passes          [{"name", "config"}] in the order they ran
 
 Each uniform linear ``<name>`` stores ``<name>.qweight``, ``.scales``, ``.zeros`` (and ``.bias``), or with 8-bit
-scales ``.qweight``, ``.scale_codes``, ``.scale_grid``, ``.zero_pairs``, see ``quant.runtime.quantlinear``;
+scales ``.qcodes``, ``.scale_codes``, ``.scale_grid``, ``.zero_pairs``, see ``quant.runtime.quantlinear``;
 each DSQ linear ``<name>.planes`` and ``.row_scales``, see ``quant.runtime.dsqlinear``.
 Everything else is the model's own state dict in its dtype; a tied ``lm_head`` is stored once, as
 the embedding.

@@ -38,8 +38,9 @@ def check_version(qc: dict, where: str | Path) -> None:
     """A one-line error unless this release reads the config's format version and packing."""
     version, packing = qc.get("format_version"), qc.get("packing")
     if not _int(version) or version not in FORMATS_BY_VERSION or packing != LAYOUT:
-        readable = ", ".join(str(v) for v in FORMATS_BY_VERSION)
-        raise QuantError(f"{where} uses checkpoint format {version}/{packing}; this version reads {readable}/{LAYOUT}")
+        readable = " and ".join(str(v) for v in FORMATS_BY_VERSION)
+        raise QuantError(f"{where} uses checkpoint format {version} with packing {packing}; this version of lowbit "
+                         f"reads formats {readable} with packing {LAYOUT}")
 
 
 def _int(v) -> bool:

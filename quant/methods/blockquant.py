@@ -62,8 +62,9 @@ def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
     """Multiply output row j of ``up`` by ``c_j``: exact for SwiGLU, whose output is linear in up."""
     if isinstance(up, QuantLinear):
         up.scale_rows(c)
-        if "_float_weight" in up.__dict__:  # finetune's starting point moves with it
-            up.__dict__["_float_weight"] = up.__dict__["_float_weight"] * c[:, None].to(up.qweight.device)
+        fw = up.__dict__.get("_float_weight")
+        if fw is not None:  # finetune's starting point moves with it
+            up.__dict__["_float_weight"] = fw * c[:, None].to(fw.device)
     else:
         up.weight.data.mul_(c[:, None].to(up.weight.dtype))
     if up.bias is not None:
