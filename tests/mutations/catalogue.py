@@ -268,8 +268,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "grid-codes-from-fp32-scale",
         "quant/numerics/grid.py",
-        "scale = scale.clamp(min=1e-8).to(torch.float16).to(torch.float32)",
-        "scale = scale.clamp(min=1e-8)",
+        "scale = scale.to(torch.float16).to(torch.float32) if snap is None else snap(scale)",
+        "scale = scale if snap is None else snap(scale)",
         ("tests/test_correct_grid.py",),
         "codes are rounded with the fp32 scale, the checkpoint stores fp16: reloads differ near boundaries",
     ),
