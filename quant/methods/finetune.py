@@ -17,7 +17,7 @@ a rounding boundary matters, and the total travel is at most half a step. The sc
 raised the held-out block error on SmolLM2, where Adam lowered it from the first measurement. A slice of the
 calibration windows is held out; its loss is measured every few steps, the best parameters are kept, and tuning
 stops early when it has not improved for ``patience`` measurements. The result is hardened to integer codes and
-fp16 scales: the checkpoint format is unchanged.
+scales as the format stores them (fp16, or the nearest points of the rows' 8-bit grids): the format is unchanged.
 
 On SmolLM2 (D²Quant w3 g64, 32 x 512 calibration tokens, first 4 blocks, 50 steps) the rounding started at the
 float weight's position clamped to within half a step of the solver's code first tripled the block error (codes
