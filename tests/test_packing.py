@@ -54,3 +54,26 @@ def test_out_of_range_codes_rejected():
         pack(torch.tensor([[4]], dtype=torch.uint8), 2)
     with pytest.raises(QuantError):
         pack(torch.zeros(1, 4, dtype=torch.uint8), 5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_sliced_rows_match_whole(bits, monkeypatch):
+    """Big tensors are packed a slice of rows at a time (bounded int64 temporaries): the slices' seams, a short
+    last slice and an out-of-range code in a later slice behave as the whole tensor does."""
+    from quant.numerics import packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (23, 40), generator=g, dtype=torch.int64).to(torch.uint8)
+    whole = pack(codes, bits), packing.pack_dense(codes, bits)
+    monkeypatch.setattr(packing, "SLICE_CODES", 3 * 40)  # 3 rows a slice: 8 slices, the last of 2 rows
+    sliced = pack(codes, bits), packing.pack_dense(codes, bits)
+    assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])
+    assert torch.equal(unpack(sliced[0], bits, 40), codes)
+    assert torch.equal(packing.unpack_dense(sliced[1], bits, 40), codes)
+    if bits < 8:
+        bad = codes.to(torch.int64)
+        bad[21, 5] = 2**bits
+        with pytest.raises(QuantError, match="out of range"):
+            pack(bad, bits)
+        with pytest.raises(QuantError, match="out of range"):
+            packing.pack_dense(bad, bits)

@@ -19,6 +19,23 @@ import torch
 from quant.errors import QuantError
 
 LAYOUT = "rowpack-int32-v1"
+# codes per slice of rows: the bit arithmetic runs in int64, 8-16 bytes a code. Whole, a 28M-code lm_head took
+# ~450 MB in passing and glibc's heap kept much of it (the decode benchmark's peak RSS rose by a quarter); slices
+# of 64K codes keep every temporary under a megabyte or so
+SLICE_CODES = 1 << 16
+
+
+def _by_rows(fn, t: torch.Tensor, codes_per_row: int, *args) -> torch.Tensor:
+    """``fn(t, *args)`` on slices of about :data:`SLICE_CODES` codes of rows, written into one output."""
+    step = max(1, SLICE_CODES // max(codes_per_row, 1))
+    if t.shape[0] <= step:
+        return fn(t, *args)
+    first = fn(t[:step], *args)
+    out = first.new_empty((t.shape[0], *first.shape[1:]))
+    out[:step] = first
+    for i in range(step, t.shape[0], step):
+        out[i:i + step] = fn(t[i:i + step], *args)
+    return out
 
 
 def codes_per_word(bits: int) -> int:
@@ -34,6 +51,10 @@ def packed_width(n: int, bits: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` integer codes in ``[0, 2^bits)`` -> ``[rows, ceil(n / (32 // bits))]`` int32."""
+    return _by_rows(_pack, codes, codes.shape[1], bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     k = codes_per_word(bits)
     rows, n = codes.shape
     words = packed_width(n, bits)
@@ -49,6 +70,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[rows, words]`` int32 -> ``[rows, n]`` uint8 codes."""
+    return _by_rows(_unpack, packed, n, bits, n)
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     k = codes_per_word(bits)
     rows, words = packed.shape
     if words * k < n:
@@ -61,6 +86,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` codes (``n`` a multiple of 8, ``bits`` 2, 3, 4 or 8) -> uint8 ``[rows, n / 8 * bits]``."""
+    return _by_rows(_pack_dense, codes, codes.shape[1], bits)
+
+
+def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = codes.shape
     if n % 8 or bits not in (2, 3, 4, 8):
         raise QuantError(f"dense packing needs rows of a multiple of 8 codes of 2, 3, 4 or 8 bits; got {n} x {bits}")
@@ -74,6 +103,10 @@ def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_dense(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_dense`: uint8 ``[rows, n]`` codes."""
+    return _by_rows(_unpack_dense, packed, n, bits, n)
+
+
+def _unpack_dense(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows = packed.shape[0]
     nbytes = packed.to(torch.int64).view(rows, n // 8, bits)
     value = (nbytes << (torch.arange(bits, device=packed.device) * 8)).sum(-1)  # [rows, runs]
