@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from common import RESULTS, c4_table, run_calibrated_bench, setup_line
 
-from quant import GPTQConfig
+from quant import AllocationConfig, GPTQConfig
 from quant.methods.d2quant import D2QuantConfig
 from quant.methods.finetune import FinetuneConfig
 from quant.methods.rotation import RotationConfig
@@ -27,9 +27,10 @@ C4_WINDOWS = 32
 
 
 def settings() -> dict[str, list]:
-    """Names: ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points
-    (``--scale-bits 8``), ``-g128`` group 128, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the
-    end-to-end distillation of the scales, ``-ft-e2e`` both."""
+    """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
+    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` group 128,
+    ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-ft-e2e``
+    both."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
@@ -50,6 +51,12 @@ def settings() -> dict[str, list]:
             out[f"d2quant-w{b}{name}-ft"] = [rot, d2q, ft]
             out[f"d2quant-w{b}{name}-e2e"] = [rot, d2q, e2e]
             out[f"d2quant-w{b}{name}-ft-e2e"] = [rot, d2q, both]
+    # NSDS widths (2-4 bits a linear) at the bytes of uniform 3-bit, and at 2.25 (2.49 bits per weight at group 64)
+    for budget in (3.0, 2.25):
+        nsds = ("allocate", AllocationConfig(budget=budget, group_size=GROUP, scale_bits=8))
+        d2q = ("d2quant", D2QuantConfig(bits=4, group_size=GROUP, dsq=False, scale_bits=8))
+        out[f"d2quant-nsds{budget:g}-nodsq-s8"] = [nsds, rot, d2q]
+        out[f"d2quant-nsds{budget:g}-nodsq-s8-e2e"] = [nsds, rot, d2q, e2e]
     return out
 
 

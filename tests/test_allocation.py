@@ -65,7 +65,7 @@ def test_budget_respected_and_nearly_spent(model, budget, scheme, gran):
     for u, b in zip(a.units, a.bits, strict=True):
         if b < 4:
             nxt = min(c for c in (2, 3, 4) if c > b)
-            assert u.bytes_at(nxt, 32) - u.bytes_at(b, 32) > left or scheme == "tiers"
+            assert u.bytes_at(nxt, a.config.layout()) - u.bytes_at(b, a.config.layout()) > left or scheme == "tiers"
 
 
 # one width per block, odds importance, the ideal 4^-b error: the rule whose ordering is provable
@@ -105,13 +105,13 @@ def test_module_granularity_shares_role_scores(model):
     assert len(a.module_bits()) == 7 * LAYERS
 
 
-def test_pass_sets_bits_and_checkpoint_reloads_exactly(tmp_path, model, tokenizer):
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_pass_sets_bits_and_checkpoint_reloads_exactly(tmp_path, model, tokenizer, scale_bits):
     m = tiny_model(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256, head_dim=32)
     m.load_state_dict(model.state_dict())
     ctx = QuantContext(m, tokenizer, progress=False)
-    records = run_pipeline(
-        ctx, [("allocate", AllocationConfig(budget=2.5, group_size=32)), ("rtn", RTNConfig(group_size=32))]
-    )
+    records = run_pipeline(ctx, [("allocate", AllocationConfig(budget=2.5, group_size=32, scale_bits=scale_bits)),
+                                 ("rtn", RTNConfig(group_size=32, scale_bits=scale_bits))])
     alloc = ctx.allocation
     assert {n: v["bits"] for n, v in ctx.modules.items()} == alloc.module_bits()
     assert len(set(alloc.bits)) > 1

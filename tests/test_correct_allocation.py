@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from quant.methods.allocation import Unit, knapsack
+from quant.numerics.grid import QuantSpec
 
 CANDS = [2, 3, 4]
+G32 = QuantSpec(2, 32)  # the storage layout: group 32, fp16 scales (the width is each candidate's)
 SHAPES = [(64, 128), (128, 64), (64, 64), (128, 128), (32, 128), (192, 64), (96, 256)]
 
 
@@ -74,7 +76,7 @@ def test_knapsack_equals_brute_force_optimum_on_small_instances():
         rng = random.Random(seed)
         units, limit = random_instance(rng)
         kind = rng.choice(("score", "odds"))
-        bits = knapsack(units, CANDS, limit, 32, kind)
+        bits = knapsack(units, CANDS, limit, G32, kind)
         assert len(bits) == len(units) and set(bits) <= set(CANDS)
         used = sum(ref_bytes(u, b, 32) for u, b in zip(units, bits, strict=True))
         assert used <= limit, (seed, used, limit)
@@ -89,16 +91,16 @@ def test_knapsack_takes_the_big_upgrade_a_per_byte_greedy_misses():
     x = Unit("X", [("x", 128, 128)], 0.5, {2: 4.0, 3: 1.0, 4: 0.9})
     y = Unit("Y", [("y", 32, 128)], 0.5, {2: 2.0, 3: 1.0, 4: 0.9})
     limit = 128 * 44 + 32 * 44 + 2560
-    assert knapsack([x, y], CANDS, limit, 32, "score") == [3, 2]
-    assert knapsack([x, y], CANDS, limit - 1, 32, "score") == [2, 4]  # one byte less: X cannot move
+    assert knapsack([x, y], CANDS, limit, G32, "score") == [3, 2]
+    assert knapsack([x, y], CANDS, limit - 1, G32, "score") == [2, 4]  # one byte less: X cannot move
 
 
 def test_knapsack_limits_outside_the_range():
     units, _ = random_instance(random.Random(7))
     lo = sum(ref_bytes(u, 2, 32) for u in units)
     hi = sum(ref_bytes(u, 4, 32) for u in units)
-    assert knapsack(units, CANDS, lo, 32, "score") == [2] * len(units)
-    assert knapsack(units, CANDS, hi, 32, "score") == [4] * len(units)  # errors fall with width: all widest
+    assert knapsack(units, CANDS, lo, G32, "score") == [2] * len(units)
+    assert knapsack(units, CANDS, hi, G32, "score") == [4] * len(units)  # errors fall with width: all widest
 
 
 def dp_optimum(units, limit, group, kind) -> float:
@@ -137,7 +139,7 @@ def test_knapsack_is_exact_and_fast_at_smollm2_size():
     for frac in (0.3, 0.55):
         limit = int(lo + frac * (hi - lo))
         t = time.perf_counter()
-        bits = knapsack(units, CANDS, limit, 128, "score")
+        bits = knapsack(units, CANDS, limit, QuantSpec(2, 128), "score")
         took = time.perf_counter() - t
         assert took < 20  # about 0.1 s alone; generous for a shared CPU
         assert sum(ref_bytes(u, b, 128) for u, b in zip(units, bits, strict=True)) <= limit

@@ -1,10 +1,11 @@
 """Mixed-precision bit allocation under an average budget, as a pass that runs before any quantizer.
 
 The budget is honest about storage: ``budget = B`` means the quantized linears may take no more
-bytes (packed codes + fp16 scales + uint8 zeros, exactly as the checkpoint stores them) than a
-uniform B-bit quantization with the same groups; a fractional B interpolates linearly between the
+bytes (packed codes + scales + zeros, exactly as the checkpoint stores them: fp16 scales and uint8 zeros, or
+with ``scale_bits=8`` 8-bit scale codes, 4-bit zeros and dense codes) than a uniform B-bit quantization with the
+same groups and scales; a fractional B interpolates linearly between the
 uniform ⌊B⌋- and ⌈B⌉-bit sizes. So uniform 3-bit meets ``budget=3`` exactly, and a mix may spend
-what 3-bit packing wastes (10 codes per int32 word: 3.2 bits per code) on wider layers.
+what 3-bit packing wastes (10 codes per int32 word: 3.2 bits per code; none with 8-bit scales) on wider layers.
 
 Allocators:
 
@@ -27,6 +28,7 @@ then each linear takes the score of its role: q/k the QK circuit, v/o the OV cir
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -41,6 +43,7 @@ from quant.engine.passes import QuantContext, register_pass
 from quant.engine.structure import LINEAR_ROLES, PASS_NEEDS, structure_of
 from quant.errors import QuantError
 from quant.methods.nsds import ROLES, NSDSConfig, NSDSScores, nsds_roles, nsds_scores
+from quant.methods.quantizers import SCALE_BITS_HELP
 from quant.numerics.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
 from quant.runtime.quantlinear import storage_bytes
 
@@ -80,6 +83,7 @@ class AllocationConfig:
     )
     seed: int = option(0, "Seed for the random allocator.", "--alloc-seed")
     group_size: int = option(128, "The quantizer's group size (scales and zeros count in the budget).", "--group-size")
+    scale_bits: int = option(16, SCALE_BITS_HELP, "--scale-bits")
     nsds: NSDSConfig = option(help="NSDS scoring.", default_factory=NSDSConfig)
 
     def validate(self) -> None:
@@ -104,7 +108,11 @@ class AllocationConfig:
             )
         if self.allocator == "uniform" and self.budget not in self.candidates:
             raise QuantError(f"uniform allocation needs a budget among the candidates {sorted(self.candidates)}")
-        QuantSpec(lo, self.group_size)  # validates the group size
+        self.layout(hi)  # validates the group size and scale bits
+
+    def layout(self, bits: int | None = None) -> QuantSpec:
+        """The quantizer's storage (group size, scale bits) at ``bits`` (default: the narrowest candidate)."""
+        return QuantSpec(bits or min(self.candidates), self.group_size, scale_bits=self.scale_bits)
 
 
 @dataclass
@@ -124,9 +132,9 @@ class Unit:
     def params(self) -> int:
         return sum(o * i for _, o, i in self.modules)
 
-    def bytes_at(self, bits: int, group_size: int) -> int:
-        spec = QuantSpec(bits, group_size)
-        return sum(storage_bytes(o, i, bits, spec.group_for(i)) for _, o, i in self.modules)
+    def bytes_at(self, bits: int, layout: QuantSpec) -> int:
+        """Bytes stored at ``bits`` with ``layout``'s groups and scales (its own width is ignored)."""
+        return sum(storage_bytes(o, i, bits, layout.group_for(i), layout.scale_bits) for _, o, i in self.modules)
 
 
 @dataclass
@@ -142,7 +150,7 @@ class Allocation:
 
     @property
     def used_bytes(self) -> int:
-        return sum(u.bytes_at(b, self.config.group_size) for u, b in zip(self.units, self.bits, strict=True))
+        return sum(u.bytes_at(b, self.config.layout()) for u, b in zip(self.units, self.bits, strict=True))
 
     @property
     def params(self) -> int:
@@ -188,7 +196,7 @@ def make_units(model: nn.Module, granularity: str, scores: NSDSScores | None) ->
 
 
 @torch.no_grad()
-def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], group_size: int) -> None:
+def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], layout: QuantSpec) -> None:
     """Each unit's ``Σ n_m ‖W_m − RTN_b(W_m)‖² / ‖W_m‖²`` at every candidate width: still data-free, but it
     sees how much worse narrow widths are for heavy-tailed weights than the ideal 4× per bit."""
     for u in units:
@@ -196,15 +204,15 @@ def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], gr
             total = 0.0
             for name, o, i in u.modules:
                 w = model.get_submodule(name).weight.float()
-                q = quantize_rtn(w, QuantSpec(b, group_size, clip="minmax")).dequantize()
+                q = quantize_rtn(w, dataclasses.replace(layout, bits=b, clip="minmax")).dequantize()
                 total += o * i * float((w - q).pow(2).sum() / w.pow(2).sum())
             u.error[b] = total
 
 
-def budget_bytes(units: list[Unit], budget: float, group_size: int) -> int:
+def budget_bytes(units: list[Unit], budget: float, layout: QuantSpec) -> int:
     lo, hi = math.floor(budget), math.ceil(budget)
     f = budget - lo
-    return int(sum((1 - f) * u.bytes_at(lo, group_size) + f * u.bytes_at(hi, group_size) for u in units) + 0.5)
+    return int(sum((1 - f) * u.bytes_at(lo, layout) + f * u.bytes_at(hi, layout) for u in units) + 0.5)
 
 
 def _importance(score: float, kind: str = "odds") -> float:
@@ -236,7 +244,8 @@ def _quiet_c_stdout():
         os.close(null)
 
 
-def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int, importance: str = "odds") -> list[int]:
+def knapsack(units: list[Unit], cands: list[int], limit: int, layout: QuantSpec, importance: str = "odds"
+             ) -> list[int]:
     """The exact optimum: one width per unit minimising the predicted loss ``Σ imp_u · err_u(b_u)`` under
     ``Σ bytes_u(b_u) ≤ limit``, solved as a multiple-choice knapsack (binary ``x[u, b]``, one width per
     unit; HiGHS through ``scipy.optimize.milp``, zero gap). A greedy by loss reduction per byte is not
@@ -248,7 +257,7 @@ def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int, i
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n, m = len(units), len(cands)
-    cost = np.array([[u.bytes_at(b, group_size) for b in cands] for u in units], dtype=np.float64).reshape(n, m)
+    cost = np.array([[u.bytes_at(b, layout) for b in cands] for u in units], dtype=np.float64).reshape(n, m)
     loss = np.array(
         [[_importance(u.score, importance) * u.error_at(b) for b in cands] for u in units], dtype=np.float64
     ).reshape(n, m)
@@ -284,17 +293,17 @@ def knapsack(units: list[Unit], cands: list[int], limit: int, group_size: int, i
         level[j] = i
 
 
-def tiers(units: list[Unit], cands: list[int], limit: int, group_size: int) -> list[int]:
+def tiers(units: list[Unit], cands: list[int], limit: int, layout: QuantSpec) -> list[int]:
     """The paper's rule: widest width to the most sensitive units while the rest at the narrowest still
     fits; leftover bytes lift the next units to intermediate widths."""
     order = sorted(range(len(units)), key=lambda j: -units[j].score)
     bits = [cands[0]] * len(units)
-    used = sum(u.bytes_at(cands[0], group_size) for u in units)
+    used = sum(u.bytes_at(cands[0], layout) for u in units)
     for wanted in reversed(cands[1:]):  # widest first, then what still fits
         for j in order:
             if bits[j] >= wanted:
                 continue
-            extra = units[j].bytes_at(wanted, group_size) - units[j].bytes_at(bits[j], group_size)
+            extra = units[j].bytes_at(wanted, layout) - units[j].bytes_at(bits[j], layout)
             if used + extra <= limit:
                 bits[j], used = wanted, used + extra
     return bits
@@ -323,15 +332,15 @@ def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
     scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
     units = make_units(model, config.granularity, scores)
     if config.error_model == "rtn" and config.allocator != "uniform":
-        measure_rtn_errors(model, units, cands, config.group_size)
-    limit = budget_bytes(units, config.budget, config.group_size)
+        measure_rtn_errors(model, units, cands, config.layout())
+    limit = budget_bytes(units, config.budget, config.layout())
     if config.allocator == "uniform":
         bits = [int(config.budget)] * len(units)
     else:
         if config.scheme == "knapsack":
-            bits = knapsack(units, cands, limit, config.group_size, config.importance)
+            bits = knapsack(units, cands, limit, config.layout(), config.importance)
         else:
-            bits = tiers(units, cands, limit, config.group_size)
+            bits = tiers(units, cands, limit, config.layout())
         if config.allocator == "random":
             bits = shuffle_within_sizes(units, bits, config.seed)
     return Allocation(config, units, bits, limit, scores)

@@ -223,12 +223,17 @@ def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
             m._cached = None
 
 
-def storage_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
-    """Bytes a ``QuantLinear`` of this shape stores: packed codes, fp16 scales, uint8 zeros (no bias).
+def storage_bytes(out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16) -> int:
+    """Bytes a ``QuantLinear`` of this shape stores (no bias): rowpack codes, fp16 scales and uint8 zeros; with
+    ``scale_bits=8`` (``ScaleCodedLinear``) dense codes, a scale code and a 4-bit zero per group, and the row's fp16
+    grid base and step.
 
     ``group_size`` is the effective one (``QuantSpec.group_for``), so per-channel means ``in_features``.
     """
-    return out_features * (4 * packed_width(in_features, bits) + 3 * (in_features // group_size))
+    groups = in_features // group_size
+    if scale_bits == 8:
+        return out_features * (in_features // 8 * bits + groups + (groups + 1) // 2 + 4)
+    return out_features * (4 * packed_width(in_features, bits) + 3 * groups)
 
 
 def quantized_sizes(model: nn.Module) -> dict:
