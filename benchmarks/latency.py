@@ -18,6 +18,7 @@ project dependency:
     python3 -m venv ../peers/venv_llamacpp && ../peers/venv_llamacpp/bin/pip install llama-cpp-python
     python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows "a;b"] [--force | --again]
         # -> benchmarks/results/latency.{json,md,png}; rows already measured are kept (resumable)
+    python benchmarks/latency.py --paired 7    # INT3 / INT4 and D2Quant / INT3, timed in turn in one process
 """
 
 from __future__ import annotations
@@ -153,6 +154,44 @@ def torch_int4(ckpt: Path, compiled: bool) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------------------- paired
+PAIRED = {"int4": "int4-h4", "int3": "int3-h4", "d2quant-w3": "d2quant3-h4"}  # compiled, head int4
+
+
+def paired(rounds: int) -> dict:
+    """Our compiled INT4, INT3 and D²Quant checkpoints in one process, each timed in turn for ``rounds`` rounds (the
+    order rotating every round). A round's runs are seconds apart, so the slow spells of this shared machine, which
+    moved whole processes by up to 20% between rounds of the rows above, cancel in each round's ratios; the
+    median of those ratios is reported."""
+    import statistics
+
+    import torch
+    import torch._inductor.config as inductor
+
+    from kernels_cpu.dispatch import use_int8_tokens
+    from quant.formats.models import load_model
+    from quant.runtime.generation import bench_prompt, timed_run
+
+    inductor.compile_threads = 1  # as `quantize bench --compile`: no pool of compile workers beside the timing
+    use_int8_tokens(True)
+    torch.set_num_threads(THREADS)
+    models = {k: load_model(str(checkpoint(v))).model for k, v in PAIRED.items()}
+    tok = load_model(str(checkpoint(PAIRED["int4"]))).tokenizer
+    ids, warm = bench_prompt(tok, PROMPT, 1), bench_prompt(tok, 16, 1)
+    speeds: dict = {k: [] for k in models}
+    names = list(models)
+    with torch.inference_mode():
+        for m in models.values():
+            timed_run(m, warm, 4)  # kernels loaded, codes repacked
+            timed_run(m, ids, 3, True, PROMPT + NEW)  # compiled for the timed shapes
+        for r in range(rounds):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                speeds[k].append(round(timed_run(models[k], ids, NEW, True, warm=True)["decode_tok_s"], 2))
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True)), 3)  # noqa: E731
+    return {"rounds": rounds, "decode_tok_s": speeds, "median_ratios": {
+        "int3 / int4": ratio("int3", "int4"), "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
+
+
 # ----------------------------------------------------------------------------------------------- llama.cpp
 LLAMA_SCRIPT = r"""
 import json, sys, time
@@ -257,6 +296,13 @@ def write_report(data: dict) -> None:
               if "decode_rounds" in r]
     if rounds:
         lines += ["", "Batch-1 decode tok/s of each round (`--again`; the table shows the faster round):", *rounds]
+    p = data.get("paired")
+    if p:
+        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`): our compiled checkpoints timed in turn, "
+                  f"{p['rounds']} rounds, the order rotating; batch-1 decode tok/s per round, and the median of the "
+                  "per-round ratios:",
+                  *[f"- {k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in p["decode_tok_s"].items()],
+                  *[f"- {k}: {v:.3f}x" for k, v in p["median_ratios"].items()]]
     extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()
              if "compile_s" in r["batches"]["1"]]
     lines += ["", "Compile times (once per batch size, not in the speeds):", *extra, ""]
@@ -292,6 +338,13 @@ def plot(data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def write_atomic(out: Path, data: dict) -> None:
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(out)
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="", help="row names separated by semicolons (default: all)")
@@ -299,6 +352,9 @@ def main() -> None:
     ap.add_argument("--again", action="store_true",
                     help="measure every row once more and keep, per row, the round with the faster batch-1 decode "
                     "(this shared 2-core machine slows whole processes at times; every round's speed is kept)")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="only time our compiled INT4, INT3 and D2Quant checkpoints in turn in one process for ROUNDS "
+                    "rounds and report the median per-round ratios (the rows are kept as they are)")
     ap.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA, help="python of the llama-cpp-python venv")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: torch-int4 in this process
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
@@ -311,6 +367,12 @@ def main() -> None:
 
     out = RESULTS / "latency.json"
     data = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    if args.paired:  # the rows and their bandwidth stay as measured
+        data["paired"] = paired(args.paired)
+        print(json.dumps(data["paired"]["median_ratios"]), flush=True)
+        write_atomic(out, data)
+        write_report(data)
+        return
     import platform
 
     import torch
@@ -344,9 +406,7 @@ def main() -> None:
             res["decode_rounds"] = rounds
         data["rows"][name] = res
         data["rows"] = {k: data["rows"][k] for k in ROWS if k in data["rows"]}  # the table's order
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(out)  # after every row: a killed run keeps what it measured
+        write_atomic(out, data)  # after every row: a killed run keeps what it measured
         b1 = res["batches"]["1"]
         print(f"  decode {b1['decode_tok_s']:.1f} tok/s, prefill {b1['prefill_tok_s']:.0f} tok/s", flush=True)
     write_report(data)

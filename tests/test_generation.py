@@ -11,7 +11,7 @@ from test_cli import assert_one_line_error, run
 
 from quant import QuantContext, RTNConfig, load_quantized, run_pipeline, save_quantized
 from quant.methods.lmhead import LMHeadConfig
-from quant.runtime.generation import _run, decode_bytes, head_kind
+from quant.runtime.generation import decode_bytes, head_kind, timed_run
 from quant.runtime.quantlinear import QuantLinear
 
 
@@ -65,7 +65,7 @@ def test_bench_loop_decodes_what_generate_decodes():
     model, _ = quantized_tiny(4)
     ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ours = _run(model, ids, 6)
+        ours = timed_run(model, ids, 6)
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=0)
     assert torch.equal(ours["tokens"], ref[:, 10:])
@@ -78,10 +78,10 @@ def test_compiled_decode_matches_eager_and_uses_the_kernel_operators():
     model, _ = quantized_tiny(4)
     ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        eager = _run(model, ids, 5)
-        _run(model, ids, 3, compiled=True, max_len=15)  # compiles for these shapes
+        eager = timed_run(model, ids, 5)
+        timed_run(model, ids, 3, compiled=True, max_len=15)  # compiles for these shapes
         with torch.profiler.profile() as prof:
-            compiled = _run(model, ids, 5, compiled=True, warm=True)
+            compiled = timed_run(model, ids, 5, compiled=True, warm=True)
     prepared = [m for m in model.modules() if "_cpu_compiled_op" in m.__dict__]
     assert len(prepared) == 15  # 14 block linears and the head
     assert prepared[0].__dict__["_cpu_compiled_op"][0] is torch.ops.lowbit_cpu.uniform_gemv

@@ -160,8 +160,8 @@ def _compiled_forward(model: nn.Module):
     return model.__dict__["_lowbit_compiled"]
 
 
-def _run(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False, max_len: int = 0,
-         warm: bool = False) -> dict:
+def timed_run(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False, max_len: int = 0,
+              warm: bool = False) -> dict:
     """Greedy: one prefill forward, then ``new_tokens - 1`` single-token forwards with the cache. ``compiled``: the
     single-token forwards run ``torch.compile``'d on a static cache of ``max_len`` positions (prefill stays eager);
     ``warm``: a run with those shapes has compiled the step already."""
@@ -205,16 +205,16 @@ def bench(model: nn.Module, tokenizer, prompt_tokens: int = 256, new_tokens: int
     model.eval()
     rows = {}
     with torch.inference_mode():
-        _run(model, bench_prompt(tokenizer, 16, 1), 4)  # warm-up: kernels built or loaded, codes repacked
+        timed_run(model, bench_prompt(tokenizer, 16, 1), 4)  # warm-up: kernels built or loaded, codes repacked
         for b in batches:
             ids = bench_prompt(tokenizer, prompt_tokens, b)
             extra = {}
             if compiled:  # the same shapes as the timed runs: the graph is compiled here, not inside them
                 t0 = time.perf_counter()
-                _run(model, ids, 3, True, prompt_tokens + new_tokens)
+                timed_run(model, ids, 3, True, prompt_tokens + new_tokens)
                 extra["compile_s"] = round(time.perf_counter() - t0, 1)
             reset = reset_peak_rss()
-            runs = sorted((_run(model, ids, new_tokens, compiled, warm=True) for _ in range(repeats)),
+            runs = sorted((timed_run(model, ids, new_tokens, compiled, warm=True) for _ in range(repeats)),
                           key=lambda r: r["decode_tok_s"] or r["prefill_tok_s"])
             rows[str(b)] = {**{k: round(v, 4) for k, v in runs[len(runs) // 2].items() if isinstance(v, float)},
                             **extra, "peak_rss_bytes": peak_rss(), "peak_rss_since_load": reset}
