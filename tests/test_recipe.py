@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import cli
 from quant.engine.options import cli_options, option
 from quant.engine.passes import PASSES, PassInfo
-from quant.engine.recipe import steps_from
+from quant.engine.recipe import load_recipe, presets, steps_from
 from quant.errors import QuantError
 
 
@@ -36,6 +36,20 @@ def test_recipe_entries_are_checked_field_by_field():
     ]:
         with pytest.raises(QuantError, match=words.replace("(", r"\(")):
             steps_from(bad, "r")
+
+
+def test_bundled_presets_load_by_name(tmp_path, monkeypatch):
+    assert presets() == ["w3-best", "w3-fast"]
+    fast, best = load_recipe("w3-fast"), load_recipe("w3-best")
+    assert [n for n, _ in fast] == ["rotate", "d2quant"] and [n for n, _ in best] == ["rotate", "d2quant", "finetune"]
+    q = fast[1][1]
+    assert (q.bits, q.group_size, q.dsq, q.scale_bits) == (3, 64, False, 8) and best[1][1] == q
+    assert best[2][1].mode == "both"
+    monkeypatch.chdir(tmp_path)  # a file of that name in the working directory is the recipe, not the preset
+    (tmp_path / "w3-fast").write_text("- name: rtn\n  config: {bits: 4}\n")
+    assert [n for n, _ in load_recipe("w3-fast")] == ["rtn"]
+    with pytest.raises(QuantError, match="no such file .bundled presets: w3-best, w3-fast"):
+        load_recipe("w3-fastest")
 
 
 def test_a_recipe_file_and_a_checkpoint_replay_the_flags_run(tmp_path, tokenizer):

@@ -11,7 +11,8 @@ A recipe file is YAML or JSON, either a list or ``{"passes": [...]}`` (so a chec
       config: {bits: 3, group_size: 64}
 
 Each config is the pass's dataclass: unknown fields, wrong types and invalid values are one-line errors, and
-fields left out take the dataclass's defaults.
+fields left out take the dataclass's defaults. A name without a path is one of the bundled presets in
+``quant/recipes/`` (``w3-fast``, ``w3-best``; their files say what they measured).
 """
 
 from __future__ import annotations
@@ -91,12 +92,22 @@ def steps_from(data, where: str) -> list[tuple[str, object]]:
     return steps
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "recipes"  # bundled recipes, by name: --recipe w3-fast
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path) -> list[tuple[str, object]]:
+    """The passes of a recipe file, or of a bundled preset named without a path (``w3-fast``, ``w3-best``)."""
     import yaml
 
     path = Path(path)
+    if not path.is_file() and path.name == str(path) and (PRESETS / f"{path}.yaml").is_file():
+        path = PRESETS / f"{path}.yaml"
     if not path.is_file():
-        raise _bad(str(path), "no such file")
+        raise _bad(str(path), f"no such file (bundled presets: {', '.join(presets())})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
     except (yaml.YAMLError, UnicodeDecodeError) as e:

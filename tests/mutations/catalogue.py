@@ -709,4 +709,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_scale_codes.py::test_grid_holds_every_scale_of_its_row_within_half_a_step",),
         "decoding uses half the grid's step: every scale but the row's smallest shrinks",
     ),
+    Mutation(
+        "packing-slice-seam-skips-rows",
+        "quant/numerics/packing.py",
+        "for i in range(step, t.shape[0], step):",
+        "for i in range(2 * step, t.shape[0], step):",
+        ("tests/test_packing.py::test_sliced_rows_match_whole",),
+        "a big layer's second slice of rows is never packed: its codes are whatever the empty output held",
+    ),
+    Mutation(
+        "nsds-budget-counts-fp16-scales",
+        "quant/methods/allocation.py",
+        "layout.group_for(i), layout.scale_bits)",
+        "layout.group_for(i))",
+        ("tests/test_allocation.py::test_pass_sets_bits_and_checkpoint_reloads_exactly",),
+        "with 8-bit scales the allocator counts fp16 scales and rowpack codes: the budget is not the bytes stored",
+    ),
 )
