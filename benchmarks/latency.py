@@ -69,6 +69,13 @@ ROWS = {  # row -> (kind, checkpoint, extra bench options)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def kernel_body() -> str:
+    """The CPU kernels' best body on this machine (the machines these sessions get differ)."""
+    import kernels_cpu
+
+    return ("portable", "AVX2", "AVX-512", "AVX-512 VNNI")[kernels_cpu.EXTENSION.load().isa_level()]
+
+
 def bandwidth() -> float:
     """Bytes per second of a large tensor copy (read + write), best of 5."""
     import torch
@@ -188,7 +195,8 @@ def paired(rounds: int) -> dict:
             for k in names[r % len(names):] + names[: r % len(names)]:
                 speeds[k].append(round(timed_run(models[k], ids, NEW, True, warm=True)["decode_tok_s"], 2))
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True)), 3)  # noqa: E731
-    return {"rounds": rounds, "decode_tok_s": speeds, "median_ratios": {
+    return {"rounds": rounds, "kernel_body": kernel_body(), "bandwidth_bytes_s": bandwidth(), "decode_tok_s": speeds,
+            "median_ratios": {
         "int3 / int4": ratio("int3", "int4"), "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
 
 
@@ -264,7 +272,8 @@ def write_report(data: dict) -> None:
     lines = [
         "# CPU inference speed, SmolLM2-135M",
         "",
-        f"`python benchmarks/latency.py`, one run on this machine ({THREADS} threads, {data['cpu']}); measured copy "
+        f"`python benchmarks/latency.py`, one run on this machine ({THREADS} threads, {data['cpu']}"
+        f"{', kernels: the ' + data['kernel_body'] + ' body' if 'kernel_body' in data else ''}); measured copy "
         f"bandwidth {bw / 1e9:.2f} GB/s. Prompt {PROMPT} tokens of WikiText-2 test text, {NEW} greedy new tokens. "
         "Roofline = bandwidth / weight bytes read per decoded token (embedding row, norms and KV cache left out); "
         "\"of roofline\" is batch-1 decode against it. Peak RSS is the high-water mark of generation (reset after "
@@ -298,9 +307,11 @@ def write_report(data: dict) -> None:
         lines += ["", "Batch-1 decode tok/s of each round (`--again`; the table shows the faster round):", *rounds]
     p = data.get("paired")
     if p:
-        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`): our compiled checkpoints timed in turn, "
-                  f"{p['rounds']} rounds, the order rotating; batch-1 decode tok/s per round, and the median of the "
-                  "per-round ratios:",
+        where = (f" on a machine whose kernels ran the {p['kernel_body']} body, copy bandwidth "
+                 f"{p['bandwidth_bytes_s'] / 1e9:.2f} GB/s" if "kernel_body" in p else "")
+        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`){where}: our compiled checkpoints timed in "
+                  f"turn, {p['rounds']} rounds, the order rotating; batch-1 decode tok/s per round, and the median of "
+                  "the per-round ratios:",
                   *[f"- {k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in p["decode_tok_s"].items()],
                   *[f"- {k}: {v:.3f}x" for k, v in p["median_ratios"].items()]]
     extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()
@@ -379,7 +390,7 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     data.update(bandwidth_bytes_s=bandwidth(), cpu=platform.processor() or platform.machine(),
-                torch=torch.__version__)
+                kernel_body=kernel_body(), torch=torch.__version__)
     wanted = [r.strip() for r in args.rows.split(";") if r.strip()] or list(ROWS)
     for name in wanted:
         old = data["rows"].get(name)

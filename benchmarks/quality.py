@@ -18,6 +18,7 @@ from __future__ import annotations
 from common import RESULTS, c4_table, run_calibrated_bench, setup_line
 
 from quant import AllocationConfig, GPTQConfig
+from quant.engine.recipe import load_recipe, presets
 from quant.methods.d2quant import D2QuantConfig
 from quant.methods.finetune import FinetuneConfig
 from quant.methods.rotation import RotationConfig
@@ -30,7 +31,7 @@ def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
     dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` group 128,
     ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-ft-e2e``
-    both."""
+    both; ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
@@ -57,6 +58,9 @@ def settings() -> dict[str, list]:
         d2q = ("d2quant", D2QuantConfig(bits=4, group_size=GROUP, dsq=False, scale_bits=8))
         out[f"d2quant-nsds{budget:g}-nodsq-s8"] = [nsds, rot, d2q]
         out[f"d2quant-nsds{budget:g}-nodsq-s8-e2e"] = [nsds, rot, d2q, e2e]
+    # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
+    for name in presets():
+        out[f"preset-{name}"] = load_recipe(name)
     return out
 
 

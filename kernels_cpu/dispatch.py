@@ -12,10 +12,10 @@ body on SmolLM2 INT4 here); the logits then differ from the dequantize path's by
 (tests/test_kernels_cpu.py states the bounds). It is opt-in (:func:`use_int8_tokens`, on in ``quantize generate``
 and ``bench``); ``LOWBIT_CPU_ISA`` overrides both.
 
-Uniform codes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`) and cached on the
-module with the per-layer checks (rebuilt when its buffers change): a second copy of the codes, the same size
-or smaller (3-bit), and no float weight. The fp16 scales and uint8 zeros, and DSQ's planes and row scales, are
-read as stored; 8-bit scales and 4-bit zeros are decoded into them once, in the same cache.
+Uniform codes and DSQ's sign planes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`)
+and cached on the module with the per-layer checks (rebuilt when its buffers change): a second copy of the
+codes, the same size or smaller (3-bit), and no float weight. The fp16 scales and uint8 zeros, and DSQ's row
+scales, are read as stored; 8-bit scales and 4-bit zeros are decoded into them once, in the same cache.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 import kernels_cpu
 import kernels_cuda
-from kernels_cpu.layout import chunk8, kernel_buffer
+from kernels_cpu.layout import chunk8, dsq_chunk8, kernel_buffer
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
@@ -98,7 +98,9 @@ def _plan(layer: torch.nn.Module) -> tuple:
     if reason is None and kernels_cpu.EXTENSION.load() is None:
         reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
     elif reason is None and layer.FORMAT == "dsq":
-        name, args = "dsq_gemv", (bufs[0], bufs[1], layer.group_size)
+        with torch.no_grad():
+            codes = dsq_chunk8(bufs[0], layer.in_features)
+        name, args = "dsq_gemv", (codes, bufs[1], layer.group_size)
     elif reason is None:
         with torch.no_grad():  # 8-bit-scale layers store chunk8 rows already
             dense = layer.FORMAT == "uniform-dq8"

@@ -12,8 +12,8 @@ import torch
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu import dispatch
-from kernels_cpu.layout import chunk8
-from quant.numerics.packing import pack, unpack
+from kernels_cpu.layout import chunk8, dsq_chunk8
+from quant.numerics.packing import pack, unpack, unpack_dense
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import QuantLinear
 
@@ -79,7 +79,7 @@ def close(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= 2e-5 * max(ref.abs().max().item(), 1.0), err  # fp32 sums of up to ~2k terms
 
 
-def test_chunk8_is_the_codes_in_runs_of_eight():
+def test_chunk8_is_the_codes_in_runs_of_eight():  # uniform codes, and DSQ's sign planes as codes
     for bits in (2, 3, 4, 8):
         codes = torch.randint(0, 2**bits, (5, 48))
         buf = chunk8(pack(codes, bits), bits, 48)
@@ -89,6 +89,11 @@ def test_chunk8_is_the_codes_in_runs_of_eight():
         back = (value[..., None] >> (torch.arange(8) * bits)) & (2**bits - 1)
         assert torch.equal(back.view(5, 48), codes)
     assert torch.equal(unpack(pack(codes % 16, 4), 4, 48), (codes % 16).to(torch.uint8))
+    for bits in (1, 2, 3, 4):  # DSQ: bit k of a code is sign plane k
+        layer = dsq_layer(5, 48, bits, 16, seed=bits)
+        buf = dsq_chunk8(layer.planes, 48)
+        assert buf.numel() == 5 * 48 // 8 * bits + 4 and buf[-4:].eq(0).all()
+        assert torch.equal(unpack_dense(buf[:-4].view(5, -1), bits, 48).to(torch.int64), layer.codes())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -122,13 +127,14 @@ def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
 )
 def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
     layer = dsq_layer(out, n, bits, group, seed=bits * 100 + n)
+    codes = dsq_chunk8(layer.planes, n)
     gen = torch.Generator().manual_seed(bits + n)
     for rows in (1, 4, 7):
         x = torch.randn(rows, n, generator=gen)
         ref = reference(layer, x)
         for isa in isas(ext):
             y = torch.full((rows, out), float("nan"))
-            ext.dsq_gemv(x, layer.planes, layer.row_scales, group, isa, y)
+            ext.dsq_gemv(x, codes, layer.row_scales, group, isa, y)
             if ext.int8_activations(isa, group):  # as for uniform codes
                 close(y, reference(layer, int8_tokens(x, group)))
                 assert (y.double() - ref).norm() <= 0.05 * ref.norm()

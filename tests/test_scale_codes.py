@@ -56,7 +56,7 @@ def test_every_grid_point_encodes_to_its_own_code_in_narrow_rows():
     assert torch.equal(grid.decode(grid.encode(snapped[..., 0].T)).float(), snapped[..., 0].T)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_dense_packing_roundtrips_and_matches_the_kernel_layout(bits):
     codes = torch.randint(0, 2**bits, (5, 48), generator=torch.Generator().manual_seed(bits))
     dense = pack_dense(codes, bits)

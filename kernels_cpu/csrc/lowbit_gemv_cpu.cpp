@@ -1,11 +1,13 @@
 // Low-bit GEMV/GEMM for 1-8 tokens on the CPU, straight from packed codes (no float weight is built).
 //
 //   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4/8-bit)
-//   y[m, n] = sum_g sum_k r_k[n,g] * (2 * sum_{j in g, bit_k[n,j]=1} x[m,j] - xsum[m,g])  (DSQ sign planes)
+//   y[m, n] = sum_g sum_j T[n,g][c[n,j]] x[m,j]                                       (DSQ, 1-4 sign planes)
 //
-// Uniform codes come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill
-// `bits` bytes, code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask
-// give 8 codes in 8 lanes for every width. DSQ planes are read as stored (1 bit per weight, 32 per int32).
+// Both come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill `bits` bytes,
+// code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask give 8 codes in 8
+// lanes for every width. A DSQ code is weight j's B sign bits (bit k = plane k), and its value is a lookup in the
+// group's table of 2^B entries, T[c] = sum_k r_k (2 bit_k(c) - 1): one permute per 8 or 16 codes, the cost of a
+// uniform code's int-to-float conversion, instead of a masked sum per plane (B times the work).
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
 // features (at::parallel_for over torch's intra-op threads: the build adds -fopenmp, without which it runs
 // serially). The AVX2/FMA/F16C, AVX-512 and AVX-512 VNNI bodies are chosen at run time; a portable body serves
@@ -60,21 +62,28 @@ void uniform_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes
   }
 }
 
-void dsq_rows_ref(const float* x, int64_t M, int64_t K, const int32_t* planes, int64_t B, int64_t words,
-                  const at::Half* rs, int64_t G, int64_t gs, const float* xsum, float* y, int64_t N, int64_t n0,
-                  int64_t n1) {
+// T[c] = sum_k r_k (2 bit_k(c) - 1) for the 2^B codes of one (row, group)
+inline void dsq_table(const at::Half* r, int64_t B, float* t) {
+  for (int c = 0; c < (1 << B); ++c) {
+    t[c] = 0.f;
+    for (int64_t k = 0; k < B; ++k) t[c] += (c >> k & 1 ? 1.f : -1.f) * h2f(r[k]);
+  }
+}
+
+template <int BITS>
+void dsq_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                  const at::Half* rs, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+  float t[1 << BITS];
   for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * row_bytes;
     for (int64_t m = 0; m < M; ++m) {
       double tot = 0;
       for (int64_t g = 0; g < G; ++g) {
-        for (int64_t k = 0; k < B; ++k) {
-          const uint32_t* p = reinterpret_cast<const uint32_t*>(planes + (k * N + n) * words);
-          float acc = 0;
-          for (int64_t j = g * gs; j < (g + 1) * gs; ++j)
-            if ((p[j / 32] >> (j % 32)) & 1u) acc += x[m * K + j];
-          float r = h2f(rs[(n * G + g) * B + k]);
-          tot += r * (2 * acc - xsum[m * G + g]);
-        }
+        dsq_table(rs + (n * G + g) * BITS, BITS, t);
+        float acc = 0;
+        for (int64_t j = g * gs; j < (g + 1) * gs; j += 8)
+          for (int i = 0; i < 8; ++i) acc += t[code_at<BITS>(row, j, i)] * x[m * K + j + i];
+        tot += acc;
       }
       y[m * N + n] = float(tot);
     }
@@ -90,15 +99,20 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 8 codes of the chunk8 layout at code index j, as floats in 8 lanes (lambdas would not inherit the target)
+// 8 codes of the chunk8 layout at code index j, as integers / as floats in 8 lanes (lambdas would not inherit
+// the target)
 template <int BITS>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 chunk_avx2(const uint8_t* row, int64_t j) {
-  if constexpr (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j))));
+__attribute__((target("avx2,fma,f16c"))) inline __m256i codes_avx2(const uint8_t* row, int64_t j) {
+  if constexpr (BITS == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
   const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
   uint32_t w;
   std::memcpy(&w, row + (j / 8) * BITS, 4);
-  return _mm256_cvtepi32_ps(
-      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), shifts), _mm256_set1_epi32((1 << BITS) - 1)));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), shifts), _mm256_set1_epi32((1 << BITS) - 1));
+}
+
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 chunk_avx2(const uint8_t* row, int64_t j) {
+  return _mm256_cvtepi32_ps(codes_avx2<BITS>(row, j));
 }
 
 template <int BITS, int M>
@@ -139,61 +153,71 @@ __attribute__((target("avx2,fma,f16c"))) void uniform_row_avx2(const float* x, i
   for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - zterm[m];
 }
 
-// lanes whose sign bit (8 bits from byte j / 8 of a plane row) is set: all-ones, else zero
-__attribute__((target("avx2,fma,f16c"))) inline __m256 signs_avx2(const uint8_t* p, int64_t j) {
-  const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(p[j / 8]), bitsel), bitsel));
+// lane c of DSQ_SIGNS[k]: +1 where bit k of c is set, else -1 (16 lanes: codes of up to 4 bits)
+alignas(64) constexpr float DSQ_SIGNS[4][16] = {
+    {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1},
+    {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+    {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
+    {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
+
+// 8 DSQ codes at code index j looked up in the group's table: lo holds T[0..7], hi T[8..15] (4-bit codes only;
+// vpermps reads the low 3 bits of each index, and bit 3 picks the half)
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 lookup_avx2(const uint8_t* row, int64_t j, __m256 lo,
+                                                                  __m256 hi) {
+  const __m256i c = codes_avx2<BITS>(row, j);
+  const __m256 w = _mm256_permutevar8x32_ps(lo, c);
+  if constexpr (BITS < 4) return w;
+  return _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, c), _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
 }
 
-template <int M>
-__attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64_t K, const int32_t* planes,
-                                                            int64_t B, int64_t plane_stride, const at::Half* rs_row,
-                                                            int64_t G, int64_t gs, const float* xsum, float* y,
+template <int BITS, int M>
+__attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64_t K, const uint8_t* row,
+                                                            const at::Half* rs_row, int64_t G, int64_t gs, float* y,
                                                             int64_t N) {
-  __m256 tot[M];
-  float xterm[M];
-  for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), xterm[m] = 0.f;
+  __m256 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    float rsum = 0.f;
-    for (int64_t k = 0; k < B; ++k) {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);  // little-endian bytes
-      __m256 acc[M][2];
-      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-      int64_t j = g * gs;
-      const int64_t end = (g + 1) * gs;
-      for (; j + 16 <= end; j += 16) {  // two independent sums
-        const __m256 on0 = signs_avx2(p, j), on1 = signs_avx2(p, j + 8);
-        for (int m = 0; m < M; ++m) {
-          acc[m][0] = _mm256_add_ps(acc[m][0], _mm256_and_ps(on0, _mm256_loadu_ps(x + m * K + j)));
-          acc[m][1] = _mm256_add_ps(acc[m][1], _mm256_and_ps(on1, _mm256_loadu_ps(x + m * K + j + 8)));
-        }
-      }
-      if (j < end) {  // groups are multiples of 8
-        const __m256 on = signs_avx2(p, j);
-        for (int m = 0; m < M; ++m) acc[m][0] = _mm256_add_ps(acc[m][0], _mm256_and_ps(on, _mm256_loadu_ps(x + m * K + j)));
-      }
-      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
-      rsum += r;
-      const __m256 v2r = _mm256_set1_ps(2.f * r);
-      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(v2r, _mm256_add_ps(acc[m][0], acc[m][1]), tot[m]);
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int k = 0; k < BITS; ++k) {
+      const __m256 r = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k]));
+      lo = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k]), lo);
+      hi = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k] + 8), hi);
     }
-    for (int m = 0; m < M; ++m) xterm[m] += rsum * xsum[m * G + g];
+    int64_t j = g * gs;
+    const int64_t end = (g + 1) * gs;
+    for (; j + 16 <= end; j += 16) {  // two independent sums: the FMA latency, not a chain of them
+      const __m256 w0 = lookup_avx2<BITS>(row, j, lo, hi), w1 = lookup_avx2<BITS>(row, j + 8, lo, hi);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + j), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + j + 8), acc[m][1]);
+      }
+    }
+    if (j < end) {  // groups are multiples of 8
+      const __m256 w = lookup_avx2<BITS>(row, j, lo, hi);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + j), acc[m][0]);
+    }
   }
-  for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - xterm[m];
+  for (int m = 0; m < M; ++m) y[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
 }
 
 // ---------------------------------------------------------------- AVX-512 (16 codes per step)
-// 16 codes (two chunk8 runs) at code index j, as floats in 16 lanes
+// 16 codes (two chunk8 runs) at code index j, as integers / as floats in 16 lanes
 template <int BITS>
-__attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512 step_avx512(const uint8_t* row, int64_t j) {
-  if constexpr (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))));
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512i codes_avx512(const uint8_t* row, int64_t j) {
+  if constexpr (BITS == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
   const __m512i shifts = _mm512_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, 0,
                                            BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
   uint32_t w0, w1;
   std::memcpy(&w0, row + (j / 8) * BITS, 4);
   std::memcpy(&w1, row + (j / 8 + 1) * BITS, 4);
   __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(int(w0))), _mm256_set1_epi32(int(w1)), 1);
-  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32((1 << BITS) - 1)));
+  return _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32((1 << BITS) - 1));
+}
+
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512 step_avx512(const uint8_t* row, int64_t j) {
+  return _mm512_cvtepi32_ps(codes_avx512<BITS>(row, j));
 }
 
 template <int BITS, int M>
@@ -247,37 +271,36 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void uniform_row_avx512(
   for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - zterm[m];
 }
 
-template <int M>
+// DSQ: 16 codes a step, looked up in the group's table of up to 16 entries by one vpermps
+template <int BITS, int M>
 __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
-    const float* x, int64_t K, const int32_t* planes, int64_t B, int64_t plane_stride, const at::Half* rs_row,
-    int64_t G, int64_t gs, const float* xsum, float* y, int64_t N) {
-  __m512 tot[M];
-  float xterm[M];
-  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps(), xterm[m] = 0.f;
+    const float* x, int64_t K, const uint8_t* row, const at::Half* rs_row, int64_t G, int64_t gs, float* y,
+    int64_t N) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    float rsum = 0.f;
-    for (int64_t k = 0; k < B; ++k) {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(planes + k * plane_stride);
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      int64_t j = g * gs;
-      for (; j + 16 <= (g + 1) * gs; j += 16) {
-        uint16_t bits;
-        std::memcpy(&bits, p + j / 8, 2);  // 16 sign bits are a ready-made lane mask
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], _mm512_maskz_loadu_ps(bits, x + m * K + j));
+    __m512 t = _mm512_setzero_ps();
+    for (int k = 0; k < BITS; ++k)
+      t = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k])),
+                          _mm512_load_ps(DSQ_SIGNS[k]), t);
+    int64_t j = g * gs;
+    const int64_t end = (g + 1) * gs;
+    for (; j + 32 <= end; j += 32) {  // two independent sums
+      const __m512 w0 = _mm512_permutexvar_ps(codes_avx512<BITS>(row, j), t);
+      const __m512 w1 = _mm512_permutexvar_ps(codes_avx512<BITS>(row, j + 16), t);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + j), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + j + 16), acc[m][1]);
       }
-      for (; j < (g + 1) * gs; j += 8) {
-        __mmask16 bits = p[j / 8];
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_add_ps(acc[m], _mm512_maskz_loadu_ps(bits, x + m * K + j));
-      }
-      const float r = _cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * B + k]);
-      rsum += r;
-      const __m512 v2r = _mm512_set1_ps(2.f * r);
-      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(v2r, acc[m], tot[m]);
     }
-    for (int m = 0; m < M; ++m) xterm[m] += rsum * xsum[m * G + g];
+    for (; j < end; j += 16) {  // 16 or (groups are multiples of 8) 8 codes left: the x lanes past the group are 0
+      const __mmask16 live = end - j >= 16 ? __mmask16(0xFFFF) : __mmask16(0xFF);
+      const __m512 w = _mm512_permutexvar_ps(codes_avx512<BITS>(row, j), t);
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(live, x + m * K + j), acc[m][0]);
+    }
   }
-  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]) - xterm[m];
+  for (int m = 0; m < M; ++m) y[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
 
@@ -287,7 +310,7 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
 // instead of being converted to floats. 64 codes per step: their 8 * BITS bytes are spread one run per 64-bit
 // lane (vpermb) and vpmultishiftqb pulls code i of the run from bit BITS * i into byte i.
 //   y[m, n] = sum_g s[n,g] dx[m,g] (sum_{j in g} c[n,j] xq[m,j] - z[n,g] sum_{j in g} xq[m,j])
-// Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ planes: dsq_row_vnni below.
+// Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ codes: dsq_row_vnni below.
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
     const uint8_t* row, int64_t j) {
@@ -344,15 +367,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
     y[m * N] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(tot[0][m], tot[1][m]), zt[m]));
 }
 
-// DSQ sign planes with int8 tokens: a plane's 64 sign bits for 64 codes become bytes 0/1 under a mask (vmovdqu8)
-// and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq). Each plane has its own
-// float accumulator (B independent FMA chains, not one chain B times as long), and the factors 2 r_k dx are made
-// 16 at a time from the row's fp16 scales and the call's dx2 = 2 dx (repeated per plane) rather than one by one;
-// dxs = dx * sum xq likewise gives the sum-of-tokens term as one dot product per 16 (group, plane) pairs.
+// DSQ codes with int8 tokens: plane k's sign bits of 64 codes (bit k of their codes, vptestmb) become bytes 0/1
+// under a mask (vmovdqu8) and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq).
+// Each plane has its own float accumulator (B independent FMA chains, not one chain B times as long), and the
+// factors 2 r_k dx are made 16 at a time from the row's fp16 scales and the call's dx2 = 2 dx (repeated per plane)
+// rather than one by one; dxs = dx * sum xq likewise gives the sum-of-tokens term as one dot product per 16
+// (group, plane) pairs.
 template <int B, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void dsq_row_vnni(
-    const int8_t* xq, int64_t K, const int32_t* planes, int64_t plane_stride, const at::Half* rs_row, int64_t G,
-    int64_t gs, const float* dx2, const float* dxs, float* y, int64_t N) {
+    const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* rs_row, int64_t G, int64_t gs,
+    const float* dx2, const float* dxs, float* y, int64_t N) {
   constexpr int64_t CHUNK = 16;  // groups whose factors are made at once: 16 * B <= 64 floats
   const __m512i one = _mm512_set1_epi8(1);
   const int64_t GB = G * B;
@@ -380,10 +404,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
       for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
         __m512i xv[M];
         for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(xq + m * K + j);
+        const __m512i code = codes64_vnni<B>(row, j);
         for (int k = 0; k < B; ++k) {
-          uint64_t bits;  // little-endian: bit i of the 8 bytes is code j + i
-          std::memcpy(&bits, reinterpret_cast<const uint8_t*>(planes + k * plane_stride) + j / 8, 8);
-          const __m512i c = _mm512_maskz_mov_epi8(bits, one);
+          const __m512i c = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(code, _mm512_set1_epi8(char(1 << k))), one);
           for (int m = 0; m < M; ++m) acc[k][m] = _mm512_dpbusd_epi32(acc[k][m], c, xv[m]);
         }
       }
@@ -496,11 +519,12 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 #endif
 }
 
-void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const int32_t* planes, int64_t B, int64_t words,
-              const at::Half* rs, int64_t G, int64_t gs, const float* xs, float* y, int64_t N) {
+template <int B>
+void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+              const at::Half* rs, int64_t G, int64_t gs, float* y, int64_t N) {
   if (isa == Isa::Ref)
     return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      dsq_rows_ref(x, M, K, planes, B, words, rs, G, gs, xs, y, N, n0, n1);
+      dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
     });
 #if LOWBIT_X86
   if (isa == Isa::Vnni && gs % 64 == 0) {
@@ -511,28 +535,16 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const int32_t* plan
     for (int64_t mg = 0; mg < M * G; ++mg)
       for (int64_t k = 0; k < B; ++k) dx2[mg * B + k] = 2.f * t.dx[mg], dxs[mg * B + k] = t.dxsum[mg];
     return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
-      constexpr int MM = decltype(mm)::value;
-      auto row = [&](auto b) {
-        dsq_row_vnni<decltype(b)::value, MM>(t.q.data() + m0 * K, K, planes + n * words, N * words,
-                                             rs + n * G_B, G, gs, dx2.data() + m0 * G_B, dxs.data() + m0 * G_B,
-                                             y + m0 * N + n, N);
-      };
-      switch (B) {
-        case 1: row(std::integral_constant<int, 1>()); break;
-        case 2: row(std::integral_constant<int, 2>()); break;
-        case 3: row(std::integral_constant<int, 3>()); break;
-        default: row(std::integral_constant<int, 4>()); break;
-      }
+      dsq_row_vnni<B, decltype(mm)::value>(t.q.data() + m0 * K, K, codes + n * row_bytes, rs + n * G_B, G, gs,
+                                           dx2.data() + m0 * G_B, dxs.data() + m0 * G_B, y + m0 * N + n, N);
     });
   }
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     constexpr int MM = decltype(mm)::value;
     if (isa >= Isa::Avx512)
-      dsq_row_avx512<MM>(x + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs + m0 * G,
-                         y + m0 * N + n, N);
+      dsq_row_avx512<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
     else
-      dsq_row_avx2<MM>(x + m0 * K, K, planes + n * words, B, N * words, rs + n * G * B, G, gs, xs + m0 * G,
-                       y + m0 * N + n, N);
+      dsq_row_avx2<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
   });
 #endif
 }
@@ -583,25 +595,26 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   return y;
 }
 
-// planes: int32 [B, N, words] (bit 1 = +1); row_scales: fp16 [N, G, B].
-torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor planes, torch::Tensor row_scales, int64_t group_size,
+// codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes (bit k = sign plane k, 1 = +1); row_scales:
+// fp16 [N, G, B].
+torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, int64_t group_size,
                        int64_t isa, c10::optional<torch::Tensor> out) {
-  const int64_t B = planes.size(0), N = planes.size(1), words = planes.size(2);
-  const int64_t G = row_scales.size(1), K = G * group_size;
+  TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.dim() == 3,
+              "row_scales must be contiguous fp16 [out, groups, bits]");
+  const int64_t N = row_scales.size(0), G = row_scales.size(1), B = row_scales.size(2), K = G * group_size;
   check_x(x, K);
   TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
   TORCH_CHECK(B >= 1 && B <= 4, "DSQ weights have 1 to 4 sign planes");
-  TORCH_CHECK(planes.scalar_type() == torch::kInt32 && planes.is_contiguous() && words * 32 >= K,
-              "planes must be contiguous int32 [bits, out, ceil(in / 32)]");
-  TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.size(0) == N &&
-                  row_scales.size(2) == B,
-              "row_scales must be contiguous fp16 [out, groups, bits]");
-  const int64_t M = x.size(0);
-  const Isa which = pick(isa);
-  auto xs = which == Isa::Vnni && group_size % 64 == 0 ? x.new_empty({0}) : group_sums(x, group_size);
+  const int64_t row_bytes = K / 8 * B;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
+              "codes must be the chunk8 layout of the weight's sign-plane codes");
   auto y = output(x, N, out);
-  dsq_impl(which, x.data_ptr<float>(), M, K, planes.data_ptr<int32_t>(), B, words, row_scales.data_ptr<at::Half>(),
-           G, group_size, xs.data_ptr<float>(), y.data_ptr<float>(), N);
+  auto args = std::make_tuple(pick(isa), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
+                              row_scales.data_ptr<at::Half>(), G, group_size, y.data_ptr<float>(), N);
+  if (B == 1) std::apply(dsq_impl<1>, args);
+  else if (B == 2) std::apply(dsq_impl<2>, args);
+  else if (B == 3) std::apply(dsq_impl<3>, args);
+  else std::apply(dsq_impl<4>, args);
   return y;
 }
 
@@ -618,13 +631,13 @@ torch::Tensor uniform_op(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   return uniform_gemv(x.contiguous(), codes, scales, zeros, bits, group_size, isa, c10::nullopt);
 }
 
-torch::Tensor dsq_op(torch::Tensor x, torch::Tensor planes, torch::Tensor row_scales, int64_t group_size, int64_t isa) {
-  return dsq_gemv(x.contiguous(), planes, row_scales, group_size, isa, c10::nullopt);
+torch::Tensor dsq_op(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, int64_t group_size, int64_t isa) {
+  return dsq_gemv(x.contiguous(), codes, row_scales, group_size, isa, c10::nullopt);
 }
 
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("uniform_gemv(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, int isa) -> Tensor");
-  m.def("dsq_gemv(Tensor x, Tensor planes, Tensor row_scales, int group_size, int isa) -> Tensor");
+  m.def("dsq_gemv(Tensor x, Tensor codes, Tensor row_scales, int group_size, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
@@ -636,7 +649,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_gemv", &uniform_gemv, "y = x W^T from chunk8 uniform codes (2/3/4/8-bit)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
         py::arg("isa") = -1, py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("dsq_gemv", &dsq_gemv, "y = x W^T from DSQ sign planes", py::arg("x"), py::arg("planes"),
+  m.def("dsq_gemv", &dsq_gemv, "y = x W^T from chunk8 DSQ codes", py::arg("x"), py::arg("codes"),
         py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 activations)");

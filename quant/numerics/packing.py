@@ -85,14 +85,14 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[rows, n]`` codes (``n`` a multiple of 8, ``bits`` 2, 3, 4 or 8) -> uint8 ``[rows, n / 8 * bits]``."""
+    """``[rows, n]`` codes (``n`` a multiple of 8, ``bits`` 1, 2, 3, 4 or 8) -> uint8 ``[rows, n / 8 * bits]``."""
     return _by_rows(_pack_dense, codes, codes.shape[1], bits)
 
 
 def _pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = codes.shape
-    if n % 8 or bits not in (2, 3, 4, 8):
-        raise QuantError(f"dense packing needs rows of a multiple of 8 codes of 2, 3, 4 or 8 bits; got {n} x {bits}")
+    if n % 8 or bits not in (1, 2, 3, 4, 8):
+        raise QuantError(f"dense packing needs rows of a multiple of 8 codes of 1, 2, 3, 4 or 8 bits; got {n} x {bits}")
     c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
         raise QuantError(f"codes out of range for {bits}-bit packing")
