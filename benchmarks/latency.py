@@ -163,13 +163,17 @@ def torch_int4(ckpt: Path, compiled: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------------- paired
 PAIRED = {"int4": "int4-h4", "int3": "int3-h4", "d2quant-w3": "d2quant3-h4"}  # compiled, head int4
+# loads of each checkpoint: two loads of one checkpoint differed by up to 6% in a run (where their weights landed in
+# memory), more than the checkpoints differ, so each ratio is between the means over the loads
+INSTANCES = 2
 
 
 def paired(rounds: int) -> dict:
-    """Our compiled INT4, INT3 and D²Quant checkpoints in one process, each timed in turn for ``rounds`` rounds (the
-    order rotating every round). A round's runs are seconds apart, so the slow spells of this shared machine, which
-    moved whole processes by up to 20% between rounds of the rows above, cancel in each round's ratios; the
-    median of those ratios is reported."""
+    """Our compiled INT4, INT3 and D²Quant checkpoints in one process, decoding side by side for ``rounds`` rounds:
+    in a round every model decodes the same prompt, their steps interleaved token by token (the order rotating), so
+    the slow spells of this shared machine, which moved whole processes by up to 20% between rounds of the rows
+    above and runs seconds apart by as much, fall on every model alike. Each checkpoint is loaded ``INSTANCES``
+    times; the median over rounds of the ratio of the loads' mean speeds is reported."""
     import statistics
 
     import torch
@@ -177,24 +181,28 @@ def paired(rounds: int) -> dict:
 
     from kernels_cpu.dispatch import use_int8_tokens
     from quant.formats.models import load_model
-    from quant.runtime.generation import bench_prompt, timed_run
+    from quant.runtime.generation import bench_prompt, interleaved_decode, timed_run
 
     inductor.compile_threads = 1  # as `quantize bench --compile`: no pool of compile workers beside the timing
     use_int8_tokens(True)
     torch.set_num_threads(THREADS)
-    models = {k: load_model(str(checkpoint(v))).model for k, v in PAIRED.items()}
+    models = {f"{k} #{i + 1}": load_model(str(checkpoint(v))).model
+              for i in range(INSTANCES) for k, v in PAIRED.items()}
     tok = load_model(str(checkpoint(PAIRED["int4"]))).tokenizer
     ids, warm = bench_prompt(tok, PROMPT, 1), bench_prompt(tok, 16, 1)
     speeds: dict = {k: [] for k in models}
-    names = list(models)
     with torch.inference_mode():
         for m in models.values():
             timed_run(m, warm, 4)  # kernels loaded, codes repacked
             timed_run(m, ids, 3, True, PROMPT + NEW)  # compiled for the timed shapes
-        for r in range(rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                speeds[k].append(round(timed_run(models[k], ids, NEW, True, warm=True)["decode_tok_s"], 2))
-    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True)), 3)  # noqa: E731
+        for _ in range(rounds):
+            for k, v in interleaved_decode(models, ids, NEW).items():
+                speeds[k].append(round(v, 2))
+
+    def mean(k: str) -> list[float]:  # per round, over the loads of checkpoint k
+        return [statistics.mean(v) for v in zip(*(speeds[f"{k} #{i + 1}"] for i in range(INSTANCES)), strict=True)]
+
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(mean(a), mean(b), strict=True)), 3)  # noqa: E731
     return {"rounds": rounds, "kernel_body": kernel_body(), "bandwidth_bytes_s": bandwidth(), "decode_tok_s": speeds,
             "median_ratios": {
         "int3 / int4": ratio("int3", "int4"), "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
@@ -309,9 +317,9 @@ def write_report(data: dict) -> None:
     if p:
         where = (f" on a machine whose kernels ran the {p['kernel_body']} body, copy bandwidth "
                  f"{p['bandwidth_bytes_s'] / 1e9:.2f} GB/s" if "kernel_body" in p else "")
-        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`){where}: our compiled checkpoints timed in "
-                  f"turn, {p['rounds']} rounds, the order rotating; batch-1 decode tok/s per round, and the median of "
-                  "the per-round ratios:",
+        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`){where}: our compiled checkpoints decoding "
+                  f"side by side, their steps interleaved token by token, {p['rounds']} rounds; batch-1 decode tok/s "
+                  "per round, and the median of the per-round ratios:",
                   *[f"- {k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in p["decode_tok_s"].items()],
                   *[f"- {k}: {v:.3f}x" for k, v in p["median_ratios"].items()]]
     extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()

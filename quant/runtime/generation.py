@@ -160,39 +160,75 @@ def _compiled_forward(model: nn.Module):
     return model.__dict__["_lowbit_compiled"]
 
 
+class _Greedy:
+    """One greedy decode of ``model`` from ``ids``: :meth:`prefill`, then one :meth:`step` per new token.
+    ``compiled``: the steps run ``torch.compile``'d on a static cache of ``max_len`` positions (prefill stays eager)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool, max_len: int = 0):
+        import inspect
+
+        from transformers import DynamicCache, StaticCache
+
+        params = inspect.signature(model.forward).parameters
+        # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
+        self.last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.kv = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
+        self.model, self.ids, self.compiled, self.n = model, ids, compiled, ids.shape[1]
+        self.cache = (StaticCache(config=model.config, max_cache_len=max_len or self.n + new_tokens) if compiled
+                      else DynamicCache())
+        self.forward = _compiled_forward(model) if compiled else model
+        self.toks: list[torch.Tensor] = []
+
+    def _next(self, fwd, ids: torch.Tensor, start: int) -> None:
+        pos = {"cache_position": torch.arange(start, start + ids.shape[1])} if self.compiled else {}
+        out = fwd(input_ids=ids, **{self.kv: self.cache}, use_cache=True, **self.last, **pos)
+        self.toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+
+    def prefill(self) -> None:
+        self._next(self.model, self.ids, 0)
+
+    def step(self) -> None:
+        self._next(self.forward, self.toks[-1], self.n + len(self.toks) - 1)
+
+
 def timed_run(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False, max_len: int = 0,
               warm: bool = False) -> dict:
     """Greedy: one prefill forward, then ``new_tokens - 1`` single-token forwards with the cache. ``compiled``: the
     single-token forwards run ``torch.compile``'d on a static cache of ``max_len`` positions (prefill stays eager);
     ``warm``: a run with those shapes has compiled the step already."""
-    import inspect
-
-    from transformers import DynamicCache, StaticCache
-
-    params = inspect.signature(model.forward).parameters
-    # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
-    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    kv = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
-    batch, n = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=max_len or n + new_tokens) if compiled else DynamicCache()
-    step = _compiled_forward(model) if compiled else model
-    pos = (lambda i: {"cache_position": torch.arange(i, i + 1)}) if compiled else (lambda i: {})
+    run = _Greedy(model, ids, new_tokens, compiled, max_len)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, **{kv: cache}, use_cache=True, **last,
-                **({"cache_position": torch.arange(n)} if compiled else {}))
-    toks = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    run.prefill()
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     # warm: every step has the shapes of the run that compiled it, so the guards need not be re-checked (they cost
     # ~3 ms a step on SmolLM2: one per parameter)
     with torch.compiler.set_stance(skip_guard_eval_unsafe=compiled and warm):
-        for i in range(new_tokens - 1):
-            out = step(input_ids=toks[-1], **{kv: cache}, use_cache=True, **last, **pos(n + i))
-            toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        for _ in range(new_tokens - 1):
+            run.step()
     decode = time.perf_counter() - t1
+    batch, n = ids.shape
     return {"ttft_s": ttft, "prefill_tok_s": batch * n / ttft,
             "decode_tok_s": batch * (new_tokens - 1) / decode if new_tokens > 1 else None,
-            "tokens": torch.cat(toks, 1)}
+            "tokens": torch.cat(run.toks, 1)}
+
+
+def interleaved_decode(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Decode tokens/s of each compiled model (warm: a ``timed_run`` of these shapes has compiled it), their steps
+    interleaved token by token in an order that rotates every step: a slow spell of a shared machine, seconds
+    long, falls on every model alike instead of on whichever one it ran in."""
+    runs = {k: _Greedy(m, ids, new_tokens, True) for k, m in models.items()}
+    spent = dict.fromkeys(runs, 0.0)
+    names = list(runs)
+    for r in runs.values():
+        r.prefill()
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        for i in range(new_tokens - 1):
+            for k in names[i % len(names):] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                runs[k].step()
+                spent[k] += time.perf_counter() - t0
+    return {k: ids.shape[0] * (new_tokens - 1) / t for k, t in spent.items()}
 
 
 def bench(model: nn.Module, tokenizer, prompt_tokens: int = 256, new_tokens: int = 128,
