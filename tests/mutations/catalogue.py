@@ -725,4 +725,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_allocation.py::test_pass_sets_bits_and_checkpoint_reloads_exactly",),
         "with 8-bit scales the allocator counts fp16 scales and rowpack codes: the budget is not the bytes stored",
     ),
+    Mutation(
+        "dsq-kernel-codes-drop-top-plane",
+        "kernels_cpu/layout.py",
+        "for k in range(1, planes.shape[0]):",
+        "for k in range(1, planes.shape[0] - 1):",
+        ("tests/test_kernels_cpu.py::test_chunk8_is_the_codes_in_runs_of_eight",
+         "tests/test_kernels_cpu.py::test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise"),
+        "the CPU kernel's DSQ codes lose their top sign plane: every such weight reads as its -r_B side",
+    ),
 )
