@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from catalogue import MUTATIONS, Mutation  # noqa: E402
 
-COPIED = ("quant", "moe", "calibrate", "kernels_cuda", "tests", "cli.py", "pyproject.toml")
+COPIED = ("quant", "moe", "calibrate", "kernels_cuda", "kernels_cpu", "tests", "cli.py", "pyproject.toml")
 RESULTS = ROOT / "benchmarks" / "results" / "mutations"
 
 
