@@ -29,7 +29,7 @@ C4_WINDOWS = 32
 
 def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
-    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` group 128,
+    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32,
     ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-ft-e2e``
     both; ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
@@ -46,7 +46,8 @@ def settings() -> dict[str, list]:
         out[f"gptq-w{b}-ft"] = [gptq, ft]
         for name, kw in (("-s8", {"scale_bits": 8}), ("-nodsq", {"dsq": False}),
                          ("-nodsq-s8", {"dsq": False, "scale_bits": 8}),
-                         ("-g128-s8", {"group_size": 128, "scale_bits": 8})):
+                         ("-g128-s8", {"group_size": 128, "scale_bits": 8}),
+                         ("-g32-s8", {"group_size": 32, "scale_bits": 8})):
             d2q = ("d2quant", D2QuantConfig(bits=b, **{"group_size": GROUP, **kw}))
             out[f"d2quant-w{b}{name}"] = [rot, d2q]
             out[f"d2quant-w{b}{name}-ft"] = [rot, d2q, ft]
