@@ -621,9 +621,9 @@ def _load_for_inference(model: str | None, dtype: str, threads: int, int8_tokens
 
 INFER_DTYPE_HELP = "Dtype of a float model: float32, bfloat16 or float16 (our checkpoints run in their stored dtype)."
 TOKENS_HELP = (
-    "On CPUs with AVX-512 VNNI, the low-bit kernels quantize the tokens to int8 per group (faster, as llama.cpp "
-    "does; on SmolLM2 INT4 the next-token loss stayed within 1% of the float path) or keep them float32 (matches "
-    "the dequantize path)."
+    "On CPUs with AVX2 or AVX-512 VNNI, the low-bit kernels quantize the tokens to int8 per group (faster, as "
+    "llama.cpp does; on SmolLM2 INT4 the next-token loss stayed within 1% of the float path) or keep them float32 "
+    "(matches the dequantize path)."
 )
 THREADS_HELP = "CPU threads (0: torch's default, one per core)."
 

@@ -29,9 +29,9 @@ C4_WINDOWS = 32
 
 def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
-    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32,
-    ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-ft-e2e``
-    both; ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
+    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32``
+    group 128 / 32, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the
+    scales, ``-ft-e2e`` both; ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))

@@ -6,11 +6,12 @@ where dequantize + a BLAS matmul is faster; training; a failed build; ``LOWBIT_K
 back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in float32 and cast back.
 Each path is logged once per process (logger ``lowbit.kernels``).
 
-On CPUs with AVX-512 VNNI and VBMI, uniform layers whose group is a multiple of 64 quantize the tokens to int8
-per group and multiply them with the codes in integer dot products, as llama.cpp does (1.7x faster than the float
-body on SmolLM2 INT4 here); the logits then differ from the dequantize path's by more than summation order does
-(tests/test_kernels_cpu.py states the bounds). It is opt-in (:func:`use_int8_tokens`, on in ``quantize generate``
-and ``bench``); ``LOWBIT_CPU_ISA`` overrides both.
+With int8 tokens on (opt-in: :func:`use_int8_tokens`, on in ``quantize generate`` and ``bench``;
+``LOWBIT_CPU_ISA`` overrides both), the kernels quantize the tokens to int8 per group and multiply them with the
+codes in integer dot products, as llama.cpp does: AVX-512 VNNI for groups that are multiples of 64 (1.7x faster
+than the float body on SmolLM2 INT4 on such a CPU), AVX2 for groups of 32 with 2-4-bit codes or DSQ planes (DSQ's
+group tables then rounded to 7 bits). The logits then differ from the dequantize path's by more than summation
+order does (tests/test_kernels_cpu.py states the bounds).
 
 Uniform codes and DSQ's sign planes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`)
 and cached on the module with the per-layer checks (rebuilt when its buffers change): a second copy of the
@@ -32,14 +33,14 @@ from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
 MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
-ISA_ENV = "LOWBIT_CPU_ISA"  # the highest body to use: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 tokens)
+ISA_ENV = "LOWBIT_CPU_ISA"  # the highest body to use: 0 portable, 1 AVX2, 2 AVX-512, 3 int8 tokens (VNNI or AVX2)
 
 
 _INT8_TOKENS = [False]
 
 
 def use_int8_tokens(on: bool = True) -> None:
-    """Let the kernels quantize the tokens to int8 (the VNNI body: faster, as llama.cpp does; the logits move by
+    """Let the kernels quantize the tokens to int8 (the int8 bodies: faster, as llama.cpp does; the logits move by
     more than summation order). Off by default, so a forward matches the dequantize path; ``quantize generate`` and
     ``quantize bench`` turn it on unless told ``--float-tokens``."""
     _INT8_TOKENS[0] = on
@@ -115,7 +116,7 @@ def _plan(layer: torch.nn.Module) -> tuple:
 def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int | None = None, plan: tuple | None = None
                       ) -> torch.Tensor:
     """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: None (the plan's: the best, or ``LOWBIT_CPU_ISA``),
-    0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI."""
+    0 portable, 1 AVX2, 2 AVX-512, 3 int8 tokens (AVX-512 VNNI or AVX2)."""
     _, _, reason, name, args, best = plan or _plan(layer)
     if name is None:
         raise RuntimeError(f"lowbit CPU kernel cannot serve this layer: {reason[1]}")

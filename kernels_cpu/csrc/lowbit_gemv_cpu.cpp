@@ -11,12 +11,15 @@
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
 // features (at::parallel_for over torch's intra-op threads: the build adds -fopenmp, without which it runs
 // serially). The AVX2/FMA/F16C, AVX-512 and AVX-512 VNNI bodies are chosen at run time; a portable body serves
-// other CPUs (and is the reference the tests compare against). The VNNI body quantizes the tokens to int8 per group
-// and uses integer dot products, as llama.cpp does; the others compute in float32.
+// other CPUs (and is the reference the tests compare against). The int8 bodies (AVX-512 VNNI, and AVX2 where
+// VNNI is missing) quantize the tokens to int8 per group and use integer dot products, as llama.cpp does; the
+// others compute in float32.
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -199,6 +202,116 @@ __attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64
     }
   }
   for (int m = 0; m < M; ++m) y[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+// ---------------------------------------------------------------- AVX2 with int8 tokens (vpmaddubsw)
+// As the VNNI body does, with AVX2's u8 x s8 pair products (vpmaddubsw, then vpmaddwd into 32-bit sums): 32 codes
+// a step instead of 8 floats. The 32 codes are unpacked to bytes in whatever order is cheapest for the width
+// (AVX2_ORDER below), and the int8 tokens are put in the same order once per call (Int8Tokens), so no code has
+// to be moved into place. DSQ codes are looked up (vpshufb) in the group's table of 2^B values rounded to 7-bit
+// steps t = sum_k |r_k| / 63 (no T[c] is larger) and offset by 64, so that they are unsigned (1..127: a pair of
+// products stays inside int16); the offset comes back out through the tokens' group sums:
+//   uniform:  y[m, n] = sum_g s dx (sum_{j in g} c xq - z sum_{j in g} xq)
+//   DSQ:      y[m, n] = sum_g t dx (sum_{j in g} T'[c] xq - 64 sum_{j in g} xq),  T'[c] = round(T[c] / t) + 64
+// Groups must be multiples of 32 codes of 2-4 bits; others take the float body.
+
+// Which of the 32 codes of a step lands in byte p of bytes32_avx2<BITS>'s output.
+constexpr int avx2_order(int bits, int p) {
+  return bits == 2   ? 4 * (p % 8) + p / 8                        // 64-bit lane l, byte b: code 4b + l
+         : bits == 4 ? (p < 16 ? 2 * p : 2 * (p - 16) + 1)         // low nibbles, then high nibbles
+                     : 8 * (p / 8 == 1 ? 2 : p / 8 == 2 ? 1 : p / 8) + p % 8;  // 3 bits: runs 0, 2, 1, 3
+}
+
+// The 32 codes at code index j (a multiple of 32) as bytes, in avx2_order.
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + (j / 8) * BITS;
+  if constexpr (BITS == 2) {
+    int64_t w;
+    std::memcpy(&w, p, 8);
+    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6)),
+                            _mm256_set1_epi8(3));
+  } else if constexpr (BITS == 4) {
+    const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+  } else {
+    // 3 bits: four runs of 3 bytes (the 16-byte load reaches 4 bytes past them: the next row's, or the buffer's
+    // padding). vpshufb puts each code's two bytes in a 16-bit lane (runs 0 and 1 in a, 2 and 3 in b), a multiply
+    // by 2^(13 - its bit offset) lifts the code to bits 13-15 (what was above falls off), and a shift brings it down.
+    static_assert(BITS == 3, "2, 3 or 4 bits");
+    const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sa = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                        3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6);
+    const __m256i sb = _mm256_add_epi8(sa, _mm256_set1_epi8(6));
+    const __m256i lift = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,
+                                           8192, 1024, 128, 4096, 512, 64, 2048, 256);
+    const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(w, sa), lift), 13);
+    const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(w, sb), lift), 13);
+    return _mm256_packus_epi16(a, b);
+  }
+}
+
+// A DSQ group's table T'[c] = round(T[c] / t) + 64 as 16 bytes in both lanes (entries past 2^B unused); *t = its
+// step. T is made as the float body makes it, then rounded in float32 (tests/test_kernels_cpu.py mirrors this).
+template <int B>
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_i8(const at::Half* r, float* t) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  float sum_abs = 0.f;
+  for (int k = 0; k < B; ++k) {
+    const float rk = _cvtsh_ss(reinterpret_cast<const uint16_t*>(r)[k]);
+    sum_abs += std::fabs(rk);
+    lo = _mm256_fmadd_ps(_mm256_set1_ps(rk), _mm256_load_ps(DSQ_SIGNS[k]), lo);
+    if constexpr (B == 4) hi = _mm256_fmadd_ps(_mm256_set1_ps(rk), _mm256_load_ps(DSQ_SIGNS[k] + 8), hi);
+  }
+  const __m256 inv = _mm256_set1_ps(sum_abs > 0.f ? 63.f / sum_abs : 0.f);
+  *t = sum_abs / 63.f;
+  const __m256i off = _mm256_set1_epi32(64);
+  const __m256i qlo = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), off);
+  const __m256i qhi = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(hi, inv)), off);
+  // [lo0-3 hi0-3 | lo4-7 hi4-7] -> [lo0-7 | hi0-7] as 16-bit -> bytes lo0-7 hi0-7
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xD8);
+  const __m256i b8 = _mm256_packus_epi16(w16, w16);
+  return _mm256_broadcastsi128_si256(
+      _mm_unpacklo_epi64(_mm256_castsi256_si128(b8), _mm256_extracti128_si256(b8, 1)));
+}
+
+// scale: fp16 [G] (uniform) or the row scales [G, BITS] (DSQ); zeros: uint8 [G] (uniform only).
+template <int BITS, int M, bool DSQ>
+__attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, int64_t K, const uint8_t* row,
+                                                             const at::Half* scale, const uint8_t* zeros,
+                                                             int64_t G, int64_t gs, const float* dx,
+                                                             const float* dxsum, float* y, int64_t N) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 tot[M];
+  float offset[M];
+  for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), offset[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float s, z;
+    __m256i table = _mm256_setzero_si256();
+    if constexpr (DSQ) {
+      table = dsq_table_i8<BITS>(scale + g * BITS, &s);
+      z = 64.f;
+    } else {
+      s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g]);
+      z = float(zeros[g]);
+    }
+    __m256i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t j = g * gs; j < (g + 1) * gs; j += 32) {
+      __m256i c = bytes32_avx2<BITS>(row, j);
+      if constexpr (DSQ) c = _mm256_shuffle_epi8(table, c);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_add_epi32(
+            acc[m], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + j))),
+                        ones));
+    }
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(s * dx[m * G + g]), tot[m]);
+      offset[m] += s * z * dxsum[m * G + g];
+    }
+  }
+  for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - offset[m];
 }
 
 // ---------------------------------------------------------------- AVX-512 (16 codes per step)
@@ -425,9 +538,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
 #endif  // LOWBIT_X86
 
 // ---------------------------------------------------------------- dispatch
-enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2, Vnni = 3 };
+// Instruction-set levels (the isa argument): 0 portable, 1 AVX2, 2 AVX-512 (both float tokens), 3 int8 tokens on
+// the best body the CPU has for them (AVX-512 VNNI, else AVX2). Below 0: the best, int8 tokens included.
+enum class Isa { Ref = 0, Avx2 = 1, Avx512 = 2, Vnni = 3, Avx2Int8 = 4 };
 
-Isa best_isa() {
+Isa best_isa() {  // the best float-token level, or Vnni
 #if LOWBIT_X86
   static const Isa isa = [] {
     __builtin_cpu_init();
@@ -446,18 +561,31 @@ Isa best_isa() {
 #endif
 }
 
-Isa pick(int64_t isa) { return isa < 0 ? best_isa() : static_cast<Isa>(std::min<int64_t>(isa, int64_t(best_isa()))); }
+// The body that serves a call: the level asked for, capped at the CPU's; the int8 bodies need groups of 64
+// (VNNI) or of 32 with 2-4 bits (AVX2; 1-bit DSQ and 8-bit codes stay float), else the best float body serves.
+Isa body(int64_t isa, int64_t gs, int64_t bits) {
+  const Isa best = best_isa();
+  if (isa >= 0 && isa < 3) return static_cast<Isa>(std::min<int64_t>(isa, int64_t(best)));
+  if (best == Isa::Vnni && gs % 64 == 0) return Isa::Vnni;
+  if (best != Isa::Ref && gs % 32 == 0 && bits >= 2 && bits <= 4) return Isa::Avx2Int8;
+  return best == Isa::Vnni ? Isa::Avx512 : best;
+}
+
+bool is_int8(Isa b) { return b == Isa::Vnni || b == Isa::Avx2Int8; }
 
 torch::Tensor group_sums(const torch::Tensor& x, int64_t gs) {
   return x.view({x.size(0), x.size(1) / gs, gs}).sum(-1).contiguous();  // [M, G]
 }
 
-// The tokens in int8 for the VNNI bodies, per (token, group): dx = max|x| / 127, q = round(x / dx) in
-// [-127, 127], dxsum = dx * the sum of q.
+// The tokens in int8 for the int8 bodies, per (token, group): dx = max|x| / 127, q = round(x / dx) in
+// [-127, 127], dxsum = dx * the sum of q. order_bits: the AVX2 body's order of each 32 tokens (avx2_order), or 0.
 struct Int8Tokens {
   std::vector<int8_t> q;
   std::vector<float> dx, dxsum;
-  Int8Tokens(const float* x, int64_t M, int64_t K, int64_t gs) : q(M * K), dx(M * K / gs), dxsum(M * K / gs) {
+  Int8Tokens(const float* x, int64_t M, int64_t K, int64_t gs, int order_bits = 0)
+      : q(M * K), dx(M * K / gs), dxsum(M * K / gs) {
+    int order[32];
+    for (int p = 0; p < 32; ++p) order[p] = order_bits ? avx2_order(order_bits, p) : p;
     for (int64_t mg = 0; mg < M * K / gs; ++mg) {
       const float* xg = x + mg * gs;
       float amax = 0.f;
@@ -465,7 +593,8 @@ struct Int8Tokens {
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t total = 0;
       for (int64_t j = 0; j < gs; ++j) {
-        const int32_t v = int32_t(std::nearbyint(xg[j] * inv));
+        const int64_t from = order_bits ? (j & ~int64_t(31)) + order[j & 31] : j;
+        const int32_t v = int32_t(std::nearbyint(xg[from] * inv));
         q[mg * gs + j] = int8_t(v);
         total += v;
       }
@@ -498,7 +627,7 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
       uniform_rows_ref<BITS>(x, M, K, codes, row_bytes, s, z, G, gs, xs, y, N, n0, n1);
     });
 #if LOWBIT_X86
-  if (isa == Isa::Vnni && gs % 64 == 0) {
+  if (isa == Isa::Vnni) {
     const Int8Tokens t(x, M, K, gs);
     return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
       uniform_row_vnni<BITS, decltype(mm)::value>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
@@ -506,10 +635,20 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
                                                   y + m0 * N + n, N);
     });
   }
+  if constexpr (BITS >= 2 && BITS <= 4) {
+    if (isa == Isa::Avx2Int8) {
+      const Int8Tokens t(x, M, K, gs, BITS);
+      return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+        int8_row_avx2<BITS, decltype(mm)::value, false>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
+                                                        z + n * G, G, gs, t.dx.data() + m0 * G,
+                                                        t.dxsum.data() + m0 * G, y + m0 * N + n, N);
+      });
+    }
+  }
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     constexpr int MM = decltype(mm)::value;
     const float* xm = x + m0 * K;
-    if (isa >= Isa::Avx512)  // groups of 32 (or 8 * odd) on a VNNI CPU take the float AVX-512 body
+    if (isa == Isa::Avx512)
       uniform_row_avx512<BITS, MM>(xm, K, codes + n * row_bytes, s + n * G, z + n * G, G, gs, xs + m0 * G,
                                    y + m0 * N + n, N);
     else
@@ -527,7 +666,7 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
     });
 #if LOWBIT_X86
-  if (isa == Isa::Vnni && gs % 64 == 0) {
+  if (isa == Isa::Vnni) {
     const Int8Tokens t(x, M, K, gs);
     // per (token, group, plane): 2 dx and dx * sum xq, the factors dsq_row_vnni multiplies the row scales by
     const int64_t G_B = G * B;
@@ -539,9 +678,19 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
                                            dx2.data() + m0 * G_B, dxs.data() + m0 * G_B, y + m0 * N + n, N);
     });
   }
+  if constexpr (B >= 2) {
+    if (isa == Isa::Avx2Int8) {
+      const Int8Tokens t(x, M, K, gs, B);
+      return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+        int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, rs + n * G * B,
+                                                    nullptr, G, gs, t.dx.data() + m0 * G, t.dxsum.data() + m0 * G,
+                                                    y + m0 * N + n, N);
+      });
+    }
+  }
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     constexpr int MM = decltype(mm)::value;
-    if (isa >= Isa::Avx512)
+    if (isa == Isa::Avx512)
       dsq_row_avx512<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
     else
       dsq_row_avx2<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
@@ -566,8 +715,9 @@ torch::Tensor output(const torch::Tensor& x, int64_t N, const c10::optional<torc
 }  // namespace
 
 // codes: uint8 [N * row_bytes + 4] (chunk8 layout, 4 bytes of padding); scales fp16 [N, G]; zeros uint8 [N, G].
-// isa: -1 = best available, 0 = portable, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI with int8 activations for groups
-// that are multiples of 64 (capped at what the CPU has).
+// isa: -1 = the best body (int8 tokens included), 0 = portable, 1 = AVX2, 2 = AVX-512 (float tokens), 3 = int8
+// tokens on the best int8 body (AVX-512 VNNI for groups of 64, AVX2 for groups of 32 with 2-4 bits), all capped at
+// what the CPU has (see body()).
 torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                            int64_t bits, int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
   const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
@@ -581,9 +731,9 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   TORCH_CHECK(zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
               "zeros must be contiguous uint8 shaped like scales");
   const int64_t M = x.size(0);
-  const Isa which = pick(isa);
-  // the float bodies subtract the zero-points through per-group sums of x; the VNNI body sums its int8 tokens
-  auto xs = which == Isa::Vnni && group_size % 64 == 0 ? x.new_empty({0}) : group_sums(x, group_size);
+  const Isa which = body(isa, group_size, bits);
+  // the float bodies subtract the zero-points through per-group sums of x; the int8 bodies sum their int8 tokens
+  auto xs = is_int8(which) ? x.new_empty({0}) : group_sums(x, group_size);
   auto y = output(x, N, out);
   auto args = std::make_tuple(which, x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), row_bytes,
                               scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), G, group_size,
@@ -609,7 +759,7 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight's sign-plane codes");
   auto y = output(x, N, out);
-  auto args = std::make_tuple(pick(isa), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
+  auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
                               row_scales.data_ptr<at::Half>(), G, group_size, y.data_ptr<float>(), N);
   if (B == 1) std::apply(dsq_impl<1>, args);
   else if (B == 2) std::apply(dsq_impl<2>, args);
@@ -620,9 +770,12 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
 
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 
-// Whether uniform_gemv and dsq_gemv quantize the tokens to int8 for this isa and group (VNNI, groups that are
-// multiples of 64; other groups take the float AVX-512 body).
-bool int8_activations(int64_t isa, int64_t group_size) { return pick(isa) == Isa::Vnni && group_size % 64 == 0; }
+// The body that serves this isa, group and width (bits, or DSQ's planes): "portable", "avx2", "avx512" (float
+// tokens), "avx512-vnni" or "avx2-int8" (int8 tokens).
+std::string kernel_body(int64_t isa, int64_t group_size, int64_t bits) {
+  static const char* names[] = {"portable", "avx2", "avx512", "avx512-vnni", "avx2-int8"};
+  return names[static_cast<int>(body(isa, group_size, bits))];
+}
 
 // The same two kernels as torch operators (torch.ops.lowbit_cpu.*): what a torch.compile'd decode step calls, with
 // no Python in between (kernels_cpu.dispatch registers their shape functions).
@@ -652,7 +805,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from chunk8 DSQ codes", py::arg("x"), py::arg("codes"),
         py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("isa_level", &isa_level, "0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI (int8 activations)");
-  m.def("int8_activations", &int8_activations, "whether the kernels quantize the tokens to int8 for this isa and group",
-        py::arg("isa"), py::arg("group_size"));
+  m.def("isa_level", &isa_level, "the CPU's best: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI");
+  m.def("kernel_body", &kernel_body, "the body that serves this isa, group and width", py::arg("isa"),
+        py::arg("group_size"), py::arg("bits"));
 }
