@@ -30,7 +30,7 @@ from test_kernels_cpu import dsq_layer, uniform_layer  # noqa: E402
 
 import kernels_cpu  # noqa: E402
 import kernels_cuda  # noqa: E402
-from kernels_cpu.layout import chunk8, dsq_chunk8  # noqa: E402
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [("smollm2 gate/up", 1536, 576), ("smollm2 down", 576, 1536), ("llama3-8b o", 4096, 4096),
@@ -95,7 +95,8 @@ def main() -> None:
                         t = timed([partial(layers[0], x)], 2)
                     cands["dequantize + matmul int4 (before)"] = (t, nbytes)
             dl = [dsq_layer(out, n, 3, GROUP, seed=i) for i in range(copies)]
-            dsq = [partial(ext.dsq_gemv, x, dsq_chunk8(d.planes, n), d.row_scales, GROUP) for d in dl]
+            dsq = [partial(ext.dsq_gemv, x, dsq_chunk8(d.planes, n), d.row_scales, dsq_tables(d.row_scales), GROUP)
+                   for d in dl]
             cands["ours DSQ 3-bit"] = (dsq, dl[0].planes.numel() * 4 + dl[0].row_scales.numel() * 2)
             mms = [int4_torch(out, n) for _ in range(copies)]
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -40,7 +40,7 @@ def _register_fakes() -> None:
         lambda x, codes, scales, zeros, bits, group_size, isa: x.new_empty(x.shape[0], scales.shape[0])
     )
     torch.library.register_fake("lowbit_cpu::dsq_gemv")(
-        lambda x, codes, row_scales, group_size, isa: x.new_empty(x.shape[0], row_scales.shape[0])
+        lambda x, codes, row_scales, tables, group_size, isa: x.new_empty(x.shape[0], row_scales.shape[0])
     )
     torch.library.register_fake("lowbit_cpu::decode_attention")(
         lambda q, k, v, mask, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])

@@ -15,8 +15,9 @@ order does (tests/test_kernels_cpu.py states the bounds).
 
 Uniform codes and DSQ's sign planes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`)
 and cached on the module with the per-layer checks (rebuilt when its buffers change): a second copy of the
-codes, the same size or smaller (3-bit), and no float weight. The fp16 scales and uint8 zeros, and DSQ's row
-scales, are read as stored; 8-bit scales and 4-bit zeros are decoded into them once, in the same cache.
+codes, the same size or smaller (3-bit), DSQ's group tables for the AVX2 int8 body (as large as its row scales),
+and no float weight. The fp16 scales and uint8 zeros, and DSQ's row scales, are read as stored; 8-bit scales and
+4-bit zeros are decoded into them once, in the same cache.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 import kernels_cpu
 import kernels_cuda
-from kernels_cpu.layout import chunk8, dsq_chunk8, kernel_buffer
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, kernel_buffer
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
@@ -100,8 +101,8 @@ def _plan(layer: torch.nn.Module) -> tuple:
         reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
     elif reason is None and layer.FORMAT == "dsq":
         with torch.no_grad():
-            codes = dsq_chunk8(bufs[0], layer.in_features)
-        name, args = "dsq_gemv", (codes, bufs[1], layer.group_size)
+            codes, tables = dsq_chunk8(bufs[0], layer.in_features), dsq_tables(bufs[1])
+        name, args = "dsq_gemv", (codes, bufs[1], tables, layer.group_size)
     elif reason is None:
         with torch.no_grad():  # 8-bit-scale layers store chunk8 rows already
             dense = layer.FORMAT == "uniform-dq8"

@@ -5,6 +5,7 @@ consecutive codes of a row fills ``bits`` bytes, code ``i`` of the run at bit ``
 ends with 4 bytes of padding, so the last load stays inside it. 3-bit codes take exactly 3 bits here (the
 checkpoint's ``rowpack-int32-v1`` leaves 2 bits of every word empty; 8-bit-scale layers store ``chunk8`` as is).
 DSQ's B sign planes become B-bit codes in the same layout (bit k of a code = plane k's sign bit, 1-4 bits).
+For the AVX2 int8 body, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`).
 """
 
 from __future__ import annotations
@@ -35,3 +36,23 @@ def chunk8(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     if in_features % 8:
         raise ValueError(f"chunk8 needs in_features divisible by 8, got {in_features}")
     return kernel_buffer(pack_dense(unpack(qweight, bits, in_features), bits))
+
+
+def dsq_tables(row_scales: torch.Tensor) -> torch.Tensor:
+    """DSQ row scales ``[out, groups, B]`` (fp16) -> each group's table of weight values as the AVX2 int8 body
+    reads it, flat uint8 ``[out * groups * (2^(B-1) + 2)]``: a record per group of the half table ``h[c]``
+    (int8) and its fp16 step ``t``.
+
+    A group's weights take the 2^B values ``T[c] = sum_k r_k (2 bit_k(c) - 1)``, and ``T[~c] = -T[c]``, so the
+    codes whose top bit is clear hold them all: ``h[c] = round(T[c] / t)`` with ``t = sum_k |r_k| / 63`` (no
+    ``|T[c]|`` is larger), 7 bits, which the kernel offsets by 64 to multiply them unsigned. The record is as
+    large as the row scales it stands for (2^(B-1) + 2 bytes against 2 B)."""
+    r = row_scales.float()
+    bits = r.shape[-1]
+    half = 2 ** (bits - 1)
+    signs = torch.tensor([[1.0 if c >> k & 1 else -1.0 for k in range(bits)] for c in range(half)])
+    step = (r.abs().sum(-1) / 63).half()  # [out, groups]
+    inv = torch.where(step > 0, 1 / step.float(), torch.zeros_like(step, dtype=torch.float32))
+    h = torch.round((r @ signs.T) * inv[..., None]).clamp(-63, 63).to(torch.int8)  # [out, groups, half]
+    record = torch.cat([h.view(torch.uint8), step[..., None].view(torch.uint8).reshape(*step.shape, 2)], -1)
+    return record.reshape(-1).contiguous()

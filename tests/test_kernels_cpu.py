@@ -12,7 +12,7 @@ import torch
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu import dispatch
-from kernels_cpu.layout import chunk8, dsq_chunk8
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables
 from quant.numerics.packing import pack, unpack, unpack_dense
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import QuantLinear
@@ -66,20 +66,15 @@ def dsq_layer(out: int, n: int, bits: int, group: int, seed: int) -> DSQLinear:
 
 
 def dsq_int8_table_weight(layer: DSQLinear) -> torch.Tensor:
-    """The weight the AVX2 int8 body multiplies by for DSQ: each group's table T[c] = sum_k r_k (2 bit_k(c) - 1)
-    rounded to steps t = sum_k |r_k| / 63, all in float32 in the kernel's order (float64 result)."""
-    r = layer.row_scales.float()  # [out, groups, bits]
-    t = torch.zeros(*r.shape[:2], 2**layer.bits)
-    total = torch.zeros(r.shape[:2])
-    for k in range(layer.bits):
-        sign = torch.tensor([1.0 if c >> k & 1 else -1.0 for c in range(2**layer.bits)])
-        t = t + r[..., k, None] * sign
-        total = total + r[..., k].abs()
-    inv = torch.where(total > 0, torch.tensor(63.0) / total, torch.zeros_like(total))
-    q = torch.round(t * inv[..., None])
-    step = (total / 63.0).double()
-    table = q.double() * step[..., None]  # [out, groups, 2^bits]
-    codes = layer.codes().view(layer.out_features, -1, layer.group_size)
+    """The weight the AVX2 int8 body multiplies by for DSQ (float64): each group's table from its record in
+    ``dsq_tables`` (the half table h and the fp16 step t; T[c] = t h[c], T[~c] = -T[c])."""
+    half = 2 ** (layer.bits - 1)
+    groups = layer.in_features // layer.group_size
+    rec = dsq_tables(layer.row_scales).view(layer.out_features, groups, half + 2)
+    h = rec[..., :half].contiguous().view(torch.int8).double()
+    t = rec[..., half:].contiguous().view(torch.float16).double()  # [out, groups, 1]
+    table = torch.cat([h, -h.flip(-1)], -1) * t  # code c >= half is ~c's negation: c = 2^B - 1 - c'
+    codes = layer.codes().view(layer.out_features, groups, layer.group_size)
     return torch.gather(table, 2, codes).reshape(layer.out_features, layer.in_features)
 
 
@@ -122,6 +117,17 @@ def test_chunk8_is_the_codes_in_runs_of_eight():  # uniform codes, and DSQ's sig
         assert torch.equal(unpack_dense(buf[:-4].view(5, -1), bits, 48).to(torch.int64), layer.codes())
 
 
+def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the AVX2 int8 body's DSQ weights
+    for bits in (1, 2, 3, 4):
+        layer = dsq_layer(7, 128, bits, 32, seed=bits)
+        layer.row_scales[0, 0] = 0  # an all-zero group: a zero step, no division by it
+        w = layer.dequantize(torch.float64)
+        approx = dsq_int8_table_weight(layer)
+        step = (layer.row_scales.double().abs().sum(-1) / 63).repeat_interleave(32, 1)
+        assert ((approx - w).abs() <= 0.5 * step * 1.002 + 1e-12).all()  # fp16 steps: 2^-11 of t
+        assert approx[0, :32].eq(0).all()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(
     "out,n,group",
@@ -161,7 +167,7 @@ def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
         ref = reference(layer, x)
         for isa in isas(ext):
             y = torch.full((rows, out), float("nan"))
-            ext.dsq_gemv(x, codes, layer.row_scales, group, isa, y)
+            ext.dsq_gemv(x, codes, layer.row_scales, dsq_tables(layer.row_scales), group, isa, y)
             body = ext.kernel_body(isa, group, bits)
             if body in INT8_BODIES:  # as for uniform codes (AVX2: with its 7-bit tables)
                 close(y, reference(layer, x, body))

@@ -209,8 +209,9 @@ __attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64
 // a step instead of 8 floats. The 32 codes are unpacked to bytes in whatever order is cheapest for the width
 // (AVX2_ORDER below), and the int8 tokens are put in the same order once per call (Int8Tokens), so no code has
 // to be moved into place. DSQ codes are looked up (vpshufb) in the group's table of 2^B values rounded to 7-bit
-// steps t = sum_k |r_k| / 63 (no T[c] is larger) and offset by 64, so that they are unsigned (1..127: a pair of
-// products stays inside int16); the offset comes back out through the tokens' group sums:
+// steps t = sum_k |r_k| / 63 (no T[c] is larger; made once per layer, kernels_cpu/layout.py dsq_tables) and offset
+// by 64, so that they are unsigned (1..127: a pair of products stays inside int16); the offset comes back out
+// through the tokens' group sums:
 //   uniform:  y[m, n] = sum_g s dx (sum_{j in g} c xq - z sum_{j in g} xq)
 //   DSQ:      y[m, n] = sum_g t dx (sum_{j in g} T'[c] xq - 64 sum_{j in g} xq),  T'[c] = round(T[c] / t) + 64
 // Groups must be multiples of 32 codes of 2-4 bits; others take the float body.
@@ -251,31 +252,40 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8
   }
 }
 
-// A DSQ group's table T'[c] = round(T[c] / t) + 64 as 16 bytes in both lanes (entries past 2^B unused); *t = its
-// step. T is made as the float body makes it, then rounded in float32 (tests/test_kernels_cpu.py mirrors this).
+// A DSQ group's table from its record (kernels_cpu/layout.py dsq_tables: the half table h[c], c < 2^(B-1),
+// int8, then the fp16 step t) as T'[c] = T[c] / t + 64 in the low 2^B bytes of both lanes: T[c] = h[c] below the
+// half and -h[2^B - 1 - c] above it (T[~c] = -T[c]).
 template <int B>
-__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_i8(const at::Half* r, float* t) {
-  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  float sum_abs = 0.f;
-  for (int k = 0; k < B; ++k) {
-    const float rk = _cvtsh_ss(reinterpret_cast<const uint16_t*>(r)[k]);
-    sum_abs += std::fabs(rk);
-    lo = _mm256_fmadd_ps(_mm256_set1_ps(rk), _mm256_load_ps(DSQ_SIGNS[k]), lo);
-    if constexpr (B == 4) hi = _mm256_fmadd_ps(_mm256_set1_ps(rk), _mm256_load_ps(DSQ_SIGNS[k] + 8), hi);
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* record, float* t) {
+  constexpr int HALF = 1 << (B - 1);
+  alignas(32) static const auto pattern = [] {
+    struct { int8_t index[32]; int8_t sign[32]; } p{};
+    for (int i = 0; i < 32; ++i) {
+      const int c = i % 16;
+      p.index[i] = int8_t(c < HALF ? c : c < 2 * HALF ? 2 * HALF - 1 - c : 0);
+      p.sign[i] = int8_t(c < HALF ? 1 : -1);
+    }
+    return p;
+  }();
+  __m256i h;
+  if constexpr (B == 4) {
+    int64_t w;
+    std::memcpy(&w, record, 8);
+    h = _mm256_set1_epi64x(w);
+  } else {
+    int32_t w = 0;
+    std::memcpy(&w, record, HALF);
+    h = _mm256_set1_epi32(w);
   }
-  const __m256 inv = _mm256_set1_ps(sum_abs > 0.f ? 63.f / sum_abs : 0.f);
-  *t = sum_abs / 63.f;
-  const __m256i off = _mm256_set1_epi32(64);
-  const __m256i qlo = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), off);
-  const __m256i qhi = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(hi, inv)), off);
-  // [lo0-3 hi0-3 | lo4-7 hi4-7] -> [lo0-7 | hi0-7] as 16-bit -> bytes lo0-7 hi0-7
-  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xD8);
-  const __m256i b8 = _mm256_packus_epi16(w16, w16);
-  return _mm256_broadcastsi128_si256(
-      _mm_unpacklo_epi64(_mm256_castsi256_si128(b8), _mm256_extracti128_si256(b8, 1)));
+  uint16_t step;
+  std::memcpy(&step, record + HALF, 2);
+  *t = _cvtsh_ss(step);
+  const __m256i full = _mm256_sign_epi8(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index))),
+                                        _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign)));
+  return _mm256_add_epi8(full, _mm256_set1_epi8(64));
 }
 
-// scale: fp16 [G] (uniform) or the row scales [G, BITS] (DSQ); zeros: uint8 [G] (uniform only).
+// Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: zeros are the row's table records (scale unused).
 template <int BITS, int M, bool DSQ>
 __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, int64_t K, const uint8_t* row,
                                                              const at::Half* scale, const uint8_t* zeros,
@@ -289,7 +299,7 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, in
     float s, z;
     __m256i table = _mm256_setzero_si256();
     if constexpr (DSQ) {
-      table = dsq_table_i8<BITS>(scale + g * BITS, &s);
+      table = dsq_table_avx2<BITS>(zeros + g * ((1 << (BITS - 1)) + 2), &s);
       z = 64.f;
     } else {
       s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g]);
@@ -660,7 +670,7 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 
 template <int B>
 void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
-              const at::Half* rs, int64_t G, int64_t gs, float* y, int64_t N) {
+              const at::Half* rs, const uint8_t* tables, int64_t G, int64_t gs, float* y, int64_t N) {
   if (isa == Isa::Ref)
     return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
@@ -682,9 +692,9 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
     if (isa == Isa::Avx2Int8) {
       const Int8Tokens t(x, M, K, gs, B);
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
-        int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, rs + n * G * B,
-                                                    nullptr, G, gs, t.dx.data() + m0 * G, t.dxsum.data() + m0 * G,
-                                                    y + m0 * N + n, N);
+        int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, nullptr,
+                                                    tables + n * G * ((1 << (B - 1)) + 2), G, gs,
+                                                    t.dx.data() + m0 * G, t.dxsum.data() + m0 * G, y + m0 * N + n, N);
       });
     }
   }
@@ -746,9 +756,10 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 }
 
 // codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes (bit k = sign plane k, 1 = +1); row_scales:
-// fp16 [N, G, B].
-torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, int64_t group_size,
-                       int64_t isa, c10::optional<torch::Tensor> out) {
+// fp16 [N, G, B]; tables: uint8 [N * G * (2^(B-1) + 2)], each group's table record (kernels_cpu/layout.py
+// dsq_tables), read by the AVX2 int8 body.
+torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, torch::Tensor tables,
+                       int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
   TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.dim() == 3,
               "row_scales must be contiguous fp16 [out, groups, bits]");
   const int64_t N = row_scales.size(0), G = row_scales.size(1), B = row_scales.size(2), K = G * group_size;
@@ -758,9 +769,13 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
   const int64_t row_bytes = K / 8 * B;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight's sign-plane codes");
+  TORCH_CHECK(tables.scalar_type() == torch::kUInt8 && tables.is_contiguous() &&
+                  tables.numel() == N * G * ((1 << (B - 1)) + 2),
+              "tables must be the weight's group table records (kernels_cpu.layout.dsq_tables)");
   auto y = output(x, N, out);
-  auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
-                              row_scales.data_ptr<at::Half>(), G, group_size, y.data_ptr<float>(), N);
+  auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(),
+                              row_bytes, row_scales.data_ptr<at::Half>(), tables.data_ptr<uint8_t>(), G, group_size,
+                              y.data_ptr<float>(), N);
   if (B == 1) std::apply(dsq_impl<1>, args);
   else if (B == 2) std::apply(dsq_impl<2>, args);
   else if (B == 3) std::apply(dsq_impl<3>, args);
@@ -784,13 +799,14 @@ torch::Tensor uniform_op(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   return uniform_gemv(x.contiguous(), codes, scales, zeros, bits, group_size, isa, c10::nullopt);
 }
 
-torch::Tensor dsq_op(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, int64_t group_size, int64_t isa) {
-  return dsq_gemv(x.contiguous(), codes, row_scales, group_size, isa, c10::nullopt);
+torch::Tensor dsq_op(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, torch::Tensor tables,
+                     int64_t group_size, int64_t isa) {
+  return dsq_gemv(x.contiguous(), codes, row_scales, tables, group_size, isa, c10::nullopt);
 }
 
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("uniform_gemv(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, int isa) -> Tensor");
-  m.def("dsq_gemv(Tensor x, Tensor codes, Tensor row_scales, int group_size, int isa) -> Tensor");
+  m.def("dsq_gemv(Tensor x, Tensor codes, Tensor row_scales, Tensor tables, int group_size, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
@@ -803,8 +819,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
         py::arg("isa") = -1, py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from chunk8 DSQ codes", py::arg("x"), py::arg("codes"),
-        py::arg("row_scales"), py::arg("group_size"), py::arg("isa") = -1, py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("row_scales"), py::arg("tables"), py::arg("group_size"), py::arg("isa") = -1,
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "the CPU's best: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI");
   m.def("kernel_body", &kernel_body, "the body that serves this isa, group and width", py::arg("isa"),
         py::arg("group_size"), py::arg("bits"));
