@@ -18,7 +18,7 @@ project dependency:
     python3 -m venv ../peers/venv_llamacpp && ../peers/venv_llamacpp/bin/pip install llama-cpp-python
     python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows "a;b"] [--force | --again]
         # -> benchmarks/results/latency.{json,md,png}; rows already measured are kept (resumable)
-    python benchmarks/latency.py --paired 7    # INT3 / INT4 and D2Quant / INT3, timed in turn in one process
+    python benchmarks/latency.py --paired 9    # INT4 / fp32, INT3 / INT4, D2Quant / INT3, interleaved in one process
 """
 
 from __future__ import annotations
@@ -163,15 +163,17 @@ def torch_int4(ckpt: Path, compiled: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- paired
-PAIRED = {"int4": "int4-h4", "int3": "int3-h4", "d2quant-w3": "d2quant3-h4"}  # compiled, head int4
+# compiled; ours with head int4; None: the float model (fp32)
+PAIRED = {"fp32": None, "int4": "int4-h4", "int3": "int3-h4", "d2quant-w3": "d2quant3-h4"}
 # loads of each checkpoint: two loads of one checkpoint differed by up to 6% in a run (where their weights landed in
 # memory), more than the checkpoints differ, so each ratio is between the means over the loads
 INSTANCES = 2
 
 
 def paired(rounds: int) -> dict:
-    """Our compiled INT4, INT3 and D²Quant checkpoints in one process, decoding side by side for ``rounds`` rounds:
-    in a round every model decodes the same prompt, their steps interleaved token by token (the order rotating), so
+    """The compiled fp32 model and our INT4, INT3 and D²Quant checkpoints in one process, decoding side by side for
+    ``rounds`` rounds: in a round every model decodes the same prompt, their steps interleaved token by token (the
+    order rotating), so
     the slow spells of this shared machine, which moved whole processes by up to 20% between rounds of the rows
     above and runs seconds apart by as much, fall on every model alike. Each checkpoint is loaded ``INSTANCES``
     times; the median over rounds of the ratio of the loads' mean speeds is reported."""
@@ -187,7 +189,7 @@ def paired(rounds: int) -> dict:
     inductor.compile_threads = 1  # as `quantize bench --compile`: no pool of compile workers beside the timing
     use_int8_tokens(True)
     torch.set_num_threads(THREADS)
-    models = {f"{k} #{i + 1}": load_model(str(checkpoint(v))).model
+    models = {f"{k} #{i + 1}": load_model(None if v is None else str(checkpoint(v))).model
               for i in range(INSTANCES) for k, v in PAIRED.items()}
     tok = load_model(str(checkpoint(PAIRED["int4"]))).tokenizer
     ids, warm = bench_prompt(tok, PROMPT, 1), bench_prompt(tok, 16, 1)
@@ -206,7 +208,8 @@ def paired(rounds: int) -> dict:
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(mean(a), mean(b), strict=True)), 3)  # noqa: E731
     return {"rounds": rounds, "kernel_body": kernel_body(), "bandwidth_bytes_s": bandwidth(), "decode_tok_s": speeds,
             "median_ratios": {
-        "int3 / int4": ratio("int3", "int4"), "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
+        "int4 / fp32": ratio("int4", "fp32"), "int3 / int4": ratio("int3", "int4"),
+        "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp
@@ -318,7 +321,7 @@ def write_report(data: dict) -> None:
     if p:
         where = (f" on a machine whose kernels ran the {p['kernel_body']} body, copy bandwidth "
                  f"{p['bandwidth_bytes_s'] / 1e9:.2f} GB/s" if "kernel_body" in p else "")
-        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`){where}: our compiled checkpoints decoding "
+        lines += ["", f"Paired, in one process (`--paired {p['rounds']}`){where}: compiled models decoding "
                   f"side by side, their steps interleaved token by token, {p['rounds']} rounds; batch-1 decode tok/s "
                   "per round, and the median of the per-round ratios:",
                   *[f"- {k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in p["decode_tok_s"].items()],

@@ -734,4 +734,12 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/test_kernels_cpu.py::test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise"),
         "the CPU kernel's DSQ codes lose their top sign plane: every such weight reads as its -r_B side",
     ),
+    Mutation(
+        "dsq-tables-truncate",
+        "kernels_cpu/layout.py",
+        "h = torch.round((r @ signs.T)",
+        "h = torch.trunc((r @ signs.T)",
+        ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",),
+        "the AVX2 int8 body's DSQ tables truncate toward zero: weights up to a whole 7-bit step small",
+    ),
 )
