@@ -1,8 +1,9 @@
 """Low-bit GEMV/GEMM kernels for the CPU (2/3/4/8-bit uniform codes and DSQ sign planes, 1-8 tokens).
 
 * ``csrc/lowbit_gemv_cpu.cpp``: the kernels (AVX-512 or AVX2/FMA chosen at run time, a portable body
-  otherwise), reading the packed weights directly: no float weight is built.
-* :mod:`kernels_cpu.layout`: the offline repack of uniform codes into the kernel's ``chunk8`` layout.
+  otherwise; with int8 tokens, AVX-512 VNNI or AVX2), reading the packed weights directly: no float weight is built.
+* :mod:`kernels_cpu.layout`: the offline repack of uniform codes and DSQ planes into the kernel's ``chunk8``
+  layout, and DSQ's group tables for the AVX2 int8 body.
 * :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
   ``python -m kernels_cpu.build`` ahead of time.
 * ``csrc/decode_attention_cpu.cpp`` and :mod:`kernels_cpu.attention`: one query token's attention over a KV cache,

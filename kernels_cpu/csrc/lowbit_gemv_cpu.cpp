@@ -252,21 +252,29 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8
   }
 }
 
+// Per half size (2, 4, 8 entries): which half-table byte each table byte c takes, and its sign (both lanes).
+struct DsqPattern {
+  alignas(32) int8_t index[32];
+  alignas(32) int8_t sign[32];
+};
+constexpr DsqPattern dsq_pattern(int half) {
+  DsqPattern p{};
+  for (int i = 0; i < 32; ++i) {
+    const int c = i % 16;
+    p.index[i] = int8_t(c < half ? c : c < 2 * half ? 2 * half - 1 - c : 0);
+    p.sign[i] = int8_t(c < half ? 1 : -1);
+  }
+  return p;
+}
+alignas(32) constexpr DsqPattern DSQ_PATTERNS[3] = {dsq_pattern(2), dsq_pattern(4), dsq_pattern(8)};
+
 // A DSQ group's table from its record (kernels_cpu/layout.py dsq_tables: the half table h[c], c < 2^(B-1),
 // int8, then the fp16 step t) as T'[c] = T[c] / t + 64 in the low 2^B bytes of both lanes: T[c] = h[c] below the
 // half and -h[2^B - 1 - c] above it (T[~c] = -T[c]).
 template <int B>
 __attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* record, float* t) {
   constexpr int HALF = 1 << (B - 1);
-  alignas(32) static const auto pattern = [] {
-    struct { int8_t index[32]; int8_t sign[32]; } p{};
-    for (int i = 0; i < 32; ++i) {
-      const int c = i % 16;
-      p.index[i] = int8_t(c < HALF ? c : c < 2 * HALF ? 2 * HALF - 1 - c : 0);
-      p.sign[i] = int8_t(c < HALF ? 1 : -1);
-    }
-    return p;
-  }();
+  const DsqPattern& pattern = DSQ_PATTERNS[B - 2];
   __m256i h;
   if constexpr (B == 4) {
     int64_t w;
@@ -280,8 +288,9 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uin
   uint16_t step;
   std::memcpy(&step, record + HALF, 2);
   *t = _cvtsh_ss(step);
-  const __m256i full = _mm256_sign_epi8(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index))),
-                                        _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign)));
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index));
+  const __m256i sign = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign));
+  const __m256i full = _mm256_sign_epi8(_mm256_shuffle_epi8(h, index), sign);
   return _mm256_add_epi8(full, _mm256_set1_epi8(64));
 }
 
