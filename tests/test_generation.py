@@ -85,10 +85,42 @@ def test_compiled_decode_matches_eager_and_uses_the_kernel_operators():
     prepared = [m for m in model.modules() if "_cpu_compiled_op" in m.__dict__]
     assert len(prepared) == 15  # 14 block linears and the head
     assert prepared[0].__dict__["_cpu_compiled_op"][0] is torch.ops.lowbit_cpu.uniform_gemv
-    ops = {e.name for e in prof.events()}
+    ops = [e.name for e in prof.events()]
     assert model.config._attn_implementation == "lowbit_cpu" and "lowbit_cpu::decode_attention" in ops, ops
-    assert "lowbit_cpu::uniform_gemv" in ops
+    # q/k/v and gate/up are one call each: 4 a block (2 blocks) and the head's, in each of the 4 decode steps
+    assert ops.count("lowbit_cpu::uniform_gemv") == 4 * (2 * 4 + 1)
     assert torch.equal(compiled["tokens"], eager["tokens"])
+
+
+def test_siblings_share_one_kernel_call_and_compute_what_each_computes():
+    """q/k/v and gate/up (one input each) are grouped; the first of a group computes all their outputs in one
+    call over their rows stored together, which each layer's own arguments are views of; a sibling called on
+    another input computes its own; nothing is held once all have taken theirs."""
+    from kernels_cpu.dispatch import prepare_for_compile
+
+    model, _ = quantized_tiny(4)
+    prepare_for_compile(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    group = attn.q_proj.__dict__["_cpu_siblings"][0]
+    assert [attn.k_proj.__dict__["_cpu_siblings"], attn.v_proj.__dict__["_cpu_siblings"]] == [(group, 1), (group, 2)]
+    assert mlp.up_proj.__dict__["_cpu_siblings"] == (mlp.gate_proj.__dict__["_cpu_siblings"][0], 1)
+    assert all("_cpu_siblings" not in m.__dict__ for m in (attn.o_proj, mlp.down_proj, model.lm_head))
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    fused = group.args[0].untyped_storage().data_ptr()
+    assert all(m.__dict__["_cpu_kernel_plan"][4][0].untyped_storage().data_ptr() == fused for m in layers)
+
+    x = torch.randn(2, 1, attn.q_proj.in_features, generator=torch.Generator().manual_seed(4))
+    x2 = x.reshape(2, -1)
+    with torch.inference_mode():
+        outs = [group.output(i, x, x2) for i in range(3)]
+        assert group.x is None and not group.pending
+        for m, y in zip(layers, outs, strict=True):
+            ref = x2.double() @ m.dequantize(torch.float64).T
+            assert y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
+        group.output(0, x, x2)
+        other = x.clone()
+        assert group.output(1, other, other.reshape(2, -1)) is None  # not the input q_proj read: k_proj's own
+        assert torch.equal(group.output(2, x, x2), outs[2])
 
 
 def test_decode_bytes_count_what_a_token_reads():

@@ -333,6 +333,52 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, in
   for (int m = 0; m < M; ++m) y[m * N] = hsum256(tot[m]) - offset[m];
 }
 
+// Group g's integer dot product of codes and int8 tokens, as 8 partial sums.
+template <int BITS, int GS = 0>
+__attribute__((target("avx2,fma,f16c"))) inline __m256i group_dot_avx2(const int8_t* xq, const uint8_t* row,
+                                                                        int64_t g, int64_t gs) {
+  if constexpr (GS > 0) gs = GS;
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t j = g * gs; j < (g + 1) * gs; j += 32)
+    acc = _mm256_add_epi32(
+        acc, _mm256_madd_epi16(_mm256_maddubs_epi16(bytes32_avx2<BITS>(row, j),
+                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j))),
+                               _mm256_set1_epi16(1)));
+  return acc;
+}
+
+// One token and uniform codes (batch-1 decode, the common case): the per-group float work above (a scale
+// converted, a broadcast, a multiply-add per group) costs more than the group's integer dot products at group 64.
+// Here 8 groups' integer sums are reduced together (a vphaddd tree: 8 vectors of partial sums -> one vector, lane
+// i = group g0 + i), and scales, zeros and token factors are applied 8 groups at a time; ~2x the rows per second
+// of the general body on an AVX2 EPYC. A tail of fewer than 8 groups takes the per-group path.
+template <int BITS, int GS = 0>
+__attribute__((target("avx2,fma,f16c"))) void int8_row1_avx2(const int8_t* xq, const uint8_t* row,
+                                                              const at::Half* scale, const uint8_t* zeros, int64_t G,
+                                                              int64_t gs, const float* dx, const float* dxsum,
+                                                              float* y) {
+  __m256 tot = _mm256_setzero_ps(), zt = _mm256_setzero_ps();
+  int64_t g0 = 0;
+  for (; g0 + 8 <= G; g0 += 8) {
+    __m256i a[8];
+    for (int i = 0; i < 8; ++i) a[i] = group_dot_avx2<BITS, GS>(xq, row, g0 + i, gs);
+    const __m256i q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    const __m256i q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
+                                          _mm256_permute2x128_si256(q0, q1, 0x31));
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0)));
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g0))));
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, _mm256_loadu_ps(dx + g0)), tot);
+    zt = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(dxsum + g0), zt);
+  }
+  float rest = 0.f;
+  for (; g0 < G; ++g0) {
+    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g0]);
+    rest += s * (dx[g0] * float(hsum256(_mm256_cvtepi32_ps(group_dot_avx2<BITS>(xq, row, g0, gs)))) - float(zeros[g0]) * dxsum[g0]);
+  }
+  *y = hsum256(_mm256_sub_ps(tot, zt)) + rest;
+}
+
 // ---------------------------------------------------------------- AVX-512 (16 codes per step)
 // 16 codes (two chunk8 runs) at code index j, as integers / as floats in 16 lanes
 template <int BITS>
@@ -698,6 +744,12 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
   if constexpr (BITS >= 2 && BITS <= 4) {
     if (isa == Isa::Avx2Int8) {
       const Int8Tokens t(x, M, K, gs, BITS);
+      if (M == 1)
+        return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n)
+            (gs == 64 ? int8_row1_avx2<BITS, 64> : int8_row1_avx2<BITS>)(t.q.data(), codes + n * row_bytes, s + n * G, z + n * G, G, gs, t.dx.data(),
+                                 t.dxsum.data(), y + n);
+        });
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         int8_row_avx2<BITS, decltype(mm)::value, false>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
                                                         z + n * G, G, gs, t.dx.data() + m0 * G,

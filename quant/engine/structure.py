@@ -196,7 +196,7 @@ class Structure:
     def is_tied(self, model: nn.Module) -> bool:
         """lm_head computes with the embedding matrix (a streamed model's modules hold separate copies of it
         while loaded: there the config says)."""
-        if self.head(model).weight is self.embeddings(model).weight:
+        if getattr(self.head(model), "weight", None) is self.embeddings(model).weight:
             return True
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return self.tied and bool(getattr(text, "tie_word_embeddings", False))
@@ -654,7 +654,7 @@ def model_level(model: nn.Module, layers: str, final: nn.Module | None) -> Struc
         lm_head=names[id(head)],
         final_norm=names[id(final)] if final is not None else None,
         final_norm_kind=norm_kind(final) if final is not None else "none",
-        tied=head.weight is embed.weight,
+        tied=getattr(head, "weight", None) is embed.weight,  # a packed head has no weight: untied
         position_embeddings=any(not _inside(names[id(m)], layers) for m in outside),
     )
     s._ids = {id(b): i for i, b in enumerate(model.get_submodule(layers))}
@@ -683,7 +683,8 @@ def structure_of(model: nn.Module) -> Structure:
         if len(blocks) != len(s.block_info) or any(s._ids.get(id(b)) != i for i, b in enumerate(blocks)):
             s = None
     if s is None:
-        s = discover(model)
+        with torch.inference_mode(False):  # discovery reads the autograd graph, which inference mode does not record
+            s = discover(model)
         model.__dict__[_CACHE] = s
     return s
 
