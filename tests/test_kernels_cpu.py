@@ -131,7 +131,8 @@ def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the AVX2 int8 bod
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(
     "out,n,group",
-    [(37, 128, 32), (129, 256, 64), (64, 384, 128), (23, 200, 200), (8, 1536, 128), (16, 576, 576), (9, 1344, 64)],
+    [(37, 128, 32), (129, 256, 64), (64, 384, 128), (23, 200, 200), (8, 1536, 128), (16, 576, 576), (9, 1344, 64),
+     (11, 1152, 96)],  # 96: three 32-code steps a group (an odd one out of the int16 pairs)
 )
 def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
     layer = uniform_layer(out, n, bits, group, seed=bits * 1000 + n, bias=True)
