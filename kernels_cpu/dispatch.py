@@ -166,13 +166,13 @@ class Siblings:
         # the rows one after another, each layer's own arguments views into them: no second copy of the codes (a
         # view's 4 bytes of padding are the next layer's first row, which the kernel reads past but does not use)
         fused = torch.cat([c[:-4] for c in codes] + [codes[-1][-4:]])
-        self.scales, self.zeros = torch.cat(scales), torch.cat(zeros)
-        self.args = (fused, self.scales, self.zeros, bits[0], group[0], plans[0][5])
+        all_scales, all_zeros = torch.cat(scales), torch.cat(zeros)
+        self.args = (fused, all_scales, all_zeros, bits[0], group[0], plans[0][5])
         self.sizes = [m.out_features for m in layers]
         at = row = 0
         for m, p, c in zip(layers, plans, codes, strict=True):
-            args = (fused[at: at + c.numel()], self.scales[row: row + m.out_features],
-                    self.zeros[row: row + m.out_features], bits[0], group[0])
+            rows = slice(row, row + m.out_features)
+            args = (fused[at: at + c.numel()], all_scales[rows], all_zeros[rows], bits[0], group[0])
             m.__dict__["_cpu_kernel_plan"] = (*p[:4], args, p[5])
             m.__dict__["_cpu_compiled_op"] = (torch.ops.lowbit_cpu.uniform_gemv, (*args, p[5]))
             at, row = at + c.numel() - 4, row + m.out_features

@@ -21,8 +21,8 @@ its weights in L2), timed with CUDA events; per-call median over many replays.
 End to end: SmolLM2-135M, RTN 4-bit group 64, fp16 on the GPU, must generate the same 32 greedy
 tokens with the kernel path and with the dequantize path (``kernels_cuda.disabled()``).
 
-    python benchmarks/kernels.py              # full run (a few minutes on an H100)
-    python benchmarks/kernels.py --quick      # M=1 and 16 only, fewer reps
+    python benchmarks/cuda_gemv.py              # full run (a few minutes on an H100)
+    python benchmarks/cuda_gemv.py --quick      # M=1 and 16 only, fewer reps
 
 Writes benchmarks/results/kernels.json and kernels.md and prints PASS/FAIL for the bars of issue 7
 (H100/H200, batch 1 over the Llama shapes: INT4 >= 3.5x fp16 cuBLAS and >= 85% of the measured
@@ -286,7 +286,7 @@ def write_markdown(res: dict, path: Path) -> None:
         f"Weights: asymmetric, group {res['group']}, fp16 scales + uint8 zeros; activations fp16 "
         "(tinygemm: bf16). Times are medians per call inside CUDA graphs, weights rotated through "
         "copies so none is L2-resident. K = in_features, N = out_features. Produced by "
-        "`python benchmarks/kernels.py`.",
+        "`python benchmarks/cuda_gemv.py`.",
         "",
         "| shape | K x N | M | fp16 us | INT4 us | INT4 x fp16 | INT4 %BW | INT3 us | INT3 x fp16 | INT3 %BW "
         "| INT3 x INT4 | tinygemm us |",
@@ -330,7 +330,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels", help="results path stem (.json, .md)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
+        print("benchmarks/cuda_gemv.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
         return 2
 
     import kernels_cuda
