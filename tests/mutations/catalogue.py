@@ -742,4 +742,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",),
         "the AVX2 int8 body's DSQ tables truncate toward zero: weights up to a whole 7-bit step small",
     ),
+    Mutation(
+        "siblings-hand-out-the-first-pending",
+        "kernels_cpu/dispatch.py",
+        "        y = self.pending.pop(i)",
+        "        y = self.pending.pop(min(self.pending))",
+        ("tests/test_generation.py::test_siblings_share_one_kernel_call_and_compute_what_each_computes",),
+        "a fused q/k/v whose k is not taken hands k's output to v: a model that skips or reorders siblings",
+    ),
+    Mutation(
+        "siblings-ignore-the-input",
+        "kernels_cpu/dispatch.py",
+        "        if self.x is not x or i not in self.pending:",
+        "        if i not in self.pending:",
+        ("tests/test_generation.py::test_siblings_share_one_kernel_call_and_compute_what_each_computes",),
+        "a sibling called on another input gets the output the first sibling computed from its own input",
+    ),
 )
