@@ -375,14 +375,16 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row1_avx2(const int8_t* xq, c
     const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20),
                                           _mm256_permute2x128_si256(q0, q1, 0x31));
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0)));
-    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g0))));
+    const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g0));
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8));
     tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, _mm256_loadu_ps(dx + g0)), tot);
     zt = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(dxsum + g0), zt);
   }
   float rest = 0.f;
   for (; g0 < G; ++g0) {
     const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g0]);
-    rest += s * (dx[g0] * float(hsum256(_mm256_cvtepi32_ps(group_dot_avx2<BITS>(xq, row, g0, gs)))) - float(zeros[g0]) * dxsum[g0]);
+    const float sum = hsum256(_mm256_cvtepi32_ps(group_dot_avx2<BITS, GS>(xq, row, g0, gs)));
+    rest += s * (dx[g0] * sum - float(zeros[g0]) * dxsum[g0]);
   }
   *y = hsum256(_mm256_sub_ps(tot, zt)) + rest;
 }
@@ -752,12 +754,13 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
   if constexpr (BITS >= 2 && BITS <= 4) {
     if (isa == Isa::Avx2Int8) {
       const Int8Tokens t(x, M, K, gs, BITS);
-      if (M == 1)
+      if (M == 1) {  // batch-1 decode: groups of 64 with their steps unrolled
+        const auto row1 = gs == 64 ? int8_row1_avx2<BITS, 64> : int8_row1_avx2<BITS>;
         return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
           for (int64_t n = n0; n < n1; ++n)
-            (gs == 64 ? int8_row1_avx2<BITS, 64> : int8_row1_avx2<BITS>)(t.q.data(), codes + n * row_bytes, s + n * G, z + n * G, G, gs, t.dx.data(),
-                                 t.dxsum.data(), y + n);
+            row1(t.q.data(), codes + n * row_bytes, s + n * G, z + n * G, G, gs, t.dx.data(), t.dxsum.data(), y + n);
         });
+      }
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         int8_row_avx2<BITS, decltype(mm)::value, false>(t.q.data() + m0 * K, K, codes + n * row_bytes, s + n * G,
                                                         z + n * G, G, gs, t.dx.data() + m0 * G,
