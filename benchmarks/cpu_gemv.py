@@ -30,7 +30,7 @@ from test_kernels_cpu import dsq_layer, uniform_layer  # noqa: E402
 
 import kernels_cpu  # noqa: E402
 import kernels_cuda  # noqa: E402
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables  # noqa: E402
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [("smollm2 gate/up", 1536, 576), ("smollm2 down", 576, 1536), ("llama3-8b o", 4096, 4096),
@@ -86,7 +86,8 @@ def main() -> None:
             del ws
             for bits in (4, 3, 2):
                 layers = [uniform_layer(out, n, bits, GROUP, seed=i) for i in range(copies)]
-                args = [(chunk8(q.qweight, bits, n), q.scales, q.zeros) for q in layers]
+                body = ext.kernel_body(-1, GROUP, bits)  # its layout (split3 for 3 bits on the AVX2 int8 body)
+                args = [(for_body(chunk8(q.qweight, bits, n), bits, n, body), q.scales, q.zeros) for q in layers]
                 nbytes = len(args[0][0]) + out * (n // GROUP) * 3
                 cands[f"ours int{bits}"] = ([partial(ext.uniform_gemv, x, *a, bits, GROUP) for a in args], nbytes)
                 if bits == 4:
@@ -95,8 +96,9 @@ def main() -> None:
                         t = timed([partial(layers[0], x)], 2)
                     cands["dequantize + matmul int4 (before)"] = (t, nbytes)
             dl = [dsq_layer(out, n, 3, GROUP, seed=i) for i in range(copies)]
-            dsq = [partial(ext.dsq_gemv, x, dsq_chunk8(d.planes, n), d.row_scales, dsq_tables(d.row_scales), GROUP)
-                   for d in dl]
+            body = ext.kernel_body(-1, GROUP, 3)
+            dsq = [partial(ext.dsq_gemv, x, for_body(dsq_chunk8(d.planes, n), 3, n, body), d.row_scales,
+                           dsq_tables(d.row_scales), GROUP) for d in dl]
             cands["ours DSQ 3-bit"] = (dsq, dl[0].planes.numel() * 4 + dl[0].row_scales.numel() * 2)
             mms = [int4_torch(out, n) for _ in range(copies)]
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -29,7 +29,7 @@ import torch
 
 import kernels_cpu
 import kernels_cuda
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, kernel_buffer
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body, kernel_buffer
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
@@ -96,35 +96,38 @@ def _plan(layer: torch.nn.Module) -> tuple:
     plan = layer.__dict__.get("_cpu_kernel_plan")
     if plan is not None and plan[0] == key and all(r() is t for r, t in zip(plan[1], bufs, strict=True)):
         return plan
-    reason, name, args = _static_reason(layer), None, ()
-    if reason is None and kernels_cpu.EXTENSION.load() is None:
+    reason, name, args, isa = _static_reason(layer), None, (), max_isa()
+    ext = kernels_cpu.EXTENSION.load() if reason is None else None
+    if reason is None and ext is None:
         reason = "build", f"kernel build failed ({kernels_cpu.EXTENSION.error})"
-    elif reason is None and layer.FORMAT == "dsq":
-        with torch.no_grad():
-            codes, tables = dsq_chunk8(bufs[0], layer.in_features), dsq_tables(bufs[1])
-        name, args = "dsq_gemv", (codes, bufs[1], tables, layer.group_size)
     elif reason is None:
-        with torch.no_grad():  # 8-bit-scale layers store chunk8 rows already
-            dense = layer.FORMAT == "uniform-dq8"
-            codes = kernel_buffer(bufs[0]) if dense else chunk8(bufs[0], layer.bits, layer.in_features)
-        # 8-bit scales (ScaleCodedLinear) are decoded here, once: the kernel reads fp16 scales and uint8 zeros
-        name, args = "uniform_gemv", (codes, layer.scales, layer.zeros, layer.bits, layer.group_size)
-    plan = (key, tuple(weakref.ref(t) for t in bufs), reason, name, args, max_isa())
+        body = ext.kernel_body(isa, layer.group_size, layer.bits)  # its layout: chunk8, or split3 (3 bits, AVX2 int8)
+        with torch.no_grad():
+            if layer.FORMAT == "dsq":
+                codes = dsq_chunk8(bufs[0], layer.in_features)
+            else:  # 8-bit-scale layers store chunk8 rows already
+                dense = layer.FORMAT == "uniform-dq8"
+                codes = kernel_buffer(bufs[0]) if dense else chunk8(bufs[0], layer.bits, layer.in_features)
+            codes = for_body(codes, layer.bits, layer.in_features, body)
+        if layer.FORMAT == "dsq":
+            name, args = "dsq_gemv", (codes, bufs[1], dsq_tables(bufs[1]), layer.group_size)
+        else:  # 8-bit scales (ScaleCodedLinear) are decoded here, once: the kernel reads fp16 scales and uint8 zeros
+            name, args = "uniform_gemv", (codes, layer.scales, layer.zeros, layer.bits, layer.group_size)
+    plan = (key, tuple(weakref.ref(t) for t in bufs), reason, name, args, isa)
     layer.__dict__["_cpu_kernel_plan"] = plan
     return plan
 
 
-def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, isa: int | None = None, plan: tuple | None = None
-                      ) -> torch.Tensor:
-    """``x[..., in] . W^T + bias`` with the CPU kernel. ``isa``: None (the plan's: the best, or ``LOWBIT_CPU_ISA``),
-    0 portable, 1 AVX2, 2 AVX-512, 3 int8 tokens (AVX-512 VNNI or AVX2)."""
-    _, _, reason, name, args, best = plan or _plan(layer)
+def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, plan: tuple | None = None) -> torch.Tensor:
+    """``x[..., in] . W^T + bias`` with the CPU kernel, on the body the layer's plan chose (the best, or
+    ``LOWBIT_CPU_ISA``; its codes are in that body's layout)."""
+    _, _, reason, name, args, isa = plan or _plan(layer)
     if name is None:
         raise RuntimeError(f"lowbit CPU kernel cannot serve this layer: {reason[1]}")
     x2 = x.reshape(-1, layer.in_features)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
-    y = getattr(kernels_cpu.EXTENSION.module, name)(x2, *args, best if isa is None else isa)
+    y = getattr(kernels_cpu.EXTENSION.module, name)(x2, *args, isa)
     bias = layer._buffers["bias"]
     if bias is not None:
         y += bias

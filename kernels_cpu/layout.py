@@ -5,14 +5,16 @@ consecutive codes of a row fills ``bits`` bytes, code ``i`` of the run at bit ``
 ends with 4 bytes of padding, so the last load stays inside it. 3-bit codes take exactly 3 bits here (the
 checkpoint's ``rowpack-int32-v1`` leaves 2 bits of every word empty; 8-bit-scale layers store ``chunk8`` as is).
 DSQ's B sign planes become B-bit codes in the same layout (bit k of a code = plane k's sign bit, 1-4 bits).
-For the AVX2 int8 body, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`).
+For the AVX2 int8 body, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`), and 3-bit
+codes (uniform, and DSQ's three planes) as ``split3`` (:func:`split3`), which it unpacks without a multiply or a
+shuffle; :func:`for_body` picks a body's layout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quant.numerics.packing import pack_dense, unpack
+from quant.numerics.packing import pack_dense, unpack, unpack_dense
 
 
 def kernel_buffer(dense: torch.Tensor) -> torch.Tensor:
@@ -36,6 +38,35 @@ def chunk8(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     if in_features % 8:
         raise ValueError(f"chunk8 needs in_features divisible by 8, got {in_features}")
     return kernel_buffer(pack_dense(unpack(qweight, bits, in_features), bits))
+
+
+# split3's high bits: byte b of 32-bit lane l (bit 8b + l of the word) is code 16 (l % 2) + 4 b + l // 2 of the 32,
+# the code the AVX2 int8 body's 2-bit unpack puts in the same output byte (4 l + b)
+_SPLIT3_HIGH = torch.tensor([[16 * (lane % 2) + 4 * b + lane // 2 for lane in range(8)] for b in range(4)])
+
+
+def split3(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit codes ``[out, in]`` (``in`` a multiple of 32) -> ``split3`` rows ``[out, in / 8 * 3]`` (uint8): per 32
+    codes, their low 2 bits as 2-bit ``chunk8`` (8 bytes: code k at bit 2k), then their high bits (4 bytes: code
+    ``16 (l % 2) + 4 b + l // 2`` at bit ``8 b + l``). The AVX2 int8 body gets 32 codes as bytes from it with two
+    per-lane shifts, two masks, a shift and an or (``chunk8`` would take two shuffles and two multiplies)."""
+    out, n = codes.shape
+    if n % 32:
+        raise ValueError(f"split3 needs in_features divisible by 32, got {n}")
+    c = codes.to(torch.int64).view(out, n // 32, 32)
+    low = ((c & 3).view(out, n // 32, 8, 4) << torch.arange(0, 8, 2)).sum(-1)  # byte b: codes 4b .. 4b + 3
+    high = ((c[..., _SPLIT3_HIGH] >> 2) << torch.arange(8)).sum(-1)  # [out, blocks, 4]
+    return torch.cat([low, high], -1).to(torch.uint8).view(out, n // 8 * 3)
+
+
+def for_body(buffer: torch.Tensor, bits: int, in_features: int, body: str) -> torch.Tensor:
+    """A flat ``chunk8`` kernel buffer (uniform codes or DSQ's, :func:`chunk8` / :func:`dsq_chunk8`) in the layout
+    that ``body`` (the extension's ``kernel_body``) reads: the same buffer, or ``split3`` for 3-bit codes on the
+    AVX2 int8 body."""
+    if bits != 3 or body != "avx2-int8":
+        return buffer
+    rows = buffer[:-4].view(-1, in_features // 8 * 3)
+    return kernel_buffer(split3(unpack_dense(rows, 3, in_features)))
 
 
 def dsq_tables(row_scales: torch.Tensor) -> torch.Tensor:

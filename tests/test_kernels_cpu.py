@@ -12,7 +12,7 @@ import torch
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu import dispatch
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables
+from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body, split3
 from quant.numerics.packing import pack, unpack, unpack_dense
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import QuantLinear
@@ -117,6 +117,22 @@ def test_chunk8_is_the_codes_in_runs_of_eight():  # uniform codes, and DSQ's sig
         assert torch.equal(unpack_dense(buf[:-4].view(5, -1), bits, 48).to(torch.int64), layer.codes())
 
 
+def test_split3_holds_low_bits_then_high_bits_per_32_codes():  # the AVX2 int8 body's 3-bit layout
+    codes = torch.randint(0, 8, (3, 96))
+    rows = split3(codes).view(3, 3, 12).to(torch.int64)  # [rows, blocks of 32, bytes]
+    low = (rows[..., :8] << (torch.arange(8) * 8)).sum(-1)  # 64-bit word: code k's low bits at bit 2k
+    high = (rows[..., 8:] << (torch.arange(4) * 8)).sum(-1)
+    k = torch.arange(32)
+    at = 8 * ((k % 16) // 4) + 2 * (k % 4) + k // 16  # code k's high bit: byte b of lane l holds code 16(l%2)+4b+l//2
+    back = ((low[..., None] >> (2 * k)) & 3) | (((high[..., None] >> at) & 1) << 2)
+    assert torch.equal(back.view(3, 96), codes)
+    buf = chunk8(pack(codes, 3), 3, 96)
+    assert torch.equal(for_body(buf, 3, 96, "avx2-int8")[:-4], split3(codes).view(-1))
+    assert for_body(buf, 3, 96, "avx2") is buf and for_body(buf, 3, 96, "avx512-vnni") is buf
+    with pytest.raises(ValueError, match="divisible by 32"):
+        split3(codes[:, :48])
+
+
 def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the AVX2 int8 body's DSQ weights
     for bits in (1, 2, 3, 4):
         layer = dsq_layer(7, 128, bits, 32, seed=bits)
@@ -143,8 +159,8 @@ def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
         ref = reference(layer, x) - layer.bias.double()
         for isa in isas(ext):
             y = torch.full((rows, out), float("nan"))  # poisoned: every output must be written
-            ext.uniform_gemv(x, codes, layer.scales, layer.zeros, bits, group, isa, y)
             body = ext.kernel_body(isa, group, bits)
+            ext.uniform_gemv(x, for_body(codes, bits, n, body), layer.scales, layer.zeros, bits, group, isa, y)
             if body in INT8_BODIES:
                 # exact on the int8 tokens; near the float result (int8 steps: ~0.7% of the norm on these inputs,
                 # more where random zero-points cancel the output of a few rows)
@@ -168,8 +184,9 @@ def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
         ref = reference(layer, x)
         for isa in isas(ext):
             y = torch.full((rows, out), float("nan"))
-            ext.dsq_gemv(x, codes, layer.row_scales, dsq_tables(layer.row_scales), group, isa, y)
             body = ext.kernel_body(isa, group, bits)
+            ext.dsq_gemv(x, for_body(codes, bits, n, body), layer.row_scales, dsq_tables(layer.row_scales), group,
+                         isa, y)
             if body in INT8_BODIES:  # as for uniform codes (AVX2: with its 7-bit tables)
                 close(y, reference(layer, x, body))
                 assert (y.double() - ref).norm() <= 0.05 * ref.norm()
@@ -177,8 +194,11 @@ def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
                 close(y, ref)
 
 
-def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monkeypatch):
-    layers = [uniform_layer(48, 128, 3, 32, seed=1, bias=True), dsq_layer(40, 128, 2, 64, seed=2)]
+@pytest.mark.parametrize("int8", [False, True])  # int8 tokens: each layer's codes in its int8 body's layout
+def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monkeypatch, int8):
+    monkeypatch.setattr(dispatch, "_INT8_TOKENS", [int8])
+    layers = [uniform_layer(48, 128, 3, 32, seed=1, bias=True), dsq_layer(40, 128, 2, 64, seed=2),
+              dsq_layer(24, 128, 3, 64, seed=3)]
     calls = []
     real = dispatch.lowbit_matmul_cpu
     monkeypatch.setattr(dispatch, "lowbit_matmul_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))

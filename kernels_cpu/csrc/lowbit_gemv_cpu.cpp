@@ -5,7 +5,7 @@
 //
 // Both come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill `bits` bytes,
 // code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask give 8 codes in 8
-// lanes for every width. A DSQ code is weight j's B sign bits (bit k = plane k), and its value is a lookup in the
+// lanes for every width (the AVX2 int8 body reads 3-bit codes in a layout of its own, split3). A DSQ code is weight j's B sign bits (bit k = plane k), and its value is a lookup in the
 // group's table of 2^B entries, T[c] = sum_k r_k (2 bit_k(c) - 1): one permute per 8 or 16 codes, the cost of a
 // uniform code's int-to-float conversion, instead of a masked sum per plane (B times the work).
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
@@ -207,48 +207,44 @@ __attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64
 // ---------------------------------------------------------------- AVX2 with int8 tokens (vpmaddubsw)
 // As the VNNI body does, with AVX2's u8 x s8 pair products (vpmaddubsw, then vpmaddwd into 32-bit sums): 32 codes
 // a step instead of 8 floats. The 32 codes are unpacked to bytes in whatever order is cheapest for the width
-// (AVX2_ORDER below), and the int8 tokens are put in the same order once per call (Int8Tokens), so no code has
+// (avx2_order below), and the int8 tokens are put in the same order once per call (Int8Tokens), so no code has
 // to be moved into place. DSQ codes are looked up (vpshufb) in the group's table of 2^B values rounded to 7-bit
 // steps t = sum_k |r_k| / 63 (no T[c] is larger; made once per layer, kernels_cpu/layout.py dsq_tables) and offset
 // by 64, so that they are unsigned (1..127: a pair of products stays inside int16); the offset comes back out
 // through the tokens' group sums:
 //   uniform:  y[m, n] = sum_g s dx (sum_{j in g} c xq - z sum_{j in g} xq)
 //   DSQ:      y[m, n] = sum_g t dx (sum_{j in g} T'[c] xq - 64 sum_{j in g} xq),  T'[c] = round(T[c] / t) + 64
-// Groups must be multiples of 32 codes of 2-4 bits; others take the float body.
+// Groups must be multiples of 32 codes of 2-4 bits; others take the float body. 3-bit codes (uniform, and DSQ's
+// three planes) come in the split3 layout here, chunk8 everywhere else.
 
 // Which of the 32 codes of a step lands in byte p of bytes32_avx2<BITS>'s output.
 constexpr int avx2_order(int bits, int p) {
-  return bits == 2   ? 4 * (p % 8) + p / 8                        // 64-bit lane l, byte b: code 4b + l
-         : bits == 4 ? (p < 16 ? 2 * p : 2 * (p - 16) + 1)         // low nibbles, then high nibbles
-                     : 8 * (p / 8 == 1 ? 2 : p / 8 == 2 ? 1 : p / 8) + p % 8;  // 3 bits: runs 0, 2, 1, 3
+  return bits == 4 ? (p < 16 ? 2 * p : 2 * (p - 16) + 1)  // low nibbles, then high nibbles
+                   : 4 * (p % 8) + p / 8;                // 2 and 3 bits: 64-bit lane l, byte b: code 4b + l
 }
 
-// The 32 codes at code index j (a multiple of 32) as bytes, in avx2_order.
+// The 32 codes at code index j (a multiple of 32) as bytes, in avx2_order. 3-bit codes come in this body's own
+// layout, "split3" (kernels_cpu/layout.py): per 32 codes, their low 2 bits as 2-bit codes are (8 bytes), then
+// their high bits (4 bytes) in the order one per-lane shift puts them in, so no multiply or shuffle unpacks them.
 template <int BITS>
 __attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8_t* row, int64_t j) {
   const uint8_t* p = row + (j / 8) * BITS;
-  if constexpr (BITS == 2) {
-    int64_t w;
-    std::memcpy(&w, p, 8);
-    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6)),
-                            _mm256_set1_epi8(3));
-  } else if constexpr (BITS == 4) {
+  if constexpr (BITS == 4) {
     const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
   } else {
-    // 3 bits: four runs of 3 bytes (the 16-byte load reaches 4 bytes past them: the next row's, or the buffer's
-    // padding). vpshufb puts each code's two bytes in a 16-bit lane (runs 0 and 1 in a, 2 and 3 in b), a multiply
-    // by 2^(13 - its bit offset) lifts the code to bits 13-15 (what was above falls off), and a shift brings it down.
-    static_assert(BITS == 3, "2, 3 or 4 bits");
-    const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i sa = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
-                                        3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6);
-    const __m256i sb = _mm256_add_epi8(sa, _mm256_set1_epi8(6));
-    const __m256i lift = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,
-                                           8192, 1024, 128, 4096, 512, 64, 2048, 256);
-    const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(w, sa), lift), 13);
-    const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(w, sb), lift), 13);
-    return _mm256_packus_epi16(a, b);
+    static_assert(BITS == 2 || BITS == 3, "2, 3 or 4 bits");
+    int64_t w;
+    std::memcpy(&w, p, 8);
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6)),
+                                        _mm256_set1_epi8(3));
+    if constexpr (BITS == 2) return lo;
+    // split3's high bits: byte b of 32-bit lane l (output byte 4l + b) takes bit 8b + l
+    int32_t h;
+    std::memcpy(&h, p + 8, 4);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(h), lane), _mm256_set1_epi8(1));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 2));
   }
 }
 
