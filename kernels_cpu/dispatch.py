@@ -136,20 +136,22 @@ def lowbit_matmul_cpu(layer: torch.nn.Module, x: torch.Tensor, plan: tuple | Non
     return y.view(*x.shape[:-1], layer.out_features)
 
 
-def prepare_for_compile(model: torch.nn.Module) -> int:
-    """Ready every packed linear the kernel can serve for a ``torch.compile``'d decode step: its repacked codes and
-    fixed arguments are stored on the layer, and inside the compiled graph its forward is one call of
-    ``torch.ops.lowbit_cpu.*`` (no Python per layer and token); siblings that read one input are fused
-    (:class:`Siblings`). Returns how many layers were prepared."""
+def prepare_for_decode(model: torch.nn.Module) -> int:
+    """Ready every packed linear the kernel can serve for decoding, eager or in a ``torch.compile``'d step: its
+    repacked codes and fixed arguments are stored on the layer, so that a decoding-sized call is one kernel call
+    with no per-call checks of the layer (inside a compiled graph, one call of ``torch.ops.lowbit_cpu.*``); siblings
+    that read one input are fused (:class:`Siblings`). On SmolLM2 the checks and wrappers of an unprepared eager
+    call cost more than its kernel. The weights are then fixed for decoding: prepare again after changing them
+    (``quantize generate`` and ``bench`` prepare the model they load). Returns how many layers were prepared."""
     n = 0
     for layer in model.modules():
-        layer.__dict__.pop("_cpu_compiled_op", None)
+        layer.__dict__.pop("_cpu_prepared", None)
         layer.__dict__.pop("_cpu_siblings", None)
         if getattr(layer, "FORMAT", None) not in KERNEL_BITS or not kernels_cuda.enabled():
             continue
         _, _, reason, name, args, isa = _plan(layer)
         if reason is None:
-            layer.__dict__["_cpu_compiled_op"] = (getattr(torch.ops.lowbit_cpu, name), (*args, isa))
+            layer.__dict__["_cpu_prepared"] = (name, (*args, isa))
             n += 1
     if n:
         fuse_siblings(model)
@@ -177,16 +179,16 @@ class Siblings:
             rows = slice(row, row + m.out_features)
             args = (fused[at: at + c.numel()], all_scales[rows], all_zeros[rows], bits[0], group[0])
             m.__dict__["_cpu_kernel_plan"] = (*p[:4], args, p[5])
-            m.__dict__["_cpu_compiled_op"] = (torch.ops.lowbit_cpu.uniform_gemv, (*args, p[5]))
+            m.__dict__["_cpu_prepared"] = ("uniform_gemv", (*args, p[5]))
             at, row = at + c.numel() - 4, row + m.out_features
         self.x: torch.Tensor | None = None
         self.pending: dict[int, torch.Tensor] = {}
 
-    def output(self, i: int, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
-        """Sibling ``i``'s ``x2 . W^T`` (no bias; ``x2``: the layer's input ``x`` as float32 rows), or None when it
-        must compute its own."""
+    def output(self, i: int, x: torch.Tensor, x2: torch.Tensor, gemv) -> torch.Tensor | None:
+        """Sibling ``i``'s ``x2 . W^T`` (no bias; ``x2``: the layer's input ``x`` as float32 rows; ``gemv``: the
+        kernel's ``uniform_gemv``), or None when it must compute its own."""
         if i == 0:
-            ys = torch.ops.lowbit_cpu.uniform_gemv(x2, *self.args).split(self.sizes, dim=1)
+            ys = gemv(x2, *self.args).split(self.sizes, dim=1)
             self.x, self.pending = x, dict(enumerate(ys[1:], 1))
             return ys[0]
         if self.x is not x or i not in self.pending:
@@ -214,8 +216,8 @@ def fuse_siblings(model: torch.nn.Module) -> int:
             groups: dict[tuple, list[torch.nn.Module]] = {}
             for name in stage:
                 m = block.get_submodule(name)
-                prepared = m.__dict__.get("_cpu_compiled_op")
-                if name not in info.readers or prepared is None or prepared[0] is not torch.ops.lowbit_cpu.uniform_gemv:
+                prepared = m.__dict__.get("_cpu_prepared")
+                if name not in info.readers or prepared is None or prepared[0] != "uniform_gemv":
                     continue
                 key = (info.readers[name], name.rpartition(".")[0], m.in_features, *prepared[1][3:])
                 groups.setdefault(key, []).append(m)
@@ -228,21 +230,34 @@ def fuse_siblings(model: torch.nn.Module) -> int:
     return n
 
 
-def compiled_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Inside ``torch.compile``: the layer's output through its prepared operator (or its siblings' fused call),
-    or None (not prepared, or more rows than a decode step has) for the dequantize path, which compiles too."""
-    prepared = layer.__dict__.get("_cpu_compiled_op")
-    if prepared is None or x.numel() // layer.in_features > MAX_ROWS:
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def prepared_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The output of a layer :func:`prepare_for_decode` readied, through its kernel (or its siblings' fused call),
+    eagerly or inside ``torch.compile``; None (not prepared, not a decoding-sized float call, autograd, kernels
+    disabled) for the caller's other paths, which compile too."""
+    prepared = layer.__dict__.get("_cpu_prepared")
+    if prepared is None or not 0 < x.numel() // layer.in_features <= MAX_ROWS or x.dtype not in _KERNEL_DTYPES:
         return None
-    op, args = prepared
-    x2 = x.reshape(-1, layer.in_features).to(torch.float32)
+    if torch.compiler.is_compiling():
+        ops = torch.ops.lowbit_cpu
+    elif (x.requires_grad and torch.is_grad_enabled()) or kernels_cuda.inside_disabled():
+        return None
+    else:  # (LOWBIT_KERNELS was read when the layer was prepared: os.environ costs a microsecond a call)
+        ops = kernels_cpu.EXTENSION.module  # eagerly, the extension's own functions: torch.ops adds ~7 us a call
+    name, args = prepared
+    x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
     sib = layer.__dict__.get("_cpu_siblings")
-    y = sib[0].output(sib[1], x, x2) if sib is not None else None
+    y = sib[0].output(sib[1], x, x2, ops.uniform_gemv) if sib is not None else None
     if y is None:
-        y = op(x2, *args)
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+        y = getattr(ops, name)(x2, *args)
+    bias = layer._buffers["bias"]
+    if bias is not None:
+        y = y + bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

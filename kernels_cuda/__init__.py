@@ -36,6 +36,11 @@ def enabled() -> bool:
     return _disabled == 0 and env not in ("0", "false", "off", "no")
 
 
+def inside_disabled() -> bool:
+    """True inside :func:`disabled` (no environment read: for per-call checks of layers readied beforehand)."""
+    return _disabled > 0
+
+
 @contextmanager
 def disabled() -> Iterator[None]:
     """Run the block with the dequantize + matmul path on every device."""

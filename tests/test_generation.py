@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from test_cli import assert_one_line_error, run
 
+import kernels_cuda
 from quant import QuantContext, RTNConfig, load_quantized, run_pipeline, save_quantized
 from quant.methods.lmhead import LMHeadConfig
 from quant.runtime.generation import decode_bytes, head_kind, timed_run
@@ -82,9 +83,9 @@ def test_compiled_decode_matches_eager_and_uses_the_kernel_operators():
         timed_run(model, ids, 3, compiled=True, max_len=15)  # compiles for these shapes
         with torch.profiler.profile() as prof:
             compiled = timed_run(model, ids, 5, compiled=True, warm=True)
-    prepared = [m for m in model.modules() if "_cpu_compiled_op" in m.__dict__]
+    prepared = [m for m in model.modules() if "_cpu_prepared" in m.__dict__]
     assert len(prepared) == 15  # 14 block linears and the head
-    assert prepared[0].__dict__["_cpu_compiled_op"][0] is torch.ops.lowbit_cpu.uniform_gemv
+    assert prepared[0].__dict__["_cpu_prepared"][0] == "uniform_gemv"
     ops = [e.name for e in prof.events()]
     assert model.config._attn_implementation == "lowbit_cpu" and "lowbit_cpu::decode_attention" in ops, ops
     # q/k/v and gate/up are one call each: 4 a block (2 blocks) and the head's, in each of the 4 decode steps
@@ -96,10 +97,10 @@ def test_siblings_share_one_kernel_call_and_compute_what_each_computes():
     """q/k/v and gate/up (one input each) are grouped; the first of a group computes all their outputs in one
     call over their rows stored together, which each layer's own arguments are views of; a sibling called on
     another input computes its own; nothing is held once all have taken theirs."""
-    from kernels_cpu.dispatch import prepare_for_compile
+    from kernels_cpu.dispatch import prepare_for_decode
 
     model, _ = quantized_tiny(4)
-    prepare_for_compile(model)
+    prepare_for_decode(model)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     group = attn.q_proj.__dict__["_cpu_siblings"][0]
     assert [attn.k_proj.__dict__["_cpu_siblings"], attn.v_proj.__dict__["_cpu_siblings"]] == [(group, 1), (group, 2)]
@@ -111,16 +112,47 @@ def test_siblings_share_one_kernel_call_and_compute_what_each_computes():
 
     x = torch.randn(2, 1, attn.q_proj.in_features, generator=torch.Generator().manual_seed(4))
     x2 = x.reshape(2, -1)
+    gemv = torch.ops.lowbit_cpu.uniform_gemv
     with torch.inference_mode():
-        outs = [group.output(i, x, x2) for i in range(3)]
+        outs = [group.output(i, x, x2, gemv) for i in range(3)]
         assert group.x is None and not group.pending
         for m, y in zip(layers, outs, strict=True):
             ref = x2.double() @ m.dequantize(torch.float64).T
             assert y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
-        group.output(0, x, x2)
+        group.output(0, x, x2, gemv)
         other = x.clone()
-        assert group.output(1, other, other.reshape(2, -1)) is None  # not the input q_proj read: k_proj's own
-        assert torch.equal(group.output(2, x, x2), outs[2])
+        assert group.output(1, other, other.reshape(2, -1), gemv) is None  # not the input q_proj read: its own
+        assert torch.equal(group.output(2, x, x2, gemv), outs[2])
+
+
+def test_prepared_eager_decoding_calls_each_kernel_once_and_matches_the_unprepared_forward(monkeypatch):
+    """``quantize generate``/``bench`` prepare the model: an eager decode step is then one kernel call per layer or
+    sibling group, with the unprepared forward's outputs; autograd and disabled kernels still fall back."""
+    import kernels_cpu
+    from kernels_cpu import dispatch
+
+    model, _ = quantized_tiny(4)
+    ids = torch.randint(0, 49152, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        before = model(input_ids=ids[:, -1:]).logits
+    assert dispatch.prepare_for_decode(model) == 15
+    calls = []
+    ext = kernels_cpu.EXTENSION.module
+    for name in ("uniform_gemv", "dsq_gemv"):
+        real = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _real=real: calls.append(1) or _real(*a))
+    with monkeypatch.context() as m, torch.inference_mode():
+        m.setattr(dispatch, "kernel_forward", lambda *a: pytest.fail("the unprepared path ran"))
+        after = model(input_ids=ids[:, -1:]).logits
+    assert len(calls) == 4 * 2 + 1  # q/k/v, o, gate/up, down in each of 2 blocks, and the head
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5)
+    head = model.lm_head
+    x = torch.randn(1, head.in_features, requires_grad=True)
+    calls.clear()
+    head(x).sum().backward()  # autograd: the dequantize path
+    with torch.no_grad(), kernels_cuda.disabled():
+        head(x)
+    assert not calls and x.grad is not None
 
 
 def test_decode_bytes_count_what_a_token_reads():

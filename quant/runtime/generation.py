@@ -67,6 +67,7 @@ def generate(model: nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int
     """New token ids (``[batch, n]``) and the seconds they took, through ``model.generate``."""
     sampling.validate()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prepared(model)  # before the clock: the codes are repacked once
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -145,15 +146,27 @@ def bench_prompt(tokenizer, tokens: int, batch: int) -> torch.Tensor:
     return ids[: tokens * batch].view(batch, tokens)
 
 
+def prepared(model: nn.Module) -> nn.Module:
+    """``model`` with its packed linears readied for decoding on the CPU, once per model
+    (``kernels_cpu.dispatch.prepare_for_decode``: one kernel call a layer, q/k/v and gate/up fused, no per-call
+    checks; ~1.5x faster eager decoding of SmolLM2 INT4). Its weights are fixed for decoding from here on."""
+    if "_lowbit_prepared" not in model.__dict__:
+        if next(model.parameters()).device.type == "cpu":
+            from kernels_cpu.dispatch import prepare_for_decode
+
+            prepare_for_decode(model)
+        model.__dict__["_lowbit_prepared"] = True
+    return model
+
+
 def _compiled_forward(model: nn.Module):
     """``model.forward`` compiled once per model (static shapes: one graph per batch size and cache length), with
-    the packed linears' kernels (``kernels_cpu.dispatch.prepare_for_compile``) and the decode attention
-    (``kernels_cpu.attention``) as graph operators."""
+    the packed linears' kernels (:func:`prepared`) and the decode attention (``kernels_cpu.attention``) as graph
+    operators."""
     if "_lowbit_compiled" not in model.__dict__:
         from kernels_cpu.attention import use_decode_attention
-        from kernels_cpu.dispatch import prepare_for_compile
 
-        prepare_for_compile(model)
+        prepared(model)
         if next(model.parameters()).device.type == "cpu":
             use_decode_attention(model)
         # no size asserts: the graph checked its ~800 inputs' sizes and strides on every step (4% of a SmolLM2 step),
@@ -179,7 +192,7 @@ class _Greedy:
         self.model, self.ids, self.compiled, self.n = model, ids, compiled, ids.shape[1]
         self.cache = (StaticCache(config=model.config, max_cache_len=max_len or self.n + new_tokens) if compiled
                       else DynamicCache())
-        self.forward = _compiled_forward(model) if compiled else model
+        self.forward = _compiled_forward(model) if compiled else prepared(model)
         self.toks: list[torch.Tensor] = []
 
     def _next(self, fwd, ids: torch.Tensor, start: int) -> None:

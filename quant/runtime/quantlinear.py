@@ -72,9 +72,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self._cached is None:
             # decoding-sized calls read the packed weight directly (kernels_cpu); the rest fall through
-            from kernels_cpu.dispatch import compiled_forward, kernel_forward
+            from kernels_cpu.dispatch import kernel_forward, prepared_forward
 
-            y = compiled_forward(self, x) if torch.compiler.is_compiling() else kernel_forward(self, x)
+            y = prepared_forward(self, x)
+            if y is None and not torch.compiler.is_compiling():
+                y = kernel_forward(self, x)
             if y is not None:
                 return y
         w = self._cached if self._cached is not None and self._cached.dtype == x.dtype else self.dequantize(x.dtype)
