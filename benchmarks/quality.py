@@ -31,10 +31,12 @@ def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
     dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32``
     group 128 / 32, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the
-    scales, ``-ft-e2e`` both; ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
+    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both; ``preset-NAME`` the bundled
+    recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
+    e2e_norms = ("finetune", FinetuneConfig(mode="e2e", e2e_norms=True))
     both = ("finetune", FinetuneConfig(mode="both"))
     # 200 end-to-end steps: the held-out KL was still falling at step 100 in every end-to-end run
     e2e200 = ("finetune", FinetuneConfig(mode="e2e", e2e_steps=200))
@@ -54,6 +56,7 @@ def settings() -> dict[str, list]:
             out[f"d2quant-w{b}{name}"] = [rot, d2q]
             out[f"d2quant-w{b}{name}-ft"] = [rot, d2q, ft]
             out[f"d2quant-w{b}{name}-e2e"] = [rot, d2q, e2e]
+            out[f"d2quant-w{b}{name}-e2e-norms"] = [rot, d2q, e2e_norms]
             out[f"d2quant-w{b}{name}-ft-e2e"] = [rot, d2q, both]
             out[f"d2quant-w{b}{name}-e2e200"] = [rot, d2q, e2e200]
     # NSDS widths (2-4 bits a linear) at the bytes of uniform 3-bit, and at 2.25 (2.49 bits per weight at group 64)

@@ -9,7 +9,7 @@
 * ``csrc/decode_attention_cpu.cpp`` and :mod:`kernels_cpu.attention`: one query token's attention over a KV cache,
   transformers' attention implementation ``"lowbit_cpu"`` for compiled decode steps.
 * :mod:`kernels_cpu.dispatch`: what ``QuantLinear``/``DSQLinear.forward`` call on CPU inputs, eagerly or inside a
-  ``torch.compile``'d decode step (``prepare_for_compile``; the kernels are also ``torch.ops.lowbit_cpu.*``).
+  ``torch.compile``'d decode step (``prepare_for_decode``; the kernels are also ``torch.ops.lowbit_cpu.*``).
 
 The dispatch rules are shared with ``kernels_cuda``: ``LOWBIT_KERNELS=0`` or ``kernels_cuda.disabled()``
 forces the dequantize + matmul path on every device. A failed build (no compiler) is reported once and

@@ -126,7 +126,8 @@ def _kl_to(model, ref_logits, ids) -> float:
     return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / (ids.shape[0] * ids.shape[1]))
 
 
-def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer):
+@pytest.mark.parametrize("norms", [False, True])  # with the norms' weights trained too (--finetune-e2e-norms)
+def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer, norms):
     from calibrate import calibration_windows
 
     ids = calibration_windows(tokenizer, "c4", 32, 128, seed=0)
@@ -134,12 +135,17 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
     with torch.no_grad():
         ref = tiny_model("llama", seed=5)(test_ids).logits
     kl = {}
-    for name, tail in {"solver": [], "e2e": [("finetune", FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4,
-                                                                          holdout=0.25, e2e_lr=5e-3))]}.items():
+    e2e_cfg = FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, e2e_norms=norms)
+    for name, tail in {"solver": [], "e2e": [("finetune", e2e_cfg)]}.items():
         model = tiny_model("llama", seed=5)
         ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
         records = run_pipeline(ctx, [("gptq", GPTQConfig(bits=2, group_size=32, scale_bits=8)), *tail])
         kl[name] = _kl_to(model, ref, test_ids)
+    norm_weights = [model.model.norm.weight, *(m.weight for b in model.model.layers
+                                                for m in (b.input_layernorm, b.post_attention_layernorm))]
+    moved = [not torch.equal(w, torch.ones_like(w)) for w in norm_weights]  # (the tiny model's norms start at 1)
+    assert all(moved) if norms else not any(moved)
+    assert all(w.requires_grad for w in norm_weights)  # as they were before the pass
     e2e = records[1]["summary"]["e2e"]
     assert records[1]["summary"]["blocks"] == 0  # e2e alone: no block tuning
     assert e2e["held_best"] < e2e["held"][0] and e2e["kl_reduction"] > 0

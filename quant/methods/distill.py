@@ -15,13 +15,17 @@ logits are the final norm and lm_head (still float, and the same modules the stu
 The student runs its blocks from the embeddings with the engine's own block calls, so any architecture the
 structure discovery supports works, and the model must be resident (a streamed run refuses it).
 
-Optimiser: Adam on the factors, ``e2e_lr`` decaying linearly, ``e2e_steps`` steps of ``e2e_batch`` windows;
+Optimiser: Adam on the factors (with ``e2e_norms``, also on every norm's weight and bias: float parameters, stored as
+they are), ``e2e_lr`` decaying linearly, ``e2e_steps`` steps of ``e2e_batch`` windows;
 1/8 of the windows held out and the best held-out KL kept (the shared loop of :func:`quant.methods.finetune.fit`),
 so the result is never worse than the solver's on held-out calibration text. Hardened as the block pass does:
 fp16 scales (or the rows' 8-bit grids), the format unchanged.
 """
 
 from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,6 +43,7 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
 
     ctx, structure, model = run.ctx, run.structure, run.ctx.model
     norm = model.get_submodule(structure.final_norm) if structure.final_norm else nn.Identity()
+    teacher_norm = copy.deepcopy(norm)  # the float model's, however the student's final norm is trained
     head = structure.head(model)
     ids = dist.shard(ctx.calib_ids).to(run.device)
     ctx.source.load_outer(model, structure, "inputs")
@@ -46,19 +51,43 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
     ctx.source.release_outer(model, structure, "inputs")
     teacher = run.xf
 
-    def logprobs(h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(head(norm(h)).float(), dim=-1)
+    def logprobs(h: torch.Tensor, final_norm: nn.Module) -> torch.Tensor:
+        return F.log_softmax(head(final_norm(h)).float(), dim=-1)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         x = x0[idx]
         for i, block in enumerate(run.blocks):
             x = call_block(block, x, run.kwargs[i])
         with torch.no_grad():
-            t = logprobs(teacher[idx].to(x.dtype))
-        s = logprobs(x)
+            t = logprobs(teacher[idx].to(x.dtype), teacher_norm)
+        s = logprobs(x, norm)
         return F.kl_div(s, t, log_target=True, reduction="sum") / (s.shape[0] * s.shape[1])
 
     names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
-    with tunables(model, names, rounding=False) as tun:
+    with tunables(model, names, rounding=False) as tun, _trainable(norm_parameters(model, structure) if cfg.e2e_norms
+                                                                   else []) as extra:
         return fit(tun, loss_on, x0.shape[0], cfg, Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr),
-                   "finetune e2e (KL)", progress)
+                   "finetune e2e (KL)", progress, extra)
+
+
+def norm_parameters(model: nn.Module, structure) -> list[nn.Parameter]:
+    """The weight and bias of every norm in the blocks (pre-, post- and inner norms, DAC's biases among them) and of
+    the final norm, as the structure discovery found them."""
+    mods = [block.get_submodule(name) for block, info in zip(structure.blocks(model), structure.block_info,
+                                                             strict=True) for name in info.norms]
+    if structure.final_norm:
+        mods.append(model.get_submodule(structure.final_norm))
+    return [p for m in mods for p in (m._parameters.get("weight"), m._parameters.get("bias")) if p is not None]
+
+
+@contextmanager
+def _trainable(params: list[nn.Parameter]):
+    """``params`` with gradients for the duration (inside :func:`tunables`, which freezes every parameter)."""
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield params
+    finally:
+        for p, w in zip(params, was, strict=True):
+            p.requires_grad_(w)

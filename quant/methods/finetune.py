@@ -73,6 +73,9 @@ class FinetuneConfig:
     e2e_batch: int = option(2, "Calibration windows per end-to-end step.", "--finetune-e2e-batch")
     e2e_lr: float = option(1e-3, "Adam learning rate of the scale factors end to end; decays linearly.",
                            "--finetune-e2e-lr")
+    e2e_norms: bool = option(False, "End to end, also train every norm's weight and bias (DAC's biases included; "
+                             "float parameters the checkpoint stores as they are) beside the scales.",
+                             "--finetune-e2e-norms/--finetune-e2e-scales-only")
     holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
     eval_every: int = option(10, "Steps between held-out measurements.")
     patience: int = option(3, "Held-out measurements without improvement before a block stops early.")
@@ -219,12 +222,13 @@ def tunables(module: nn.Module, names: list[str], rounding: bool):
 
 
 def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedule, desc: str = "",
-        progress: bool = True) -> dict:
-    """Minimise ``loss_on(window indices)`` over the tunables' parameters on ``n`` windows (1/``cfg.holdout`` held
-    out, measured every ``cfg.eval_every`` steps, the best kept, early stop after ``cfg.patience`` measurements
-    without improvement), then harden them into their packed modules; returns the loss curve."""
+        progress: bool = True, extra: list[nn.Parameter] = ()) -> dict:
+    """Minimise ``loss_on(window indices)`` over the tunables' parameters (and the float parameters ``extra``, by
+    the scales' Adam) on ``n`` windows (1/``cfg.holdout`` held out, measured every ``cfg.eval_every`` steps, the
+    best kept, early stop after ``cfg.patience`` measurements without improvement), then harden the tunables into
+    their packed modules; returns the loss curve."""
     rounding = [t.v for t in tun if t.v is not None]
-    scales = [t.a for t in tun]
+    scales = [t.a for t in tun] + list(extra)
     params = rounding + scales
     adam = torch.optim.Adam(scales, lr=sched.scale_lr)
     held = max(1, round(n * cfg.holdout)) if n > 1 else 0
