@@ -70,20 +70,20 @@ def for_body(buffer: torch.Tensor, bits: int, in_features: int, body: str) -> to
 
 
 def dsq_tables(row_scales: torch.Tensor) -> torch.Tensor:
-    """DSQ row scales ``[out, groups, B]`` (fp16) -> each group's table of weight values as the AVX2 int8 body
-    reads it, flat uint8 ``[out * groups * (2^(B-1) + 2)]``: a record per group of the half table ``h[c]``
-    (int8) and its fp16 step ``t``.
+    """DSQ row scales ``[out, groups, B]`` (fp16) -> each group's table of weight values as the int8 bodies read
+    it, flat uint8 ``[out * groups * (2 + 2^(B-1))]``: per row, its groups' fp16 steps ``t``, then their half tables
+    ``h[c] = round(T[c] / t)`` (int8) for the codes ``c < 2^(B-1)``.
 
     A group's weights take the 2^B values ``T[c] = sum_k r_k (2 bit_k(c) - 1)``, and ``T[~c] = -T[c]``, so the
-    codes whose top bit is clear hold them all: ``h[c] = round(T[c] / t)`` with ``t = sum_k |r_k| / 63`` (no
-    ``|T[c]|`` is larger), 7 bits, which the kernel offsets by 64 to multiply them unsigned. The record is as
-    large as the row scales it stands for (2^(B-1) + 2 bytes against 2 B)."""
+    codes whose top bit is clear hold them all; ``t = sum_k |r_k| / 63`` (no ``|T[c]|`` is larger), 7 bits, which
+    the kernels offset by 64 to multiply them unsigned. A group costs as many bytes as its row scales (6 at 3
+    planes); the steps lie together so that 8 or 16 groups' are one vector load."""
     r = row_scales.float()
-    bits = r.shape[-1]
+    out, groups, bits = r.shape
     half = 2 ** (bits - 1)
     signs = torch.tensor([[1.0 if c >> k & 1 else -1.0 for k in range(bits)] for c in range(half)])
     step = (r.abs().sum(-1) / 63).half()  # [out, groups]
     inv = torch.where(step > 0, 1 / step.float(), torch.zeros_like(step, dtype=torch.float32))
     h = torch.round((r @ signs.T) * inv[..., None]).clamp(-63, 63).to(torch.int8)  # [out, groups, half]
-    record = torch.cat([h.view(torch.uint8), step[..., None].view(torch.uint8).reshape(*step.shape, 2)], -1)
-    return record.reshape(-1).contiguous()
+    rows = torch.cat([step.view(torch.uint8).reshape(out, 2 * groups), h.view(torch.uint8).reshape(out, -1)], -1)
+    return rows.reshape(-1).contiguous()

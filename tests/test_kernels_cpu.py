@@ -66,24 +66,24 @@ def dsq_layer(out: int, n: int, bits: int, group: int, seed: int) -> DSQLinear:
 
 
 def dsq_int8_table_weight(layer: DSQLinear) -> torch.Tensor:
-    """The weight the AVX2 int8 body multiplies by for DSQ (float64): each group's table from its record in
-    ``dsq_tables`` (the half table h and the fp16 step t; T[c] = t h[c], T[~c] = -T[c])."""
-    half = 2 ** (layer.bits - 1)
+    """The weight the int8 bodies multiply by for DSQ (float64): each group's table from ``dsq_tables`` (per row,
+    the groups' fp16 steps t, then their int8 half tables h; T[c] = t h[c], T[~c] = -T[c])."""
     groups = layer.in_features // layer.group_size
-    rec = dsq_tables(layer.row_scales).view(layer.out_features, groups, half + 2)
-    h = rec[..., :half].contiguous().view(torch.int8).double()
-    t = rec[..., half:].contiguous().view(torch.float16).double()  # [out, groups, 1]
-    table = torch.cat([h, -h.flip(-1)], -1) * t  # code c >= half is ~c's negation: c = 2^B - 1 - c'
+    rows = dsq_tables(layer.row_scales).view(layer.out_features, -1)
+    t = rows[:, : 2 * groups].contiguous().view(torch.float16).double()  # [out, groups]
+    h = rows[:, 2 * groups:].contiguous().view(torch.int8).double().view(layer.out_features, groups, -1)
+    table = torch.cat([h, -h.flip(-1)], -1) * t[..., None]  # code c >= half is ~c's negation: c = 2^B - 1 - c'
     codes = layer.codes().view(layer.out_features, groups, layer.group_size)
     return torch.gather(table, 2, codes).reshape(layer.out_features, layer.in_features)
 
 
 def reference(layer, x: torch.Tensor, body: str = "portable") -> torch.Tensor:
-    """float64 x W^T (+ bias) for what ``body`` computes: int8 tokens on the int8 bodies, and DSQ tables rounded
-    to 7 bits on the AVX2 one."""
+    """float64 x W^T (+ bias) for what ``body`` computes: int8 tokens on the int8 bodies, and there DSQ tables
+    rounded to 7 bits (2-4 planes; one plane's signs are exact)."""
     if body in INT8_BODIES:
         x = int8_tokens(x, layer.group_size)
-    w = dsq_int8_table_weight(layer) if body == "avx2-int8" and isinstance(layer, DSQLinear) else None
+    tables = body in INT8_BODIES and isinstance(layer, DSQLinear) and layer.bits >= 2
+    w = dsq_int8_table_weight(layer) if tables else None
     y = x.double() @ (layer.dequantize(torch.float64) if w is None else w).T
     return y + layer.bias.double() if layer.bias is not None else y
 

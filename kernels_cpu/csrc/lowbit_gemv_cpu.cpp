@@ -264,11 +264,11 @@ constexpr DsqPattern dsq_pattern(int half) {
 }
 alignas(32) constexpr DsqPattern DSQ_PATTERNS[3] = {dsq_pattern(2), dsq_pattern(4), dsq_pattern(8)};
 
-// A DSQ group's table from its record (kernels_cpu/layout.py dsq_tables: the half table h[c], c < 2^(B-1),
-// int8, then the fp16 step t) as T'[c] = T[c] / t + 64 in the low 2^B bytes of both lanes: T[c] = h[c] below the
-// half and -h[2^B - 1 - c] above it (T[~c] = -T[c]).
+// A DSQ group's table from its half table h[c], c < 2^(B-1) (int8, kernels_cpu/layout.py dsq_tables) as
+// T'[c] = T[c] / t + 64 in the low 2^B bytes of both lanes: T[c] = h[c] below the half and -h[2^B - 1 - c] above
+// it (T[~c] = -T[c]).
 template <int B>
-__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* record, float* t) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* record) {
   constexpr int HALF = 1 << (B - 1);
   const DsqPattern& pattern = DSQ_PATTERNS[B - 2];
   __m256i h;
@@ -281,16 +281,14 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uin
     std::memcpy(&w, record, HALF);
     h = _mm256_set1_epi32(w);
   }
-  uint16_t step;
-  std::memcpy(&step, record + HALF, 2);
-  *t = _cvtsh_ss(step);
   const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index));
   const __m256i sign = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign));
   const __m256i full = _mm256_sign_epi8(_mm256_shuffle_epi8(h, index), sign);
   return _mm256_add_epi8(full, _mm256_set1_epi8(64));
 }
 
-// Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: zeros are the row's table records (scale unused).
+// Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: scale is the row's group steps t (fp16 [G]) and
+// zeros its half tables (2^(B-1) bytes a group), as kernels_cpu/layout.py dsq_tables lays out a row.
 template <int BITS, int M, bool DSQ>
 __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, int64_t K, const uint8_t* row,
                                                              const at::Half* scale, const uint8_t* zeros,
@@ -301,15 +299,13 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, in
   float offset[M];
   for (int m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps(), offset[m] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    float s, z;
+    const float s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g]);
+    float z = 64.f;
     __m256i table = _mm256_setzero_si256();
-    if constexpr (DSQ) {
-      table = dsq_table_avx2<BITS>(zeros + g * ((1 << (BITS - 1)) + 2), &s);
-      z = 64.f;
-    } else {
-      s = _cvtsh_ss(reinterpret_cast<const uint16_t*>(scale)[g]);
+    if constexpr (DSQ)
+      table = dsq_table_avx2<BITS>(zeros + g * (1 << (BITS - 1)));
+    else
       z = float(zeros[g]);
-    }
     __m256i acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
     for (int64_t j = g * gs; j < (g + 1) * gs; j += 32) {
@@ -494,7 +490,8 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
 // instead of being converted to floats. 64 codes per step: their 8 * BITS bytes are spread one run per 64-bit
 // lane (vpermb) and vpmultishiftqb pulls code i of the run from bit BITS * i into byte i.
 //   y[m, n] = sum_g s[n,g] dx[m,g] (sum_{j in g} c[n,j] xq[m,j] - z[n,g] sum_{j in g} xq[m,j])
-// Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ codes: dsq_row_vnni below.
+// Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ codes of 2-4 planes: looked up in
+// their group's table (uniform_row_vnni); of one plane: dsq_row_vnni below.
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
     const uint8_t* row, int64_t j) {
@@ -517,10 +514,26 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inlin
   }
 }
 
+// A DSQ group's table (as dsq_table_avx2 makes it) in the low 2^B bytes of a 512-bit register, for vpermb.
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) inline __m512i dsq_table_vnni(
+    const uint8_t* half) {
+  const DsqPattern& pattern = DSQ_PATTERNS[B - 2];
+  const __m512i h = _mm512_maskz_loadu_epi8((__mmask64(1) << (1 << (B - 1))) - 1, half);
+  const __m512i index = _mm512_zextsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index)));
+  const __mmask64 negative =
+      _mm512_movepi8_mask(_mm512_zextsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign))));
+  const __m512i v = _mm512_permutexvar_epi8(index, h);
+  return _mm512_add_epi8(_mm512_mask_sub_epi8(v, negative, _mm512_setzero_si512(), v), _mm512_set1_epi8(64));
+}
+
 // The per-group factors s dx and the zero-point term sum_g s z dx sum xq are made 16 groups at a time (vector
 // loads of the fp16 scales and uint8 zeros) rather than one group at a time in scalar code; two accumulators
-// alternate between groups so that consecutive FMAs do not wait on each other.
-template <int BITS, int M>
+// alternate between groups so that consecutive FMAs do not wait on each other. DSQ (2-4 planes): s_row holds the
+// row's group steps t and z_row its half tables (kernels_cpu/layout.py dsq_tables); each code is looked up in its
+// group's table T'[c] = T[c] / t + 64 (vpermb, one a 64-code step) and z = 64: the uniform body's work and one
+// permute, where the per-plane body below does B dot products.
+template <int BITS, int M, bool DSQ = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
     const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
     int64_t gs, const float* dx, const float* dxs, float* y, int64_t N) {
@@ -531,7 +544,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
     const int64_t n = std::min<int64_t>(16, G - g0);
     const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, s_row + g0));
-    const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z_row + g0))));
+    const __m512 z = DSQ ? _mm512_set1_ps(64.f)
+                         : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, z_row + g0)));
+    const __m512 sz = _mm512_mul_ps(s, z);
     for (int m = 0; m < M; ++m) {
       _mm512_store_ps(coef[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, dx + m * G + g0)));
       zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, dxs + m * G + g0), zt[m]);
@@ -539,8 +554,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
     for (int64_t g = g0; g < g0 + n; ++g) {
       __m512i acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+      __m512i table = _mm512_setzero_si512();
+      if constexpr (DSQ) table = dsq_table_vnni<BITS>(z_row + g * (1 << (BITS - 1)));
       for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-        const __m512i c = codes64_vnni<BITS>(row, j);
+        __m512i c = codes64_vnni<BITS>(row, j);
+        if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
         for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
       }
       for (int m = 0; m < M; ++m)
@@ -551,7 +569,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
     y[m * N] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(tot[0][m], tot[1][m]), zt[m]));
 }
 
-// DSQ codes with int8 tokens: plane k's sign bits of 64 codes (bit k of their codes, vptestmb) become bytes 0/1
+// One-plane DSQ codes with int8 tokens (the body of every width before the tables, and still correct for
+// any): plane k's sign bits of 64 codes (bit k of their codes, vptestmb) become bytes 0/1
 // under a mask (vmovdqu8) and meet the tokens in vpdpbusd; y = sum_g sum_k r_k dx (2 sum_{bit=1} xq - sum xq).
 // Each plane has its own float accumulator (B independent FMA chains, not one chain B times as long), and the
 // factors 2 r_k dx are made 16 at a time from the row's fp16 scales and the call's dx2 = 2 dx (repeated per plane)
@@ -785,7 +804,29 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
     });
 #if LOWBIT_X86
-  if (isa == Isa::Vnni) {
+  // a row's tables for the int8 bodies: its G fp16 steps, then its G half tables
+  const int64_t table_bytes = G * (2 + (1 << (B - 1)));
+  const auto steps = [&](int64_t n) { return reinterpret_cast<const at::Half*>(tables + n * table_bytes); };
+  const auto halves = [&](int64_t n) { return tables + n * table_bytes + 2 * G; };
+  if constexpr (B >= 2) {
+    if (isa == Isa::Vnni) {
+      const Int8Tokens t(x, M, K, gs);
+      return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+        uniform_row_vnni<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
+                                                       halves(n), G, gs, t.dx.data() + m0 * G,
+                                                       t.dxsum.data() + m0 * G, y + m0 * N + n, N);
+      });
+    }
+    if (isa == Isa::Avx2Int8) {
+      const Int8Tokens t(x, M, K, gs, B);
+      return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+        int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
+                                                    halves(n), G, gs, t.dx.data() + m0 * G, t.dxsum.data() + m0 * G,
+                                                    y + m0 * N + n, N);
+      });
+    }
+  }
+  if (isa == Isa::Vnni) {  // one plane: its signs as 0/1 bytes
     const Int8Tokens t(x, M, K, gs);
     // per (token, group, plane): 2 dx and dx * sum xq, the factors dsq_row_vnni multiplies the row scales by
     const int64_t G_B = G * B;
@@ -796,16 +837,6 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       dsq_row_vnni<B, decltype(mm)::value>(t.q.data() + m0 * K, K, codes + n * row_bytes, rs + n * G_B, G, gs,
                                            dx2.data() + m0 * G_B, dxs.data() + m0 * G_B, y + m0 * N + n, N);
     });
-  }
-  if constexpr (B >= 2) {
-    if (isa == Isa::Avx2Int8) {
-      const Int8Tokens t(x, M, K, gs, B);
-      return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
-        int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, nullptr,
-                                                    tables + n * G * ((1 << (B - 1)) + 2), G, gs,
-                                                    t.dx.data() + m0 * G, t.dxsum.data() + m0 * G, y + m0 * N + n, N);
-      });
-    }
   }
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     constexpr int MM = decltype(mm)::value;
@@ -865,8 +896,8 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 }
 
 // codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes (bit k = sign plane k, 1 = +1); row_scales:
-// fp16 [N, G, B]; tables: uint8 [N * G * (2^(B-1) + 2)], each group's table record (kernels_cpu/layout.py
-// dsq_tables), read by the AVX2 int8 body.
+// fp16 [N, G, B]; tables: uint8 [N * G * (2 + 2^(B-1))], each row's group steps and half tables
+// (kernels_cpu/layout.py dsq_tables), read by the int8 bodies.
 torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, torch::Tensor tables,
                        int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
   TORCH_CHECK(row_scales.scalar_type() == torch::kHalf && row_scales.is_contiguous() && row_scales.dim() == 3,
@@ -880,7 +911,7 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
               "codes must be the chunk8 layout of the weight's sign-plane codes");
   TORCH_CHECK(tables.scalar_type() == torch::kUInt8 && tables.is_contiguous() &&
                   tables.numel() == N * G * ((1 << (B - 1)) + 2),
-              "tables must be the weight's group table records (kernels_cpu.layout.dsq_tables)");
+              "tables must be the weight's group steps and half tables (kernels_cpu.layout.dsq_tables)");
   auto y = output(x, N, out);
   auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(),
                               row_bytes, row_scales.data_ptr<at::Half>(), tables.data_ptr<uint8_t>(), G, group_size,
