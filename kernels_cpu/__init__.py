@@ -3,7 +3,7 @@
 * ``csrc/lowbit_gemv_cpu.cpp``: the kernels (AVX-512 or AVX2/FMA chosen at run time, a portable body
   otherwise; with int8 tokens, AVX-512 VNNI or AVX2), reading the packed weights directly: no float weight is built.
 * :mod:`kernels_cpu.layout`: the offline repack of uniform codes and DSQ planes into the kernel's ``chunk8``
-  layout, and DSQ's group tables for the AVX2 int8 body.
+  layout, and DSQ's group tables for the int8 bodies.
 * :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
   ``python -m kernels_cpu.build`` ahead of time.
 * ``csrc/decode_attention_cpu.cpp`` and :mod:`kernels_cpu.attention`: one query token's attention over a KV cache,

@@ -15,7 +15,7 @@ order does (tests/test_kernels_cpu.py states the bounds).
 
 Uniform codes and DSQ's sign planes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`)
 and cached on the module with the per-layer checks (rebuilt when its buffers change): a second copy of the
-codes, the same size or smaller (3-bit), DSQ's group tables for the AVX2 int8 body (as large as its row scales),
+codes, the same size or smaller (3-bit), DSQ's group tables for the int8 bodies (as large as its row scales),
 and no float weight. The fp16 scales and uint8 zeros, and DSQ's row scales, are read as stored; 8-bit scales and
 4-bit zeros are decoded into them once, in the same cache.
 """

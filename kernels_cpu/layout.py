@@ -5,9 +5,9 @@ consecutive codes of a row fills ``bits`` bytes, code ``i`` of the run at bit ``
 ends with 4 bytes of padding, so the last load stays inside it. 3-bit codes take exactly 3 bits here (the
 checkpoint's ``rowpack-int32-v1`` leaves 2 bits of every word empty; 8-bit-scale layers store ``chunk8`` as is).
 DSQ's B sign planes become B-bit codes in the same layout (bit k of a code = plane k's sign bit, 1-4 bits).
-For the AVX2 int8 body, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`), and 3-bit
-codes (uniform, and DSQ's three planes) as ``split3`` (:func:`split3`), which it unpacks without a multiply or a
-shuffle; :func:`for_body` picks a body's layout.
+For the int8 bodies, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`); for the AVX2
+int8 body, 3-bit codes (uniform, and DSQ's three planes) come as ``split3`` (:func:`split3`), which it unpacks
+without a multiply or a shuffle; :func:`for_body` picks a body's layout.
 """
 
 from __future__ import annotations

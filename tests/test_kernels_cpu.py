@@ -133,7 +133,7 @@ def test_split3_holds_low_bits_then_high_bits_per_32_codes():  # the AVX2 int8 b
         split3(codes[:, :48])
 
 
-def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the AVX2 int8 body's DSQ weights
+def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the int8 bodies' DSQ weights
     for bits in (1, 2, 3, 4):
         layer = dsq_layer(7, 128, bits, 32, seed=bits)
         layer.row_scales[0, 0] = 0  # an all-zero group: a zero step, no division by it

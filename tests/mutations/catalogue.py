@@ -688,8 +688,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "e2e-distills-from-itself",
         "quant/methods/distill.py",
-        "t = logprobs(teacher[idx].to(x.dtype))",
-        "t = logprobs(x.detach())",
+        "t = logprobs(teacher[idx].to(x.dtype), teacher_norm)",
+        "t = logprobs(x.detach(), norm)",
         ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
         "the end-to-end teacher is the quantized model itself: the KL is 0 and nothing moves toward the float model",
     ),
@@ -740,7 +740,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "h = torch.round((r @ signs.T)",
         "h = torch.trunc((r @ signs.T)",
         ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",),
-        "the AVX2 int8 body's DSQ tables truncate toward zero: weights up to a whole 7-bit step small",
+        "the int8 bodies' DSQ tables truncate toward zero: weights up to a whole 7-bit step small",
     ),
     Mutation(
         "split3-high-bits-misplaced",
