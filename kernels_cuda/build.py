@@ -35,7 +35,7 @@ GENCODE = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ]
-NVCC_FLAGS = ["-O3", "-lineinfo", *GENCODE]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--threads=3", *GENCODE]  # one nvcc thread per target
 CXX_FLAGS = ["-O3"]
 # What torch.utils.cpp_extension adds to every nvcc call (torch 2.13): the compile check mirrors it.
 TORCH_NVCC_DEFAULTS = [

@@ -232,3 +232,27 @@ def test_streaming_memory_follows_one_block_not_the_model(tmp_path, tokenizer):
         grown[mode] = m["peak"] - m["base"]
     assert grown["stream"] < 4 * block < model_bytes / 3, (grown, block)
     assert grown["resident"] > model_bytes * 0.9, (grown, model_bytes)
+
+
+# The GPU default computes blocks in bf16 (--dtype auto). The calibration stream and the blocks' recorded arguments
+# (rotary tables, masks) must follow the blocks' dtype (a float32 stream into bf16 linears failed in d2quant's staged
+# forward on the first GPU run), and the checkpoint keeps the model's own dtype: the compute dtype only computes.
+@pytest.mark.parametrize("method", ["gptq", "d2quant"])
+def test_bf16_compute_keeps_the_model_dtype_and_its_quality(tmp_path, tokenizer, method):
+    from safetensors import safe_open
+
+    from quant.formats.models import load_model
+
+    src = float_dir(tmp_path, tokenizer, "llama")
+    for dtype in ("bfloat16", "float32"):
+        ok(quantize(src, "--method", method, "--bits", "3", *QUICK, "--dtype", dtype, "--out", tmp_path / dtype))
+    with safe_open(tmp_path / "bfloat16" / "model.safetensors", "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = {k: d for k, d in stored.items() if d in ("F32", "BF16")}
+    assert floats and set(floats.values()) == {"F32"}, {k: d for k, d in floats.items() if d != "F32"}
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = load_model(str(src)).model(ids).logits
+        err = {d: (load_model(str(tmp_path / d)).model(ids).logits - ref).norm() / ref.norm()
+               for d in ("bfloat16", "float32")}
+    assert err["bfloat16"] < 1.5 * err["float32"], err

@@ -145,8 +145,9 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     if needs_data or source.streaming:  # a streamed model carries a probe stream to discover odd blocks on
         ids = dist.shard(ctx.calib_ids) if needs_data else source.probe_ids(model)
         x, run.kwargs = capture(model, blocks, ids.to(run.device))
-        run.kwargs = [_to(kw, run.device) for kw in run.kwargs]
-        run.x = x.to(run.device)
+        dtype = getattr(source, "dtype", None) or x.dtype  # the blocks' compute dtype (rotary tables too)
+        run.kwargs = [_to(kw, run.device, dtype) for kw in run.kwargs]
+        run.x = x.to(run.device, dtype)
         run.xf = stacked([run.x]) if any(s.float_stream for s in steps) else None
     if source.streaming and work is not None:
         work.save_outer(model, _outer_names(model, structure, "inputs"), "inputs")
@@ -184,13 +185,13 @@ def _advance(block: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int = 16) -
     return _each(lambda c: call_block(block, c, kwargs), x, chunk)
 
 
-def _to(obj, device: torch.device):
+def _to(obj, device: torch.device, dtype: torch.dtype | None = None):
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
+        return type(obj)(_to(v, device, dtype) for v in obj)
     return obj
 
 

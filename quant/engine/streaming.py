@@ -47,12 +47,15 @@ def _outer_names(model: nn.Module, structure: Structure, which: str) -> list[str
 
 
 class ResidentSource:
-    """The model is in memory already: blocks only move to the compute device (and dtype) and back."""
+    """The model is in memory already: blocks only move to the compute device (and dtype) and back, so that
+    after the run the whole model is where it was, in its own dtype (the compute dtype only computes)."""
 
     streaming = False
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
+        self._outer_buffers: list[torch.Tensor] = []
+        self._home_dtype: torch.dtype | None = None
 
     def structure(self, model: nn.Module) -> Structure:
         return structure_of(model)
@@ -65,19 +68,26 @@ class ResidentSource:
         if dtype is not None:
             for p in itertools.chain(module.parameters(), module.buffers()):
                 if p.is_floating_point() and p.dtype != dtype and p.dtype != torch.float16:  # fp16: packed scales
+                    self._home_dtype = self._home_dtype or p.dtype
                     p.data = p.data.to(dtype)
 
     def load_outer(self, model: nn.Module, structure: Structure, which: str) -> None:
         if self.device.type != "cpu":
             for n in _outer_names(model, structure, which):
                 self._move(model.get_submodule(n), self.device, None)
-            for b in model.buffers():  # rotary tables and the like live outside the blocks
+            # rotary tables and the like live outside the blocks (the blocks' own buffers move with them)
+            inside = {id(b) for block in structure.blocks(model) for b in block.buffers()}
+            self._outer_buffers = [b for b in model.buffers() if id(b) not in inside and b.device != self.device]
+            for b in self._outer_buffers:
                 b.data = b.data.to(self.device)
 
     def release_outer(self, model: nn.Module, structure: Structure, which: str) -> None:
         if self.device.type != "cpu":
             for n in _outer_names(model, structure, which):
                 model.get_submodule(n).to("cpu")
+            for b in self._outer_buffers:
+                b.data = b.data.to("cpu")
+            self._outer_buffers = []
 
     def load_block(self, model: nn.Module, structure: Structure, i: int, run) -> nn.Module:
         block = structure.blocks(model)[i]
@@ -85,8 +95,13 @@ class ResidentSource:
         return block
 
     def release_block(self, model: nn.Module, structure: Structure, i: int) -> None:
+        block = structure.blocks(model)[i]
         if self.device.type != "cpu":
-            structure.blocks(model)[i].to("cpu")
+            block.to("cpu")
+        if self._home_dtype is not None:  # back to the model's dtype, new tensors (biases of packed layers) too
+            for p in itertools.chain(block.parameters(), block.buffers()):
+                if p.dtype == self.dtype:
+                    p.data = p.data.to(self._home_dtype)
 
 
 def _header(f: Path) -> tuple[dict, int]:

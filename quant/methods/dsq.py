@@ -75,7 +75,7 @@ def fit_dsq(w: torch.Tensor, bits: int, iters: int = 15, eps: float = 1e-12) -> 
         resid = resid - rk[:, None] * c * b
     B = torch.stack(planes)  # [K, m, n]
     r = torch.stack(r_cols, 1)  # [m, K]
-    eye = torch.eye(bits, dtype=w.dtype)
+    eye = torch.eye(bits, dtype=w.dtype, device=w.device)
     for _ in range(iters):
         # (1) row scales jointly: A[i] = Σ_j c_j² b_k b_l, rhs[i] = Σ_j w_ij c_j b_k
         cb = B * c  # [K, m, n]
