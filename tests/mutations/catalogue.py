@@ -783,4 +783,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_generation.py::test_siblings_share_one_kernel_call_and_compute_what_each_computes",),
         "a sibling called on another input gets the output the first sibling computed from its own input",
     ),
+    Mutation(
+        "stream-not-in-the-compute-dtype",
+        "quant/engine/loop.py",
+        "        run.x = x.to(run.device, dtype)",
+        "        run.x = x.to(run.device)",
+        ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
+        "a bf16 (GPU default) run feeds the float32 calibration stream to bf16 blocks: d2quant's staged forward fails",
+    ),
+    Mutation(
+        "compute-dtype-left-in-the-checkpoint",
+        "quant/engine/streaming.py",
+        "                    p.data = p.data.to(self._home_dtype)",
+        "                    pass",
+        ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
+        "a bf16 run writes bf16 norms beside float32 embeddings: the checkpoint is not in the model's dtype",
+    ),
 )
