@@ -155,6 +155,17 @@ def test_resume_after_sigkill_writes_the_uninterrupted_checkpoint(tmp_path, toke
         assert weights(out) == want, point
 
 
+def test_resumed_bf16_run_writes_the_uninterrupted_checkpoint(tmp_path, tokenizer):
+    """Finished blocks are saved in the compute dtype; a resumed resident run puts them back in the model's own."""
+    src = float_dir(tmp_path, tokenizer, "llama")
+    args = (src, "--method", "d2quant", "--bits", "3", *QUICK, "--no-stream", "--dtype", "bfloat16")
+    ok(quantize(*args, "--out", tmp_path / "clean"))
+    out = tmp_path / "killed"
+    assert quantize(*args, "--out", out, env={"LOWBIT_FAILPOINT": "after-record:1"}).returncode == -9
+    ok(quantize(*args, "--out", out))
+    assert weights(out) == weights(tmp_path / "clean")
+
+
 def test_resume_refuses_a_different_run_and_restart_discards_it(tmp_path, tokenizer):
     src = float_dir(tmp_path, tokenizer, "llama")
     out = tmp_path / "q"

@@ -138,6 +138,7 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     run = Run(ctx, structure, blocks, torch.device(ctx.device), steps=steps)
     done = work.finished() if work is not None else 0
     needs_data = any(s.needs_data for s in steps)
+    dtype = getattr(source, "dtype", None)  # the blocks' compute dtype: streams and recorded arguments follow it
 
     source.load_outer(model, structure, "inputs")
     for step in steps:  # model-level work before block 0 (rerun on resume: deterministic)
@@ -145,16 +146,15 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     if needs_data or source.streaming:  # a streamed model carries a probe stream to discover odd blocks on
         ids = dist.shard(ctx.calib_ids) if needs_data else source.probe_ids(model)
         x, run.kwargs = capture(model, blocks, ids.to(run.device))
-        dtype = getattr(source, "dtype", None) or x.dtype  # the blocks' compute dtype (rotary tables too)
         run.kwargs = [_to(kw, run.device, dtype) for kw in run.kwargs]
-        run.x = x.to(run.device, dtype)
+        run.x = _to(x, run.device, dtype)
         run.xf = stacked([run.x]) if any(s.float_stream for s in steps) else None
     if source.streaming and work is not None:
         work.save_outer(model, _outer_names(model, structure, "inputs"), "inputs")
     source.release_outer(model, structure, "inputs")
     if done:
         run.notes, streams = work.restore(done, run.device)
-        run.x, run.xf = streams.get("x", run.x), streams.get("xf", run.xf)
+        run.x, run.xf = (_to(streams.get(k, getattr(run, k)), run.device, dtype) for k in ("x", "xf"))
         work.reinstall(ctx, structure, range(done), source.streaming)
 
     bar = tqdm(range(done, len(blocks)), desc="+".join(s.name for s in steps), disable=not ctx.progress,

@@ -166,6 +166,9 @@ class WorkDir:
                 prefix = f"{structure.layers}.{i}."
                 with safe_open(str(self.path / f"block-{i:05d}.safetensors"), framework="pt", device="cpu") as fh:
                     state = {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys()}
+                # saved in the compute dtype (bf16 on a GPU): back to the model's own dtypes, as release_block does
+                cur = block.state_dict()
+                state = {k: v.to(cur[k].dtype) if v.is_floating_point() and k in cur else v for k, v in state.items()}
                 block.load_state_dict(state, strict=True, assign=True)
 
     # -- writing ------------------------------------------------------------------------------------------

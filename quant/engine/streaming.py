@@ -34,6 +34,7 @@ from quant.engine.structure import (
 )
 from quant.errors import QuantError
 from quant.formats import reader
+from quant.runtime.quantlinear import PackedLinear
 
 OUTER = ("inputs", "outputs")
 
@@ -54,7 +55,7 @@ class ResidentSource:
 
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
-        self._outer_buffers: list[torch.Tensor] = []
+        self._outer_buffers: dict[str, list[torch.Tensor]] = {}  # per `which`: the end can load inside the start
         self._home_dtype: torch.dtype | None = None
 
     def structure(self, model: nn.Module) -> Structure:
@@ -77,17 +78,17 @@ class ResidentSource:
                 self._move(model.get_submodule(n), self.device, None)
             # rotary tables and the like live outside the blocks (the blocks' own buffers move with them)
             inside = {id(b) for block in structure.blocks(model) for b in block.buffers()}
-            self._outer_buffers = [b for b in model.buffers() if id(b) not in inside and b.device != self.device]
-            for b in self._outer_buffers:
+            moved = [b for b in model.buffers() if id(b) not in inside and b.device != self.device]
+            for b in moved:
                 b.data = b.data.to(self.device)
+            self._outer_buffers[which] = moved
 
     def release_outer(self, model: nn.Module, structure: Structure, which: str) -> None:
         if self.device.type != "cpu":
             for n in _outer_names(model, structure, which):
                 model.get_submodule(n).to("cpu")
-            for b in self._outer_buffers:
+            for b in self._outer_buffers.pop(which, []):
                 b.data = b.data.to("cpu")
-            self._outer_buffers = []
 
     def load_block(self, model: nn.Module, structure: Structure, i: int, run) -> nn.Module:
         block = structure.blocks(model)[i]
@@ -99,9 +100,12 @@ class ResidentSource:
         if self.device.type != "cpu":
             block.to("cpu")
         if self._home_dtype is not None:  # back to the model's dtype, new tensors (biases of packed layers) too
-            for p in itertools.chain(block.parameters(), block.buffers()):
-                if p.dtype == self.dtype:
-                    p.data = p.data.to(self._home_dtype)
+            for module in block.modules():
+                packed = isinstance(module, PackedLinear)  # its codes and scales keep their format's dtypes
+                own = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+                for name, p in own:
+                    if p is not None and p.dtype == self.dtype and (not packed or name == "bias"):
+                        p.data = p.data.to(self._home_dtype)
 
 
 def _header(f: Path) -> tuple[dict, int]:

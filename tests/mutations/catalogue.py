@@ -786,7 +786,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "stream-not-in-the-compute-dtype",
         "quant/engine/loop.py",
-        "        run.x = x.to(run.device, dtype)",
+        "        run.x = _to(x, run.device, dtype)",
         "        run.x = x.to(run.device)",
         ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
         "a bf16 (GPU default) run feeds the float32 calibration stream to bf16 blocks: d2quant's staged forward fails",
@@ -794,8 +794,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "compute-dtype-left-in-the-checkpoint",
         "quant/engine/streaming.py",
-        "                    p.data = p.data.to(self._home_dtype)",
-        "                    pass",
+        "                        p.data = p.data.to(self._home_dtype)",
+        "                        pass",
         ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
         "a bf16 run writes bf16 norms beside float32 embeddings: the checkpoint is not in the model's dtype",
     ),
