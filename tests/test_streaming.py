@@ -155,6 +155,21 @@ def test_resume_after_sigkill_writes_the_uninterrupted_checkpoint(tmp_path, toke
         assert weights(out) == want, point
 
 
+def test_bf16_end_to_end_distillation_trains_the_blocks_in_the_compute_dtype(tmp_path, tokenizer):
+    """The end-to-end pass loads every block (on the GPU: onto it; here: into bf16) and hands them back in the model's
+    dtype: it runs, and the checkpoint holds float32 beside the packed tensors."""
+    from safetensors import safe_open
+
+    src = float_dir(tmp_path, tokenizer, "llama")
+    ok(quantize(src, "--method", "gptq", "--bits", "3", *QUICK, "--dtype", "bfloat16", "--finetune", "e2e",
+                "--finetune-e2e-steps", "3", "--out", tmp_path / "q"))
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert next(p for p in report["passes"] if p["name"] == "finetune")["summary"]["e2e"]["train"]
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        floats = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for d in floats.values() if d in ("F32", "BF16")} == {"F32"}
+
+
 def test_resumed_bf16_run_writes_the_uninterrupted_checkpoint(tmp_path, tokenizer):
     """Finished blocks are saved in the compute dtype; a resumed resident run puts them back in the model's own."""
     src = float_dir(tmp_path, tokenizer, "llama")

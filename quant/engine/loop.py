@@ -146,15 +146,15 @@ def _run_blocks(ctx, steps: list[BlockStep]) -> list[dict]:
     if needs_data or source.streaming:  # a streamed model carries a probe stream to discover odd blocks on
         ids = dist.shard(ctx.calib_ids) if needs_data else source.probe_ids(model)
         x, run.kwargs = capture(model, blocks, ids.to(run.device))
-        run.kwargs = [_to(kw, run.device, dtype) for kw in run.kwargs]
-        run.x = _to(x, run.device, dtype)
+        run.kwargs = [to_compute(kw, run.device, dtype) for kw in run.kwargs]
+        run.x = to_compute(x, run.device, dtype)
         run.xf = stacked([run.x]) if any(s.float_stream for s in steps) else None
     if source.streaming and work is not None:
         work.save_outer(model, _outer_names(model, structure, "inputs"), "inputs")
     source.release_outer(model, structure, "inputs")
     if done:
         run.notes, streams = work.restore(done, run.device)
-        run.x, run.xf = (_to(streams.get(k, getattr(run, k)), run.device, dtype) for k in ("x", "xf"))
+        run.x, run.xf = (to_compute(streams.get(k, getattr(run, k)), run.device, dtype) for k in ("x", "xf"))
         work.reinstall(ctx, structure, range(done), source.streaming)
 
     bar = tqdm(range(done, len(blocks)), desc="+".join(s.name for s in steps), disable=not ctx.progress,
@@ -185,13 +185,14 @@ def _advance(block: nn.Module, x: torch.Tensor, kwargs: dict, chunk: int = 16) -
     return _each(lambda c: call_block(block, c, kwargs), x, chunk)
 
 
-def _to(obj, device: torch.device, dtype: torch.dtype | None = None):
+def to_compute(obj, device: torch.device, dtype: torch.dtype | None = None):
+    """``obj`` (a tensor, or dicts/tuples/lists of them) on ``device``, its floating tensors in ``dtype`` if given."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
+        return {k: to_compute(v, device, dtype) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device, dtype) for v in obj)
+        return type(obj)(to_compute(v, device, dtype) for v in obj)
     return obj
 
 

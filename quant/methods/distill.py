@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.engine.blockwise import call_block
-from quant.engine.loop import Run, capture
+from quant.engine.loop import Run, capture, to_compute
 
 
 def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
@@ -49,6 +49,7 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
     ctx.source.load_outer(model, structure, "inputs")
     x0, _ = capture(model, run.blocks, ids)  # every window's input to block 0 (the embeddings' output)
     ctx.source.release_outer(model, structure, "inputs")
+    x0 = to_compute(x0, run.device, getattr(ctx.source, "dtype", None))  # in the blocks' compute dtype, as the engine's
     teacher = run.xf
 
     def logprobs(h: torch.Tensor, final_norm: nn.Module) -> torch.Tensor:
@@ -64,8 +65,8 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
         return F.kl_div(s, t, log_target=True, reduction="sum") / (s.shape[0] * s.shape[1])
 
     names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
-    with tunables(model, names, rounding=False) as tun, _trainable(norm_parameters(model, structure) if cfg.e2e_norms
-                                                                   else []) as extra:
+    with _blocks_loaded(run), tunables(model, names, rounding=False) as tun, \
+            _trainable(norm_parameters(model, structure) if cfg.e2e_norms else []) as extra:
         return fit(tun, loss_on, x0.shape[0], cfg, Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr),
                    "finetune e2e (KL)", progress, extra)
 
@@ -78,6 +79,20 @@ def norm_parameters(model: nn.Module, structure) -> list[nn.Parameter]:
     if structure.final_norm:
         mods.append(model.get_submodule(structure.final_norm))
     return [p for m in mods for p in (m._parameters.get("weight"), m._parameters.get("bias")) if p is not None]
+
+
+@contextmanager
+def _blocks_loaded(run: Run):
+    """Every block on the compute device and in its dtype for the end-to-end steps (the engine hands each back to
+    where the model lives once it is done with it), and back there after."""
+    source, model, structure = run.ctx.source, run.ctx.model, run.structure
+    for i in range(len(run.blocks)):
+        source.load_block(model, structure, i, run)
+    try:
+        yield
+    finally:
+        for i in range(len(run.blocks)):
+            source.release_block(model, structure, i)
 
 
 @contextmanager

@@ -786,7 +786,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "stream-not-in-the-compute-dtype",
         "quant/engine/loop.py",
-        "        run.x = _to(x, run.device, dtype)",
+        "        run.x = to_compute(x, run.device, dtype)",
         "        run.x = x.to(run.device)",
         ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
         "a bf16 (GPU default) run feeds the float32 calibration stream to bf16 blocks: d2quant's staged forward fails",
@@ -798,5 +798,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                        pass",
         ("tests/test_streaming.py::test_bf16_compute_keeps_the_model_dtype_and_its_quality",),
         "a bf16 run writes bf16 norms beside float32 embeddings: the checkpoint is not in the model's dtype",
+    ),
+    Mutation(
+        "resumed-blocks-keep-the-compute-dtype",
+        "quant/engine/resume.py",
+        "v.to(cur[k].dtype) if v.is_floating_point() and k in cur else v",
+        "v",
+        ("tests/test_streaming.py::test_resumed_bf16_run_writes_the_uninterrupted_checkpoint",),
+        "a resumed bf16 run puts its finished blocks back in bf16: a mixed-dtype model the loader refuses",
+    ),
+    Mutation(
+        "e2e-start-not-in-the-compute-dtype",
+        "quant/methods/distill.py",
+        'x0 = to_compute(x0, run.device, getattr(ctx.source, "dtype", None))',
+        "x0 = x0.to(run.device)",
+        ("tests/test_streaming.py::test_bf16_end_to_end_distillation_trains_the_blocks_in_the_compute_dtype",),
+        "the end-to-end pass feeds float32 embeddings to blocks loaded in bf16 (a GPU run): it fails",
     ),
 )
