@@ -807,12 +807,4 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_streaming.py::test_resumed_bf16_run_writes_the_uninterrupted_checkpoint",),
         "a resumed bf16 run puts its finished blocks back in bf16: a mixed-dtype model the loader refuses",
     ),
-    Mutation(
-        "e2e-start-not-in-the-compute-dtype",
-        "quant/methods/distill.py",
-        'x0 = to_compute(x0, run.device, getattr(ctx.source, "dtype", None))',
-        "x0 = x0.to(run.device)",
-        ("tests/test_streaming.py::test_bf16_end_to_end_distillation_trains_the_blocks_in_the_compute_dtype",),
-        "the end-to-end pass feeds float32 embeddings to blocks loaded in bf16 (a GPU run): it fails",
-    ),
 )
