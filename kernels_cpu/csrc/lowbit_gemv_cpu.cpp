@@ -494,7 +494,7 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
 // their group's table (uniform_row_vnni); of one plane: dsq_row_vnni below.
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
-    const uint8_t* row, int64_t j) {
+    const uint8_t* row, int64_t j, __m512i high = _mm512_setzero_si512()) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(row + j);
   } else {
@@ -509,30 +509,60 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inlin
     }();
     const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64(1) << (8 * BITS)) - 1, row + (j / 8) * BITS);
     const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(tables.perm), raw);
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift), spread),
-                            _mm512_set1_epi8(char((1 << BITS) - 1)));
+    // (codes & mask) | high in one vpternlog: high puts a group's index in the DSQ tables' register above its codes
+    return _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift), spread),
+                                     _mm512_set1_epi8(char((1 << BITS) - 1)), high, 0xEA);
   }
 }
 
-// A DSQ group's table (as dsq_table_avx2 makes it) in the low 2^B bytes of a 512-bit register, for vpermb.
+// The tables of DSQ_GROUPS<B> = 64 / 2^B consecutive groups (as dsq_table_avx2 makes one) in one 512-bit register,
+// group i's T'[c] at byte (i << B) | c, from their half tables (2^(B-1) bytes each, `live` of them): a vpermb,
+// a masked negate and an add for 4-16 groups, where a group's own table cost them per group. A code finds its
+// group's entry with the group's index above its bits (codes64_vnni's `high`).
 template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) inline __m512i dsq_table_vnni(
-    const uint8_t* half) {
-  const DsqPattern& pattern = DSQ_PATTERNS[B - 2];
-  const __m512i h = _mm512_maskz_loadu_epi8((__mmask64(1) << (1 << (B - 1))) - 1, half);
-  const __m512i index = _mm512_zextsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index)));
-  const __mmask64 negative =
-      _mm512_movepi8_mask(_mm512_zextsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign))));
-  const __m512i v = _mm512_permutexvar_epi8(index, h);
-  return _mm512_add_epi8(_mm512_mask_sub_epi8(v, negative, _mm512_setzero_si512(), v), _mm512_set1_epi8(64));
+constexpr int DSQ_GROUPS = 64 >> B;
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline __m512i dsq_tables_vnni(const uint8_t* half,
+                                                                                               int64_t live) {
+  constexpr int HALF = 1 << (B - 1);
+  alignas(64) static const auto pattern = [] {
+    struct { int8_t index[64]; uint64_t negative; } p{};
+    for (int b = 0; b < 64; ++b) {
+      const int i = b >> B, c = b & (2 * HALF - 1);
+      p.index[b] = int8_t(i * HALF + (c < HALF ? c : 2 * HALF - 1 - c));  // T[~c] = -T[c]
+      if (c >= HALF) p.negative |= uint64_t(1) << b;
+    }
+    return p;
+  }();
+  const __mmask32 bytes = live * HALF >= 32 ? __mmask32(~0u) : __mmask32((1u << (live * HALF)) - 1);
+  const __m512i h = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(bytes, half));
+  const __m512i v = _mm512_permutexvar_epi8(_mm512_load_si512(pattern.index), h);
+  return _mm512_add_epi8(_mm512_mask_sub_epi8(v, pattern.negative, _mm512_setzero_si512(), v), _mm512_set1_epi8(64));
+}
+
+// One group's integer dot products with M tokens, scaled by coef[m] (its s dx) into tot[m]. DSQ: each code is
+// looked up in `table` (vpermb) with the group's index in it as `high`.
+template <int BITS, int M, bool DSQ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"), always_inline)) inline void
+group_vnni(const int8_t* xq, int64_t K, const uint8_t* row, int64_t g, int64_t gs, __m512i table, __m512i high,
+           const float (*coef)[16], int64_t i, __m512* tot) {
+  __m512i acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+  for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+    __m512i c = codes64_vnni<BITS>(row, j, high);
+    if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
+  }
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(coef[m][i]), tot[m]);
 }
 
 // The per-group factors s dx and the zero-point term sum_g s z dx sum xq are made 16 groups at a time (vector
 // loads of the fp16 scales and uint8 zeros) rather than one group at a time in scalar code; two accumulators
 // alternate between groups so that consecutive FMAs do not wait on each other. DSQ (2-4 planes): s_row holds the
 // row's group steps t and z_row its half tables (kernels_cpu/layout.py dsq_tables); each code is looked up in its
-// group's table T'[c] = T[c] / t + 64 (vpermb, one a 64-code step) and z = 64: the uniform body's work and one
-// permute, where the per-plane body below does B dot products.
+// group's table T'[c] = T[c] / t + 64 (vpermb, one a 64-code step; the tables of 4-16 groups made at once,
+// dsq_tables_vnni) and z = 64: the uniform body's work and one permute, where the per-plane body below does B dot
+// products.
 template <int BITS, int M, bool DSQ = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
     const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
@@ -551,18 +581,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
       _mm512_store_ps(coef[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, dx + m * G + g0)));
       zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, dxs + m * G + g0), zt[m]);
     }
-    for (int64_t g = g0; g < g0 + n; ++g) {
-      __m512i acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
-      __m512i table = _mm512_setzero_si512();
-      if constexpr (DSQ) table = dsq_table_vnni<BITS>(z_row + g * (1 << (BITS - 1)));
-      for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-        __m512i c = codes64_vnni<BITS>(row, j);
-        if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
+    if constexpr (DSQ) {
+      // DSQ_GROUPS divides 16, so group g0 + i is table register i / DSQ_GROUPS's entry i % DSQ_GROUPS; unrolled, so
+      // that its `high` and accumulator are constants
+      constexpr int GR = DSQ_GROUPS<BITS>;
+      for (int64_t i0 = 0; i0 < n; i0 += GR) {
+        const __m512i table = dsq_tables_vnni<BITS>(z_row + (g0 + i0) * (1 << (BITS - 1)), std::min<int64_t>(GR, n - i0));
+#pragma GCC unroll 16
+        for (int k = 0; k < GR; ++k)
+          if (i0 + k < n)
+            group_vnni<BITS, M, true>(xq, K, row, g0 + i0 + k, gs, table, _mm512_set1_epi8(char(k << BITS)), coef,
+                                      i0 + k, tot[k & 1]);
       }
-      for (int m = 0; m < M; ++m)
-        tot[g & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(coef[m][g - g0]), tot[g & 1][m]);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        group_vnni<BITS, M, false>(xq, K, row, g0 + i, gs, _mm512_setzero_si512(), _mm512_setzero_si512(), coef, i,
+                                   tot[i & 1]);
     }
   }
   for (int m = 0; m < M; ++m)
