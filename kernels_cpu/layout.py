@@ -71,19 +71,19 @@ def for_body(buffer: torch.Tensor, bits: int, in_features: int, body: str) -> to
 
 def dsq_tables(row_scales: torch.Tensor) -> torch.Tensor:
     """DSQ row scales ``[out, groups, B]`` (fp16) -> each group's table of weight values as the int8 bodies read
-    it, flat uint8 ``[out * groups * (2 + 2^(B-1))]``: per row, its groups' fp16 steps ``t``, then their half tables
-    ``h[c] = round(T[c] / t)`` (int8) for the codes ``c < 2^(B-1)``.
+    it, flat uint8 ``[out * groups * (2 + 2^B)]``: per row, its groups' fp16 steps ``t``, then their tables
+    ``T'[c] = round(T[c] / t) + 64`` for every code ``c`` (1..127).
 
-    A group's weights take the 2^B values ``T[c] = sum_k r_k (2 bit_k(c) - 1)``, and ``T[~c] = -T[c]``, so the
-    codes whose top bit is clear hold them all; ``t = sum_k |r_k| / 63`` (no ``|T[c]|`` is larger), 7 bits, which
-    the kernels offset by 64 to multiply them unsigned. A group costs as many bytes as its row scales (6 at 3
-    planes); the steps lie together so that 8 or 16 groups' are one vector load."""
+    A group's weights take the 2^B values ``T[c] = sum_k r_k (2 bit_k(c) - 1)``; ``t = sum_k |r_k| / 63`` (no
+    ``|T[c]|`` is larger), 7 bits, offset by 64 so that the kernels multiply them unsigned (the offset comes back
+    out through the tokens' sums). ``T[~c] = -T[c]`` holds after rounding too (half to even is symmetric). The
+    whole table is stored, twice the half that determines it, so that a kernel's table is one broadcast load; the
+    steps lie together so that 8 or 16 groups' are one vector load."""
     r = row_scales.float()
     out, groups, bits = r.shape
-    half = 2 ** (bits - 1)
-    signs = torch.tensor([[1.0 if c >> k & 1 else -1.0 for k in range(bits)] for c in range(half)])
+    signs = torch.tensor([[1.0 if c >> k & 1 else -1.0 for k in range(bits)] for c in range(2**bits)])
     step = (r.abs().sum(-1) / 63).half()  # [out, groups]
     inv = torch.where(step > 0, 1 / step.float(), torch.zeros_like(step, dtype=torch.float32))
-    h = torch.round((r @ signs.T) * inv[..., None]).clamp(-63, 63).to(torch.int8)  # [out, groups, half]
-    rows = torch.cat([step.view(torch.uint8).reshape(out, 2 * groups), h.view(torch.uint8).reshape(out, -1)], -1)
+    table = torch.round((r @ signs.T) * inv[..., None]).clamp(-63, 63).to(torch.int16) + 64  # [out, groups, 2^B]
+    rows = torch.cat([step.view(torch.uint8).reshape(out, 2 * groups), table.to(torch.uint8).reshape(out, -1)], -1)
     return rows.reshape(-1).contiguous()

@@ -67,12 +67,11 @@ def dsq_layer(out: int, n: int, bits: int, group: int, seed: int) -> DSQLinear:
 
 def dsq_int8_table_weight(layer: DSQLinear) -> torch.Tensor:
     """The weight the int8 bodies multiply by for DSQ (float64): each group's table from ``dsq_tables`` (per row,
-    the groups' fp16 steps t, then their int8 half tables h; T[c] = t h[c], T[~c] = -T[c])."""
+    the groups' fp16 steps t, then their tables T'[c] = T[c] / t + 64 as bytes)."""
     groups = layer.in_features // layer.group_size
     rows = dsq_tables(layer.row_scales).view(layer.out_features, -1)
     t = rows[:, : 2 * groups].contiguous().view(torch.float16).double()  # [out, groups]
-    h = rows[:, 2 * groups:].contiguous().view(torch.int8).double().view(layer.out_features, groups, -1)
-    table = torch.cat([h, -h.flip(-1)], -1) * t[..., None]  # code c >= half is ~c's negation: c = 2^B - 1 - c'
+    table = (rows[:, 2 * groups:].double().view(layer.out_features, groups, -1) - 64) * t[..., None]
     codes = layer.codes().view(layer.out_features, groups, layer.group_size)
     return torch.gather(table, 2, codes).reshape(layer.out_features, layer.in_features)
 
@@ -142,6 +141,8 @@ def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the int8 bodies' 
         step = (layer.row_scales.double().abs().sum(-1) / 63).repeat_interleave(32, 1)
         assert ((approx - w).abs() <= 0.5 * step * 1.002 + 1e-12).all()  # fp16 steps: 2^-11 of t
         assert approx[0, :32].eq(0).all()
+        table = dsq_tables(layer.row_scales).view(7, -1)[:, 2 * 4:].view(7, 4, 2**bits).long() - 64
+        assert table.abs().max() <= 63 and table.eq(-table.flip(-1)).all()  # unsigned + 64; T[~c] = -T[c]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -248,47 +248,23 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8
   }
 }
 
-// Per half size (2, 4, 8 entries): which half-table byte each table byte c takes, and its sign (both lanes).
-struct DsqPattern {
-  alignas(32) int8_t index[32];
-  alignas(32) int8_t sign[32];
-};
-constexpr DsqPattern dsq_pattern(int half) {
-  DsqPattern p{};
-  for (int i = 0; i < 32; ++i) {
-    const int c = i % 16;
-    p.index[i] = int8_t(c < half ? c : c < 2 * half ? 2 * half - 1 - c : 0);
-    p.sign[i] = int8_t(c < half ? 1 : -1);
-  }
-  return p;
-}
-alignas(32) constexpr DsqPattern DSQ_PATTERNS[3] = {dsq_pattern(2), dsq_pattern(4), dsq_pattern(8)};
-
-// A DSQ group's table from its half table h[c], c < 2^(B-1) (int8, kernels_cpu/layout.py dsq_tables) as
-// T'[c] = T[c] / t + 64 in the low 2^B bytes of both lanes: T[c] = h[c] below the half and -h[2^B - 1 - c] above
-// it (T[~c] = -T[c]).
+// A DSQ group's table T'[c] = T[c] / t + 64 (its 2^B bytes, kernels_cpu/layout.py dsq_tables) repeated along the
+// register: a broadcast load, which vpshufb (B <= 4: codes below 16) reads in either lane.
 template <int B>
-__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* record) {
-  constexpr int HALF = 1 << (B - 1);
-  const DsqPattern& pattern = DSQ_PATTERNS[B - 2];
-  __m256i h;
-  if constexpr (B == 4) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* table) {
+  if constexpr (B == 4) return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
+  if constexpr (B == 3) {
     int64_t w;
-    std::memcpy(&w, record, 8);
-    h = _mm256_set1_epi64x(w);
-  } else {
-    int32_t w = 0;
-    std::memcpy(&w, record, HALF);
-    h = _mm256_set1_epi32(w);
+    std::memcpy(&w, table, 8);
+    return _mm256_set1_epi64x(w);
   }
-  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.index));
-  const __m256i sign = _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern.sign));
-  const __m256i full = _mm256_sign_epi8(_mm256_shuffle_epi8(h, index), sign);
-  return _mm256_add_epi8(full, _mm256_set1_epi8(64));
+  int32_t w;
+  std::memcpy(&w, table, 4);
+  return _mm256_set1_epi32(w);
 }
 
 // Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: scale is the row's group steps t (fp16 [G]) and
-// zeros its half tables (2^(B-1) bytes a group), as kernels_cpu/layout.py dsq_tables lays out a row.
+// zeros its tables (2^B bytes a group), as kernels_cpu/layout.py dsq_tables lays out a row.
 template <int BITS, int M, bool DSQ>
 __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, int64_t K, const uint8_t* row,
                                                              const at::Half* scale, const uint8_t* zeros,
@@ -303,7 +279,7 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, in
     float z = 64.f;
     __m256i table = _mm256_setzero_si256();
     if constexpr (DSQ)
-      table = dsq_table_avx2<BITS>(zeros + g * (1 << (BITS - 1)));
+      table = dsq_table_avx2<BITS>(zeros + g * (1 << BITS));
     else
       z = float(zeros[g]);
     __m256i acc[M];
@@ -492,9 +468,10 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
 //   y[m, n] = sum_g s[n,g] dx[m,g] (sum_{j in g} c[n,j] xq[m,j] - z[n,g] sum_{j in g} xq[m,j])
 // Groups must be multiples of 64 codes; others use the float AVX-512 body. DSQ codes of 2-4 planes: looked up in
 // their group's table (uniform_row_vnni); of one plane: dsq_row_vnni below.
-template <int BITS>
+// MASK false: the codes' bytes keep the bits above them (for a lookup that reads only its low bits).
+template <int BITS, bool MASK = true>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inline __m512i codes64_vnni(
-    const uint8_t* row, int64_t j, __m512i high = _mm512_setzero_si512()) {
+    const uint8_t* row, int64_t j) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(row + j);
   } else {
@@ -509,60 +486,34 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,fma,f16c"))) inlin
     }();
     const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64(1) << (8 * BITS)) - 1, row + (j / 8) * BITS);
     const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(tables.perm), raw);
-    // (codes & mask) | high in one vpternlog: high puts a group's index in the DSQ tables' register above its codes
-    return _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift), spread),
-                                     _mm512_set1_epi8(char((1 << BITS) - 1)), high, 0xEA);
+    const __m512i shifted = _mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift), spread);
+    return MASK ? _mm512_and_si512(shifted, _mm512_set1_epi8(char((1 << BITS) - 1))) : shifted;
   }
 }
 
-// The tables of DSQ_GROUPS<B> = 64 / 2^B consecutive groups (as dsq_table_avx2 makes one) in one 512-bit register,
-// group i's T'[c] at byte (i << B) | c, from their half tables (2^(B-1) bytes each, `live` of them): a vpermb,
-// a masked negate and an add for 4-16 groups, where a group's own table cost them per group. A code finds its
-// group's entry with the group's index above its bits (codes64_vnni's `high`).
+// A DSQ group's table (its 2^B bytes, as dsq_table_avx2 reads them) repeated along a 512-bit register: vpermb
+// reads the low 6 bits of each code, and the table repeats every 2^B bytes, so the bits above a code's B (left
+// there by codes64_vnni<B, false>) pick a copy of its entry rather than needing a mask.
 template <int B>
-constexpr int DSQ_GROUPS = 64 >> B;
-template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline __m512i dsq_tables_vnni(const uint8_t* half,
-                                                                                               int64_t live) {
-  constexpr int HALF = 1 << (B - 1);
-  alignas(64) static const auto pattern = [] {
-    struct { int8_t index[64]; uint64_t negative; } p{};
-    for (int b = 0; b < 64; ++b) {
-      const int i = b >> B, c = b & (2 * HALF - 1);
-      p.index[b] = int8_t(i * HALF + (c < HALF ? c : 2 * HALF - 1 - c));  // T[~c] = -T[c]
-      if (c >= HALF) p.negative |= uint64_t(1) << b;
-    }
-    return p;
-  }();
-  const __mmask32 bytes = live * HALF >= 32 ? __mmask32(~0u) : __mmask32((1u << (live * HALF)) - 1);
-  const __m512i h = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(bytes, half));
-  const __m512i v = _mm512_permutexvar_epi8(_mm512_load_si512(pattern.index), h);
-  return _mm512_add_epi8(_mm512_mask_sub_epi8(v, pattern.negative, _mm512_setzero_si512(), v), _mm512_set1_epi8(64));
-}
-
-// One group's integer dot products with M tokens, scaled by coef[m] (its s dx) into tot[m]. DSQ: each code is
-// looked up in `table` (vpermb) with the group's index in it as `high`.
-template <int BITS, int M, bool DSQ>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"), always_inline)) inline void
-group_vnni(const int8_t* xq, int64_t K, const uint8_t* row, int64_t g, int64_t gs, __m512i table, __m512i high,
-           const float (*coef)[16], int64_t i, __m512* tot) {
-  __m512i acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
-  for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
-    __m512i c = codes64_vnni<BITS>(row, j, high);
-    if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) inline __m512i dsq_table_vnni(
+    const uint8_t* table) {
+  if constexpr (B == 4) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
+  if constexpr (B == 3) {
+    int64_t w;
+    std::memcpy(&w, table, 8);
+    return _mm512_set1_epi64(w);
   }
-  for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(coef[m][i]), tot[m]);
+  int32_t w;
+  std::memcpy(&w, table, 4);
+  return _mm512_set1_epi32(w);
 }
 
 // The per-group factors s dx and the zero-point term sum_g s z dx sum xq are made 16 groups at a time (vector
 // loads of the fp16 scales and uint8 zeros) rather than one group at a time in scalar code; two accumulators
 // alternate between groups so that consecutive FMAs do not wait on each other. DSQ (2-4 planes): s_row holds the
-// row's group steps t and z_row its half tables (kernels_cpu/layout.py dsq_tables); each code is looked up in its
-// group's table T'[c] = T[c] / t + 64 (vpermb, one a 64-code step; the tables of 4-16 groups made at once,
-// dsq_tables_vnni) and z = 64: the uniform body's work and one permute, where the per-plane body below does B dot
-// products.
+// row's group steps t and z_row its tables (kernels_cpu/layout.py dsq_tables); each code is looked up in its
+// group's table T'[c] = T[c] / t + 64 (vpermb, one a 64-code step, in place of the uniform codes' mask) and
+// z = 64: the uniform body's work, where the per-plane body below does B dot products.
 template <int BITS, int M, bool DSQ = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
     const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
@@ -581,22 +532,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
       _mm512_store_ps(coef[m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, dx + m * G + g0)));
       zt[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, dxs + m * G + g0), zt[m]);
     }
-    if constexpr (DSQ) {
-      // DSQ_GROUPS divides 16, so group g0 + i is table register i / DSQ_GROUPS's entry i % DSQ_GROUPS; unrolled, so
-      // that its `high` and accumulator are constants
-      constexpr int GR = DSQ_GROUPS<BITS>;
-      for (int64_t i0 = 0; i0 < n; i0 += GR) {
-        const __m512i table = dsq_tables_vnni<BITS>(z_row + (g0 + i0) * (1 << (BITS - 1)), std::min<int64_t>(GR, n - i0));
-#pragma GCC unroll 16
-        for (int k = 0; k < GR; ++k)
-          if (i0 + k < n)
-            group_vnni<BITS, M, true>(xq, K, row, g0 + i0 + k, gs, table, _mm512_set1_epi8(char(k << BITS)), coef,
-                                      i0 + k, tot[k & 1]);
+    for (int64_t g = g0; g < g0 + n; ++g) {
+      __m512i acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+      __m512i table = _mm512_setzero_si512();
+      if constexpr (DSQ) table = dsq_table_vnni<BITS>(z_row + g * (1 << BITS));
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
+        __m512i c = codes64_vnni<BITS, !DSQ>(row, j);
+        if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbusd_epi32(acc[m], c, _mm512_loadu_si512(xq + m * K + j));
       }
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        group_vnni<BITS, M, false>(xq, K, row, g0 + i, gs, _mm512_setzero_si512(), _mm512_setzero_si512(), coef, i,
-                                   tot[i & 1]);
+      for (int m = 0; m < M; ++m)
+        tot[g & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(coef[m][g - g0]), tot[g & 1][m]);
     }
   }
   for (int m = 0; m < M; ++m)
@@ -838,8 +785,8 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
     });
 #if LOWBIT_X86
-  // a row's tables for the int8 bodies: its G fp16 steps, then its G half tables
-  const int64_t table_bytes = G * (2 + (1 << (B - 1)));
+  // a row's tables for the int8 bodies: its G fp16 steps, then its G tables
+  const int64_t table_bytes = G * (2 + (1 << B));
   const auto steps = [&](int64_t n) { return reinterpret_cast<const at::Half*>(tables + n * table_bytes); };
   const auto halves = [&](int64_t n) { return tables + n * table_bytes + 2 * G; };
   if constexpr (B >= 2) {
@@ -930,7 +877,7 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 }
 
 // codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes (bit k = sign plane k, 1 = +1); row_scales:
-// fp16 [N, G, B]; tables: uint8 [N * G * (2 + 2^(B-1))], each row's group steps and half tables
+// fp16 [N, G, B]; tables: uint8 [N * G * (2 + 2^B)], each row's group steps and tables
 // (kernels_cpu/layout.py dsq_tables), read by the int8 bodies.
 torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, torch::Tensor tables,
                        int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
@@ -944,8 +891,8 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight's sign-plane codes");
   TORCH_CHECK(tables.scalar_type() == torch::kUInt8 && tables.is_contiguous() &&
-                  tables.numel() == N * G * ((1 << (B - 1)) + 2),
-              "tables must be the weight's group steps and half tables (kernels_cpu.layout.dsq_tables)");
+                  tables.numel() == N * G * ((1 << B) + 2),
+              "tables must be the weight's group steps and tables (kernels_cpu.layout.dsq_tables)");
   auto y = output(x, N, out);
   auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(),
                               row_bytes, row_scales.data_ptr<at::Half>(), tables.data_ptr<uint8_t>(), G, group_size,
