@@ -788,13 +788,13 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
   // a row's tables for the int8 bodies: its G fp16 steps, then its G tables
   const int64_t table_bytes = G * (2 + (1 << B));
   const auto steps = [&](int64_t n) { return reinterpret_cast<const at::Half*>(tables + n * table_bytes); };
-  const auto halves = [&](int64_t n) { return tables + n * table_bytes + 2 * G; };
+  const auto group_tables = [&](int64_t n) { return tables + n * table_bytes + 2 * G; };
   if constexpr (B >= 2) {
     if (isa == Isa::Vnni) {
       const Int8Tokens t(x, M, K, gs);
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         uniform_row_vnni<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
-                                                       halves(n), G, gs, t.dx.data() + m0 * G,
+                                                       group_tables(n), G, gs, t.dx.data() + m0 * G,
                                                        t.dxsum.data() + m0 * G, y + m0 * N + n, N);
       });
     }
@@ -802,8 +802,8 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       const Int8Tokens t(x, M, K, gs, B);
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
-                                                    halves(n), G, gs, t.dx.data() + m0 * G, t.dxsum.data() + m0 * G,
-                                                    y + m0 * N + n, N);
+                                                    group_tables(n), G, gs, t.dx.data() + m0 * G,
+                                                    t.dxsum.data() + m0 * G, y + m0 * N + n, N);
       });
     }
   }

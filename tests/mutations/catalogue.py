@@ -737,10 +737,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "dsq-tables-truncate",
         "kernels_cpu/layout.py",
-        "h = torch.round((r @ signs.T)",
-        "h = torch.trunc((r @ signs.T)",
+        "table = torch.round((r @ signs.T)",
+        "table = torch.trunc((r @ signs.T)",
         ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",),
         "the int8 bodies' DSQ tables truncate toward zero: weights up to a whole 7-bit step small",
+    ),
+    Mutation(
+        "dsq-tables-offset-off-by-one",
+        "kernels_cpu/layout.py",
+        ".clamp(-63, 63).to(torch.int16) + 64",
+        ".clamp(-63, 63).to(torch.int16) + 63",
+        ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",
+         "tests/test_kernels_cpu.py::test_dsq_kernel_matches_float64"),
+        "the DSQ tables' unsigned offset is 63 where the kernels take 64 back out: every weight one 7-bit step low",
     ),
     Mutation(
         "split3-high-bits-misplaced",
