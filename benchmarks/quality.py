@@ -32,8 +32,8 @@ def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
     dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32``
     group 128 / 32, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the
-    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both; ``preset-NAME`` the bundled
-    recipe ``quant/recipes/NAME.yaml``."""
+    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both, ``-c512`` 512 calibration
+    windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
