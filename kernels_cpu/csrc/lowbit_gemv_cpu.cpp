@@ -248,19 +248,27 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i bytes32_avx2(const uint8
   }
 }
 
-// A DSQ group's table T'[c] = T[c] / t + 64 (its 2^B bytes, kernels_cpu/layout.py dsq_tables) repeated along the
-// register: a broadcast load, which vpshufb (B <= 4: codes below 16) reads in either lane.
+// A DSQ group's table T'[c] = T[c] / t + 64 of 2 or 3 planes (its 4 or 8 bytes, kernels_cpu/layout.py
+// dsq_tables) as 8 bytes, the 4 twice: what both int8 bodies broadcast along a register (4 planes: 16 bytes, a
+// 128-bit broadcast). A table that repeats is read right by vpshufb (codes below 16) in either lane, and by vpermb
+// whatever lies above a code's bits (see dsq_table_vnni).
 template <int B>
-__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* table) {
-  if constexpr (B == 4) return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
+inline int64_t dsq_table8(const uint8_t* table) {
+  static_assert(B == 2 || B == 3, "2 or 3 planes");
   if constexpr (B == 3) {
     int64_t w;
     std::memcpy(&w, table, 8);
-    return _mm256_set1_epi64x(w);
+    return w;
   }
-  int32_t w;
+  uint32_t w;
   std::memcpy(&w, table, 4);
-  return _mm256_set1_epi32(w);
+  return int64_t(uint64_t(w) * 0x100000001ull);
+}
+
+template <int B>
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uint8_t* table) {
+  if constexpr (B == 4) return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
+  else return _mm256_set1_epi64x(dsq_table8<B>(table));
 }
 
 // Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: scale is the row's group steps t (fp16 [G]) and
@@ -498,14 +506,7 @@ template <int B>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) inline __m512i dsq_table_vnni(
     const uint8_t* table) {
   if constexpr (B == 4) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
-  if constexpr (B == 3) {
-    int64_t w;
-    std::memcpy(&w, table, 8);
-    return _mm512_set1_epi64(w);
-  }
-  int32_t w;
-  std::memcpy(&w, table, 4);
-  return _mm512_set1_epi32(w);
+  else return _mm512_set1_epi64(dsq_table8<B>(table));
 }
 
 // The per-group factors s dx and the zero-point term sum_g s z dx sum xq are made 16 groups at a time (vector
