@@ -32,8 +32,9 @@ def settings() -> dict[str, list]:
     """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
     dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32``
     group 128 / 32, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the
-    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both, ``-c512`` 512 calibration
-    windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
+    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding
+    learned too, ``-c512`` 512 calibration windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe
+    ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
@@ -41,6 +42,8 @@ def settings() -> dict[str, list]:
     both = ("finetune", FinetuneConfig(mode="both"))
     # 200 end-to-end steps: the held-out KL was still falling at step 100 in every end-to-end run
     e2e200 = ("finetune", FinetuneConfig(mode="e2e", e2e_steps=200))
+    # the codes move too: each weight's rounding learned end to end (signed steps, as the block pass learns it)
+    e2e200_rounding = ("finetune", FinetuneConfig(mode="e2e", e2e_steps=200, rounding=True))
     out: dict[str, list] = {"float": []}
     for b in (3, 2, 4):
         d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP))
@@ -60,6 +63,7 @@ def settings() -> dict[str, list]:
             out[f"d2quant-w{b}{name}-e2e-norms"] = [rot, d2q, e2e_norms]
             out[f"d2quant-w{b}{name}-ft-e2e"] = [rot, d2q, both]
             out[f"d2quant-w{b}{name}-e2e200"] = [rot, d2q, e2e200]
+            out[f"d2quant-w{b}{name}-e2e200-rounding"] = [rot, d2q, e2e200_rounding]
     # NSDS widths (2-4 bits a linear) at the bytes of uniform 3-bit, and at 2.25 (2.49 bits per weight at group 64)
     for budget in (3.0, 2.25):
         nsds = ("allocate", AllocationConfig(budget=budget, group_size=GROUP, scale_bits=8))

@@ -22,7 +22,6 @@ def test_tunable_starts_at_the_packed_weight_and_hardens_to_the_grid():
     w = before + 0.3 * layer.scales.float().repeat_interleave(32, 1) * torch.randn(24, 64)
     layer.__dict__["_float_weight"] = w
     t = Tunable(layer, rounding=True)
-    assert "_float_weight" not in layer.__dict__
     torch.testing.assert_close(t.weight(), before, rtol=0, atol=1e-6)
     with torch.no_grad():
         t.v.uniform_(-3, 3)  # far past the bounds: clamp_ brings them back
@@ -126,21 +125,28 @@ def _kl_to(model, ref_logits, ids) -> float:
     return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / (ids.shape[0] * ids.shape[1]))
 
 
-@pytest.mark.parametrize("norms", [False, True])  # with the norms' weights trained too (--finetune-e2e-norms)
-def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer, norms):
+# the scales alone; with the norms' weights (--finetune-e2e-norms); with the rounding (--finetune-rounding)
+@pytest.mark.parametrize("trained", ["scales", "norms", "rounding"])
+def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer, trained):
     from calibrate import calibration_windows
 
     ids = calibration_windows(tokenizer, "c4", 32, 128, seed=0)
     test_ids = calibration_windows(tokenizer, "wikitext2-valid", 4, 64, seed=1)
     with torch.no_grad():
         ref = tiny_model("llama", seed=5)(test_ids).logits
-    kl = {}
-    e2e_cfg = FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, e2e_norms=norms)
+    kl, codes = {}, {}
+    norms = trained == "norms"
+    e2e_cfg = FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, e2e_norms=norms,
+                             rounding=trained == "rounding")
     for name, tail in {"solver": [], "e2e": [("finetune", e2e_cfg)]}.items():
         model = tiny_model("llama", seed=5)
         ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
         records = run_pipeline(ctx, [("gptq", GPTQConfig(bits=2, group_size=32, scale_bits=8)), *tail])
         kl[name] = _kl_to(model, ref, test_ids)
+        codes[name] = torch.cat([m.codes().flatten() for m in model.modules() if isinstance(m, QuantLinear)])
+    changed = (codes["e2e"] != codes["solver"]).float().mean()
+    assert (0 < changed < 0.2) if trained == "rounding" else changed == 0, changed  # a code moves by one at most
+    assert not any("_float_weight" in m.__dict__ for m in model.modules())  # the rounding's start is let go
     norm_weights = [model.model.norm.weight, *(m.weight for b in model.model.layers
                                                 for m in (b.input_layernorm, b.post_attention_layernorm))]
     moved = [not torch.equal(w, torch.ones_like(w)) for w in norm_weights]  # (the tiny model's norms start at 1)

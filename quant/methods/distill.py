@@ -65,9 +65,9 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
         return F.kl_div(s, t, log_target=True, reduction="sum") / (s.shape[0] * s.shape[1])
 
     names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
-    with _blocks_loaded(run), tunables(model, names, rounding=False) as tun, \
+    with _blocks_loaded(run), tunables(model, names, cfg.rounding) as tun, \
             _trainable(norm_parameters(model, structure) if cfg.e2e_norms else []) as extra:
-        return fit(tun, loss_on, x0.shape[0], cfg, Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr),
+        return fit(tun, loss_on, x0.shape[0], cfg, Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr, cfg.lr),
                    "finetune e2e (KL)", progress, extra)
 
 

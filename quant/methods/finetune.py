@@ -67,8 +67,9 @@ class FinetuneConfig:
     lr: float = option(0.0, "Step of the signed rounding updates (0: 1 / steps, AutoRound's); decays linearly.",
                        "--finetune-lr")
     scale_lr: float = option(5e-3, "Adam learning rate of the scale factors; decays linearly.", "--finetune-scale-lr")
-    rounding: bool = option(False, "Also learn the rounding of uniform layers (off: the scale factors only, which "
-                            "measured better per block on SmolLM2).", "--finetune-rounding/--finetune-scales-only")
+    rounding: bool = option(False, "Also learn the rounding of uniform layers, per block and end to end (off: the "
+                            "scale factors only, which measured better per block on SmolLM2).",
+                            "--finetune-rounding/--finetune-scales-only")
     e2e_steps: int = option(100, "Steps of the end-to-end distillation (e2e, both).", "--finetune-e2e-steps")
     e2e_batch: int = option(2, "Calibration windows per end-to-end step.", "--finetune-e2e-batch")
     e2e_lr: float = option(1e-3, "Adam learning rate of the scale factors end to end; decays linearly.",
@@ -129,7 +130,7 @@ class Tunable(nn.Module):
             self.register_buffer("s", s.repeat_interleave(g, 1))
             self.register_buffer("z", z.repeat_interleave(g, 1))
             base = q
-            w = packed.__dict__.pop("_float_weight", None)
+            w = packed.__dict__.get("_float_weight")
             if w is not None:  # halfway toward the float weight's grid position, within the solver's bin
                 d = torch.nan_to_num(w.float() / self.s + self.z - q, nan=0.0, posinf=0.0, neginf=0.0)
                 base = q + 0.5 * d.clamp(-0.5, 0.5)  # (a zero scale gives no position: the code itself)
@@ -137,7 +138,6 @@ class Tunable(nn.Module):
             self.v = nn.Parameter(torch.zeros_like(q)) if rounding else None
             self.a = nn.Parameter(torch.zeros_like(s))
         elif isinstance(packed, DSQLinear):
-            packed.__dict__.pop("_float_weight", None)
             r = packed.row_scales.float()  # [out, groups, bits]; W = Σ_k r_k b_k, linear in each r_k
             self.register_buffer("r", r)
             self.register_buffer("signs", self._planes(packed))  # [bits, out, in] of ±1
@@ -181,6 +181,12 @@ class Tunable(nn.Module):
             m.set_scales(m.scales.float() * (1 + self.a))  # 8-bit scales: the nearest point of the row's grid
         else:
             m.row_scales.copy_((self.r * (1 + self.a)).half())
+
+
+def drop_float_weights(module: nn.Module) -> None:
+    """Forget the float weights the quantizer left on ``module``'s packed linears for the rounding's start."""
+    for m in module.modules():
+        m.__dict__.pop("_float_weight", None)
 
 
 def _swap(block: nn.Module, names: list[str], new: list[nn.Module]) -> None:
@@ -333,7 +339,7 @@ class BlockFinetuneStep(BlockStep):
         # the float model's final hidden states, the end-to-end teacher) and, for learned rounding, leaves each
         # linear's float weight as the rounding's starting point
         q.needs_data = q.float_stream = True
-        q.keep_float = self.cfg.blockwise and self.cfg.rounding
+        q.keep_float = self.cfg.rounding
 
     def block(self, run: Run, i: int, block: nn.Module) -> None:
         if not self.cfg.blockwise:
@@ -341,6 +347,8 @@ class BlockFinetuneStep(BlockStep):
         curve = tune_block(block, run.x_in, run.xf, run.kwargs[i], self.cfg, f"finetune block {i}",
                            self.ctx.progress)
         run.x = _advance(block, run.x_in, run.kwargs[i])
+        if not self.cfg.end_to_end:  # the end-to-end rounding starts from them again
+            drop_float_weights(block)
         if curve:
             run.note("finetune", curve)
 
@@ -357,6 +365,7 @@ class BlockFinetuneStep(BlockStep):
             from quant.methods.distill import distill_scales
 
             e2e = distill_scales(run, self.cfg, self.ctx.progress)
+            drop_float_weights(self.ctx.model)
             out["e2e"] = {**e2e, "kl_reduction": round(1 - e2e["held_best"] / e2e["held"][0], 4)
                           if e2e["held"][0] > 0 else 0.0}
         return out
