@@ -15,6 +15,8 @@ measured on the same number of windows.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from common import RESULTS, c4_table, run_calibrated_bench, setup_line
 
 from quant import AllocationConfig, GPTQConfig
@@ -25,7 +27,8 @@ from quant.methods.rotation import RotationConfig
 
 GROUP = 64
 C4_WINDOWS = 32
-NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-e2e200": 512 for b in (3, 4)}  # calibration windows, where not --nsamples
+# calibration windows, where not --nsamples
+NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-e2e200{r}": 512 for b in (3, 4) for r in ("", "-rounding")}
 
 
 def settings() -> dict[str, list]:
@@ -73,10 +76,12 @@ def settings() -> dict[str, list]:
         out[f"d2quant-nsds{budget:g}-nodsq-s8-e2e200"] = [nsds, rot, d2q, e2e200]
     # 4x the calibration text (512 windows, 262k tokens; NSAMPLES): the end-to-end pass saw its 112 training windows
     # 3.6 times in 200 steps; the held-out windows stay 16 (1/32), as many as at 128 windows
-    e2e200_h32 = ("finetune", FinetuneConfig(mode="e2e", e2e_steps=200, holdout=1 / 32))
+    e2e200_h32 = FinetuneConfig(mode="e2e", e2e_steps=200, holdout=1 / 32)
     for b in (3, 4):
         d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, scale_bits=8))
-        out[f"d2quant-w{b}-nodsq-s8-c512-e2e200"] = [rot, d2q, e2e200_h32]
+        out[f"d2quant-w{b}-nodsq-s8-c512-e2e200"] = [rot, d2q, ("finetune", e2e200_h32)]
+        out[f"d2quant-w{b}-nodsq-s8-c512-e2e200-rounding"] = [rot, d2q,
+                                                             ("finetune", replace(e2e200_h32, rounding=True))]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)
