@@ -211,7 +211,7 @@ def model_cmd(
         None,
         help="A YAML or JSON recipe: the ordered passes and their configs ([{name, config}], or a checkpoint's "
         "config.json to replay its run), or a bundled preset by name: w3-fast (3.24 bits per weight, about 13 "
-        "minutes for SmolLM2 on 2 cores) or w3-best (the same plus both finetunes, about 50). It replaces the pass "
+        "minutes for SmolLM2 on 2 cores) or w3-best (the same plus both finetunes, 35-50). It replaces the pass "
         "options above; model, calibration, output, device and stream options still apply.",
         show_default=False,
     ),

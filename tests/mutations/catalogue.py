@@ -777,6 +777,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "--finetune-e2e-norms is accepted but the norms never reach the optimiser: they stay as they were",
     ),
     Mutation(
+        "e2e-rounding-left-out",
+        "quant/methods/distill.py",
+        "tunables(model, names, cfg.rounding) as tun",
+        "tunables(model, names, False) as tun",
+        ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
+        "--finetune e2e --finetune-rounding is accepted but only the scales train end to end: no code moves",
+    ),
+    Mutation(
         "siblings-hand-out-the-first-pending",
         "kernels_cpu/dispatch.py",
         "        y = self.pending.pop(i)",
