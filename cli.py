@@ -161,8 +161,9 @@ def model_cmd(
     ),
     allocation: str = typer.Option(
         "none",
-        help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), uniform, "
-        "or random (NSDS's mix of widths, shuffled; a baseline).",
+        help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), fisher (measured "
+        "sensitivity: Fisher-weighted rounding error on --fisher-windows calibration windows, after any rotation), "
+        "uniform, or random (NSDS's mix of widths, shuffled; a baseline).",
     ),
     group_size: int = typer.Option(128, help=GROUP_HELP),
     calib: str = typer.Option(
@@ -242,13 +243,15 @@ def model_cmd(
     values = {**pass_values, "group_size": group_size, "seed": seed}
     steps: list = []
     budget = None
+    alloc = None
     if allocation != "none":
         alloc = _pass_config("allocate", values, budget=bits, allocator=allocation)
-        steps.append(("allocate", alloc))
+        if alloc.allocator != "fisher":  # fisher weighs the weights the quantizer will see: after any rotation
+            steps.append(("allocate", alloc))
         budget = bits
         bits = max(alloc.candidates)  # the quantizer's default width; allocate sets every layer's
     elif bits != int(bits):
-        raise QuantError(f"--bits {bits} is fractional: a fractional average needs --allocation nsds|random")
+        raise QuantError(f"--bits {bits} is fractional: a fractional average needs --allocation nsds|fisher|random")
     bits = int(bits)
     act = _pass_config("actquant", values)
     act = act if (act.bits, act.kv_bits) != (16, 16) else None  # 16: not quantized
@@ -278,6 +281,8 @@ def model_cmd(
         steps.append(("fpt", fpt))
     if rotation if rotation is not None else method == "d2quant":
         steps.append(("rotate", _pass_config("rotate", values, block=group_size if group_size > 0 else 64)))
+    if alloc is not None and alloc.allocator == "fisher":
+        steps.append(("allocate", alloc))
     ft = _pass_config("finetune", values)
     pipeline = [*steps, (method, config), *([("finetune", ft)] if ft.enabled else []),
                 *([("lmhead", head)] if head.enabled else []),
@@ -366,7 +371,8 @@ def model_cmd(
         float_source = DiskSource(source.path, dev, cdtype) if streaming else None  # its own skeleton
         report["perplexity_float"] = _eval(lm, max_windows, 2048, "float ppl", source=float_source)
     calib_ids = None
-    needs_data = any(get_pass(n).needs_calibration for n, _ in pipeline)
+    needs_data = any(get_pass(n).needs_calibration or getattr(c, "allocator", None) == "fisher"
+                     for n, c in pipeline)
     if needs_data or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
         calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
@@ -498,10 +504,14 @@ def allocate_cmd(
     bits: float = typer.Option(3.0, help="Average budget in bits (storage-matched to uniform at that width)."),
     png: Path = typer.Option(Path("allocation.png"), help="Where to write the allocation map."),
     json_out: Path = typer.Option(None, "--json", help="Also write scores and bits as JSON to this file."),
+    calib: str = typer.Option("c4", help="Calibration text of --allocation fisher (as quantize model's --calib); "
+                              "windows of 512 tokens, seed 0."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub to run (off by default)."),
     pass_values: dict | None = None,
 ) -> None:
-    """Score every layer with NSDS (weights only, no data) and print the bits each would get; no quantization."""
+    """Score every layer (NSDS: weights only, no data; fisher: gradients on calibration text, the weights as they
+    are, unrotated) and print the bits each would get; no quantization."""
+    from calibrate import calibration_windows
     from quant.formats.models import load_model
     from quant.methods.allocation import allocate, allocation_table
     from quant.methods.allocation_plot import plot_allocation
@@ -510,8 +520,9 @@ def allocate_cmd(
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
+    ids = calibration_windows(lm.tokenizer, calib, config.fisher_windows, 512) if config.allocator == "fisher" else None
     t0 = time.perf_counter()
-    alloc = allocate(lm.model, config)
+    alloc = allocate(lm.model, config, ids)
     seconds = time.perf_counter() - t0
     if alloc.scores is not None:
         from quant.methods.nsds import score_table

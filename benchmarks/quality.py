@@ -28,16 +28,16 @@ from quant.methods.rotation import RotationConfig
 GROUP = 64
 C4_WINDOWS = 32
 # calibration windows, where not --nsamples
-NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-e2e200{r}": 512 for b in (3, 4) for r in ("", "-rounding")}
+NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-{r}": 512 for b in (3, 4) for r in ("e2e200", "e2e200-rounding", "ft-e2e200")}
 
 
 def settings() -> dict[str, list]:
-    """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``-nodsq`` uniform down_proj (no
-    dual-scale quantizer), ``-s8`` 8-bit scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32``
-    group 128 / 32, ``-ft`` the block-wise finetune after the solver, ``-e2e`` the end-to-end distillation of the
-    scales, ``-e2e-norms`` that with the norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding
-    learned too, ``-c512`` 512 calibration windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe
-    ``quant/recipes/NAME.yaml``."""
+    """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``fisherB`` measured widths
+    (Fisher-weighted rounding error) there, ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit
+    scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32, ``-ft`` the block-wise
+    finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-e2e-norms`` that with the
+    norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding learned too, ``-c512`` 512 calibration
+    windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
@@ -74,6 +74,12 @@ def settings() -> dict[str, list]:
         out[f"d2quant-nsds{budget:g}-nodsq-s8"] = [nsds, rot, d2q]
         out[f"d2quant-nsds{budget:g}-nodsq-s8-e2e"] = [nsds, rot, d2q, e2e]
         out[f"d2quant-nsds{budget:g}-nodsq-s8-e2e200"] = [nsds, rot, d2q, e2e200]
+    # measured widths (Fisher-weighted rounding error on 32 calibration windows, after the rotation), same budgets
+    for budget in (3.0, 2.25):
+        fisher = ("allocate", AllocationConfig(budget=budget, allocator="fisher", group_size=GROUP, scale_bits=8))
+        d2q = ("d2quant", D2QuantConfig(bits=4, group_size=GROUP, dsq=False, scale_bits=8))
+        out[f"d2quant-fisher{budget:g}-nodsq-s8"] = [rot, fisher, d2q]
+        out[f"d2quant-fisher{budget:g}-nodsq-s8-ft-e2e"] = [rot, fisher, d2q, both]
     # 4x the calibration text (512 windows, 262k tokens; NSAMPLES): the end-to-end pass saw its 112 training windows
     # 3.6 times in 200 steps; the held-out windows stay 16 (1/32), as many as at 128 windows
     e2e200_h32 = FinetuneConfig(mode="e2e", e2e_steps=200, holdout=1 / 32)
@@ -82,6 +88,7 @@ def settings() -> dict[str, list]:
         out[f"d2quant-w{b}-nodsq-s8-c512-e2e200"] = [rot, d2q, ("finetune", e2e200_h32)]
         out[f"d2quant-w{b}-nodsq-s8-c512-e2e200-rounding"] = [rot, d2q,
                                                              ("finetune", replace(e2e200_h32, rounding=True))]
+        out[f"d2quant-w{b}-nodsq-s8-c512-ft-e2e200"] = [rot, d2q, ("finetune", replace(e2e200_h32, mode="both"))]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)

@@ -351,6 +351,25 @@ def test_allocation_composes_with_every_quantizer(tmp_path, tiny_dir, method):
     assert r.returncode == 0, r.stderr
 
 
+def test_fisher_allocation_runs_after_the_rotation(tmp_path, tiny_dir):
+    """--allocation fisher takes its gradients on calibration text (loaded even for rtn, which needs none) and,
+    with d2quant, on the rotated weights: the recorded passes are rotate, allocate, d2quant."""
+    js = tmp_path / "alloc.json"
+    r = run("allocate", tiny_dir, "--bits", "2.5", "--allocation", "fisher", "--fisher-windows", "2",
+            "--group-size", "32", "--png", tmp_path / "map.png", "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(js.read_text())["allocator"] == "fisher"
+    for method in ("d2quant", "rtn"):
+        out = tmp_path / method
+        r = run("model", tiny_dir, "--method", method, "--bits", "2.5", "--allocation", "fisher", "--fisher-windows",
+                "2", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval", "--out", out)
+        assert r.returncode == 0, r.stderr
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        names = [p["name"] for p in qc["passes"]]
+        assert names == (["rotate", "allocate", "d2quant"] if method == "d2quant" else ["allocate", "rtn"])
+        assert len({m["bits"] for m in qc["modules"].values()}) > 1 and qc["allocation"] == "fisher"
+
+
 def test_inspect_model_and_d2quant_degrades_without_its_rotation(tmp_path, tokenizer):
     """Gemma 2's post-norms cannot absorb a rotation: inspect-model says so, and d2quant (whose default
     includes the rotation) runs without it and records why; asking for --rotation is refused in one line."""

@@ -17,6 +17,11 @@ Allocators:
   paper's rule: the most sensitive units get the widest candidate, the rest the narrowest.
   The defaults (module granularity, score, rtn) are the rule that measured best on SmolLM2
   (benchmarks/results/allocation.md); the paper's layer granularity stays available.
+- ``fisher``: measured sensitivity (``quant.methods.fisher``): ``err_u(b) = Σ F ⊙ (W − RTN_b(W))²``, the
+  second-order rise of the calibration loss that quantizing the unit at b bits predicts, with ``F`` the
+  diagonal of the empirical Fisher over ``fisher_windows`` calibration windows; the same knapsack minimises
+  its sum. Needs calibration text and the model resident; in ``quantize model`` it runs after the rotation,
+  so it weighs the weights the quantizer will see.
 - ``uniform``: every unit at B (B must be one of the candidates).
 - ``random``: the NSDS allocation's widths, shuffled among units of equal size (seeded): the same
   mix and the same bits per weight, placement at random. This is the baseline that isolates the
@@ -47,7 +52,7 @@ from quant.methods.quantizers import SCALE_BITS_HELP
 from quant.numerics.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
 from quant.runtime.quantlinear import storage_bytes
 
-ALLOCATORS = ("nsds", "uniform", "random")
+ALLOCATORS = ("nsds", "fisher", "uniform", "random")
 SCHEMES = ("knapsack", "tiers")
 GRANULARITIES = ("layer", "module")
 ERROR_MODELS = ("ideal", "rtn")
@@ -59,7 +64,8 @@ class AllocationConfig:
 
     budget: float = option(3.0, "Average bits per weight, storage-matched to uniform quantization at that width.")
     allocator: str = option(
-        "nsds", "nsds (data-free sensitivity), uniform, or random (NSDS's mix of widths, shuffled; a baseline).",
+        "nsds", "nsds (data-free sensitivity), fisher (measured: Fisher-weighted rounding error on calibration "
+        "text), uniform, or random (NSDS's mix of widths, shuffled; a baseline).",
         "--allocation",
     )
     candidates: tuple[int, ...] = option((2, 3, 4), "The widths a layer may get, comma-separated.", "--candidates")
@@ -81,6 +87,8 @@ class AllocationConfig:
         "or the ideal params x 4^-b.",
         "--error-model",
     )
+    fisher_windows: int = option(32, "Calibration windows the fisher allocator takes gradients on.",
+                                 "--fisher-windows")
     seed: int = option(0, "Seed for the random allocator.", "--alloc-seed")
     group_size: int = option(128, "The quantizer's group size (scales and zeros count in the budget).", "--group-size")
     scale_bits: int = option(16, SCALE_BITS_HELP, "--scale-bits")
@@ -106,6 +114,10 @@ class AllocationConfig:
                 f"a budget of {self.budget} bits cannot be met with candidate widths {sorted(self.candidates)}: "
                 f"the feasible range is {lo} to {hi} bits"
             )
+        if self.fisher_windows < 1:
+            raise QuantError("fisher_windows must be at least 1")
+        if self.allocator == "fisher" and self.scheme != "knapsack":
+            raise QuantError("the fisher allocator predicts losses for the knapsack scheme; tiers ranks NSDS scores")
         if self.allocator == "uniform" and self.budget not in self.candidates:
             raise QuantError(f"uniform allocation needs a budget among the candidates {sorted(self.candidates)}")
         self.layout(hi)  # validates the group size and scale bits
@@ -196,16 +208,18 @@ def make_units(model: nn.Module, granularity: str, scores: NSDSScores | None) ->
 
 
 @torch.no_grad()
-def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], layout: QuantSpec) -> None:
-    """Each unit's ``Σ n_m ‖W_m − RTN_b(W_m)‖² / ‖W_m‖²`` at every candidate width: still data-free, but it
-    sees how much worse narrow widths are for heavy-tailed weights than the ideal 4× per bit."""
+def measure_rtn_errors(model: nn.Module, units: list[Unit], cands: list[int], layout: QuantSpec,
+                       fisher: dict[str, torch.Tensor] | None = None) -> None:
+    """Each unit's round-to-nearest error at every candidate width: ``Σ n_m ‖W_m − RTN_b(W_m)‖² / ‖W_m‖²``
+    (still data-free, but it sees how much worse narrow widths are for heavy-tailed weights than the ideal 4×
+    per bit), or with ``fisher`` the predicted loss ``Σ F_m ⊙ (W_m − RTN_b(W_m))²``."""
     for u in units:
         for b in cands:
             total = 0.0
             for name, o, i in u.modules:
                 w = model.get_submodule(name).weight.float()
-                q = quantize_rtn(w, dataclasses.replace(layout, bits=b, clip="minmax")).dequantize()
-                total += o * i * float((w - q).pow(2).sum() / w.pow(2).sum())
+                err = (w - quantize_rtn(w, dataclasses.replace(layout, bits=b, clip="minmax")).dequantize()).pow(2)
+                total += float((fisher[name] * err).sum()) if fisher else o * i * float(err.sum() / w.pow(2).sum())
             u.error[b] = total
 
 
@@ -215,7 +229,9 @@ def budget_bytes(units: list[Unit], budget: float, layout: QuantSpec) -> int:
     return int(sum((1 - f) * u.bytes_at(lo, layout) + f * u.bytes_at(hi, layout) for u in units) + 0.5)
 
 
-def _importance(score: float, kind: str = "odds") -> float:
+def _importance(score: float, kind: str | None = "odds") -> float:
+    if kind is None:  # the errors are predicted losses already (fisher)
+        return 1.0
     s = min(max(score, 1e-6), 1 - 1e-6)
     return s / (1 - s) if kind == "odds" else s
 
@@ -244,8 +260,8 @@ def _quiet_c_stdout():
         os.close(null)
 
 
-def knapsack(units: list[Unit], cands: list[int], limit: int, layout: QuantSpec, importance: str = "odds"
-             ) -> list[int]:
+def knapsack(units: list[Unit], cands: list[int], limit: int, layout: QuantSpec,
+             importance: str | None = "odds") -> list[int]:
     """The exact optimum: one width per unit minimising the predicted loss ``Σ imp_u · err_u(b_u)`` under
     ``Σ bytes_u(b_u) ≤ limit``, solved as a multiple-choice knapsack (binary ``x[u, b]``, one width per
     unit; HiGHS through ``scipy.optimize.milp``, zero gap). A greedy by loss reduction per byte is not
@@ -324,21 +340,30 @@ def shuffle_within_sizes(units: list[Unit], bits: list[int], seed: int) -> list[
     return out
 
 
-def allocate(model: nn.Module, config: AllocationConfig) -> Allocation:
-    """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only."""
+def allocate(model: nn.Module, config: AllocationConfig, calib_ids: torch.Tensor | None = None,
+             progress: bool = True) -> Allocation:
+    """Choose a width for every unit of ``model`` under ``config.budget``. Reads weights only, except the
+    fisher allocator, which takes gradients on the first ``config.fisher_windows`` of ``calib_ids``."""
     config.validate()
     structure_of(model).check("bit allocation", PASS_NEEDS["nsds allocation"], "use --method rtn or gptq")
     cands = sorted(set(config.candidates))
-    scores = nsds_scores(model, config.nsds) if config.allocator != "uniform" else None
+    fisher = config.allocator == "fisher"
+    scores = nsds_scores(model, config.nsds) if config.allocator in ("nsds", "random") else None
     units = make_units(model, config.granularity, scores)
-    if config.error_model == "rtn" and config.allocator != "uniform":
+    if fisher:
+        from quant.methods.fisher import fisher_diagonal
+
+        names = [n for u in units for n, _, _ in u.modules]
+        ids = None if calib_ids is None else calib_ids[: config.fisher_windows]
+        measure_rtn_errors(model, units, cands, config.layout(), fisher_diagonal(model, ids, names, progress))
+    elif config.error_model == "rtn" and config.allocator != "uniform":
         measure_rtn_errors(model, units, cands, config.layout())
     limit = budget_bytes(units, config.budget, config.layout())
     if config.allocator == "uniform":
         bits = [int(config.budget)] * len(units)
     else:
         if config.scheme == "knapsack":
-            bits = knapsack(units, cands, limit, config.layout(), config.importance)
+            bits = knapsack(units, cands, limit, config.layout(), None if fisher else config.importance)
         else:
             bits = tiers(units, cands, limit, config.layout())
         if config.allocator == "random":
@@ -371,7 +396,7 @@ def mix_text(units_per_width: dict) -> str:
 @register_pass("allocate", AllocationConfig)
 def allocate_pass(ctx: QuantContext, config: AllocationConfig) -> dict:
     """Set per-module bits for the quantizer that follows (through ``ctx.overrides``)."""
-    alloc = allocate(ctx.model, config)
+    alloc = allocate(ctx.model, config, ctx.calib_ids, ctx.progress)
     for name, b in alloc.module_bits().items():
         ctx.overrides.setdefault(name, {})["bits"] = b
     ctx.allocation = alloc
