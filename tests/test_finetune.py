@@ -125,8 +125,9 @@ def _kl_to(model, ref_logits, ids) -> float:
     return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / (ids.shape[0] * ids.shape[1]))
 
 
-# the scales alone; with the norms' weights (--finetune-e2e-norms); with the rounding (--finetune-rounding)
-@pytest.mark.parametrize("trained", ["scales", "norms", "rounding"])
+# the scales alone; with the norms' weights (--finetune-e2e-norms); with the rounding (--finetune-rounding); the
+# scales alone computed in bfloat16 (--finetune-dtype bf16)
+@pytest.mark.parametrize("trained", ["scales", "norms", "rounding", "bf16"])
 def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one(tmp_path, tokenizer, trained):
     from calibrate import calibration_windows
 
@@ -137,13 +138,17 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
     kl, codes = {}, {}
     norms = trained == "norms"
     e2e_cfg = FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, e2e_norms=norms,
-                             rounding=trained == "rounding")
+                             rounding=trained == "rounding", dtype="bf16" if trained == "bf16" else "fp32")
+    head_dtypes = set()
     for name, tail in {"solver": [], "e2e": [("finetune", e2e_cfg)]}.items():
         model = tiny_model("llama", seed=5)
         ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
+        hook = model.lm_head.register_forward_hook(lambda m, i, o: head_dtypes.add(o.dtype))
         records = run_pipeline(ctx, [("gptq", GPTQConfig(bits=2, group_size=32, scale_bits=8)), *tail])
+        hook.remove()
         kl[name] = _kl_to(model, ref, test_ids)
         codes[name] = torch.cat([m.codes().flatten() for m in model.modules() if isinstance(m, QuantLinear)])
+    assert (torch.bfloat16 in head_dtypes) == (trained == "bf16")  # the distillation's matmuls ran in bf16
     changed = (codes["e2e"] != codes["solver"]).float().mean()
     assert (0 < changed < 0.2) if trained == "rounding" else changed == 0, changed  # a code moves by one at most
     assert not any("_float_weight" in m.__dict__ for m in model.modules())  # the rounding's start is let go
@@ -163,7 +168,8 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
         assert torch.equal(again(test_ids).logits, model(test_ids).logits)
 
 
-def test_both_modes_run_block_then_e2e_on_dsq(tokenizer):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_both_modes_run_block_then_e2e_on_dsq(tokenizer, dtype):
     from calibrate import calibration_windows
     from quant.methods.d2quant import D2QuantConfig
 
@@ -171,7 +177,8 @@ def test_both_modes_run_block_then_e2e_on_dsq(tokenizer):
     model = tiny_model("llama", seed=6)
     ctx = QuantContext(model, tokenizer=tokenizer, calib_ids=ids, progress=False)
     records = run_pipeline(ctx, [("d2quant", D2QuantConfig(bits=2, group_size=32)),
-                                 ("finetune", FinetuneConfig(mode="both", steps=3, e2e_steps=3, eval_every=1))])
+                                 ("finetune", FinetuneConfig(mode="both", steps=3, e2e_steps=3, eval_every=1,
+                                                             dtype=dtype))])
     summary = records[1]["summary"]
     assert summary["blocks"] == 2 and len(summary["e2e"]["held"]) == 4  # before, and after each of 3 steps
     assert summary["e2e"]["held_best"] <= summary["e2e"]["held"][0]

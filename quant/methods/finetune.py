@@ -32,6 +32,7 @@ loop :func:`fit`.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import PackedLinear, QuantLinear
 
 MODES = ("none", "block", "e2e", "both")
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -77,6 +79,13 @@ class FinetuneConfig:
     e2e_norms: bool = option(False, "End to end, also train every norm's weight and bias (DAC's biases included; "
                              "float parameters the checkpoint stores as they are) beside the scales.",
                              "--finetune-e2e-norms/--finetune-e2e-scales-only")
+    dtype: str = option(
+        "fp32",
+        "Compute of both passes' forward and backward: fp32, or bf16 (autocast: matmuls in bfloat16, about 1.9x the "
+        "fp32 speed on CPUs with AVX512-BF16 or AMX, and on GPUs; the trained factors, the losses and the hardened "
+        "scales stay fp32).",
+        "--finetune-dtype",
+    )
     holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
     eval_every: int = option(10, "Steps between held-out measurements.")
     patience: int = option(3, "Held-out measurements without improvement before a block stops early.")
@@ -88,6 +97,8 @@ class FinetuneConfig:
         if min(self.steps, self.batch, self.e2e_steps, self.e2e_batch, self.eval_every, self.patience) < 1:
             raise QuantError("--finetune-steps, --finetune-batch, --finetune-e2e-steps, --finetune-e2e-batch, "
                              "eval_every and patience must be at least 1")
+        if self.dtype not in DTYPES:
+            raise QuantError(f"unknown --finetune-dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if not 0 < self.holdout < 1 or min(self.lr, self.scale_lr, self.e2e_lr) < 0:
             raise QuantError("finetune holdout must be in (0, 1) and the learning rates not negative")
 
@@ -243,9 +254,13 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
         train = hold = torch.arange(n)
     g = torch.Generator().manual_seed(cfg.seed)
     lr = sched.lr or 1.0 / sched.steps
+    device = params[0].device.type if params else "cpu"
+
+    def compute():  # a fresh autocast context each time (they are not reentrant)
+        return torch.autocast(device, torch.bfloat16, enabled=cfg.dtype == "bf16")
 
     def held_loss() -> float:
-        with torch.no_grad():
+        with torch.no_grad(), compute():
             total = torch.tensor([sum(float(loss_on(hold[i : i + sched.batch])) * len(hold[i : i + sched.batch])
                                       for i in range(0, len(hold), sched.batch)), float(len(hold))],
                                  dtype=torch.float64)
@@ -262,7 +277,8 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
     for step in bar:
         idx = train[torch.randperm(len(train), generator=g)[: sched.batch]]
         with torch.enable_grad():
-            loss = loss_on(idx)
+            with compute():
+                loss = loss_on(idx)
             grads = torch.autograd.grad(loss, params)
         loss = float(loss.detach())
         decay = 1 - step / sched.steps
@@ -364,10 +380,11 @@ class BlockFinetuneStep(BlockStep):
         if self.cfg.end_to_end:
             from quant.methods.distill import distill_scales
 
+            t0 = time.perf_counter()
             e2e = distill_scales(run, self.cfg, self.ctx.progress)
             drop_float_weights(self.ctx.model)
             out["e2e"] = {**e2e, "kl_reduction": round(1 - e2e["held_best"] / e2e["held"][0], 4)
-                          if e2e["held"][0] > 0 else 0.0}
+                          if e2e["held"][0] > 0 else 0.0, "seconds": round(time.perf_counter() - t0, 1)}
         return out
 
 

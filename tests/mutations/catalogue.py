@@ -785,6 +785,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "--finetune e2e --finetune-rounding is accepted but only the scales train end to end: no code moves",
     ),
     Mutation(
+        "fisher-gradient-not-squared",
+        "quant/methods/fisher.py",
+        "acc[n].add_(g.float().pow(2))",
+        "acc[n].add_(g.float().abs())",
+        ("tests/test_allocation.py::test_fisher_diagonal_is_the_mean_squared_gradient",),
+        "the Fisher diagonal averages |gradient| instead of its square: the sensitivities are on the wrong scale",
+    ),
+    Mutation(
+        "fisher-weights-ignored",
+        "quant/methods/allocation.py",
+        "float((fisher[name] * err).sum()) if fisher else",
+        "float(err.sum()) if fisher else",
+        ("tests/test_allocation.py::test_fisher_allocation_minimises_the_predicted_loss",),
+        "--allocation fisher measures the gradients and then ranks by the plain rounding error",
+    ),
+    Mutation(
         "siblings-hand-out-the-first-pending",
         "kernels_cpu/dispatch.py",
         "        y = self.pending.pop(i)",
