@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from quant.engine.options import cli_options, given_fields
-from quant.engine.passes import PASSES, get_pass  # importing quant registers the built-in passes
+from quant.engine.passes import PASSES, check_resumable, get_pass  # importing quant registers the built-in passes
 from quant.errors import QuantError
 from quant.methods.quantizers import GROUP_HELP
 
@@ -162,7 +162,7 @@ def model_cmd(
     allocation: str = typer.Option(
         "none",
         help="Per-layer bit widths: none (every layer at --bits), nsds (data-free sensitivity), fisher (measured "
-        "sensitivity: Fisher-weighted rounding error on --fisher-windows calibration windows, after any rotation), "
+        "sensitivity: Fisher-weighted rounding error on --fisher-windows calibration windows), "
         "uniform, or random (NSDS's mix of widths, shuffled; a baseline).",
     ),
     group_size: int = typer.Option(128, help=GROUP_HELP),
@@ -243,11 +243,9 @@ def model_cmd(
     values = {**pass_values, "group_size": group_size, "seed": seed}
     steps: list = []
     budget = None
-    alloc = None
     if allocation != "none":
         alloc = _pass_config("allocate", values, budget=bits, allocator=allocation)
-        if alloc.allocator != "fisher":  # fisher weighs the weights the quantizer will see: after any rotation
-            steps.append(("allocate", alloc))
+        steps.append(("allocate", alloc))
         budget = bits
         bits = max(alloc.candidates)  # the quantizer's default width; allocate sets every layer's
     elif bits != int(bits):
@@ -281,8 +279,6 @@ def model_cmd(
         steps.append(("fpt", fpt))
     if rotation if rotation is not None else method == "d2quant":
         steps.append(("rotate", _pass_config("rotate", values, block=group_size if group_size > 0 else 64)))
-    if alloc is not None and alloc.allocator == "fisher":
-        steps.append(("allocate", alloc))
     ft = _pass_config("finetune", values)
     pipeline = [*steps, (method, config), *([("finetune", ft)] if ft.enabled else []),
                 *([("lmhead", head)] if head.enabled else []),
@@ -382,6 +378,7 @@ def model_cmd(
 
         routing_ids = _routing_sample(lm.tokenizer)
         routing_ref = router_logits(lm.model, routing_ids)
+    check_resumable(pipeline, True)  # before the work folder exists: a refused recipe leaves nothing behind
     work = _work_dir(out, lm.source, calib_ids, pipeline, dev, cdtype, restart)
     store = None
     if offload_activations:

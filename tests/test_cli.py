@@ -351,9 +351,9 @@ def test_allocation_composes_with_every_quantizer(tmp_path, tiny_dir, method):
     assert r.returncode == 0, r.stderr
 
 
-def test_fisher_allocation_runs_after_the_rotation(tmp_path, tiny_dir):
-    """--allocation fisher takes its gradients on calibration text (loaded even for rtn, which needs none) and,
-    with d2quant, on the rotated weights: the recorded passes are rotate, allocate, d2quant."""
+def test_fisher_allocation_and_a_split_engine_run_refused(tmp_path, tiny_dir):
+    """--allocation fisher takes its gradients on calibration text (loaded even for rtn, which needs none), before
+    the quantizer's engine run (a whole-model pass between two block passes is refused in a resumable run)."""
     js = tmp_path / "alloc.json"
     r = run("allocate", tiny_dir, "--bits", "2.5", "--allocation", "fisher", "--fisher-windows", "2",
             "--group-size", "32", "--png", tmp_path / "map.png", "--json", js)
@@ -366,8 +366,15 @@ def test_fisher_allocation_runs_after_the_rotation(tmp_path, tiny_dir):
         assert r.returncode == 0, r.stderr
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         names = [p["name"] for p in qc["passes"]]
-        assert names == (["rotate", "allocate", "d2quant"] if method == "d2quant" else ["allocate", "rtn"])
+        assert names == (["allocate", "rotate", "d2quant"] if method == "d2quant" else ["allocate", "rtn"])
         assert len({m["bits"] for m in qc["modules"].values()}) > 1 and qc["allocation"] == "fisher"
+    recipe = tmp_path / "split.yaml"  # a recipe that splits the engine run is refused, not run half-way
+    recipe.write_text("- name: rotate\n- name: allocate\n  config: {allocator: fisher, budget: 2.5}\n"
+                      "- name: d2quant\n  config: {bits: 4, group_size: 32}\n")
+    r = run("model", tiny_dir, "--recipe", recipe, "--nsamples", "4", "--seqlen", "64", "--no-eval",
+            "--out", tmp_path / "split")
+    assert r.returncode != 0 and "in one row" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "split").exists() and not (tmp_path / ".split.partial").exists()
 
 
 def test_inspect_model_and_d2quant_degrades_without_its_rotation(tmp_path, tokenizer):

@@ -119,6 +119,16 @@ def quantizer_methods() -> list[str]:
     return sorted(n for n, p in PASSES.items() if p.quantizer)
 
 
+def check_resumable(steps: list[tuple[str, object]], resumable: bool) -> None:
+    """A run with a work folder records one engine run's blocks: its block passes must come in one row."""
+    infos = [get_pass(name) for name, _ in steps]
+    runs = [block for block, _ in itertools.groupby(infos, key=lambda i: i.block) if block]
+    if resumable and len(runs) > 1:
+        raise QuantError("a resumable run takes its block passes in one row: "
+                         f"{' -> '.join(i.name for i in infos)} puts a whole-model pass between them; "
+                         "move it before or after")
+
+
 def run_pipeline(ctx: QuantContext, steps: list[tuple[str, object]]) -> list[dict]:
     """Run ``steps`` in order; consecutive block passes share one engine run (``quant.engine.loop.run_blocks``)."""
     from quant.engine.loop import run_blocks
@@ -133,6 +143,7 @@ def run_pipeline(ctx: QuantContext, steps: list[tuple[str, object]]) -> list[dic
         if ctx.streaming and not info.block:
             raise QuantError(f"pass {name} needs the whole model in memory; {whole_model_memory(ctx)}")
         infos.append(info)
+    check_resumable(steps, ctx.work is not None)
     records = []
     for block, group in itertools.groupby(zip(infos, (c for _, c in steps), strict=True), key=lambda t: t[0].block):
         group = list(group)
