@@ -28,16 +28,18 @@ from quant.methods.rotation import RotationConfig
 GROUP = 64
 C4_WINDOWS = 32
 # calibration windows, where not --nsamples
-NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-{r}": 512 for b in (3, 4) for r in ("e2e200", "e2e200-rounding", "ft-e2e200")}
+NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-{r}": 512 for b in (3, 4)
+            for r in ("e2e200", "e2e200-rounding", "ft-e2e200", "e2e300-warm-rounding-bf16")}
 
 
 def settings() -> dict[str, list]:
-    """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``fisherB`` measured widths
-    (Fisher-weighted rounding error) there, ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit
-    scales and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32, ``-ft`` the block-wise
+    """Names: ``nsdsB`` NSDS widths at budget B (storage-matched to uniform), ``fisherB`` measured widths (Fisher-
+    weighted rounding error) there, ``-nodsq`` uniform down_proj (no dual-scale quantizer), ``-s8`` 8-bit scales
+    and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32, ``-ft`` the block-wise
     finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-e2e-norms`` that with the
-    norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding learned too, ``-c512`` 512 calibration
-    windows (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
+    norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding learned too, ``-warm`` a 10%
+    learning-rate warm-up, ``-bf16`` the finetune in bfloat16, ``-c512`` 512 calibration windows
+    (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
     e2e = ("finetune", FinetuneConfig(mode="e2e"))
@@ -80,6 +82,9 @@ def settings() -> dict[str, list]:
         d2q = ("d2quant", D2QuantConfig(bits=4, group_size=GROUP, dsq=False, scale_bits=8))
         out[f"d2quant-fisher{budget:g}-nodsq-s8"] = [rot, fisher, d2q]
         out[f"d2quant-fisher{budget:g}-nodsq-s8-ft-e2e"] = [rot, fisher, d2q, both]
+        # the NSDS row's 200 end-to-end steps, in bf16 (the same KL for 0.62x the time: finetune_dtype.md)
+        out[f"d2quant-fisher{budget:g}-nodsq-s8-e2e200-bf16"] = [rot, fisher, d2q,
+                                                                ("finetune", replace(e2e200[1], dtype="bf16"))]
     # 4x the calibration text (512 windows, 262k tokens; NSAMPLES): the end-to-end pass saw its 112 training windows
     # 3.6 times in 200 steps; the held-out windows stay 16 (1/32), as many as at 128 windows
     e2e200_h32 = FinetuneConfig(mode="e2e", e2e_steps=200, holdout=1 / 32)
@@ -89,6 +94,10 @@ def settings() -> dict[str, list]:
         out[f"d2quant-w{b}-nodsq-s8-c512-e2e200-rounding"] = [rot, d2q,
                                                              ("finetune", replace(e2e200_h32, rounding=True))]
         out[f"d2quant-w{b}-nodsq-s8-c512-ft-e2e200"] = [rot, d2q, ("finetune", replace(e2e200_h32, mode="both"))]
+        # a 10% warm-up (the held-out KL rose over the first steps of every 4-bit run), the rounding learned too,
+        # and bf16 to afford 300 steps in the time of 200
+        out[f"d2quant-w{b}-nodsq-s8-c512-e2e300-warm-rounding-bf16"] = [
+            rot, d2q, ("finetune", replace(e2e200_h32, e2e_steps=300, warmup=0.1, rounding=True, dtype="bf16"))]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from test_kernels_cpu import dsq_layer, uniform_layer
 
 from quant import QuantContext, QuantError, load_quantized, run_pipeline, save_quantized
-from quant.methods.finetune import FinetuneConfig, Tunable
+from quant.methods.finetune import FinetuneConfig, Schedule, Tunable, fit, rate
 from quant.methods.quantizers import GPTQConfig, RTNConfig
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import QuantLinear
@@ -56,6 +56,27 @@ def test_the_gradient_reaches_rounding_and_scales():
     t = Tunable(layer, rounding=True)
     t(torch.randn(5, 32)).square().sum().backward()
     assert t.v.grad.abs().sum() > 0 and t.a.grad.abs().sum() > 0
+
+
+def test_warmup_rises_linearly_then_decays_and_holds_off_the_early_stop():
+    assert [rate(s, 10, 0.0) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+    # 4 warm-up steps of 10: 1/4, 2/4, 3/4, then the plain decay
+    assert [rate(s, 10, 0.4) for s in range(6)] == pytest.approx([0.25, 0.9 * 0.5, 0.8 * 0.75, 0.7, 0.6, 0.5])
+    with pytest.raises(QuantError, match="warmup"):
+        FinetuneConfig(mode="e2e", warmup=1.0).validate()
+
+    # a held-out loss that only gets worse: without warm-up the first measurement stops the run (patience 1);
+    # with it, not before the warm-up's last step
+    p = torch.nn.Parameter(torch.zeros(3))
+    calls = iter(range(10**6))
+
+    def worsening(idx):
+        return p.square().sum() + next(calls)
+
+    for warmup, ran in ((0.0, 1), (0.5, 6)):
+        cfg = FinetuneConfig(mode="e2e", warmup=warmup, eval_every=1, patience=1)
+        curve = fit([], worsening, 8, cfg, Schedule(10, 1, 1e-3), progress=False, extra=[p])
+        assert len(curve["train"]) == ran and curve["best_step"] == 0
 
 
 def _logit_error(model, ref, ids):

@@ -16,10 +16,11 @@ logits are the final norm and lm_head (still float, and the same modules the stu
 The student runs its blocks from the embeddings with the engine's own block calls, so any architecture the
 structure discovery supports works, and the model must be resident (a streamed run refuses it).
 
-Optimiser: Adam on the factors (with ``e2e_norms``, also on every norm's weight and bias: float parameters, stored as
-they are), ``e2e_lr`` decaying linearly, ``e2e_steps`` steps of ``e2e_batch`` windows; with ``rounding`` the codes
-move too, each by at most one step, through the block pass's bounded offsets and signed steps (the quantizer keeps
-every float weight until then, the offsets' starting point);
+Optimiser: Adam on the factors (with ``e2e_norms``, also on every norm's weight and bias: float parameters, stored
+as they are), ``e2e_lr`` decaying linearly (after a linear rise over the ``warmup`` share of the steps, if set),
+``e2e_steps`` steps of ``e2e_batch`` windows; with ``rounding`` the codes move too, each by at most one step,
+through the block pass's bounded offsets and signed steps (the quantizer keeps every float weight until then, the
+offsets' starting point);
 1/8 of the windows held out and the best held-out KL kept (the shared loop of :func:`quant.methods.finetune.fit`),
 so the result is never worse than the solver's on held-out calibration text. Hardened as the block pass does:
 fp16 scales (or the rows' 8-bit grids), the format unchanged.

@@ -86,6 +86,13 @@ class FinetuneConfig:
         "scales stay fp32).",
         "--finetune-dtype",
     )
+    warmup: float = option(
+        0.0,
+        "Share of each run's steps over which the learning rates rise linearly from 0 before their linear decay "
+        "(early stopping waits for it to end): Adam's first steps move every factor by the full rate, which raised "
+        "the held-out KL in every 4-bit end-to-end run.",
+        "--finetune-warmup",
+    )
     holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
     eval_every: int = option(10, "Steps between held-out measurements.")
     patience: int = option(3, "Held-out measurements without improvement before a block stops early.")
@@ -99,8 +106,9 @@ class FinetuneConfig:
                              "eval_every and patience must be at least 1")
         if self.dtype not in DTYPES:
             raise QuantError(f"unknown --finetune-dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if not 0 < self.holdout < 1 or min(self.lr, self.scale_lr, self.e2e_lr) < 0:
-            raise QuantError("finetune holdout must be in (0, 1) and the learning rates not negative")
+        if not 0 < self.holdout < 1 or min(self.lr, self.scale_lr, self.e2e_lr) < 0 or not 0 <= self.warmup < 1:
+            raise QuantError("finetune holdout must be in (0, 1), --finetune-warmup in [0, 1) and the learning "
+                             "rates not negative")
 
     @property
     def enabled(self) -> bool:
@@ -216,6 +224,13 @@ class Schedule:
     lr: float = 0.0  # signed rounding steps (0: 1 / steps)
 
 
+def rate(step: int, steps: int, warmup: float) -> float:
+    """The learning rates' multiplier at ``step`` (0-based) of ``steps``: a linear rise over the first ``warmup``
+    share of the steps times a linear decay over all of them."""
+    warm = warmup * steps
+    return (1 - step / steps) * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+
 def tunable_names(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
 
@@ -242,8 +257,8 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
         progress: bool = True, extra: list[nn.Parameter] = ()) -> dict:
     """Minimise ``loss_on(window indices)`` over the tunables' parameters (and the float parameters ``extra``, by
     the scales' Adam) on ``n`` windows (1/``cfg.holdout`` held out, measured every ``cfg.eval_every`` steps, the
-    best kept, early stop after ``cfg.patience`` measurements without improvement), then harden the tunables into
-    their packed modules; returns the loss curve."""
+    best kept, early stop after ``cfg.patience`` measurements without improvement once the warm-up is over), then
+    harden the tunables into their packed modules; returns the loss curve."""
     rounding = [t.v for t in tun if t.v is not None]
     scales = [t.a for t in tun] + list(extra)
     params = rounding + scales
@@ -281,7 +296,7 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
                 loss = loss_on(idx)
             grads = torch.autograd.grad(loss, params)
         loss = float(loss.detach())
-        decay = 1 - step / sched.steps
+        decay = rate(step, sched.steps, cfg.warmup)
         with torch.no_grad():
             for p, gr in zip(rounding, grads, strict=False):
                 p.sub_(lr * decay * torch.sign(dist.sum_(gr)))
@@ -301,7 +316,7 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
             if h < best:
                 best, stale, curve["best_step"] = h, 0, step + 1
                 kept = [p.detach().clone() for p in params]
-            else:
+            elif step + 1 > cfg.warmup * sched.steps:
                 stale += 1
                 if stale >= cfg.patience:
                     break
