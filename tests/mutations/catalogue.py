@@ -785,6 +785,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "--finetune e2e --finetune-rounding is accepted but only the scales train end to end: no code moves",
     ),
     Mutation(
+        "warmup-early-stop-not-held-off",
+        "quant/methods/finetune.py",
+        "elif step + 1 > cfg.warmup * sched.steps:",
+        "else:",
+        ("tests/test_finetune.py::test_warmup_rises_linearly_then_decays_and_holds_off_the_early_stop",),
+        "early stopping counts the warm-up's measurements: a run whose first steps barely move stops before its "
+        "learning rate has risen",
+    ),
+    Mutation(
         "fisher-gradient-not-squared",
         "quant/methods/fisher.py",
         "acc[n].add_(g.float().pow(2))",
