@@ -59,6 +59,7 @@ def test_the_gradient_reaches_rounding_and_scales():
 
 
 def test_warmup_rises_linearly_then_decays_and_holds_off_the_early_stop():
+    # (the end-to-end pass turns the early stop off: every step runs, the best measured point kept)
     assert [rate(s, 10, 0.0) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
     # 4 warm-up steps of 10: 1/4, 2/4, 3/4, then the plain decay
     assert [rate(s, 10, 0.4) for s in range(6)] == pytest.approx([0.25, 0.9 * 0.5, 0.8 * 0.75, 0.7, 0.6, 0.5])
@@ -73,9 +74,9 @@ def test_warmup_rises_linearly_then_decays_and_holds_off_the_early_stop():
     def worsening(idx):
         return p.square().sum() + next(calls)
 
-    for warmup, ran in ((0.0, 1), (0.5, 6)):
+    for warmup, early_stop, ran in ((0.0, True, 1), (0.5, True, 6), (0.0, False, 10)):
         cfg = FinetuneConfig(mode="e2e", warmup=warmup, eval_every=1, patience=1)
-        curve = fit([], worsening, 8, cfg, Schedule(10, 1, 1e-3), progress=False, extra=[p])
+        curve = fit([], worsening, 8, cfg, Schedule(10, 1, 1e-3, early_stop=early_stop), progress=False, extra=[p])
         assert len(curve["train"]) == ran and curve["best_step"] == 0
 
 
@@ -159,7 +160,8 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
     kl, codes = {}, {}
     norms = trained == "norms"
     e2e_cfg = FinetuneConfig(mode="e2e", e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, e2e_norms=norms,
-                             rounding=trained == "rounding", dtype="bf16" if trained == "bf16" else "fp32")
+                             rounding=trained == "rounding", dtype="bf16" if trained == "bf16" else "fp32",
+                             eval_every=2, patience=1)  # (the end-to-end pass never stops early)
     head_dtypes = set()
     for name, tail in {"solver": [], "e2e": [("finetune", e2e_cfg)]}.items():
         model = tiny_model("llama", seed=5)
@@ -181,6 +183,7 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
     e2e = records[1]["summary"]["e2e"]
     assert records[1]["summary"]["blocks"] == 0  # e2e alone: no block tuning
     assert e2e["held_best"] < e2e["held"][0] and e2e["kl_reduction"] > 0
+    assert len(e2e["train"]) == e2e_cfg.e2e_steps and len(e2e["held"]) == 1 + e2e_cfg.e2e_steps // 2
     assert kl["e2e"] < kl["solver"], kl  # on text it never saw
     out = save_quantized(model, tokenizer, tmp_path / "ck", {"method": "gptq", "modules": ctx.modules,
                                                               "passes": records})

@@ -89,8 +89,8 @@ class FinetuneConfig:
     warmup: float = option(
         0.0,
         "Share of each run's steps over which the learning rates rise linearly from 0 before their linear decay "
-        "(early stopping waits for it to end): Adam's first steps move every factor by the full rate, which raised "
-        "the held-out KL in every 4-bit end-to-end run.",
+        "(the block pass's early stopping waits for it to end): Adam's first steps move every factor by the full "
+        "rate, which raised the held-out KL in every 4-bit end-to-end run.",
         "--finetune-warmup",
     )
     holdout: float = option(0.125, "Share of the calibration windows held out to choose the best step.")
@@ -222,6 +222,7 @@ class Schedule:
     batch: int
     scale_lr: float
     lr: float = 0.0  # signed rounding steps (0: 1 / steps)
+    early_stop: bool = True  # stop after cfg.patience held-out measurements without improvement
 
 
 def rate(step: int, steps: int, warmup: float) -> float:
@@ -257,7 +258,8 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
         progress: bool = True, extra: list[nn.Parameter] = ()) -> dict:
     """Minimise ``loss_on(window indices)`` over the tunables' parameters (and the float parameters ``extra``, by
     the scales' Adam) on ``n`` windows (1/``cfg.holdout`` held out, measured every ``cfg.eval_every`` steps, the
-    best kept, early stop after ``cfg.patience`` measurements without improvement once the warm-up is over), then
+    best kept, early stop, if ``sched.early_stop``, after ``cfg.patience`` measurements without improvement once the
+    warm-up is over), then
     harden the tunables into their packed modules; returns the loss curve."""
     rounding = [t.v for t in tun if t.v is not None]
     scales = [t.a for t in tun] + list(extra)
@@ -318,7 +320,7 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
                 kept = [p.detach().clone() for p in params]
             elif step + 1 > cfg.warmup * sched.steps:
                 stale += 1
-                if stale >= cfg.patience:
+                if sched.early_stop and stale >= cfg.patience:
                     break
     with torch.no_grad():
         for p, k in zip(params, kept, strict=True):

@@ -794,6 +794,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "learning rate has risen",
     ),
     Mutation(
+        "e2e-stops-early",
+        "quant/methods/distill.py",
+        "cfg.lr, early_stop=False)",
+        "cfg.lr, early_stop=True)",
+        ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
+        "the end-to-end pass stops at the first run of noisy held-out measurements instead of running its steps",
+    ),
+    Mutation(
         "fisher-gradient-not-squared",
         "quant/methods/fisher.py",
         "acc[n].add_(g.float().pow(2))",
