@@ -185,6 +185,10 @@ def test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float
     assert e2e["held_best"] < e2e["held"][0] and e2e["kl_reduction"] > 0
     assert len(e2e["train"]) == e2e_cfg.e2e_steps and len(e2e["held"]) == 1 + e2e_cfg.e2e_steps // 2
     assert kl["e2e"] < kl["solver"], kl  # on text it never saw
+    hold = ids[24:]  # the last quarter: the held-out windows; the hardened point measured through the packed model
+    with torch.no_grad():
+        hardened = _kl_to(model, tiny_model("llama", seed=5)(hold).logits, hold)
+    assert e2e["held_hardened"] == pytest.approx(hardened, rel=0.02 if trained == "bf16" else 1e-4)
     out = save_quantized(model, tokenizer, tmp_path / "ck", {"method": "gptq", "modules": ctx.modules,
                                                               "passes": records})
     again, _ = load_quantized(out)  # the tuned scales are still points of their 8-bit grids: exact reload

@@ -42,7 +42,7 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
     """Train every packed linear's scale factors on KL(float || quantized) next-token distributions; returns the
     loss curve. ``cfg``: the :class:`quant.methods.finetune.FinetuneConfig` (its ``e2e_*`` settings)."""
     from quant.engine import distributed as dist
-    from quant.methods.finetune import Schedule, fit, tunable_names, tunables
+    from quant.methods.finetune import Schedule, fit, mean_loss, split, tunable_names, tunables
 
     ctx, structure, model = run.ctx, run.structure, run.ctx.model
     norm = model.get_submodule(structure.final_norm) if structure.final_norm else nn.Identity()
@@ -68,12 +68,18 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
         return F.kl_div(s, t, log_target=True, reduction="sum") / (s.shape[0] * s.shape[1])
 
     names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
-    with _blocks_loaded(run), tunables(model, names, cfg.rounding) as tun, \
-            _trainable(norm_parameters(model, structure) if cfg.e2e_norms else []) as extra:
-        # every step runs (no early stop): the held-out KL of 16 windows is noisy at 4 bits, and twice three
-        # measurements above the best ended a run that was still to fall; the best measured point is kept
-        sched = Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr, cfg.lr, early_stop=False)
-        return fit(tun, loss_on, x0.shape[0], cfg, sched, "finetune e2e (KL)", progress, extra)
+    with _blocks_loaded(run):
+        with tunables(model, names, cfg.rounding) as tun, \
+                _trainable(norm_parameters(model, structure) if cfg.e2e_norms else []) as extra:
+            # every step runs (no early stop): the held-out KL of 16 windows is noisy at 4 bits, and twice three
+            # measurements above the best ended a run that was still to fall; the best measured point is kept
+            sched = Schedule(cfg.e2e_steps, cfg.e2e_batch, cfg.e2e_lr, cfg.lr, early_stop=False)
+            curve = fit(tun, loss_on, x0.shape[0], cfg, sched, "finetune e2e (KL)", progress, extra)
+        # the same held-out windows through the packed modules as stored: what hardening (fp16 or 8-bit scales,
+        # integer codes) kept of the trained point
+        hold = split(x0.shape[0], cfg.holdout)[1]
+        curve["held_hardened"] = float(f"{mean_loss(loss_on, hold, cfg.e2e_batch, x0.device.type, cfg.dtype):.6g}")
+    return curve
 
 
 def norm_parameters(model: nn.Module, structure) -> list[nn.Parameter]:

@@ -232,6 +232,28 @@ def rate(step: int, steps: int, warmup: float) -> float:
     return (1 - step / steps) * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
 
 
+def split(n: int, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and held-out window indices of ``n`` windows: the last share ``holdout`` held out (all of
+    them both, for a single window)."""
+    held = max(1, round(n * holdout)) if n > 1 else 0
+    if held == 0:
+        return torch.arange(n), torch.arange(n)
+    return torch.arange(n - held), torch.arange(n - held, n)
+
+
+def _compute(device: str, dtype: str):
+    return torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16")
+
+
+def mean_loss(loss_on, idx: torch.Tensor, batch: int, device: str, dtype: str) -> float:
+    """``loss_on`` averaged over the windows ``idx`` (in batches of ``batch``, summed over the ranks), no grad."""
+    with torch.no_grad(), _compute(device, dtype):
+        total = torch.tensor([sum(float(loss_on(idx[i : i + batch])) * len(idx[i : i + batch])
+                                  for i in range(0, len(idx), batch)), float(len(idx))], dtype=torch.float64)
+    dist.sum_(total)
+    return float(total[0] / total[1])
+
+
 def tunable_names(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
 
@@ -265,24 +287,16 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
     scales = [t.a for t in tun] + list(extra)
     params = rounding + scales
     adam = torch.optim.Adam(scales, lr=sched.scale_lr)
-    held = max(1, round(n * cfg.holdout)) if n > 1 else 0
-    train, hold = torch.arange(n - held), torch.arange(n - held, n)
-    if held == 0:
-        train = hold = torch.arange(n)
+    train, hold = split(n, cfg.holdout)
     g = torch.Generator().manual_seed(cfg.seed)
     lr = sched.lr or 1.0 / sched.steps
     device = params[0].device.type if params else "cpu"
 
     def compute():  # a fresh autocast context each time (they are not reentrant)
-        return torch.autocast(device, torch.bfloat16, enabled=cfg.dtype == "bf16")
+        return _compute(device, cfg.dtype)
 
     def held_loss() -> float:
-        with torch.no_grad(), compute():
-            total = torch.tensor([sum(float(loss_on(hold[i : i + sched.batch])) * len(hold[i : i + sched.batch])
-                                      for i in range(0, len(hold), sched.batch)), float(len(hold))],
-                                 dtype=torch.float64)
-        dist.sum_(total)
-        return float(total[0] / total[1])
+        return mean_loss(loss_on, hold, sched.batch, device, cfg.dtype)
 
     curve: dict = {"train": [], "held": [], "best_step": 0}
     sig = lambda v: float(f"{v:.6g}")  # noqa: E731  (the report's precision: six significant digits)
