@@ -38,7 +38,7 @@ def settings() -> dict[str, list]:
     and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32, ``-ft`` the block-wise
     finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-e2e-norms`` that with the
     norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding learned too, ``-warm`` a 10%
-    learning-rate warm-up, ``-bf16`` the finetune in bfloat16, ``-c512`` 512 calibration windows
+    learning-rate warm-up, ``-downh`` the online Hadamard before down_proj (``--down-hadamard``), ``-bf16`` the finetune in bfloat16, ``-c512`` 512 calibration windows
     (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
@@ -98,6 +98,14 @@ def settings() -> dict[str, list]:
         # and bf16 to afford 300 steps in the time of 200
         out[f"d2quant-w{b}-nodsq-s8-c512-e2e300-warm-rounding-bf16"] = [
             rot, d2q, ("finetune", replace(e2e200_h32, e2e_steps=300, warmup=0.1, rounding=True, dtype="bf16"))]
+    # the online Hadamard before down_proj (--down-hadamard): down_proj's input is the one the residual rotation
+    # cannot reach; DSQ was D²Quant's answer to it and is off in these rows (its fp16 row scales cost 0.4 bits)
+    rot_down = ("rotate", RotationConfig(mode="hadamard", down_hadamard=True))
+    for b in (3, 4):
+        d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, scale_bits=8))
+        out[f"d2quant-w{b}-nodsq-s8-downh"] = [rot_down, d2q]
+        out[f"d2quant-w{b}-nodsq-s8-downh-ft-e2e"] = [rot_down, d2q, both]
+        out[f"d2quant-w{b}-nodsq-s8-downh-e2e200"] = [rot_down, d2q, e2e200]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)

@@ -12,7 +12,7 @@ from quant.engine.loop import capture
 from quant.engine.structure import structure_of
 from quant.errors import QuantError
 from quant.methods.d2quant import D2QuantConfig, absorb_column_scale, gptaq_target
-from quant.methods.rotation import RotationConfig
+from quant.methods.rotation import RotationConfig, online_down_hadamard
 from quant.runtime.dac import norm_bias_names
 from quant.runtime.dsqlinear import DSQLinear
 
@@ -55,6 +55,47 @@ def test_staged_block_is_the_block(model_type, calib):
     assert list(seen) == [qkv, ("self_attn.o_proj",), "post_attention_norm", gate_up, down]
     for key, got in seen.items():
         torch.testing.assert_close(got, torch.cat(caught[key]), rtol=1e-5, atol=1e-5, msg=f"{key}")
+
+
+def test_staged_block_with_the_online_down_hadamard_is_the_block(calib):
+    """With the Hadamard before down_proj (an input op on its pre-hook), run_staged still computes the block's
+    output (the op runs once, not again on the input it captured) and shows down_proj its input after the op."""
+    model = tiny_model("llama")
+    xs, kws = capture(model, model.model.layers, calib[:3, :32])
+    block = model.model.layers[0]
+    online_down_hadamard(structure_of(model), block)
+    seen: dict = {}
+    out = run_staged(block, structure_of(model), xs, kws[0], seen.__setitem__, chunk=2)
+    caught = []
+    hook = block.mlp.down_proj.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))  # after the op
+    with torch.no_grad():
+        ref = torch.cat([call_block(block, x[None], kws[0]) for x in xs])
+    hook.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[("mlp.down_proj",)], torch.cat(caught), rtol=1e-5, atol=1e-5)
+
+
+def test_down_hadamard_with_gptaq_reloads_exactly_and_refuses_dsq(tmp_path, tokenizer, calib):
+    rot = ("rotate", RotationConfig(mode="groupwise", block=32, down_hadamard=True))
+    with pytest.raises(QuantError, match="DSQ cannot pass the online Hadamard before down_proj"):
+        run_pipeline(QuantContext(tiny_model(), tokenizer, calib_ids=calib[:4, :64], progress=False),
+                     [rot, ("d2quant", D2QuantConfig(bits=3, group_size=32))])
+    model = tiny_model()
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    ctx = QuantContext(model, tokenizer, calib_ids=calib[:4, :64], progress=False)
+    info = run_pipeline(ctx, [rot, ("d2quant", D2QuantConfig(bits=4, group_size=32, dsq=False))])
+    assert info[0]["summary"]["down_hadamard"] is True
+    assert all(b.mlp.down_proj.input_ops.hadamard == 128 for b in model.model.layers)
+    out = save_quantized(model, tokenizer, tmp_path / "q", {"method": "d2quant", "modules": ctx.modules})
+    m2, _ = load_quantized(out)
+    assert all(b.mlp.down_proj.input_ops.hadamard == 128 for b in m2.model.layers)
+    with torch.no_grad():
+        got = model(ids).logits
+        assert torch.equal(got, m2(ids).logits)
+    # 4-bit codes of the right weights (W_down H, with H applied at run time): the function is kept
+    assert (got - ref).norm() < 0.2 * ref.norm()
 
 
 def test_dac_bias_is_teacher_minus_student(tokenizer, calib):

@@ -16,6 +16,27 @@ from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import QuantLinear
 
 
+def test_tunables_apply_the_online_down_hadamard(tokenizer, calib):
+    """A tuned block computes what the packed block computes, the Hadamard before down_proj included."""
+    from quant.engine.blockwise import call_block
+    from quant.engine.loop import capture
+    from quant.methods.d2quant import D2QuantConfig
+    from quant.methods.finetune import tunable_names, tunables
+    from quant.methods.rotation import RotationConfig
+
+    model = tiny_model()
+    ctx = QuantContext(model, tokenizer, calib_ids=calib[:4, :64], progress=False)
+    run_pipeline(ctx, [("rotate", RotationConfig(down_hadamard=True)),
+                       ("d2quant", D2QuantConfig(bits=3, group_size=32, dsq=False))])
+    xs, kws = capture(model, model.model.layers, calib[:2, :32])
+    block = model.model.layers[1]
+    with torch.no_grad():
+        ref = call_block(block, xs, kws[1])
+        with tunables(block, tunable_names(block), rounding=False):
+            got = call_block(block, xs, kws[1])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_tunable_starts_at_the_packed_weight_and_hardens_to_the_grid():
     layer = uniform_layer(24, 64, 3, 32, seed=0)
     before = layer.dequantize()

@@ -210,6 +210,8 @@ def test_rotation_keeps_a_moe_model_and_its_routing(model_type):
     with torch.no_grad():
         ref = model(ids).logits
     before = router_logits(model, ids)
+    with pytest.raises(QuantError, match="--down-hadamard needs dense MLPs"):  # experts: refused
+        run_pipeline(QuantContext(model, progress=False), [("rotate", RotationConfig(down_hadamard=True))])
     run_pipeline(QuantContext(model, progress=False), [("rotate", RotationConfig())])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=2e-4, rtol=1e-4)

@@ -58,6 +58,24 @@ def test_rotated_tiny_model_is_the_same_function(model_type, mode):
     assert_same_function(_logits(m, ids), ref, ref64)
 
 
+def test_online_down_hadamard_keeps_the_function():
+    m = tiny_model("llama")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 49152, (2, 16))
+    ref, ref64 = _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+    down0 = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+    run_pipeline(QuantContext(m, progress=False), [("rotate", RotationConfig(down_hadamard=True))])
+    assert_same_function(_logits(m, ids), ref, ref64)
+    assert m.model.layers[0].mlp.down_proj.input_ops.hadamard == 128
+    # the down_proj weight's input side is rotated too, not only its output side (the residual's Qᵀ)
+    q = hadamard(64)
+    torch.testing.assert_close(m.model.layers[0].mlp.down_proj.weight.double(),
+                               q.T @ down0.double() @ hadamard(128), rtol=0, atol=1e-5)
+
+
 def test_rotated_smollm2_is_the_same_function(smollm2, tokenizer):
     from quant.formats.models import load_model
 

@@ -204,7 +204,7 @@ def _run_prenorm(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dic
     attn_in = each(lambda c: input_to(role("o"), lambda: attn(hidden_states=c, **block_kwargs)), xa)
     del xa
     visit(o, attn_in)
-    h = each(role("o"), attn_in).add_(x)  # x + o(attn): in place, so h lives in the activation store
+    h = each(_past_ops(role("o")), attn_in).add_(x)  # x + o(attn): in place, so h lives in the activation store
     del attn_in
     norm2 = role(POST_ATTENTION_NORM)
     visit(POST_ATTENTION_NORM, each(norm2, h))
@@ -228,4 +228,11 @@ def _run_prenorm(block: nn.Module, structure, x: torch.Tensor, block_kwargs: dic
     visit(gate_up, xc)
     xd = each(lambda c: input_to(role("down"), lambda: mlp(c)), xc)
     changed = visit(down, xd)
-    return each(role("down"), xd if changed is None else changed).add_(h)
+    return each(_past_ops(role("down")), xd if changed is None else changed).add_(h)
+
+
+def _past_ops(linear: nn.Module):
+    """``linear`` called on an input :func:`input_to` captured: that input has been through the linear's online
+    ops (its forward pre-hook, e.g. the Hadamard before down_proj), so the call skips the hooks, which would
+    apply them twice."""
+    return linear.forward

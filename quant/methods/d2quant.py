@@ -87,6 +87,14 @@ class D2QuantConfig:
 
 
 class D2QuantStep(QuantizeStep):
+    def start(self, run) -> None:
+        from quant.methods.rotation import RotateStep
+
+        # the rotation attaches the online Hadamard block by block, after this pass was set up
+        if _dsq_possible(self.ctx, self.s.dsq, self.s.spec.bits) and any(
+                isinstance(s, RotateStep) and s.config.down_hadamard for s in run.steps):
+            raise QuantError(DSQ_PAST_HADAMARD)
+
     def finish(self, run) -> dict:
         return {
             "backend": self.s.backend,
@@ -97,14 +105,25 @@ class D2QuantStep(QuantizeStep):
         }
 
 
+# DSQ's column scale goes into up_proj, which the intermediate activations leave before the Hadamard
+DSQ_PAST_HADAMARD = "DSQ cannot pass the online Hadamard before down_proj: use --no-dsq with --down-hadamard"
+
+
+def _dsq_possible(ctx: QuantContext, dsq: bool, bits: int) -> bool:
+    """Whether some down_proj may get DSQ: at DSQ's widths, or at any width an allocation may give it."""
+    return dsq and (bits in DSQ_BITS or ctx.allocation is not None)
+
+
 @register_block_pass("d2quant", D2QuantConfig, needs_calibration=True, quantizer=True)
 def d2quant(ctx: QuantContext, config: D2QuantConfig) -> D2QuantStep:
     spec = config.spec()
     check_model(ctx, spec)
-    if any(o.hadamard or o.token_scale is not None for o in ops_modules(ctx.model).values()):
-        # run_staged feeds each linear the input it captured, and DSQ's column scale cannot pass a Hadamard
-        raise QuantError("d2quant cannot follow online input ops (FPT's down_proj Hadamard or dynamic scaling)")
+    ops = ops_modules(ctx.model).values()
+    if any(o.token_scale is not None for o in ops):  # the scale is computed in the block's forward, per call
+        raise QuantError("d2quant cannot follow FPT's dynamic scaling")
     structure = ctx.structure
+    if _dsq_possible(ctx, config.dsq, spec.bits) and any(o.hadamard for o in ops):
+        raise QuantError(DSQ_PAST_HADAMARD)
     if config.dsq and spec.bits in DSQ_BITS:
         structure.check("d2quant's DSQ", PASS_NEEDS["d2quant DSQ"], "use --no-dsq (GPTAQ alone) or --method gptq")
     if config.dac:

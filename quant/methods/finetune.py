@@ -184,7 +184,8 @@ class Tunable(nn.Module):
         return torch.einsum("oik,koi->oi", r, self.signs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), self.packed.bias)
+        ops = getattr(self.packed, "input_ops", None)  # its online ops (the down_proj Hadamard) ride on its hook
+        return F.linear(x if ops is None else ops(x), self.weight().to(x.dtype), self.packed.bias)
 
     def clamp_(self) -> None:
         with torch.no_grad():

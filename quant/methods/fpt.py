@@ -45,7 +45,7 @@ from quant.engine.passes import QuantContext, register_pass
 from quant.engine.structure import PASS_NEEDS
 from quant.errors import QuantError
 from quant.methods.quantizers import RTNConfig, rtn
-from quant.methods.rotation import fold_norms, rotate
+from quant.methods.rotation import fold_norms, online_down_hadamard, rotate
 from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.numerics.hadamard import hadamard, hadamard_transform, has_hadamard, random_orthogonal
 from quant.runtime.inputops import ActQuantConfig, TokenScale, input_ops, set_act_quant, set_kv_quant
@@ -351,14 +351,12 @@ def merge(model: nn.Module, params: FPTParams, structure, down_hadamard: bool) -
         rotate(model, q)
     for i, block in enumerate(structure.blocks(model)):
         w = block_transforms(_block_weights(block, structure, torch.float64), p64, i)
-        if down_hadamard:
-            w["down"] = hadamard_transform(w["down"])
         for k, v in w.items():
             role, _, kind = k.partition(".")
             t = getattr(structure.role(block, role), kind or "weight")
             t.data = v.to(t.dtype)
         if down_hadamard:
-            input_ops(structure.role(block, "down")).hadamard = model.config.intermediate_size
+            online_down_hadamard(structure, block)
 
 
 @register_pass("fpt", FPTConfig)

@@ -14,6 +14,12 @@ Tied embeddings are untied first: lm_head gets the final norm's γ, the embeddin
 Modes: ``hadamard`` (one Hadamard of the full width, see ``quant.numerics.hadamard``; Haar-random
 orthogonal if the width has no Hadamard construction, recorded in the summary), ``groupwise``
 (block-diagonal Hadamard with ``block``-sized blocks aligned with quantization groups), ``random``.
+
+``down_hadamard`` adds the one rotation that cannot be merged: the MLP's intermediate activations (the input of
+down_proj, after the elementwise gate, which no rotation passes) get an online Hadamard, ``x ← x H`` at run time
+with ``W_down ← W_down H`` (QuaRot's online down_proj rotation), so down_proj's input channels are spread as the
+residual's are. It costs a fast Walsh-Hadamard transform of the intermediate width per token and layer at run
+time, and the checkpoint lists it (``input_ops``): GPTQ-format export refuses it, our loaders re-attach it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.engine.structure import PASS_NEEDS, structure_of
 from quant.errors import QuantError
-from quant.numerics.hadamard import block_hadamard, hadamard, has_hadamard, random_orthogonal
+from quant.numerics.hadamard import block_hadamard, hadamard, hadamard_transform, has_hadamard, random_orthogonal
+from quant.runtime.inputops import input_ops
 
 MODES = ("hadamard", "groupwise", "random")
 
@@ -47,6 +54,14 @@ class RotationConfig:
     )
     block: int = option(64, "groupwise: the Hadamard block (the command line uses the quantization group).")
     seed: int = option(0, "random mode, and the fallback for widths without a Hadamard.", "--seed")
+    down_hadamard: bool = option(
+        False,
+        "Also an online Hadamard before every dense down_proj (its input, the MLP's intermediate activations, "
+        "cannot be rotated mergeably): spreads that input's outlier channels for the quantizer, at the cost of a "
+        "Hadamard transform per token and layer at run time; the checkpoint records it, GPTQ-format export "
+        "refuses it, and it rules out D²Quant's DSQ on down_proj (use --no-dsq).",
+        "--down-hadamard/--no-down-hadamard",
+    )
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -121,6 +136,27 @@ def rotate_block(structure, block: nn.Module, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def online_down_hadamard(structure, block: nn.Module) -> None:
+    """``W_down ← W_down H`` (in float64) and ``x ← x H`` before down_proj at run time (its input ops): the same
+    function, with down_proj's input channels spread."""
+    down = structure.role(block, "down")
+    down.weight.data = hadamard_transform(down.weight.data.double()).to(down.weight.dtype)
+    input_ops(down).hadamard = down.in_features
+
+
+def check_down_hadamard(model: nn.Module, structure) -> None:
+    """Every block a dense MLP whose down_proj width has a Hadamard construction, or a clear error."""
+    from moe.experts import is_moe_block
+
+    for block in structure.blocks(model):
+        if is_moe_block(structure.role(block, "mlp")):
+            raise QuantError("--down-hadamard needs dense MLPs (one down_proj per block); this model has experts")
+        width = structure.role(block, "down").in_features
+        if not has_hadamard(width):
+            raise QuantError(f"--down-hadamard: no Hadamard of order {width} (down_proj's input width)")
+
+
+@torch.no_grad()
 def fold_norms(model: nn.Module) -> None:
     """Fold every residual pre-norm's γ into the linears reading its output, and the final norm's into
     lm_head; the norms become weightless (whole-model form, for FPTQuant)."""
@@ -160,17 +196,22 @@ class RotateStep(BlockStep):
     def block(self, run, i: int, block: nn.Module) -> None:
         fold_block(run.structure, block)
         rotate_block(run.structure, block, self.q)
+        if self.config.down_hadamard:
+            online_down_hadamard(run.structure, block)
 
     def finish(self, run) -> dict:
         model, s = self.ctx.model, run.structure
         with torch.no_grad():
             _fold(model.get_submodule(s.final_norm), s.final_norm_kind, [s.head(model)])
             _right(s.head(model).weight, self.q)
-        return {"rotation": self.kind, "untied_embeddings": self.was_tied, "norms_folded": True}
+        return {"rotation": self.kind, "untied_embeddings": self.was_tied, "norms_folded": True,
+                **({"down_hadamard": True} if self.config.down_hadamard else {})}
 
 
 @register_block_pass("rotate", RotationConfig)
 def rotate_pass(ctx: QuantContext, config: RotationConfig) -> RotateStep:
     config.validate()
     ctx.structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
+    if config.down_hadamard:
+        check_down_hadamard(ctx.model, ctx.structure)
     return RotateStep(ctx, config)
