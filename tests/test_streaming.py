@@ -155,6 +155,21 @@ def test_resume_after_sigkill_writes_the_uninterrupted_checkpoint(tmp_path, toke
         assert weights(out) == want, point
 
 
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_resumed_run_keeps_the_online_down_hadamard_of_finished_blocks(tmp_path, tokenizer, stream):
+    """The Hadamard before down_proj is attached block by block and lives in no tensor: a resumed run gets it back
+    for the blocks the killed run finished (the block record lists it)."""
+    src = float_dir(tmp_path, tokenizer, "llama")
+    args = (src, "--method", "d2quant", "--bits", "3", "--no-dsq", "--down-hadamard", *QUICK, stream)
+    ok(quantize(*args, "--out", tmp_path / "clean"))
+    want = weights(tmp_path / "clean")
+    assert len(json.loads(want["quantization_config"])["input_ops"]) == 3  # every block's down_proj
+    out = tmp_path / "killed"
+    assert quantize(*args, "--out", out, env={"LOWBIT_FAILPOINT": "after-record:1"}).returncode == -9
+    ok(quantize(*args, "--out", out))
+    assert weights(out) == want
+
+
 def test_bf16_end_to_end_distillation_trains_the_blocks_in_the_compute_dtype(tmp_path, tokenizer):
     """The end-to-end pass loads every block (on the GPU: onto it; here: into bf16) and hands them back in the model's
     dtype: it runs, and the checkpoint holds float32 beside the packed tensors."""

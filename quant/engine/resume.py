@@ -146,6 +146,7 @@ class WorkDir:
         a resident model gets every tensor from the block's file)."""
         from quant.formats.checkpoint import empty_packed
         from quant.runtime.dac import add_norm_bias
+        from quant.runtime.inputops import input_ops
 
         model = ctx.model
         for i in blocks:
@@ -162,6 +163,8 @@ class WorkDir:
                     norm = model.get_submodule(name)
                     add_norm_bias(norm, torch.zeros_like(norm.weight))
                     ctx.norm_biases.append(name)
+                for name, width in rec.get("hadamards", {}).items():
+                    input_ops(model.get_submodule(name)).hadamard = width
             if not streaming:
                 prefix = f"{structure.layers}.{i}."
                 with safe_open(str(self.path / f"block-{i:05d}.safetensors"), framework="pt", device="cpu") as fh:
@@ -173,6 +176,8 @@ class WorkDir:
 
     # -- writing ------------------------------------------------------------------------------------------
     def finish_block(self, ctx, structure, i: int, block: nn.Module, run) -> None:
+        from quant.runtime.inputops import ops_modules
+
         prefix = f"{structure.layers}.{i}."
         streams = {k: v for k, v in (("x", run.x), ("xf", run.xf)) if v is not None}
         if self.rank0:
@@ -186,6 +191,8 @@ class WorkDir:
             record = {
                 "modules": {n: s for n, s in ctx.modules.items() if n.startswith(prefix)},
                 "norm_biases": [n for n in ctx.norm_biases if n.startswith(prefix)],
+                # online Hadamards a pass attached block by block (--down-hadamard): not in the block's tensors
+                "hadamards": {prefix + n: o.hadamard for n, o in ops_modules(block).items() if o.hadamard},
                 "notes": run.notes.get(i, {}),
             }
             _save_json(self.path / f"block-{i:05d}.json", record)  # last: the block is finished
