@@ -169,8 +169,13 @@ def test_fpt_prepass_then_d2quant(calib):
         assert torch.isfinite(model(ids).logits).all()
     bad = tiny_model("llama", num_hidden_layers=2)
     steps[0] = ("fpt", FPTConfig(local_steps=0, down_hadamard=True))
-    with pytest.raises(QuantError, match="online input ops"):
+    with pytest.raises(QuantError, match="DSQ cannot pass the online Hadamard"):
         run_pipeline(QuantContext(bad, calib_ids=calib[:4, :64], progress=False), steps)
+    steps[1] = ("d2quant", D2QuantConfig(bits=3, group_size=32, dsq=False))  # GPTAQ alone takes it
+    good = tiny_model("llama", num_hidden_layers=2)
+    run_pipeline(QuantContext(good, calib_ids=calib[:4, :64], progress=False), steps)
+    with torch.no_grad():
+        assert torch.isfinite(good(ids).logits).all()
 
 
 def test_kv_cache_quantization(tmp_path, tokenizer):

@@ -857,4 +857,48 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_streaming.py::test_resumed_bf16_run_writes_the_uninterrupted_checkpoint",),
         "a resumed bf16 run puts its finished blocks back in bf16: a mixed-dtype model the loader refuses",
     ),
+    Mutation(
+        "staged-runner-applies-input-ops-twice",
+        "quant/engine/blockwise.py",
+        "    return each(_past_ops(role(\"down\")), xd if changed is None else changed).add_(h)",
+        "    return each(role(\"down\"), xd if changed is None else changed).add_(h)",
+        ("tests/test_d2quant.py::test_staged_block_with_the_online_down_hadamard_is_the_block",),
+        "down_proj gets its captured input Hadamard-transformed again: every later block calibrates on a wrong stream",
+    ),
+    Mutation(
+        "tuned-linear-drops-its-input-ops",
+        "quant/methods/finetune.py",
+        "F.linear(x if ops is None else ops(x), self.weight().to(x.dtype), self.packed.bias)",
+        "F.linear(x, self.weight().to(x.dtype), self.packed.bias)",
+        ("tests/test_finetune.py::test_tunables_apply_the_online_down_hadamard",),
+        "the finetune passes train down_proj without its Hadamard: they fit scales to a different model",
+    ),
+    Mutation(
+        "down-hadamard-not-merged-into-the-weight",
+        "quant/methods/rotation.py",
+        "    down.weight.data = hadamard_transform(down.weight.data.double()).to(down.weight.dtype)\n",
+        "",
+        ("tests/test_rotation.py::test_online_down_hadamard_keeps_the_function",),
+        "x H reaches an unrotated W_down: the MLP's output is garbage",
+    ),
+    Mutation(
+        "resume-forgets-the-online-hadamards",
+        "quant/engine/resume.py",
+        "                    input_ops(model.get_submodule(name)).hadamard = width",
+        "                    pass",
+        ("tests/test_streaming.py::test_resumed_run_keeps_the_online_down_hadamard_of_finished_blocks",),
+        "a resumed --down-hadamard run writes the blocks finished before the kill without their Hadamard",
+    ),
+    Mutation(
+        "e2e-hardened-kl-measured-on-the-tunables",
+        "quant/methods/distill.py",
+        "            curve = fit(tun, loss_on, x0.shape[0], cfg, sched, \"finetune e2e (KL)\", progress, extra)\n"
+        "        # the same",
+        "            curve = fit(tun, loss_on, x0.shape[0], cfg, sched, \"finetune e2e (KL)\", progress, extra)\n"
+        "            curve[\"held_hardened\"] = curve[\"held_best\"]\n"
+        "            return curve\n"
+        "        # the same",
+        ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
+        "the report's hardened KL is the continuous point's: what hardening lost never shows",
+    ),
 )
