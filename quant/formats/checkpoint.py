@@ -24,7 +24,7 @@ Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.runtime.dac``); RMSNorm has no bias of its own
-    input_ops       {linear: {"hadamard", "token_scale"}} online ops left by FPTQuant's transforms
+    input_ops       {linear: {"hadamard", "token_scale"}} online ops left by FPTQuant's transforms or --down-hadamard
                     (optional; ``quant.runtime.inputops``, ``quant.methods.fpt``), written by ``save_quantized``
     activations     simulated activation quantization (optional): bits, mode, sym, clip and the
                     linears it applies to; static scales are stored as ``<linear>.input_ops.act_scale``
