@@ -354,8 +354,10 @@ def model_cmd(
 
         skipped = (source.structure(lm.model) if source else structure_of(lm.model)).missing(ROTATION_NEEDS)
         if skipped:  # the documented degraded form: the residual stays unrotated
-            if any(n == "rotate" and c.down_hadamard for n, c in pipeline):
-                raise QuantError(f"--down-hadamard comes with the rotation, which this model cannot take: {skipped}")
+            rot = next(c for n, c in pipeline if n == "rotate")
+            for flag, on in (("--down-hadamard", rot.down_hadamard), ("--head-hadamard", rot.head_hadamard)):
+                if on:
+                    raise QuantError(f"{flag} comes with the rotation, which this model cannot take: {skipped}")
             pipeline = [st for st in pipeline if st[0] != "rotate"]
             typer.echo(f"d2quant runs without its default rotation: in this model {skipped}")
     report: dict = {

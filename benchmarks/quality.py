@@ -30,7 +30,7 @@ C4_WINDOWS = 32
 # calibration windows, where not --nsamples
 NSAMPLES = {f"d2quant-w{b}-nodsq-s8-c512-{r}": 512 for b in (3, 4)
             for r in ("e2e200", "e2e200-rounding", "ft-e2e200", "e2e300-warm-rounding-bf16",
-                      "downh-e2e100-warm-rounding-bf16")}
+                      "downh-e2e100-warm-rounding-bf16", "downh-headh-e2e100-warm-rounding-bf16")}
 
 
 def settings() -> dict[str, list]:
@@ -39,8 +39,9 @@ def settings() -> dict[str, list]:
     and 4-bit zero-points (``--scale-bits 8``), ``-g128`` / ``-g32`` group 128 / 32, ``-ft`` the block-wise
     finetune after the solver, ``-e2e`` the end-to-end distillation of the scales, ``-e2e-norms`` that with the
     norms' weights trained too, ``-ft-e2e`` both, ``-rounding`` the rounding learned too, ``-warm`` a 10%
-    learning-rate warm-up, ``-downh`` the online Hadamard before down_proj (``--down-hadamard``), ``-bf16`` the
-    finetune in bfloat16, ``-c512`` 512 calibration windows
+    learning-rate warm-up, ``-downh`` the online Hadamard before down_proj (``--down-hadamard``), ``-headh``
+    the per-head Hadamard on the values (``--head-hadamard``), ``-bf16`` the finetune in bfloat16, ``-c512``
+    512 calibration windows
     (:data:`NSAMPLES`); ``preset-NAME`` the bundled recipe ``quant/recipes/NAME.yaml``."""
     rot = ("rotate", RotationConfig(mode="hadamard"))
     ft = ("finetune", FinetuneConfig(mode="block"))
@@ -114,6 +115,15 @@ def settings() -> dict[str, list]:
         # of that row, and 100 keep the run near the hour with the 4x longer solver
         out[f"d2quant-w{b}-nodsq-s8-c512-downh-e2e100-warm-rounding-bf16"] = [
             rot_down, d2q, ("finetune", replace(e2e200_h32, e2e_steps=100, warmup=0.1, rounding=True, dtype="bf16"))]
+    # and the per-head Hadamard on the values (--head-hadamard, merged): o_proj's input spread head by head
+    rot_heads = ("rotate", RotationConfig(mode="hadamard", down_hadamard=True, head_hadamard=True))
+    for b in (3, 4):
+        d2q = ("d2quant", D2QuantConfig(bits=b, group_size=GROUP, dsq=False, scale_bits=8))
+        out[f"d2quant-w{b}-nodsq-s8-downh-headh"] = [rot_heads, d2q]
+        out[f"d2quant-w{b}-nodsq-s8-downh-headh-ft-e2e-bf16"] = [rot_heads, d2q,
+                                                                ("finetune", replace(both[1], dtype="bf16"))]
+        out[f"d2quant-w{b}-nodsq-s8-c512-downh-headh-e2e100-warm-rounding-bf16"] = [
+            rot_heads, d2q, ("finetune", replace(e2e200_h32, e2e_steps=100, warmup=0.1, rounding=True, dtype="bf16"))]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)

@@ -403,3 +403,7 @@ def test_inspect_model_and_d2quant_degrades_without_its_rotation(tmp_path, token
     r = run("model", d, "--method", "d2quant", "--rotation", *quick, "--out", tmp_path / "q2")
     assert_one_line_error(r, "rotation cannot run on this gemma2 model: post-norms sit between its writers")
     assert not (tmp_path / "q2").exists()
+    # an option of the rotation is refused with it, not dropped with it
+    r = run("model", d, "--method", "d2quant", "--head-hadamard", *quick, "--out", tmp_path / "q3")
+    assert_one_line_error(r, "--head-hadamard comes with the rotation, which this model cannot take: post-norms")
+    assert not (tmp_path / "q3").exists()

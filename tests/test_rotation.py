@@ -76,6 +76,37 @@ def test_online_down_hadamard_keeps_the_function():
                                q.T @ down0.double() @ hadamard(128), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: v_proj has a bias
+def test_head_hadamard_keeps_the_function_and_rotates_each_head(model_type):
+    m = tiny_model(model_type)  # 4 query heads, 2 KV heads of 16
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 49152, (2, 16))
+    ref, ref64 = _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+    attn = m.model.layers[1].self_attn
+    o0, v0 = attn.o_proj.weight.detach().double().clone(), attn.v_proj.weight.detach().double().clone()
+    gamma = m.model.layers[1].input_layernorm.weight.detach().double().clone()
+    info = run_pipeline(QuantContext(m, progress=False), [("rotate", RotationConfig(head_hadamard=True))])
+    assert info[0]["summary"]["head_hadamard"] is True
+    assert_same_function(_logits(m, ids), ref, ref64)
+    q, h = hadamard(64), hadamard(16)
+    # o_proj: the residual's Qᵀ on its output side, the head Hadamard on each head's input columns
+    torch.testing.assert_close(attn.o_proj.weight.double(), q.T @ o0 @ torch.block_diag(h, h, h, h), rtol=0, atol=1e-5)
+    # v_proj: each KV head's rows rotated, its input side the folded norm and the residual rotation
+    torch.testing.assert_close(torch.block_diag(h, h).T @ (v0 * gamma) @ q, attn.v_proj.weight.double(),
+                               rtol=0, atol=1e-5)
+
+
+def test_head_hadamard_needs_separate_projections_and_a_head_hadamard():
+    with pytest.raises(QuantError, match="--head-hadamard: no Hadamard of order 6"):
+        run_pipeline(QuantContext(tiny_model("llama", head_dim=6), progress=False),
+                     [("rotate", RotationConfig(mode="random", head_hadamard=True))])
+    with pytest.raises(QuantError, match="--head-hadamard cannot run on this phi3 model: .*no separate q/k/v"):
+        run_pipeline(QuantContext(tiny_model("phi3"), progress=False), [("rotate", RotationConfig(head_hadamard=True))])
+
+
 def test_rotated_smollm2_is_the_same_function(smollm2, tokenizer):
     from quant.formats.models import load_model
 

@@ -20,6 +20,11 @@ down_proj, after the elementwise gate, which no rotation passes) get an online H
 with ``W_down ← W_down H`` (QuaRot's online down_proj rotation), so down_proj's input channels are spread as the
 residual's are. It costs a fast Walsh-Hadamard transform of the intermediate width per token and layer at run
 time, and the checkpoint lists it (``input_ops``): GPTQ-format export refuses it, our loaders re-attach it.
+
+``head_hadamard`` rotates each attention head's values (SpinQuant's R2, here a fixed Hadamard): ``v_h ← v_h H``
+for every head (v_proj's rows and bias), and o_proj's input columns of every head by the same ``H``. Attention
+mixes a head's values across positions, never across channels, so the function is unchanged and nothing runs
+at run time; o_proj's input, which the residual rotation does not reach, is spread head by head.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ class RotationConfig:
         "Hadamard transform per token and layer at run time; the checkpoint records it, GPTQ-format export "
         "refuses it, and it rules out D²Quant's DSQ on down_proj (use --no-dsq).",
         "--down-hadamard/--no-down-hadamard",
+    )
+    head_hadamard: bool = option(
+        False,
+        "Also a Hadamard on each attention head's values (v_proj's output and o_proj's input, head by head; "
+        "merged into the weights, free at run time): spreads o_proj's input channels, which the residual "
+        "rotation does not reach. Needs separate q/k/v/o projections.",
+        "--head-hadamard/--no-head-hadamard",
     )
 
     def validate(self) -> None:
@@ -144,6 +156,35 @@ def online_down_hadamard(structure, block: nn.Module) -> None:
     input_ops(down).hadamard = down.in_features
 
 
+def head_dim(model: nn.Module) -> int:
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+@torch.no_grad()
+def rotate_heads(structure, block: nn.Module, h: torch.Tensor) -> None:
+    """Every head's values ``v_h ← v_h H`` (v_proj's rows ``Hᵀ W``, bias ``b H``) and o_proj's input columns of
+    every head ``W H``: the same function, o_proj's input spread within each head."""
+    v, o = structure.role(block, "v"), structure.role(block, "o")
+    n = h.shape[0]
+    _left(v.weight, torch.block_diag(*[h] * (v.out_features // n)))
+    if v.bias is not None:
+        v.bias.data = (v.bias.data.double().reshape(-1, n) @ h.to(v.bias.device)).reshape(-1).to(v.bias.dtype)
+    _right(o.weight, torch.block_diag(*[h] * (o.in_features // n)))
+
+
+def check_head_hadamard(model: nn.Module, structure) -> None:
+    """Separate q/k/v/o projections whose widths are whole heads of a width with a Hadamard, or a clear error."""
+    structure.check("--head-hadamard", ("qkvo",), "quantize without --head-hadamard")
+    d_h = head_dim(model)
+    if not has_hadamard(d_h):
+        raise QuantError(f"--head-hadamard: no Hadamard of order {d_h} (the head width)")
+    block = structure.blocks(model)[0]
+    widths = (structure.role(block, "v").out_features, structure.role(block, "o").in_features)
+    if any(w % d_h for w in widths):
+        raise QuantError(f"--head-hadamard: v_proj/o_proj widths {widths} are not whole heads of {d_h}")
+
+
 def check_down_hadamard(model: nn.Module, structure) -> None:
     """Every block a dense MLP whose down_proj width has a Hadamard construction, or a clear error."""
     from moe.experts import is_moe_block
@@ -187,6 +228,7 @@ class RotateStep(BlockStep):
     def __init__(self, ctx: QuantContext, config: RotationConfig) -> None:
         self.ctx, self.config = ctx, config
         self.q, self.kind = rotation_matrix(ctx.model.config.hidden_size, config)
+        self.h = hadamard(head_dim(ctx.model)).double() if config.head_hadamard else None
 
     def start(self, run) -> None:
         model, s = self.ctx.model, run.structure
@@ -198,6 +240,8 @@ class RotateStep(BlockStep):
         rotate_block(run.structure, block, self.q)
         if self.config.down_hadamard:
             online_down_hadamard(run.structure, block)
+        if self.h is not None:
+            rotate_heads(run.structure, block, self.h)
 
     def finish(self, run) -> dict:
         model, s = self.ctx.model, run.structure
@@ -205,7 +249,8 @@ class RotateStep(BlockStep):
             _fold(model.get_submodule(s.final_norm), s.final_norm_kind, [s.head(model)])
             _right(s.head(model).weight, self.q)
         return {"rotation": self.kind, "untied_embeddings": self.was_tied, "norms_folded": True,
-                **({"down_hadamard": True} if self.config.down_hadamard else {})}
+                **({"down_hadamard": True} if self.config.down_hadamard else {}),
+                **({"head_hadamard": True} if self.config.head_hadamard else {})}
 
 
 @register_block_pass("rotate", RotationConfig)
@@ -214,4 +259,6 @@ def rotate_pass(ctx: QuantContext, config: RotationConfig) -> RotateStep:
     ctx.structure.check("rotation", ROTATION_NEEDS, "quantize with --no-rotation")
     if config.down_hadamard:
         check_down_hadamard(ctx.model, ctx.structure)
+    if config.head_hadamard:
+        check_head_hadamard(ctx.model, ctx.structure)
     return RotateStep(ctx, config)

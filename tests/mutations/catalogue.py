@@ -901,4 +901,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
         "the report's hardened KL is the continuous point's: what hardening lost never shows",
     ),
+    Mutation(
+        "head-hadamard-forgets-the-value-bias",
+        "quant/methods/rotation.py",
+        "    if v.bias is not None:\n        v.bias.data",
+        "    if False:\n        v.bias.data",
+        ("tests/test_rotation.py::test_head_hadamard_keeps_the_function_and_rotates_each_head",),
+        "Qwen-style v_proj biases stay unrotated while o_proj reads rotated heads: the attention output drifts",
+    ),
+    Mutation(
+        "head-hadamard-spans-the-heads",
+        "quant/methods/rotation.py",
+        "    _right(o.weight, torch.block_diag(*[h] * (o.in_features // n)))",
+        "    _right(o.weight, torch.block_diag(*[h] * (o.in_features // n)).flip(0))",
+        ("tests/test_rotation.py::test_head_hadamard_keeps_the_function_and_rotates_each_head",),
+        "o_proj's columns rotated across heads, not within each: it reads another head's values",
+    ),
 )
