@@ -124,6 +124,11 @@ def settings() -> dict[str, list]:
                                                                 ("finetune", replace(both[1], dtype="bf16"))]
         out[f"d2quant-w{b}-nodsq-s8-c512-downh-headh-e2e100-warm-rounding-bf16"] = [
             rot_heads, d2q, ("finetune", replace(e2e200_h32, e2e_steps=100, warmup=0.1, rounding=True, dtype="bf16"))]
+    # the per-head Hadamard alone (free at run time, unlike the down Hadamard): the presets' recipes with it
+    rot_h = ("rotate", RotationConfig(mode="hadamard", head_hadamard=True))
+    d2q = ("d2quant", D2QuantConfig(bits=3, group_size=GROUP, dsq=False, scale_bits=8))
+    out["d2quant-w3-nodsq-s8-headh"] = [rot_h, d2q]
+    out["d2quant-w3-nodsq-s8-headh-ft-e2e"] = [rot_h, d2q, both]
     # the bundled presets (quantize model --recipe NAME) as shipped: their headline rows on the full split
     for name in presets():
         out[f"preset-{name}"] = load_recipe(name)
