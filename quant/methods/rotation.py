@@ -249,8 +249,7 @@ class RotateStep(BlockStep):
             _fold(model.get_submodule(s.final_norm), s.final_norm_kind, [s.head(model)])
             _right(s.head(model).weight, self.q)
         return {"rotation": self.kind, "untied_embeddings": self.was_tied, "norms_folded": True,
-                **({"down_hadamard": True} if self.config.down_hadamard else {}),
-                **({"head_hadamard": True} if self.config.head_hadamard else {})}
+                **{k: True for k in ("down_hadamard", "head_hadamard") if getattr(self.config, k)}}
 
 
 @register_block_pass("rotate", RotationConfig)
