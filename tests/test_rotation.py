@@ -41,17 +41,21 @@ def assert_same_function(rotated, ref32, ref64):
     assert (rotated - ref64).abs().max() <= 4 * (ref32 - ref64).abs().max()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("mode", ["hadamard", "groupwise", "random"])
-def test_rotated_tiny_model_is_the_same_function(model_type, mode):
-    kw = {"hidden_size": 96, "head_dim": 24} if mode != "groupwise" else {}
-    m = tiny_model(model_type, **kw)
-    with torch.no_grad():  # non-trivial norm scales, so folding is exercised
+def _with_references(m):
+    """Non-trivial norm scales (so folding is exercised), token ids, and the float32 and float64 logits."""
+    with torch.no_grad():
         for p in m.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     ids = torch.randint(0, 49152, (2, 16))
-    ref, ref64 = _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+    return m, ids, _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mode", ["hadamard", "groupwise", "random"])
+def test_rotated_tiny_model_is_the_same_function(model_type, mode):
+    kw = {"hidden_size": 96, "head_dim": 24} if mode != "groupwise" else {}
+    m, ids, ref, ref64 = _with_references(tiny_model(model_type, **kw))
     info = run_pipeline(QuantContext(m, progress=False), [("rotate", RotationConfig(mode=mode, block=32))])
     assert info[0]["summary"]["untied_embeddings"] is True
     assert m.lm_head.weight is not m.model.embed_tokens.weight
@@ -59,13 +63,7 @@ def test_rotated_tiny_model_is_the_same_function(model_type, mode):
 
 
 def test_online_down_hadamard_keeps_the_function():
-    m = tiny_model("llama")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    ids = torch.randint(0, 49152, (2, 16))
-    ref, ref64 = _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+    m, ids, ref, ref64 = _with_references(tiny_model("llama"))
     down0 = m.model.layers[0].mlp.down_proj.weight.detach().clone()
     run_pipeline(QuantContext(m, progress=False), [("rotate", RotationConfig(down_hadamard=True))])
     assert_same_function(_logits(m, ids), ref, ref64)
@@ -78,13 +76,7 @@ def test_online_down_hadamard_keeps_the_function():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: v_proj has a bias
 def test_head_hadamard_keeps_the_function_and_rotates_each_head(model_type):
-    m = tiny_model(model_type)  # 4 query heads, 2 KV heads of 16
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    ids = torch.randint(0, 49152, (2, 16))
-    ref, ref64 = _logits(m, ids), _logits(copy.deepcopy(m).double(), ids)
+    m, ids, ref, ref64 = _with_references(tiny_model(model_type))  # 4 query heads, 2 KV heads of 16
     attn = m.model.layers[1].self_attn
     o0, v0 = attn.o_proj.weight.detach().double().clone(), attn.v_proj.weight.detach().double().clone()
     gamma = m.model.layers[1].input_layernorm.weight.detach().double().clone()
