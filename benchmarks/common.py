@@ -192,12 +192,12 @@ def run_settings(
 
 def run_calibrated_bench(tag: str, description: str, todo: dict[str, list],
                          write_markdown: Callable[[dict, dict], None], c4_windows: int = 0,
-                         windows: dict[str, tuple[int, int]] | None = None) -> None:
+                         calibration: dict[str, tuple[str, int, int]] | None = None) -> None:
     """The whole of a benchmark whose settings are recipes calibrated on C4: parse the options, then measure each
     setting not measured yet on WikiText-2 (and on the first ``c4_windows`` windows of the C4 evaluation slice
-    when given, as ``r["ppl_c4"]``), saving after every one. ``windows``: settings calibrated on other windows than
-    ``--nsamples`` x ``--seqlen``, as (count, length) (drawn with the same seed; recorded as
-    ``r["calibration_windows"]`` and ``r["calibration_seqlen"]``)."""
+    when given, as ``r["ppl_c4"]``), saving after every one. ``calibration``: settings calibrated on other text or
+    windows than ``c4`` ``--nsamples`` x ``--seqlen``, as (source, count, length) (drawn with the same seed;
+    recorded as ``r["calibration_source"]``, ``r["calibration_windows"]`` and ``r["calibration_seqlen"]``)."""
     args, _, run = open_bench(tag, description, CALIBRATION, write_markdown, only_choices=list(todo))
     base, ids, calib = eval_and_calibration(args, ("c4",))
     extra = {"ppl_c4": (tokenize_eval(base.tokenizer, dataset="c4"), c4_windows, "c4")} if c4_windows else {}
@@ -205,11 +205,11 @@ def run_calibrated_bench(tag: str, description: str, todo: dict[str, list],
     del base
 
     def measure(name: str) -> dict:
-        n, seqlen = (windows or {}).get(name, (args.nsamples, args.seqlen))
-        own = (n, seqlen) != (args.nsamples, args.seqlen)
-        calib_ids = calibration_windows(tokenizer, "c4", n, seqlen, seed=0) if own else calib["c4"]
+        source, n, seqlen = (calibration or {}).get(name, ("c4", args.nsamples, args.seqlen))
+        own = (source, n, seqlen) != ("c4", args.nsamples, args.seqlen)
+        calib_ids = calibration_windows(tokenizer, source, n, seqlen, seed=0) if own else calib["c4"]
         r, _ = run_setting(todo[name], calib_ids, ids, args.max_windows or None, name, extra)
-        r["calibration_windows"], r["calibration_seqlen"] = n, seqlen
+        r["calibration_source"], r["calibration_windows"], r["calibration_seqlen"] = source, n, seqlen
         c4 = f"  c4 {r['ppl_c4']['ppl']:.3f}" if extra else ""
         print(f"{name}: wikitext2 {r['ppl']['ppl']:.3f}{c4}  ({r.get('quantize_seconds', 0)} s)", flush=True)
         return r
