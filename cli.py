@@ -169,7 +169,8 @@ def model_cmd(
     calib: str = typer.Option(
         "c4",
         help="Calibration text (gptq, d2quant): c4 (bundled C4 sample minus its evaluation slice) | c4-all | "
-        "wikitext2-valid, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]].",
+        "wikitext2-valid, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]; A+B mixes sources, the windows split "
+        "evenly (e.g. c4+wikitext2-valid: general text with text like yours).",
     ),
     nsamples: int = typer.Option(128, help="Number of calibration windows (gptq)."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (gptq)."),

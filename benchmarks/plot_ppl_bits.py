@@ -4,7 +4,9 @@
 
 Bits per weight count every packed code, scale and zero-point of the quantized linears (16 for
 float). Only settings measured on the whole test split are drawn; weight-only and W4A4/W4A8 runs
-get different markers. Settings are grouped by the benchmark and the first word of their name.
+get different markers. Settings are grouped by the benchmark and the first word of their name; settings
+calibrated on text other than C4 (WikiText-2 validation, the literature's domain-matched protocol) form their own
+group, drawn as triangles.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def points() -> list[tuple[str, str, float, float]]:
-    """(benchmark, setting, bits per weight, perplexity) of every full-split weight-quantized setting."""
+    """(benchmark, setting, bits per weight, perplexity) of every full-split weight-quantized setting; the setting
+    of a non-C4 calibration is named with its source in brackets."""
     out = []
     for path in sorted(RESULTS.glob("*.json")):
         results = json.loads(path.read_text()).get("results", {})
@@ -30,7 +33,8 @@ def points() -> list[tuple[str, str, float, float]]:
             if not isinstance(ppl, dict) or ppl.get("windows") != ppl.get("total_windows") or not sizes:
                 continue
             bpw = sizes.get("bits_per_weight") or 16 * sizes["ratio_to_fp16"]
-            out.append((path.stem, name, float(bpw), float(ppl["ppl"])))
+            source = r.get("calibration_source", "c4")
+            out.append((path.stem, name if source == "c4" else f"{name} [{source}]", float(bpw), float(ppl["ppl"])))
     return out
 
 
@@ -42,21 +46,27 @@ def float_ppl() -> float | None:
     return None
 
 
+def family(name: str) -> str:
+    """The first word of a setting's name, with its calibration source if not C4."""
+    return name.split("-")[0] + (" " + name[name.index("["):] if "[" in name else "")
+
+
 YMAX = 1500.0  # collapsed runs (2-bit RTN) would squash everything else; they sit on the top edge
 
 
 def main() -> None:
     pts = points()
     fig, ax = plt.subplots(figsize=(10.5, 6))
-    families = sorted({(b, n.split("-")[0]) for b, n, _, _ in pts})
+    families = sorted({(b, family(n)) for b, n, _, _ in pts})
     # only the lowest point of each family at each width is labelled: the rest overlap unreadably
     best: dict[tuple[str, str, float], tuple[float, str]] = {}
     for b, n, x, y in pts:
-        key = (b, n.split("-")[0], round(x, 1))
+        key = (b, family(n), round(x, 1))
         best[key] = min(best.get(key, (y, n)), (y, n))
     for i, (bench, fam) in enumerate(families):
-        sel = [(x, y, n) for b, n, x, y in pts if b == bench and n.split("-")[0] == fam]
+        sel = [(x, y, n) for b, n, x, y in pts if b == bench and family(n) == fam]
         marker = "s" if any(f"-a{k}" in n or n.startswith(f"w4a{k}") for _, _, n in sel for k in (4, 8)) else "o"
+        marker = "^" if "[" in fam else marker
         ax.scatter([x for x, _, _ in sel], [min(y, YMAX) for _, y, _ in sel], label=f"{bench}: {fam}", marker=marker,
                    s=36, color=plt.cm.tab20(i % 20))  # fmt: skip
         for x, y, n in sel:

@@ -8,6 +8,7 @@ Calibration sources (``--calib``):
 * ``wikitext2-valid``: the bundled (tokenized, ``<unk>``-bearing) WikiText-2 validation split
 * a path to a UTF-8 text file (or ``.jsonl`` with a ``"text"`` field per line)
 * ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (needs ``datasets`` and a network)
+* ``A+B``: any of these mixed, the windows split evenly between them (:func:`calibration_windows`)
 """
 
 from __future__ import annotations
@@ -91,12 +92,26 @@ def load_calibration_text(source: str) -> str:
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token windows drawn at random offsets (seeded) from the tokenized source."""
+    """``[nsamples, seqlen]`` token windows drawn at random offsets (seeded) from the tokenized source.
+
+    ``A+B`` (e.g. ``c4+wikitext2-valid``) mixes sources: the windows are split evenly between them (the first
+    ones take the remainder), each part drawn from its own text, then shuffled (seeded) so that any held-out
+    slice of them holds every source."""
     if nsamples < 1 or seqlen < 2:
         raise QuantError(f"need at least 1 calibration sample of 2+ tokens, got {nsamples} x {seqlen}")
+    sources = [source] if Path(source).is_file() else source.split("+")
+    if len(sources) > nsamples or not all(sources):
+        raise QuantError(f"calibration source {source!r}: need one or more sources and a window for each")
+    g = torch.Generator().manual_seed(seed)
+    share, extra = divmod(nsamples, len(sources))
+    parts = [_windows(tokenizer, src, share + (i < extra), seqlen, g) for i, src in enumerate(sources)]
+    windows = torch.cat(parts)
+    return windows if len(parts) == 1 else windows[torch.randperm(nsamples, generator=g)]
+
+
+def _windows(tokenizer, source: str, n: int, seqlen: int, g: torch.Generator) -> torch.Tensor:
     ids = tokenizer(load_calibration_text(source), return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
         raise QuantError(f"calibration text {source!r} has {ids.numel()} tokens; need more than --seqlen {seqlen}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

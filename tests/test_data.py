@@ -24,3 +24,28 @@ def test_c4_calibration_never_reads_the_c4_evaluation_slice():
 def test_refuses_to_calibrate_on_the_test_split():
     with pytest.raises(QuantError, match="refusing to calibrate"):
         load_calibration_text(str(WIKITEXT2_TEST))
+
+
+def test_mixed_calibration_sources_split_the_windows_between_them(tokenizer):
+    """``c4+wikitext2-valid``: 7 windows are 4 of C4 and 3 of WikiText-2 validation, shuffled; one source still
+    draws exactly the windows it always drew (the seeded offsets of every earlier benchmark)."""
+    import torch
+
+    from calibrate import calibration_windows
+
+    mix = calibration_windows(tokenizer, "c4+wikitext2-valid", 7, 64, seed=0)
+    assert mix.shape == (7, 64)
+    texts = {src: load_calibration_text(src) for src in ("c4", "wikitext2-valid")}
+    origin = []
+    for w in mix:
+        piece = tokenizer.decode(w[4:-4])
+        origin.append([src for src, text in texts.items() if piece in text])
+    assert sorted(map(tuple, origin)) == [("c4",)] * 4 + [("wikitext2-valid",)] * 3
+    assert origin[:4] != [["c4"]] * 4  # shuffled, not C4 first
+
+    ids = tokenizer(texts["c4"], return_tensors="pt").input_ids[0]
+    starts = torch.randint(0, ids.numel() - 64, (5,), generator=torch.Generator().manual_seed(3))
+    expected = torch.stack([ids[s : s + 64] for s in starts])
+    assert torch.equal(calibration_windows(tokenizer, "c4", 5, 64, seed=3), expected)
+    with pytest.raises(QuantError, match="need one or more sources"):
+        calibration_windows(tokenizer, "c4+", 4, 64)
