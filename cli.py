@@ -169,8 +169,9 @@ def model_cmd(
     calib: str = typer.Option(
         "c4",
         help="Calibration text (gptq, d2quant): c4 (bundled C4 sample minus its evaluation slice) | c4-all | "
-        "wikitext2-valid, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]; A+B mixes sources, the windows split "
-        "evenly (e.g. c4+wikitext2-valid: general text with text like yours).",
+        "wikitext2-valid, self (text the float model samples itself: data-free), a .txt/.jsonl file, or "
+        "hf:NAME[:CONFIG[:SPLIT]]; A+B mixes sources, the windows split evenly (e.g. c4+wikitext2-valid: general "
+        "text with text like yours).",
     ),
     nsamples: int = typer.Option(128, help="Number of calibration windows (gptq)."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (gptq)."),
@@ -375,7 +376,7 @@ def model_cmd(
     needs_data = any(get_pass(n).needs_calibration or getattr(c, "allocator", None) == "fisher"
                      for n, c in pipeline)
     if needs_data or (fpt is not None and fpt.e2e_steps) or (act is not None and act.mode == "static"):
-        calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed)
+        calib_ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, seed, model=lm.model)
         report["calibration"] = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     routing_ids = routing_ref = None
     if not streaming and structure_of(lm.model).is_moe():  # routing fidelity: float routers vs the quantized model's
@@ -522,7 +523,8 @@ def allocate_cmd(
     lm = load_model(model, trust_remote_code=trust_remote_code)
     if lm.quantized:
         raise QuantError(f"{lm.source} is already quantized; pass the float model")
-    ids = calibration_windows(lm.tokenizer, calib, config.fisher_windows, 512) if config.allocator == "fisher" else None
+    fisher = config.allocator == "fisher"
+    ids = calibration_windows(lm.tokenizer, calib, config.fisher_windows, 512, model=lm.model) if fisher else None
     t0 = time.perf_counter()
     alloc = allocate(lm.model, config, ids)
     seconds = time.perf_counter() - t0
@@ -932,7 +934,7 @@ def moe_align_cmd(
     held_out = _routing_sample(lm.tokenizer)
     ref = router_logits(lm.model, held_out)
     before = {n: a.summary() for n, a in alignment(lm.model).items()}
-    ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, 0) if finetune_steps else None
+    ids = calibration_windows(lm.tokenizer, calib, nsamples, seqlen, 0, model=lm.model) if finetune_steps else None
     cfg = AlignConfig(power_steps=power_steps, finetune_steps=finetune_steps, lr=lr)
     fit = align_routers(lm.model, cfg, ids, progress=lambda r: tqdm(r, desc="router fine-tune", unit="step"))
     after = {n: a.summary() for n, a in alignment(lm.model).items()}

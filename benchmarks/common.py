@@ -201,13 +201,12 @@ def run_calibrated_bench(tag: str, description: str, todo: dict[str, list],
     args, _, run = open_bench(tag, description, CALIBRATION, write_markdown, only_choices=list(todo))
     base, ids, calib = eval_and_calibration(args, ("c4",))
     extra = {"ppl_c4": (tokenize_eval(base.tokenizer, dataset="c4"), c4_windows, "c4")} if c4_windows else {}
-    tokenizer = base.tokenizer
-    del base
 
     def measure(name: str) -> dict:
         source, n, seqlen = (calibration or {}).get(name, ("c4", args.nsamples, args.seqlen))
         own = (source, n, seqlen) != ("c4", args.nsamples, args.seqlen)
-        calib_ids = calibration_windows(tokenizer, source, n, seqlen, seed=0) if own else calib["c4"]
+        calib_ids = calibration_windows(base.tokenizer, source, n, seqlen, seed=0, model=base.model) if own \
+            else calib["c4"]
         r, _ = run_setting(todo[name], calib_ids, ids, args.max_windows or None, name, extra)
         r["calibration_source"], r["calibration_windows"], r["calibration_seqlen"] = source, n, seqlen
         c4 = f"  c4 {r['ppl_c4']['ppl']:.3f}" if extra else ""

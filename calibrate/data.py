@@ -8,6 +8,7 @@ Calibration sources (``--calib``):
 * ``wikitext2-valid``: the bundled (tokenized, ``<unk>``-bearing) WikiText-2 validation split
 * a path to a UTF-8 text file (or ``.jsonl`` with a ``"text"`` field per line)
 * ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (needs ``datasets`` and a network)
+* ``self``: text the float model samples itself (:mod:`calibrate.generate`; data-free, needs the model)
 * ``A+B``: any of these mixed, the windows split evenly between them (:func:`calibration_windows`)
 """
 
@@ -17,7 +18,9 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from calibrate.generate import sample_windows
 from quant.errors import QuantError
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -25,7 +28,7 @@ WIKITEXT2_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 WIKITEXT2_VALID = DATA_DIR / "wikitext-2" / "valid.txt"
 C4_SAMPLE = DATA_DIR / "c4" / "c4_validation_2k.jsonl"
 C4_EVAL_DOCS = 1000  # records [0, 1000) evaluate; [1000, 2000) calibrate
-CALIB_SOURCES = ("c4", "c4-all", "wikitext2-valid")
+CALIB_SOURCES = ("c4", "c4-all", "wikitext2-valid", "self")
 
 
 def eval_text() -> str:
@@ -91,8 +94,10 @@ def load_calibration_text(source: str) -> str:
         raise QuantError(f"{path} is not UTF-8 text") from None
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token windows drawn at random offsets (seeded) from the tokenized source.
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0,
+                        model: nn.Module | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows drawn at random offsets (seeded) from the tokenized source, or with
+    ``self`` sampled (seeded) from ``model``, the float model.
 
     ``A+B`` (e.g. ``c4+wikitext2-valid``) mixes sources: the windows are split evenly between them (the first
     ones take the remainder), each part drawn from its own text, then shuffled (seeded) so that any held-out
@@ -104,12 +109,19 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
         raise QuantError(f"calibration source {source!r}: need one or more sources and a window for each")
     g = torch.Generator().manual_seed(seed)
     share, extra = divmod(nsamples, len(sources))
-    parts = [_windows(tokenizer, src, share + (i < extra), seqlen, g) for i, src in enumerate(sources)]
+    parts = [_windows(tokenizer, src, share + (i < extra), seqlen, g, model) for i, src in enumerate(sources)]
     windows = torch.cat(parts)
     return windows if len(parts) == 1 else windows[torch.randperm(nsamples, generator=g)]
 
 
-def _windows(tokenizer, source: str, n: int, seqlen: int, g: torch.Generator) -> torch.Tensor:
+def _windows(tokenizer, source: str, n: int, seqlen: int, g: torch.Generator, model: nn.Module | None) -> torch.Tensor:
+    if source == "self":
+        if model is None:
+            raise QuantError("--calib self samples the model's own text; this command has no float model to sample")
+        special = set(tokenizer.all_special_ids)
+        vocab = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+        first = torch.tensor([i for i in range(vocab) if i not in special])
+        return sample_windows(model, first, n, seqlen, g)
     ids = tokenizer(load_calibration_text(source), return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
         raise QuantError(f"calibration text {source!r} has {ids.numel()} tokens; need more than --seqlen {seqlen}")

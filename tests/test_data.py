@@ -49,3 +49,35 @@ def test_mixed_calibration_sources_split_the_windows_between_them(tokenizer):
     assert torch.equal(calibration_windows(tokenizer, "c4", 5, 64, seed=3), expected)
     with pytest.raises(QuantError, match="need one or more sources"):
         calibration_windows(tokenizer, "c4+", 4, 64)
+
+
+def test_self_calibration_samples_the_models_own_text(tokenizer):
+    """``--calib self``: windows the float model samples (seeded), far likelier under it than random tokens,
+    the same for the same seed; ``c4+self`` mixes them; no model, or a streamed one, is refused in one line."""
+    import torch
+    from conftest import tiny_model
+
+    from calibrate import calibration_windows
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # a peaked distribution, so its samples stand out from random tokens
+    a = calibration_windows(tokenizer, "self", 5, 24, seed=0, model=model)
+    assert a.shape == (5, 24) and a.dtype == torch.long and not set(a[:, 0].tolist()) & set(tokenizer.all_special_ids)
+    assert torch.equal(a, calibration_windows(tokenizer, "self", 5, 24, seed=0, model=model))
+    assert not torch.equal(a, calibration_windows(tokenizer, "self", 5, 24, seed=1, model=model))
+
+    def nll(w: torch.Tensor) -> float:  # of every token after the first, which is drawn uniformly
+        with torch.no_grad():
+            logits = model(w).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item()
+
+    rand = torch.randint(0, model.config.vocab_size, a.shape, generator=torch.Generator().manual_seed(0))
+    assert nll(a) < 0.5 * nll(rand)
+    mix = calibration_windows(tokenizer, "c4+self", 5, 24, seed=0, model=model)
+    c4 = load_calibration_text("c4")
+    assert sum(tokenizer.decode(w[4:-4]) in c4 for w in mix) == 3
+    with pytest.raises(QuantError, match="no float model"):
+        calibration_windows(tokenizer, "self", 2, 8)
+    with pytest.raises(QuantError, match="must be resident"):
+        calibration_windows(tokenizer, "self", 2, 8, model=model.to("meta"))

@@ -176,6 +176,13 @@ def _compiled_forward(model: nn.Module):
     return model.__dict__["_lowbit_compiled"]
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of ``model.forward``'s KV-cache argument: transformers renamed ``past_key_values`` to ``cache``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _Greedy:
     """One greedy decode of ``model`` from ``ids``: :meth:`prefill`, then one :meth:`step` per new token.
     ``compiled``: the steps run ``torch.compile``'d on a static cache of ``max_len`` positions (prefill stays eager)."""
@@ -188,7 +195,7 @@ class _Greedy:
         params = inspect.signature(model.forward).parameters
         # only the last position's logits: a 256-token prefill would otherwise compute 256 rows of the vocabulary
         self.last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.kv = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
+        self.kv = cache_kwarg(model)
         self.model, self.ids, self.compiled, self.n = model, ids, compiled, ids.shape[1]
         self.cache = (StaticCache(config=model.config, max_cache_len=max_len or self.n + new_tokens) if compiled
                       else DynamicCache())
