@@ -917,4 +917,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_rotation.py::test_head_hadamard_keeps_the_function_and_rotates_each_head",),
         "o_proj's columns rotated across heads, not within each: it reads another head's values",
     ),
+    Mutation(
+        "self-calibration-forgets-the-prefix",
+        "calibrate/generate.py",
+        "o = model(input_ids=token.to(device), **{kv: cache}, use_cache=True)",
+        "o = model(input_ids=token.to(device), **{kv: DynamicCache()}, use_cache=True)",
+        ("tests/test_data.py::test_self_calibration_samples_the_models_own_text",),
+        "--calib self samples each token from the last one alone: text no longer the model's own",
+    ),
 )
