@@ -31,6 +31,7 @@ def sample_windows(model: nn.Module, first: torch.Tensor, n: int, seqlen: int, g
         size = min(BATCH, n - b)
         token = first[torch.randint(0, len(first), (size, 1), generator=g)]
         cache, out = DynamicCache(), [token]
+        bar.update(size)
         for _ in range(seqlen - 1):
             o = model(input_ids=token.to(device), **{kv: cache}, use_cache=True)
             token = torch.multinomial(torch.softmax(o.logits[:, -1].float().cpu(), dim=-1), 1, generator=g)
