@@ -407,3 +407,17 @@ def test_inspect_model_and_d2quant_degrades_without_its_rotation(tmp_path, token
     r = run("model", d, "--method", "d2quant", "--head-hadamard", *quick, "--out", tmp_path / "q3")
     assert_one_line_error(r, "--head-hadamard comes with the rotation, which this model cannot take: post-norms")
     assert not (tmp_path / "q3").exists()
+
+
+def test_self_calibration_runs_and_a_streamed_model_is_refused(tmp_path, tiny_dir):
+    """``--calib self``: the float model samples its calibration windows (progress shown, source reported); a
+    streamed model has no resident weights to sample from, so it is refused in one line before anything is written."""
+    out = tmp_path / "q"
+    args = ("--method", "gptq", "--bits", "4", "--calib", "self", "--nsamples", "4", "--seqlen", "16", "--no-eval")
+    r = run("model", tiny_dir, *args, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "sampling calibration text" in r.stderr
+    assert json.loads((out / "quant_report.json").read_text())["calibration"]["source"] == "self"
+    r = run("model", tiny_dir, *args, "--stream", "--out", tmp_path / "s")
+    assert_one_line_error(r, "must be resident")
+    assert not (tmp_path / "s").exists()
