@@ -314,6 +314,7 @@ def model_cmd(
     width += (f"a{act_bits}" if act_bits != 16 else "") + (f"kv{kv_bits}" if kv_bits != 16 else "")
     width += f"h{head.bits}" if head.enabled else ""
     width += "s8" if getattr(config, "scale_bits", 16) == 8 else ""
+    width += "km" if getattr(config, "codebook", "uniform") == "kmeans" else ""
     out = check_output_dir(out or Path(f"{slug}-{method}-{width}g{group_size}{'-ft' if ft.enabled else ''}"),
                            overwrite)
 

@@ -243,7 +243,7 @@ def _config_fields(cfg: dict, fmt: str) -> list[tuple[list, list]]:
     ]
     if fmt == "lowbit":
         f += [
-            (["quantization_config", "format_version"], [MISSING, None, 3, 0, "1", [], 1.5, True]),
+            (["quantization_config", "format_version"], [MISSING, None, 4, 0, "1", [], 1.5, True]),
             (["quantization_config", "packing"], [MISSING, None, "x", 3]),
             (["quantization_config", "modules"], [MISSING, None, [], {}, "x", 3]),
         ]

@@ -259,6 +259,19 @@ def test_finetune_writes_its_curves(tmp_path, tiny_dir):
     assert [p["name"] for p in passes] == ["gptq", "finetune"]
 
 
+def test_codebook_codes_from_the_command_line(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    r = run("model", tiny_dir, "--method", "d2quant", "--no-dsq", "--bits", "3", "--group-size", "32",
+            "--nsamples", "4", "--seqlen", "64", "--scale-bits", "8", "--codebook", "kmeans", "--no-eval", "--out", out)
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 3 and {m["format"] for m in qc["modules"].values()} == {"codebook-dq8"}
+    bad = tmp_path / "bad"
+    r = run("model", tiny_dir, "--method", "rtn", "--bits", "3", "--codebook", "kmeans", "--no-eval", "--out", bad)
+    assert r.returncode == 2 and "--scale-bits 8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr and not bad.exists()
+
+
 def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
     common = ["--bits", "2", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
     out = tmp_path / "d2"

@@ -1,6 +1,6 @@
 """Quantized checkpoints: safetensors shards + ``config.json`` with ``quantization_config``.
 
-Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
+Folder layout (format version 1; 2 where a linear has 8-bit scales; 3 where one has codebook codes)::
 
     config.json                  HF config + quantization_config (below)
     generation_config.json       if the model has one
@@ -12,15 +12,17 @@ Folder layout (format version 1, or 2 where a linear has 8-bit scales)::
 ``quantization_config``::
 
     quant_method    "lowbit"
-    format_version  1, or 2 when a module has format "uniform-dq8" (the lowest version that holds the checkpoint)
+    format_version  1; 2 when a module has format "uniform-dq8"; 3 when one has "codebook-dq8" (the lowest version
+                    that holds the checkpoint)
     packing         "rowpack-int32-v1" (see quant.numerics.packing)
     method          the quantizer pass ("rtn", "gptq", ...)
     bits, group_size, sym     the requested defaults
     modules         {qualified name: {"bits", "group_size", "sym", "format"}}: what each packed linear
                     holds; group_size is the effective one for that layer; format "uniform"
                     (``QuantLinear``: qweight/scales/zeros, the default when absent), "dsq"
-                    (``DSQLinear``: sign planes + per-(row, group) scales) or "uniform-dq8"
-                    (``ScaleCodedLinear``: dense codes, 8-bit scale codes on per-row grids, 4-bit zeros)
+                    (``DSQLinear``: sign planes + per-(row, group) scales), "uniform-dq8"
+                    (``ScaleCodedLinear``: dense codes, 8-bit scale codes on per-row grids, 4-bit zeros) or
+                    "codebook-dq8" (``CodebookLinear``: dense codes indexing the layer's fp16 levels, 8-bit scales)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.runtime.dac``); RMSNorm has no bias of its own
@@ -57,7 +59,7 @@ from quant.numerics.packing import LAYOUT
 from quant.runtime.dac import add_norm_bias
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.inputops import attach_from_config, input_ops_config
-from quant.runtime.quantlinear import PackedLinear, QuantLinear, ScaleCodedLinear
+from quant.runtime.quantlinear import CodebookLinear, PackedLinear, QuantLinear, ScaleCoded, ScaleCodedLinear
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -202,7 +204,7 @@ def _verified_files(path: Path) -> list[Path]:
     return files
 
 
-LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear, ScaleCodedLinear)}
+LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear, ScaleCodedLinear, CodebookLinear)}
 
 
 def empty_packed(lin: nn.Module, spec: dict, dtype: torch.dtype) -> PackedLinear:
@@ -236,12 +238,14 @@ def _valid(m: nn.Module) -> bool:
     if isinstance(m, DSQLinear):
         r = m.row_scales.float()
         return bool(torch.isfinite(r).all() and (r >= 0).all())
-    if isinstance(m, ScaleCodedLinear):
+    if isinstance(m, ScaleCoded):
         grid = m.scale_grid.float()
         if not bool(torch.isfinite(grid).all() and (grid[:, 0] > 0).all() and (grid[:, 1] >= 0).all()):
             return False
     s = m.scales.float()
-    return bool(torch.isfinite(s).all() and (s >= 0).all() and int(m.zeros.max()) <= 2**m.bits)  # 2^bits: v1 imports
+    if not bool(torch.isfinite(s).all() and (s >= 0).all()):
+        return False
+    return isinstance(m, CodebookLinear) or int(m.zeros.max()) <= 2**m.bits  # 2^bits: v1 imports
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None):

@@ -116,6 +116,11 @@ def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, Quant
         raise QuantError(
             f"cannot export to GPTQ format: DSQ codes (sign planes + dual scales) have no GPTQ form; {alt}"
         )
+    if "codebook-dq8" in formats:
+        raise QuantError(
+            "cannot export to GPTQ format: codebook codes (non-uniform levels, --codebook kmeans) have no GPTQ form; "
+            f"quantize with --codebook uniform --scale-bits 16 for a GPTQ-exportable model, or {alt}"
+        )
     if formats != {"uniform"}:
         raise QuantError(
             "cannot export to GPTQ format: 8-bit scales and 4-bit zero-points (uniform-dq8) have no GPTQ form "

@@ -1,7 +1,8 @@
-"""The schema of our ``quantization_config`` (format versions 1 and 2), checked before any tensor is read.
+"""The schema of our ``quantization_config`` (format versions 1 to 3), checked before any tensor is read.
 
-Version 2 added the linear format ``uniform-dq8`` (8-bit scales, ``ScaleCodedLinear``). A checkpoint records the
-lowest version that holds it, so one without 8-bit scales still reads in releases that know only version 1.
+Version 2 added the linear format ``uniform-dq8`` (8-bit scales, ``ScaleCodedLinear``), version 3 ``codebook-dq8``
+(codes indexing each layer's levels, ``CodebookLinear``). A checkpoint records the lowest version that holds it,
+so one without them still reads in releases that know only version 1.
 
 Structure and ranges here (:func:`validate`); what needs the model (a module name that exists and is a
 linear, a group that divides its width, a norm that is a norm) is checked by :func:`check_linear` and
@@ -22,10 +23,14 @@ from quant.numerics.grid import SUPPORTED_BITS
 from quant.numerics.packing import LAYOUT
 
 QUANT_METHOD = "lowbit"  # quantization_config.quant_method of our checkpoints
-FORMATS_BY_VERSION = {1: ("uniform", "dsq"), 2: ("uniform", "dsq", "uniform-dq8")}  # the linear formats each allows
+FORMATS_BY_VERSION = {  # the linear formats each allows
+    1: ("uniform", "dsq"),
+    2: ("uniform", "dsq", "uniform-dq8"),
+    3: ("uniform", "dsq", "uniform-dq8", "codebook-dq8"),
+}
 FORMAT_VERSION = max(FORMATS_BY_VERSION)  # the newest this release reads
 FORMATS = FORMATS_BY_VERSION[FORMAT_VERSION]
-BITS_BY_FORMAT = {"uniform": SUPPORTED_BITS, "dsq": DSQ_BITS, "uniform-dq8": (2, 3, 4)}
+BITS_BY_FORMAT = {"uniform": SUPPORTED_BITS, "dsq": DSQ_BITS, "uniform-dq8": (2, 3, 4), "codebook-dq8": (2, 3, 4)}
 
 
 def version_for(modules: dict) -> int:

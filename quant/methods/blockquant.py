@@ -30,7 +30,7 @@ from quant.methods.gptq import gptq_quantize
 from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.runtime.dac import add_norm_bias
 from quant.runtime.dsqlinear import DSQLinear
-from quant.runtime.quantlinear import QuantLinear
+from quant.runtime.quantlinear import CodebookLinear, QuantLinear
 
 
 @dataclass
@@ -60,7 +60,7 @@ def gptaq_target(w: torch.Tensor, H: torch.Tensor, P: torch.Tensor, damp: float,
 
 def absorb_column_scale(up: torch.nn.Module, c: torch.Tensor) -> None:
     """Multiply output row j of ``up`` by ``c_j``: exact for SwiGLU, whose output is linear in up."""
-    if isinstance(up, QuantLinear):
+    if isinstance(up, (QuantLinear, CodebookLinear)):
         up.scale_rows(c)
         fw = up.__dict__.get("_float_weight")
         if fw is not None:  # finetune's starting point moves with it

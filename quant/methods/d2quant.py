@@ -35,7 +35,15 @@ from quant.engine.structure import PASS_NEEDS
 from quant.errors import QuantError
 from quant.methods.blockquant import QuantizeStep, Solver, absorb_column_scale, gptaq_target  # noqa: F401  (public here)
 from quant.methods.dsq import DSQ_BITS
-from quant.methods.quantizers import ACT_ORDER_HELP, CLIP_HELP, DAMP_HELP, GROUP_HELP, SCALE_BITS_HELP, check_model
+from quant.methods.quantizers import (
+    ACT_ORDER_HELP,
+    CLIP_HELP,
+    CODEBOOK_HELP,
+    DAMP_HELP,
+    GROUP_HELP,
+    SCALE_BITS_HELP,
+    check_model,
+)
 from quant.numerics.grid import QuantSpec
 from quant.runtime.inputops import ops_modules
 
@@ -74,13 +82,14 @@ class D2QuantConfig:
     act_order: bool = option(True, ACT_ORDER_HELP, "--act-order/--no-act-order")
     block_size: int = option(128, "Columns per lazy-update block of the solver.")
     scale_bits: int = option(16, SCALE_BITS_HELP, "--scale-bits")
+    codebook: str = option("uniform", CODEBOOK_HELP + " For the uniform (non-DSQ) layers.", "--codebook")
 
     def spec(self) -> QuantSpec:
         if self.backend not in BACKENDS:
             raise QuantError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.dac_teacher not in DAC_TEACHERS:
             raise QuantError(f"unknown DAC teacher {self.dac_teacher!r}; choose from {', '.join(DAC_TEACHERS)}")
-        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, self.scale_bits)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, self.scale_bits, self.codebook)
 
     def validate(self) -> None:
         self.spec()

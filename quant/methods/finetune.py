@@ -52,7 +52,7 @@ from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.errors import QuantError
 from quant.runtime.dsqlinear import DSQLinear
-from quant.runtime.quantlinear import PackedLinear, QuantLinear
+from quant.runtime.quantlinear import CodebookLinear, PackedLinear, QuantLinear
 
 MODES = ("none", "block", "e2e", "both")
 DTYPES = ("fp32", "bf16")
@@ -147,7 +147,13 @@ class Tunable(nn.Module):
         super().__init__()
         self.packed = packed
         g = packed.group_size
-        if isinstance(packed, QuantLinear):
+        if isinstance(packed, CodebookLinear):  # codes index the levels: the offsets move along them
+            self.register_buffer("s", packed.scales.float().repeat_interleave(g, 1))
+            self.register_buffer("levels", packed.levels.float())
+            self.register_buffer("base", packed.codes().float())
+            self.v = nn.Parameter(torch.zeros_like(self.base)) if rounding else None
+            self.a = nn.Parameter(torch.zeros_like(packed.scales.float()))
+        elif isinstance(packed, QuantLinear):
             q = packed.codes().float()
             s, z = packed.scales.float(), packed.zeros.float()
             self.register_buffer("s", s.repeat_interleave(g, 1))
@@ -179,8 +185,23 @@ class Tunable(nn.Module):
         u = self.base if self.v is None else self.base + self.v
         return _Ste.apply(u).clamp(0, 2**m.bits - 1)
 
+    def _level_values(self) -> torch.Tensor:
+        """The levels the codes pick; with rounding offsets, their gradient is the levels' local slope (the
+        uniform grid's is its step, 1 in code units)."""
+        q = self._codes()
+        lv = self.levels[q.detach().long()]
+        if self.v is None:
+            return lv
+        top = len(self.levels) - 1
+        hi, lo = (q.detach() + 1).clamp(max=top).long(), (q.detach() - 1).clamp(min=0).long()
+        slope = (self.levels[hi] - self.levels[lo]) / (hi - lo).float()
+        u = self.base + self.v
+        return lv + slope * (u - u.detach())
+
     def weight(self) -> torch.Tensor:
         m, g = self.packed, self.packed.group_size
+        if isinstance(m, CodebookLinear):
+            return self._level_values() * self.s * (1 + self.a).repeat_interleave(g, 1)
         if isinstance(m, QuantLinear):
             scale = self.s * (1 + self.a).repeat_interleave(g, 1)
             return (self._codes() - self.z) * scale
@@ -200,7 +221,7 @@ class Tunable(nn.Module):
     @torch.no_grad()
     def harden(self) -> None:
         m = self.packed
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, CodebookLinear)):
             m.set_codes(self._codes().to(torch.int64))
             m.set_scales(m.scales.float() * (1 + self.a))  # 8-bit scales: the nearest point of the row's grid
         else:
@@ -260,7 +281,7 @@ def mean_loss(loss_on, idx: torch.Tensor, batch: int, device: str, dtype: str) -
 
 
 def tunable_names(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if isinstance(m, (QuantLinear, DSQLinear))]
+    return [n for n, m in module.named_modules() if isinstance(m, (QuantLinear, CodebookLinear, DSQLinear))]
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from quant.errors import QuantError
 from quant.numerics.grid import (
     QuantizedWeight,
     QuantSpec,
+    codebook_levels,
     dequantize_codes,
     find_params,
     quantize_codes,
@@ -141,16 +142,17 @@ def gptq_quantize(
     zeros = torch.zeros_like(scales)
     # 8-bit scales: each row's grid is fixed before any code, from the weight's own groups; a group whose
     # error-fed columns later want a scale past the grid gets its end (clipped a little)
-    sg = scale_grid(W, spec)
+    levels = codebook_levels(W, spec)
+    sg = scale_grid(W, spec, levels)
 
     def fit_group(gid: int, current: torch.Tensor) -> None:
-        s, z = find_params(current, spec, snap=None if sg is None else sg.snap)
+        s, z = find_params(current, spec, snap=None if sg is None else sg.snap, levels=levels)
         scales[:, gid], zeros[:, gid] = s[:, 0], z[:, 0]
 
     def quantize_column(gid: int, j: int, w: torch.Tensor):
         s, z = scales[:, gid], zeros[:, gid]
-        q = quantize_codes(w, s, z, spec.bits)
-        return q, dequantize_codes(q, s, z)
+        q = quantize_codes(w, s, z, spec.bits, levels)
+        return q, dequantize_codes(q, s, z, levels)
 
     H = H.detach().float().to(W.device)  # gptq_loop leaves H unchanged: no copy (a down_proj's is 0.8 GB)
     codes = gptq_loop(W, H, g, fit_group, quantize_column, damp, act_order, block_size)
@@ -161,4 +163,5 @@ def gptq_quantize(
         bits=spec.bits,
         group_size=g,
         scale_grid=sg,
+        levels=levels,
     )

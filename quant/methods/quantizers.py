@@ -26,6 +26,11 @@ SCALE_BITS_HELP = (
     "bits per weight instead of 3.6. A format-version-2 checkpoint, with no GPTQ export. DSQ layers keep fp16 "
     "row scales."
 )
+CODEBOOK_HELP = (
+    "Code levels: uniform (equally spaced, with a zero-point per group) or kmeans (each layer's own 2^bits levels, "
+    "fitted by 1-D k-means to its group-normalized weights; no zero-points, so 4 bits per group fewer; needs "
+    "--scale-bits 8). A format-version-3 checkpoint: no GPTQ export, no low-bit kernel yet (dequantize + matmul)."
+)
 
 
 @dataclass
@@ -38,9 +43,10 @@ class RTNConfig:
     # min-max measured better than the MSE clip search for RTN on SmolLM2 (benchmarks/results/clip.md)
     clip: str = option("minmax", CLIP_HELP, "--clip")
     scale_bits: int = option(16, SCALE_BITS_HELP, "--scale-bits")
+    codebook: str = option("uniform", CODEBOOK_HELP, "--codebook")
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, self.scale_bits)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.clip, self.scale_bits, self.codebook)
 
     def validate(self) -> None:
         self.spec()

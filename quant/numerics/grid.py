@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from quant.errors import QuantError
+from quant.numerics.codebook import codebook_scale, fit_levels, nearest
 from quant.numerics.scalecodes import SCALE_BITS, ScaleGrid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)  # plus -1 for per-channel
 CLIP_METHODS = ("minmax", "mse")
+CODEBOOKS = ("uniform", "kmeans")  # equally spaced levels and a zero-point, or the layer's own (numerics.codebook)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class QuantSpec:
     sym: bool = False
     clip: str = "mse"  # "minmax" or "mse" (search a shrink of the range that minimises the error)
     scale_bits: int = 16  # 16: fp16 scales, uint8 zeros; 8: scales on a per-row 8-bit grid, 4-bit zeros
+    codebook: str = "uniform"  # kmeans: symmetric non-uniform levels fitted per layer, no zero-points
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -53,6 +56,13 @@ class QuantSpec:
             )
         if self.clip not in CLIP_METHODS:
             raise QuantError(f"clip must be one of {CLIP_METHODS}, got {self.clip!r}")
+        if self.codebook not in CODEBOOKS:
+            raise QuantError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+        if self.codebook == "kmeans" and (self.scale_bits != 8 or self.bits > 4):
+            raise QuantError(
+                f"the kmeans codebook takes 2-4-bit codes with 8-bit scales (--scale-bits 8); got {self.bits}-bit "
+                f"codes with {self.scale_bits}-bit scales"
+            )
 
     @property
     def maxq(self) -> int:
@@ -99,17 +109,31 @@ def _minmax_params(
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (as float) of ``w`` given per-row ``scale``/``zero`` broadcastable to it."""
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, levels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer codes (as float) of ``w`` given per-row ``scale``/``zero`` broadcastable to it (with a codebook's
+    ``levels``: the nearest level's index; ``zero`` is unused)."""
+    if levels is not None:
+        return nearest(w / scale, levels).float()
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_codes(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor | None = None
+) -> torch.Tensor:
+    if levels is not None:
+        return levels.to(q.device)[q.long()] * scale
     return (q - zero) * scale
 
 
 def find_params(
-    w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75, snap: Snap | None = None
+    w: torch.Tensor,
+    spec: QuantSpec,
+    grid: int = 40,
+    max_shrink: float = 0.75,
+    snap: Snap | None = None,
+    levels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero (each ``[rows, 1]``, float32) for one group of columns ``w`` of shape ``[rows, cols]``.
 
@@ -118,9 +142,13 @@ def find_params(
     on ties the widest range). Factors are tried together, in chunks of about 4M elements computed in place
     in one buffer: GPTQ calls this for every group, where a loop over factors cost hundreds of small kernel
     launches and fresh temporaries cost most of an 8B-shaped block's time in page faults. ``snap`` stands for the
-    fp16 rounding of the scale (8-bit scales: the rows' grids), in the search too.
+    fp16 rounding of the scale (8-bit scales: the rows' grids), in the search too. With a codebook's ``levels``
+    the scale is searched over shrinks of ``max|w|`` (:func:`quant.numerics.codebook.codebook_scale`); zeros are 0.
     """
     w = w.float()
+    if levels is not None:
+        s = codebook_scale(w, levels, snap or (lambda x: x.to(torch.float16).float()))
+        return s, torch.zeros_like(s)
     xmin = w.min(dim=1, keepdim=True).values
     xmax = w.max(dim=1, keepdim=True).values
     if spec.clip == "minmax":
@@ -156,15 +184,24 @@ class QuantizedWeight:
     bits: int
     group_size: int  # effective group size for this layer
     scale_grid: ScaleGrid | None = None  # 8-bit scales: every scale is a point of its row's grid
+    levels: torch.Tensor | None = None  # a codebook's levels (codes index them; zeros unused)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.codes, self.scales, self.zeros, self.group_size, dtype)
+        return dequantize_weight(self.codes, self.scales, self.zeros, self.group_size, dtype, self.levels)
 
 
 def dequantize_weight(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out, n = codes.shape
+    if levels is not None:
+        g = levels.float().to(codes.device)[codes.long()].view(out, n // group_size, group_size)
+        return (g * scales.float()[..., None]).view(out, n).to(dtype)
     g = codes.float().view(out, n // group_size, group_size)
     w = (g - zeros.float()[..., None]) * scales.float()[..., None]
     return w.view(out, n).to(dtype)
@@ -176,14 +213,21 @@ def check_finite(w: torch.Tensor, name: str) -> None:
         raise QuantError(f"{name} has {bad} NaN/Inf weight(s); refusing to quantize a broken model")
 
 
-def scale_grid(w: torch.Tensor, spec: QuantSpec) -> ScaleGrid | None:
+def codebook_levels(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """The layer's codebook levels for ``w`` ``[out, in]`` (None for uniform levels)."""
+    if spec.codebook == "uniform":
+        return None
+    return fit_levels(w, spec.bits, spec.group_for(w.shape[1]))
+
+
+def scale_grid(w: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = None) -> ScaleGrid | None:
     """With 8-bit scales, each row's grid, fitted to the scales its groups of ``w`` ``[out, in]`` would get in
     fp16 (the solvers then keep every scale on it); None with fp16 scales."""
     if spec.scale_bits == 16:
         return None
     out, n = w.shape
     g = spec.group_for(n)
-    scale, _ = find_params(w.detach().float().reshape(out * (n // g), g), spec)
+    scale, _ = find_params(w.detach().float().reshape(out * (n // g), g), spec, levels=levels)
     return ScaleGrid.fit(scale.reshape(out, n // g))
 
 
@@ -192,9 +236,10 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     out, n = w.shape
     g = spec.group_for(n)
     groups = w.float().reshape(out * (n // g), g)  # every (row, group) pair is an independent row here
-    sg = scale_grid(w, spec)
-    scale, zero = find_params(groups, spec, snap=None if sg is None else sg.rows(n // g).snap)
-    codes = quantize_codes(groups, scale, zero, spec.bits)
+    levels = codebook_levels(w, spec)
+    sg = scale_grid(w, spec, levels)
+    scale, zero = find_params(groups, spec, snap=None if sg is None else sg.rows(n // g).snap, levels=levels)
+    codes = quantize_codes(groups, scale, zero, spec.bits, levels)
     return QuantizedWeight(
         codes=codes.reshape(out, n).to(torch.uint8),
         scales=scale.reshape(out, n // g).to(torch.float16),
@@ -202,4 +247,5 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         bits=spec.bits,
         group_size=g,
         scale_grid=sg,
+        levels=levels,
     )

@@ -94,15 +94,20 @@ class QuantLinear(PackedLinear):
         self.register_buffer("zeros", torch.zeros(out, n_groups, dtype=torch.uint8))
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
-        """The packed layer of ``qw``: a ``ScaleCodedLinear`` when its scales are on 8-bit grids."""
-        if qw.scale_grid is not None:
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> PackedLinear:
+        """The packed layer of ``qw``: a ``ScaleCodedLinear`` when its scales are on 8-bit grids, a
+        ``CodebookLinear`` when its codes index a codebook."""
+        if qw.levels is not None:
+            cls = CodebookLinear
+        elif qw.scale_grid is not None:
             cls = ScaleCodedLinear
         out, n = qw.codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
         m = cls(n, out, qw.bits, qw.group_size, bias=bias is not None, dtype=dtype)
         m.set_codes(qw.codes)
         m._store(qw.scales, qw.zeros, qw.scale_grid)
+        if qw.levels is not None:
+            m.levels.copy_(qw.levels)
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
@@ -146,20 +151,17 @@ class QuantLinear(PackedLinear):
         )
 
 
-class ScaleCodedLinear(QuantLinear):
-    """``QuantLinear`` with 8-bit scales on a per-row grid and 4-bit zero-points (see the module docstring)."""
+class ScaleCoded:
+    """Dense codes and 8-bit group scales on per-row grids (``quant.numerics.scalecodes``): what
+    ``ScaleCodedLinear`` and ``CodebookLinear`` share. Mixed into a ``PackedLinear``."""
 
-    FORMAT = "uniform-dq8"
-    STORED = ("qcodes", "scale_codes", "scale_grid", "zero_pairs")
-
-    def _register_weight(self) -> None:
+    def _register_scale_coded(self) -> None:
         out, n, n_groups = self.out_features, self.in_features, self.in_features // self.group_size
         if n % 8 or self.bits not in (2, 3, 4):
             raise ValueError(f"8-bit scales take 2-4-bit codes in rows of a multiple of 8; got {self.bits} x {n}")
         self.register_buffer("qcodes", torch.zeros(out, n // 8 * self.bits, dtype=torch.uint8))
         self.register_buffer("scale_codes", torch.zeros(out, n_groups, dtype=torch.uint8))
         self.register_buffer("scale_grid", torch.zeros(out, 2, dtype=torch.float16))
-        self.register_buffer("zero_pairs", torch.zeros(out, (n_groups + 1) // 2, dtype=torch.uint8))
 
     def grid(self) -> ScaleGrid:
         return ScaleGrid.from_stored(self.scale_grid)
@@ -171,28 +173,17 @@ class ScaleCodedLinear(QuantLinear):
         self.qcodes.copy_(pack_dense(codes, self.bits))
 
     @property
-    def qweight(self) -> torch.Tensor:  # the codes in rowpack words, for the paths that read a QuantLinear's
-        return pack(self.codes(), self.bits)
-
-    @property
     def scales(self) -> torch.Tensor:  # fp16 [out, groups], decoded
         return self.grid().decode(self.scale_codes)
 
-    @property
-    def zeros(self) -> torch.Tensor:  # uint8 [out, groups]
-        return unpack_nibbles(self.zero_pairs, self.scale_codes.shape[1])
-
-    def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
+    def _store_scales(self, scales: torch.Tensor, grid: ScaleGrid | None) -> None:
         if grid is None:
-            raise ValueError("ScaleCodedLinear needs the scales' grid")
-        if int(zeros.max()) > 15:
-            raise ValueError("ScaleCodedLinear stores zero-points in 4 bits")
+            raise ValueError(f"{type(self).__name__} needs the scales' grid")
         self.scale_grid.copy_(grid.stored())
         codes = grid.encode(scales)
         if not torch.equal(grid.decode(codes), scales.to(torch.float16)):
             raise ValueError("scales are not points of their rows' grids: quantize with this grid's snap")
         self.scale_codes.copy_(codes)
-        self.zero_pairs.copy_(pack_nibbles(zeros))
 
     def set_scales(self, scales: torch.Tensor) -> None:
         self.scale_codes.copy_(self.grid().encode(scales))  # the nearest grid point, within the row's range
@@ -202,6 +193,54 @@ class ScaleCodedLinear(QuantLinear):
         g = self.grid()
         g.base = (g.base.double() * c[:, None].double().cpu()).to(torch.float16).float()
         self.scale_grid.copy_(g.stored())
+
+
+class ScaleCodedLinear(ScaleCoded, QuantLinear):
+    """``QuantLinear`` with 8-bit scales on a per-row grid and 4-bit zero-points (see the module docstring)."""
+
+    FORMAT = "uniform-dq8"
+    STORED = ("qcodes", "scale_codes", "scale_grid", "zero_pairs")
+
+    def _register_weight(self) -> None:
+        self._register_scale_coded()
+        n_groups = self.in_features // self.group_size
+        self.register_buffer("zero_pairs", torch.zeros(self.out_features, (n_groups + 1) // 2, dtype=torch.uint8))
+
+    @property
+    def qweight(self) -> torch.Tensor:  # the codes in rowpack words, for the paths that read a QuantLinear's
+        return pack(self.codes(), self.bits)
+
+    @property
+    def zeros(self) -> torch.Tensor:  # uint8 [out, groups]
+        return unpack_nibbles(self.zero_pairs, self.scale_codes.shape[1])
+
+    def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
+        if int(zeros.max()) > 15:
+            raise ValueError("ScaleCodedLinear stores zero-points in 4 bits")
+        self._store_scales(scales, grid)
+        self.zero_pairs.copy_(pack_nibbles(zeros))
+
+
+class CodebookLinear(ScaleCoded, PackedLinear):
+    """Codes that index the layer's own ``levels`` (fp16 ``[2^bits]``, ``quant.numerics.codebook``), times 8-bit
+    group scales; no zero-points. Format ``codebook-dq8``: ``qcodes``, ``scale_codes``, ``scale_grid`` as
+    ``ScaleCodedLinear``, and ``levels``. Not a ``QuantLinear``: the uniform paths (kernels, GPTQ export) never
+    take it for one."""
+
+    FORMAT = "codebook-dq8"
+    STORED = ("qcodes", "scale_codes", "scale_grid", "levels")
+
+    def _register_weight(self) -> None:
+        self._register_scale_coded()
+        self.register_buffer("levels", torch.zeros(2**self.bits, dtype=torch.float16))
+
+    def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
+        self._store_scales(scales, grid)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales, None, self.group_size, dtype, self.levels)
+
+    extra_repr = QuantLinear.extra_repr
 
 
 @contextmanager

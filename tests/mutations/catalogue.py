@@ -925,4 +925,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_data.py::test_self_calibration_samples_the_models_own_text",),
         "--calib self samples each token from the last one alone: text no longer the model's own",
     ),
+    Mutation(
+        "codebook-rounds-to-the-level-above",
+        "quant/numerics/grid.py",
+        "return nearest(w / scale, levels).float()",
+        "return torch.bucketize(w / scale, levels.to(w.device)).clamp(max=len(levels) - 1).float()",
+        ("tests/test_codebook.py::test_kmeans_codes_beat_uniform_codes_with_fewer_bytes",),
+        "--codebook kmeans codes pick the level above the weight, not the nearest",
+    ),
+    Mutation(
+        "codebook-rounding-gets-no-gradient",
+        "quant/methods/finetune.py",
+        "return lv + slope * (u - u.detach())",
+        "return lv",
+        ("tests/test_codebook.py::test_tuning_a_codebook_layer_starts_at_its_weight_and_moves_along_the_levels",),
+        "learned rounding of codebook layers never moves: the levels' slope carries no gradient",
+    ),
 )
