@@ -107,13 +107,13 @@ def test_module_granularity_shares_role_scores(model):
     assert len(a.module_bits()) == 7 * LAYERS
 
 
-@pytest.mark.parametrize("scale_bits", [16, 8])
-def test_pass_sets_bits_and_checkpoint_reloads_exactly(tmp_path, model, tokenizer, scale_bits):
+@pytest.mark.parametrize(("scale_bits", "codebook"), [(16, "uniform"), (8, "uniform"), (8, "kmeans")])
+def test_pass_sets_bits_and_checkpoint_reloads_exactly(tmp_path, model, tokenizer, scale_bits, codebook):
     m = tiny_model(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256, head_dim=32)
     m.load_state_dict(model.state_dict())
     ctx = QuantContext(m, tokenizer, progress=False)
-    records = run_pipeline(ctx, [("allocate", AllocationConfig(budget=2.5, group_size=32, scale_bits=scale_bits)),
-                                 ("rtn", RTNConfig(group_size=32, scale_bits=scale_bits))])
+    layout = {"group_size": 32, "scale_bits": scale_bits, "codebook": codebook}
+    records = run_pipeline(ctx, [("allocate", AllocationConfig(budget=2.5, **layout)), ("rtn", RTNConfig(**layout))])
     alloc = ctx.allocation
     assert {n: v["bits"] for n, v in ctx.modules.items()} == alloc.module_bits()
     assert len(set(alloc.bits)) > 1

@@ -48,7 +48,7 @@ from quant.engine.passes import QuantContext, register_pass
 from quant.engine.structure import LINEAR_ROLES, PASS_NEEDS, structure_of
 from quant.errors import QuantError
 from quant.methods.nsds import ROLES, NSDSConfig, NSDSScores, nsds_roles, nsds_scores
-from quant.methods.quantizers import SCALE_BITS_HELP
+from quant.methods.quantizers import CODEBOOK_HELP, SCALE_BITS_HELP
 from quant.numerics.grid import SUPPORTED_BITS, QuantSpec, quantize_rtn
 from quant.runtime.quantlinear import storage_bytes
 
@@ -92,6 +92,7 @@ class AllocationConfig:
     seed: int = option(0, "Seed for the random allocator.", "--alloc-seed")
     group_size: int = option(128, "The quantizer's group size (scales and zeros count in the budget).", "--group-size")
     scale_bits: int = option(16, SCALE_BITS_HELP, "--scale-bits")
+    codebook: str = option("uniform", CODEBOOK_HELP, "--codebook")
     nsds: NSDSConfig = option(help="NSDS scoring.", default_factory=NSDSConfig)
 
     def validate(self) -> None:
@@ -124,7 +125,8 @@ class AllocationConfig:
 
     def layout(self, bits: int | None = None) -> QuantSpec:
         """The quantizer's storage (group size, scale bits) at ``bits`` (default: the narrowest candidate)."""
-        return QuantSpec(bits or min(self.candidates), self.group_size, scale_bits=self.scale_bits)
+        return QuantSpec(bits or min(self.candidates), self.group_size, scale_bits=self.scale_bits,
+                         codebook=self.codebook)
 
 
 @dataclass
@@ -146,7 +148,8 @@ class Unit:
 
     def bytes_at(self, bits: int, layout: QuantSpec) -> int:
         """Bytes stored at ``bits`` with ``layout``'s groups and scales (its own width is ignored)."""
-        return sum(storage_bytes(o, i, bits, layout.group_for(i), layout.scale_bits) for _, o, i in self.modules)
+        return sum(storage_bytes(o, i, bits, layout.group_for(i), layout.scale_bits, layout.codebook)
+                   for _, o, i in self.modules)
 
 
 @dataclass

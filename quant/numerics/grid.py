@@ -13,6 +13,9 @@ and dequantizes to ``(q - z) * s``.
 
 Scales are rounded to fp16 *before* codes are computed, so quantize -> dequantize here is exactly
 what a reloaded checkpoint computes.
+
+With ``codebook="kmeans"`` the same functions take the layer's ``levels`` (``quant.numerics.codebook``): a code
+is the index of the level nearest to ``w / s`` and dequantizes to ``levels[q] * s``; no zero-point.
 """
 
 from __future__ import annotations

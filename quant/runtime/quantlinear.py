@@ -264,14 +264,18 @@ def dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32):
             m._cached = None
 
 
-def storage_bytes(out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16) -> int:
+def storage_bytes(
+    out_features: int, in_features: int, bits: int, group_size: int, scale_bits: int = 16, codebook: str = "uniform"
+) -> int:
     """Bytes a ``QuantLinear`` of this shape stores (no bias): rowpack codes, fp16 scales and uint8 zeros; with
     ``scale_bits=8`` (``ScaleCodedLinear``) dense codes, a scale code and a 4-bit zero per group, and the row's fp16
-    grid base and step.
+    grid base and step; with ``codebook="kmeans"`` (``CodebookLinear``) the same without zeros, plus the fp16 levels.
 
     ``group_size`` is the effective one (``QuantSpec.group_for``), so per-channel means ``in_features``.
     """
     groups = in_features // group_size
+    if codebook == "kmeans":
+        return out_features * (in_features // 8 * bits + groups + 4) + 2 * 2**bits
     if scale_bits == 8:
         return out_features * (in_features // 8 * bits + groups + (groups + 1) // 2 + 4)
     return out_features * (4 * packed_width(in_features, bits) + 3 * groups)
