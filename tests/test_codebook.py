@@ -15,6 +15,7 @@ from quant.methods.gptq import gptq_quantize
 from quant.numerics.codebook import fit_levels
 from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.runtime.quantlinear import CodebookLinear, QuantLinear, quantized_sizes
+from tests.test_scale_codes import _quantize
 
 UNIFORM = QuantSpec(3, 64, scale_bits=8)
 KMEANS = QuantSpec(3, 64, scale_bits=8, codebook="kmeans")
@@ -91,10 +92,10 @@ def test_a_codebook_layer_runs_without_a_kernel_and_matches_its_weight():
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()))
 
 
-def _quantize(model, tokenizer, name, config, calib=None):
-    ctx = QuantContext(model, tokenizer, calib_ids=calib, progress=False)
-    passes = [{"name": p["name"], "config": p["config"]} for p in run_pipeline(ctx, [(name, config)])]
-    return {"method": name, "modules": ctx.modules, "passes": passes}
+def _saved_gptq(tmp_path, model, tokenizer, calib, bits: int):
+    qc = _quantize(model, tokenizer, "gptq", GPTQConfig(bits=bits, group_size=32, scale_bits=8, codebook="kmeans"),
+                   calib)
+    return save_quantized(model, tokenizer, tmp_path / "q", qc)
 
 
 def test_codebook_checkpoint_reloads_bit_exactly_as_version_3(tmp_path, tiny_llama, tokenizer, calib):
@@ -120,9 +121,7 @@ def test_codebook_checkpoint_reloads_bit_exactly_as_version_3(tmp_path, tiny_lla
 def test_corrupt_levels_are_refused(tmp_path, tiny_llama, tokenizer, calib):
     from tests.test_load_checks import rewrite
 
-    qc = _quantize(tiny_llama, tokenizer, "gptq", GPTQConfig(bits=3, group_size=32, scale_bits=8, codebook="kmeans"),
-                   calib)
-    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", qc)
+    out = _saved_gptq(tmp_path, tiny_llama, tokenizer, calib, 3)
 
     def poison(state):
         state["model.layers.1.self_attn.o_proj.levels"][2] = float("nan")
@@ -133,9 +132,7 @@ def test_corrupt_levels_are_refused(tmp_path, tiny_llama, tokenizer, calib):
 
 
 def test_gptq_export_refuses_codebook_codes(tmp_path, tiny_llama, tokenizer, calib):
-    qc = _quantize(tiny_llama, tokenizer, "gptq", GPTQConfig(bits=4, group_size=32, scale_bits=8, codebook="kmeans"),
-                   calib)
-    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", qc)
+    out = _saved_gptq(tmp_path, tiny_llama, tokenizer, calib, 4)
     with pytest.raises(QuantError, match="codebook codes"):
         export_gptq(out, tmp_path / "g")
     assert not (tmp_path / "g").exists()

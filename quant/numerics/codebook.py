@@ -7,9 +7,10 @@ group scale ``s`` is then searched, as the uniform grid's clip is (``quant.numer
 shrinks of ``max|w| / max|level|``, on the row's 8-bit grid.
 
 Why: after the Hadamard rotation a group's weights are close to Gaussian, where equally spaced levels spend
-resolution on tails that hold few weights. On SmolLM2, rotation + GPTQ at group 64: 5% less held-out output
-error at 3 bits and 7% less at 4 than uniform levels, at 4 bits per group less (no zero-point), and perplexity
-on the C4 slice 35.60 against 37.07 at 3 bits (benchmarks/results/codebook.md).
+resolution on tails that hold few weights. On SmolLM2, rotation + GPTQ at group 64: 5.0% less held-out output
+error at 3 bits and 6.8% less at 4 than uniform levels, at 4 bits per group less (no zero-point)
+(benchmarks/results/codebook.md); the best 4-bit recipe with it: 22.66 on WikiText-2 at 4.17 bits per weight,
+against 22.80 at 4.24 (README, Results).
 """
 
 from __future__ import annotations

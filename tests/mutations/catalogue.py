@@ -720,7 +720,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "nsds-budget-counts-fp16-scales",
         "quant/methods/allocation.py",
-        "layout.group_for(i), layout.scale_bits)",
+        "layout.group_for(i), layout.scale_bits, layout.codebook)",
         "layout.group_for(i))",
         ("tests/test_allocation.py::test_pass_sets_bits_and_checkpoint_reloads_exactly",),
         "with 8-bit scales the allocator counts fp16 scales and rowpack codes: the budget is not the bytes stored",
