@@ -14,6 +14,10 @@ not rowpack's 3.2); ``scale_codes`` uint8 ``[out, in / group_size]`` on a per-ro
 ``[out, ceil(groups / 2)]``. Its ``qweight``, ``scales`` and ``zeros`` are those decoded, so everything that
 reads a uniform layer reads it too.
 
+``CodebookLinear`` (format ``codebook-dq8``) stores the same dense codes and 8-bit scales, no zero-points, and
+``levels`` fp16 ``[2^bits]``: ``w = levels[code] * scale`` (``quant.numerics.codebook``). It is not a
+``QuantLinear``, so the uniform paths (the kernels, the GPTQ export) never take it for one.
+
 ``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
 the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
 (``kernels_cpu.dispatch``, uniform and DSQ), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
