@@ -1,6 +1,5 @@
 """Codebook codes (format codebook-dq8): each layer's own levels, the solvers, fine-tuning, checkpoints, exporters."""
 
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from quant.methods.gptq import gptq_quantize
 from quant.numerics.codebook import fit_levels
 from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.runtime.quantlinear import CodebookLinear, QuantLinear, quantized_sizes
-from tests.test_scale_codes import _quantize
+from tests.test_scale_codes import _quantize, check_reload_and_version
 
 UNIFORM = QuantSpec(3, 64, scale_bits=8)
 KMEANS = QuantSpec(3, 64, scale_bits=8, codebook="kmeans")
@@ -101,21 +100,7 @@ def _saved_gptq(tmp_path, model, tokenizer, calib, bits: int):
 def test_codebook_checkpoint_reloads_bit_exactly_as_version_3(tmp_path, tiny_llama, tokenizer, calib):
     config = D2QuantConfig(bits=3, group_size=32, scale_bits=8, codebook="kmeans", dsq=False)
     qc = _quantize(tiny_llama, tokenizer, "d2quant", config, calib)
-    assert {m["format"] for m in qc["modules"].values()} == {"codebook-dq8"}
-    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", qc)
-    saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert saved["format_version"] == 3
-    model2, _ = load_quantized(out)
-    ids = torch.randint(0, 49152, (2, 32))
-    with torch.no_grad():
-        assert torch.equal(tiny_llama(ids).logits, model2(ids).logits)
-    assert isinstance(model2.get_submodule("model.layers.0.mlp.down_proj"), CodebookLinear)
-    saved["format_version"] = 2  # a version-2 config cannot name the new format
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = saved
-    (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QuantError, match="format version 2 knows uniform, dsq, uniform-dq8"):
-        load_quantized(out)
+    check_reload_and_version(tmp_path, tiny_llama, tokenizer, qc, "codebook-dq8", 3, CodebookLinear)
 
 
 def test_corrupt_levels_are_refused(tmp_path, tiny_llama, tokenizer, calib):

@@ -131,25 +131,30 @@ def _quantize(model, tokenizer, name, config, calib=None):
     return {"method": name, "modules": ctx.modules, "passes": passes}
 
 
-def test_checkpoint_with_8bit_scales_reloads_bit_exactly_as_version_2(tmp_path, tiny_llama, tokenizer, calib):
-    qc = _quantize(tiny_llama, tokenizer, "gptq", GPTQConfig(bits=3, group_size=32, scale_bits=8), calib)
-    assert {m["format"] for m in qc["modules"].values()} == {"uniform-dq8"}
-    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", qc)
+def check_reload_and_version(tmp_path, model, tokenizer, qc: dict, fmt: str, version: int, cls) -> None:
+    """``qc``'s modules are all ``fmt``: saved as format ``version``, reloaded bit-exactly as ``cls``, and a config
+    of the version before it, which cannot name ``fmt``, refused in one line."""
+    assert {m["format"] for m in qc["modules"].values()} == {fmt}
+    out = save_quantized(model, tokenizer, tmp_path / "q", qc)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert saved["format_version"] == 2
+    assert saved["format_version"] == version
     model2, _ = load_quantized(out)
     ids = torch.randint(0, 49152, (2, 32))
     with torch.no_grad():
-        assert torch.equal(tiny_llama(ids).logits, model2(ids).logits)
+        assert torch.equal(model(ids).logits, model2(ids).logits)
     layer = model2.get_submodule("model.layers.0.mlp.down_proj")
-    assert isinstance(layer, ScaleCodedLinear) and layer.qcodes.dtype == torch.uint8
-    # a version-1 config cannot name the new format
-    saved["format_version"] = 1
+    assert isinstance(layer, cls) and layer.qcodes.dtype == torch.uint8
+    saved["format_version"] = version - 1
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"] = saved
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QuantError, match="format version 1 knows uniform, dsq"):
+    with pytest.raises(QuantError, match=f"is '{fmt}'; format version {version - 1} knows"):
         load_quantized(out)
+
+
+def test_checkpoint_with_8bit_scales_reloads_bit_exactly_as_version_2(tmp_path, tiny_llama, tokenizer, calib):
+    qc = _quantize(tiny_llama, tokenizer, "gptq", GPTQConfig(bits=3, group_size=32, scale_bits=8), calib)
+    check_reload_and_version(tmp_path, tiny_llama, tokenizer, qc, "uniform-dq8", 2, ScaleCodedLinear)
 
 
 def test_checkpoint_without_8bit_scales_stays_version_1(tmp_path, tiny_llama, tokenizer):
