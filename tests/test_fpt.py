@@ -107,9 +107,11 @@ def test_local_fit_lowers_the_objective_and_keeps_the_function():
 
 def test_e2e_fit_lowers_the_kl(calib):
     model = tiny_model("llama", num_hidden_layers=2)
-    cfg = FPTConfig(local_steps=0, e2e_steps=12, e2e_lr=1e-2, e2e_batch=2, weight=QuantSpec(3, 32, clip="minmax"))
+    cfg = FPTConfig(local_steps=0, e2e_steps=12, e2e_lr=1e-3, e2e_batch=2, weight=QuantSpec(3, 32, clip="minmax"))
     cfg.act = ActQuantConfig(bits=4)
-    # the same two windows every step, so the loss is comparable from step to step
+    # the same two windows every step, so the loss is comparable from step to step; at 1e-2 the STE steps
+    # overshoot on this tiny model (the KL wanders, 4.7e-4 -> 5.2e-4 under transformers 5.25), at 1e-3 it
+    # falls by a third
     (rec,) = run_pipeline(QuantContext(model, calib_ids=calib[:2, :64], progress=False), [("fpt", cfg)])
     kl = rec["summary"]["e2e_kl"]
     assert kl["steps"] == 12 and kl["last"] < kl["first"]
