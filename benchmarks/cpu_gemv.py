@@ -3,9 +3,10 @@
 
 Decoding streams every weight from memory once per token, so each row cycles through enough copies of the
 layer (random weights) that they do not fit in the last-level cache: the number is what a model's layer costs
-when it is not cache-resident. Shapes: SmolLM2-135M's (576/1536) and Llama-3-8B's (4096/14336); 1 and 4 tokens;
-2/3/4-bit group 64 (torch's int4 kernel: group 64 too) and DSQ 3-bit. The machine's copy bandwidth is
-measured in the same run, and each row gets its roofline fraction (bytes read per call / bandwidth / time).
+when it is not cache-resident. Shapes: SmolLM2-135M's (576/1536) and Llama-3-8B's (4096/14336); 1 and 4
+tokens; 2/3/4-bit group 64 (torch's int4 kernel: group 64 too), DSQ 3-bit and codebook 3-bit (``--codebook
+kmeans``). The machine's copy bandwidth is measured in the same run, and each row gets its roofline fraction
+(bytes read per call / bandwidth / time).
 
     python benchmarks/cpu_gemv.py        # -> benchmarks/results/cpu_gemv.{json,md}
 """
@@ -30,7 +31,8 @@ from test_kernels_cpu import dsq_layer, uniform_layer  # noqa: E402
 
 import kernels_cpu  # noqa: E402
 import kernels_cuda  # noqa: E402
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body  # noqa: E402
+from kernels_cpu.layout import chunk8, codebook_tables, dsq_chunk8, dsq_tables, for_body, kernel_buffer  # noqa: E402
+from quant.numerics.packing import pack_dense  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [("smollm2 gate/up", 1536, 576), ("smollm2 down", 576, 1536), ("llama3-8b o", 4096, 4096),
@@ -100,6 +102,15 @@ def main() -> None:
             dsq = [partial(ext.dsq_gemv, x, for_body(dsq_chunk8(d.planes, n), 3, n, body), d.row_scales,
                            dsq_tables(d.row_scales), GROUP) for d in dl]
             cands["ours DSQ 3-bit"] = (dsq, dl[0].planes.numel() * 4 + dl[0].row_scales.numel() * 2)
+            # codebook 3-bit: random codes, scales and sorted levels (the kernel reads them as a checkpoint's decode)
+            cb = []
+            for _ in range(copies):
+                scales = (torch.rand(out, n // GROUP) * 0.01 + 1e-3).half()
+                levels = torch.randn(8).sort().values
+                codes = kernel_buffer(pack_dense(torch.randint(0, 8, (out, n)), 3))
+                cb.append((for_body(codes, 3, n, body), scales, levels, codebook_tables(scales, levels)))
+            cands["ours codebook 3-bit"] = ([partial(ext.codebook_gemv, x, *a, GROUP) for a in cb],
+                                            len(cb[0][0]) + out * (n // GROUP) * 2)
             mms = [int4_torch(out, n) for _ in range(copies)]
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             cands["torch int4 (_weight_int4pack_mm_for_cpu)"] = ([partial(mm, x, p, GROUP, sz) for p, sz in mms],
@@ -109,7 +120,7 @@ def main() -> None:
                 rows.append({"layer": label, "out": out, "in": n, "tokens": m, "kernel": name, "us": round(t * 1e6, 1),
                              "bytes": nbytes, "roofline_fraction": round(nbytes / bw / t, 3)})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-            del cands, layers, args, dl, mms
+            del cands, layers, args, dl, mms, cb
     res = {"bandwidth_gb_s": round(bw / 1e9, 2), "threads": torch.get_num_threads(),
            "machine": f"{os.cpu_count()} cores, ISA level {ext.isa_level()} (2 = AVX-512)", "rows": rows}  # fmt: skip
     (RESULTS / "cpu_gemv.json").write_text(json.dumps(res, indent=2))

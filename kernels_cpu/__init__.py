@@ -1,9 +1,9 @@
-"""Low-bit GEMV/GEMM kernels for the CPU (2/3/4/8-bit uniform codes and DSQ sign planes, 1-8 tokens).
+"""Low-bit GEMV/GEMM kernels for the CPU (2/3/4/8-bit uniform codes, DSQ sign planes, codebook codes; 1-8 tokens).
 
 * ``csrc/lowbit_gemv_cpu.cpp``: the kernels (AVX-512 or AVX2/FMA chosen at run time, a portable body
   otherwise; with int8 tokens, AVX-512 VNNI or AVX2), reading the packed weights directly: no float weight is built.
 * :mod:`kernels_cpu.layout`: the offline repack of uniform codes and DSQ planes into the kernel's ``chunk8``
-  layout, and DSQ's group tables for the int8 bodies.
+  layout, and DSQ's and codebook layers' group tables for the int8 bodies.
 * :mod:`kernels_cpu.build`: JIT build into the same persistent cache as ``kernels_cuda``, and
   ``python -m kernels_cpu.build`` ahead of time.
 * ``csrc/decode_attention_cpu.cpp`` and :mod:`kernels_cpu.attention`: one query token's attention over a KV cache,
@@ -42,6 +42,9 @@ def _register_fakes() -> None:
     )
     torch.library.register_fake("lowbit_cpu::dsq_gemv")(
         lambda x, codes, row_scales, tables, group_size, isa: x.new_empty(x.shape[0], row_scales.shape[0])
+    )
+    torch.library.register_fake("lowbit_cpu::codebook_gemv")(
+        lambda x, codes, scales, levels, tables, group_size, isa: x.new_empty(x.shape[0], scales.shape[0])
     )
     torch.library.register_fake("lowbit_cpu::decode_attention")(
         lambda q, k, v, mask, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])

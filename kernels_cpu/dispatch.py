@@ -1,10 +1,10 @@
 """``QuantLinear``/``DSQLinear.forward`` on the CPU: the low-bit kernel for decoding-sized calls.
 
 The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, small batches) without autograd,
-for 2/3/4/8-bit uniform codes and DSQ sign planes whose group is a multiple of 8. Anything else (prefill,
-where dequantize + a BLAS matmul is faster; training; a failed build; ``LOWBIT_KERNELS=0``) falls
-back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in float32 and cast back.
-Each path is logged once per process (logger ``lowbit.kernels``).
+for 2/3/4/8-bit uniform codes, DSQ sign planes and 2-4-bit codebook codes whose group is a multiple of 8.
+Anything else (prefill, where dequantize + a BLAS matmul is faster; training; a failed build;
+``LOWBIT_KERNELS=0``) falls back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in
+float32 and cast back. Each path is logged once per process (logger ``lowbit.kernels``).
 
 With int8 tokens on (opt-in: :func:`use_int8_tokens`, on in ``quantize generate`` and ``bench``;
 ``LOWBIT_CPU_ISA`` overrides both), the kernels quantize the tokens to int8 per group and multiply them with the
@@ -29,7 +29,7 @@ import torch
 
 import kernels_cpu
 import kernels_cuda
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body, kernel_buffer
+from kernels_cpu.layout import chunk8, codebook_tables, dsq_chunk8, dsq_tables, for_body, kernel_buffer
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
@@ -56,7 +56,7 @@ def max_isa() -> int:
     if v not in ("0", "1", "2", "3"):
         raise QuantError(f"{ISA_ENV} must be 0, 1, 2 or 3, got {v!r}")
     return int(v)
-KERNEL_BITS = {"uniform": (2, 3, 4, 8), "uniform-dq8": (2, 3, 4), "dsq": (1, 2, 3, 4)}
+KERNEL_BITS = {"uniform": (2, 3, 4, 8), "uniform-dq8": (2, 3, 4), "dsq": (1, 2, 3, 4), "codebook-dq8": (2, 3, 4)}
 
 
 def _static_reason(layer: torch.nn.Module) -> tuple[str, str] | None:
@@ -105,12 +105,15 @@ def _plan(layer: torch.nn.Module) -> tuple:
         with torch.no_grad():
             if layer.FORMAT == "dsq":
                 codes = dsq_chunk8(bufs[0], layer.in_features)
-            else:  # 8-bit-scale layers store chunk8 rows already
-                dense = layer.FORMAT == "uniform-dq8"
+            else:  # 8-bit-scale layers (uniform and codebook) store chunk8 rows already
+                dense = layer.FORMAT != "uniform"
                 codes = kernel_buffer(bufs[0]) if dense else chunk8(bufs[0], layer.bits, layer.in_features)
             codes = for_body(codes, layer.bits, layer.in_features, body)
         if layer.FORMAT == "dsq":
             name, args = "dsq_gemv", (codes, bufs[1], dsq_tables(bufs[1]), layer.group_size)
+        elif layer.FORMAT == "codebook-dq8":  # the DSQ bodies, each group's table its scale times the levels
+            scales, levels = layer.scales, layer.levels.float()
+            name, args = "codebook_gemv", (codes, scales, levels, codebook_tables(scales, levels), layer.group_size)
         else:  # 8-bit scales (ScaleCodedLinear) are decoded here, once: the kernel reads fp16 scales and uint8 zeros
             name, args = "uniform_gemv", (codes, layer.scales, layer.zeros, layer.bits, layer.group_size)
     plan = (key, tuple(weakref.ref(t) for t in bufs), reason, name, args, isa)

@@ -5,9 +5,10 @@ consecutive codes of a row fills ``bits`` bytes, code ``i`` of the run at bit ``
 ends with 4 bytes of padding, so the last load stays inside it. 3-bit codes take exactly 3 bits here (the
 checkpoint's ``rowpack-int32-v1`` leaves 2 bits of every word empty; 8-bit-scale layers store ``chunk8`` as is).
 DSQ's B sign planes become B-bit codes in the same layout (bit k of a code = plane k's sign bit, 1-4 bits).
-For the int8 bodies, each DSQ group's table of values also comes as bytes (:func:`dsq_tables`); for the AVX2
-int8 body, 3-bit codes (uniform, and DSQ's three planes) come as ``split3`` (:func:`split3`), which it unpacks
-without a multiply or a shuffle; :func:`for_body` picks a body's layout.
+For the int8 bodies, each DSQ or codebook group's table of values also comes as bytes (:func:`dsq_tables`,
+:func:`codebook_tables`); for the AVX2 int8 body, 3-bit codes (uniform, codebook, and DSQ's three planes) come as
+``split3`` (:func:`split3`), which it unpacks without a multiply or a shuffle; :func:`for_body` picks a body's
+layout.
 """
 
 from __future__ import annotations
@@ -87,3 +88,15 @@ def dsq_tables(row_scales: torch.Tensor) -> torch.Tensor:
     table = torch.round((r @ signs.T) * inv[..., None]).clamp(-63, 63).to(torch.int16) + 64  # [out, groups, 2^B]
     rows = torch.cat([step.view(torch.uint8).reshape(out, 2 * groups), table.to(torch.uint8).reshape(out, -1)], -1)
     return rows.reshape(-1).contiguous()
+
+
+def codebook_tables(scales: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """A codebook layer's group scales ``[out, groups]`` (fp16) and levels ``[2^B]`` -> the int8 bodies' tables, flat
+    uint8 ``[out * groups * 2 + 2^B]``: every group's fp16 step ``t = s max|L| / 63`` (rows one after another, as
+    :func:`dsq_tables` lays out its steps), then one table ``round(L[c] / (max|L| / 63)) + 64`` that every group
+    shares (its values ``s L[c]`` differ from group to group only by the step): 2 bytes a group, as the fp16 scales
+    the float bodies read, not DSQ's 2 + 2^B."""
+    amax = levels.float().abs().max()
+    step = (scales.float() * amax / 63).half()
+    table = torch.round(levels.float() * (63 / amax if amax > 0 else 0.0)).clamp(-63, 63).to(torch.int16) + 64
+    return torch.cat([step.view(torch.uint8).reshape(-1), table.to(torch.uint8)])

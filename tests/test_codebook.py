@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels_cuda
 from quant import GPTQConfig, QuantContext, QuantError, load_quantized, run_pipeline
 from quant.formats.checkpoint import save_quantized
 from quant.formats.gptq_format import export_gptq
@@ -84,11 +85,13 @@ def test_tuning_a_codebook_layer_starts_at_its_weight_and_moves_along_the_levels
     assert ratio.mean() == pytest.approx(1.1, abs=0.01)  # the trained scale factor, on the row's 8-bit grid
 
 
-def test_a_codebook_layer_runs_without_a_kernel_and_matches_its_weight():
+def test_a_codebook_layer_matches_its_weight_with_and_without_the_kernel():
     layer = QuantLinear.from_quantized(quantize_rtn(_gaussian(), KMEANS))
-    x = torch.randn(2, 256)
+    x = torch.randn(2, 256)  # decoding-sized: the CPU kernel where it builds (tests/test_kernels_cpu.py checks it runs)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()))
+        with kernels_cuda.disabled():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()))
 
 
 def _saved_gptq(tmp_path, model, tokenizer, calib, bits: int):

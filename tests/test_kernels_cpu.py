@@ -12,10 +12,11 @@ import torch
 import kernels_cpu
 import kernels_cuda
 from kernels_cpu import dispatch
-from kernels_cpu.layout import chunk8, dsq_chunk8, dsq_tables, for_body, split3
+from kernels_cpu.layout import chunk8, codebook_tables, dsq_chunk8, dsq_tables, for_body, kernel_buffer, split3
+from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.numerics.packing import pack, unpack, unpack_dense
 from quant.runtime.dsqlinear import DSQLinear
-from quant.runtime.quantlinear import QuantLinear
+from quant.runtime.quantlinear import CodebookLinear, QuantLinear
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +66,43 @@ def dsq_layer(out: int, n: int, bits: int, group: int, seed: int) -> DSQLinear:
     return DSQLinear.from_codes(codes, row_scales)
 
 
-def dsq_int8_table_weight(layer: DSQLinear) -> torch.Tensor:
-    """The weight the int8 bodies multiply by for DSQ (float64): each group's table from ``dsq_tables`` (per row,
-    the groups' fp16 steps t, then their tables T'[c] = T[c] / t + 64 as bytes)."""
-    groups = layer.in_features // layer.group_size
-    rows = dsq_tables(layer.row_scales).view(layer.out_features, -1)
-    t = rows[:, : 2 * groups].contiguous().view(torch.float16).double()  # [out, groups]
-    table = (rows[:, 2 * groups:].double().view(layer.out_features, groups, -1) - 64) * t[..., None]
-    codes = layer.codes().view(layer.out_features, groups, layer.group_size)
+def codebook_layer(out: int, n: int, bits: int, group: int, seed: int) -> CodebookLinear:
+    """Fresh Gaussian weights as a codebook layer: the levels k-means fits them, 8-bit scales (group -1: a row)."""
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return QuantLinear.from_quantized(quantize_rtn(w, QuantSpec(bits, group, scale_bits=8, codebook="kmeans")))
+
+
+def int8_tables(layer) -> torch.Tensor:
+    """The int8 bodies' tables of a DSQ or codebook layer (``kernels_cpu.layout``)."""
+    if isinstance(layer, DSQLinear):
+        return dsq_tables(layer.row_scales)
+    return codebook_tables(layer.scales, layer.levels)
+
+
+def int8_table_weight(layer) -> torch.Tensor:
+    """The weight the int8 bodies multiply by for DSQ or codebook codes (float64): each group's table from
+    :func:`int8_tables` (the groups' fp16 steps t, and tables T'[c] = T[c] / t + 64 as bytes: a DSQ group's own, a
+    codebook layer's one)."""
+    out, groups = layer.out_features, layer.in_features // layer.group_size
+    flat = int8_tables(layer)
+    if isinstance(layer, DSQLinear):
+        rows = flat.view(out, -1)
+        t, table = rows[:, : 2 * groups], rows[:, 2 * groups:].view(out, groups, -1)
+    else:  # every row's steps, then the one table all groups share
+        t, table = flat[: 2 * out * groups].view(out, -1), flat[2 * out * groups:].expand(out, groups, -1)
+    t = t.contiguous().view(torch.float16).double()  # [out, groups]
+    table = (table.double() - 64) * t[..., None]
+    codes = layer.codes().long().view(layer.out_features, groups, layer.group_size)
     return torch.gather(table, 2, codes).reshape(layer.out_features, layer.in_features)
 
 
 def reference(layer, x: torch.Tensor, body: str = "portable") -> torch.Tensor:
     """float64 x W^T (+ bias) for what ``body`` computes: int8 tokens on the int8 bodies, and there DSQ tables
-    rounded to 7 bits (2-4 planes; one plane's signs are exact)."""
+    rounded to 7 bits (2-4 planes; one plane's signs are exact), and codebook levels likewise."""
     if body in INT8_BODIES:
         x = int8_tokens(x, layer.group_size)
-    tables = body in INT8_BODIES and isinstance(layer, DSQLinear) and layer.bits >= 2
-    w = dsq_int8_table_weight(layer) if tables else None
+    tables = body in INT8_BODIES and isinstance(layer, (DSQLinear, CodebookLinear)) and layer.bits >= 2
+    w = int8_table_weight(layer) if tables else None
     y = x.double() @ (layer.dequantize(torch.float64) if w is None else w).T
     return y + layer.bias.double() if layer.bias is not None else y
 
@@ -137,7 +157,7 @@ def test_dsq_tables_hold_each_group_table_to_half_a_step():  # the int8 bodies' 
         layer = dsq_layer(7, 128, bits, 32, seed=bits)
         layer.row_scales[0, 0] = 0  # an all-zero group: a zero step, no division by it
         w = layer.dequantize(torch.float64)
-        approx = dsq_int8_table_weight(layer)
+        approx = int8_table_weight(layer)
         step = (layer.row_scales.double().abs().sum(-1) / 63).repeat_interleave(32, 1)
         assert ((approx - w).abs() <= 0.5 * step * 1.002 + 1e-12).all()  # fp16 steps: 2^-11 of t
         assert approx[0, :32].eq(0).all()
@@ -195,11 +215,45 @@ def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
                 close(y, ref)
 
 
+def test_codebook_tables_hold_the_levels_to_half_a_step():  # the int8 bodies' codebook weights
+    for bits in (2, 3, 4):
+        layer = codebook_layer(7, 128, bits, 32, seed=bits)
+        w = layer.dequantize(torch.float64)
+        step = layer.scales.double() * layer.levels.double().abs().max() / 63
+        # half a step, and the shared table's rounding against each group's fp16 step (63 entries x 2^-11 of it)
+        bound = (0.5 + 63 * 2**-11) * step.repeat_interleave(32, 1)
+        assert ((int8_table_weight(layer) - w).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+# (9, 1344, 64): 21 groups, past the VNNI body's blocks of 16 groups; group -1: one per row (200: 8 * odd)
+@pytest.mark.parametrize(
+    "out,n,group", [(37, 128, 32), (65, 256, 64), (12, 1536, 128), (9, 1344, 64), (9, 200, -1), (5, 576, -1)]
+)
+def test_codebook_kernel_matches_float64(ext, bits, out, n, group):
+    layer = codebook_layer(out, n, bits, group, seed=bits * 10 + n)
+    codes = kernel_buffer(layer.qcodes)
+    gen = torch.Generator().manual_seed(bits + n)
+    for rows in (1, 4, 7):
+        x = torch.randn(rows, n, generator=gen)
+        ref = reference(layer, x)
+        for isa in isas(ext):
+            y = torch.full((rows, out), float("nan"))
+            body = ext.kernel_body(isa, layer.group_size, bits)
+            ext.codebook_gemv(x, for_body(codes, bits, n, body), layer.scales, layer.levels.float(), int8_tables(layer),
+                              layer.group_size, isa, y)
+            if body in INT8_BODIES:  # as for DSQ: exact on the int8 tokens and 7-bit tables, near the float result
+                close(y, reference(layer, x, body))
+                assert (y.double() - ref).norm() <= 0.05 * ref.norm()
+            else:
+                close(y, ref)
+
+
 @pytest.mark.parametrize("int8", [False, True])  # int8 tokens: each layer's codes in its int8 body's layout
 def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monkeypatch, int8):
     monkeypatch.setattr(dispatch, "_INT8_TOKENS", [int8])
     layers = [uniform_layer(48, 128, 3, 32, seed=1, bias=True), dsq_layer(40, 128, 2, 64, seed=2),
-              dsq_layer(24, 128, 3, 64, seed=3)]
+              dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 3, 64, seed=4)]
     calls = []
     real = dispatch.lowbit_matmul_cpu
     monkeypatch.setattr(dispatch, "lowbit_matmul_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -224,8 +278,10 @@ def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monk
         assert x.grad is not None and len(calls) == 1
         with torch.no_grad():
             layer.float()  # scales no longer the checkpoint's fp16: the dequantize path still serves
-            close(layer(x.detach()), reference(layer, x.detach()))
-            assert len(calls) == 1
+            # (but 8-bit scale codes decode to fp16 whatever .float() did to their grid: the kernel still serves)
+            kept = isinstance(layer, CodebookLinear)
+            close(layer(x.detach()), (kernel_reference(ext, layer, x) if kept else reference(layer, x)).detach())
+            assert len(calls) == 1 + kept
 
 
 def test_no_extension_falls_back_to_dequantize(monkeypatch):

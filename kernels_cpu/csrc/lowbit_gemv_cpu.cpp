@@ -2,12 +2,15 @@
 //
 //   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4/8-bit)
 //   y[m, n] = sum_g sum_j T[n,g][c[n,j]] x[m,j]                                       (DSQ, 1-4 sign planes)
+//   y[m, n] = sum_g s[n,g] sum_j L[c[n,j]] x[m,j]                                     (codebook, 2-4 bits)
 //
 // Both come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill `bits` bytes,
 // code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask give 8 codes in 8
 // lanes for every width (the AVX2 int8 body reads 3-bit codes in a layout of its own, split3). A DSQ code is weight j's B sign bits (bit k = plane k), and its value is a lookup in the
 // group's table of 2^B entries, T[c] = sum_k r_k (2 bit_k(c) - 1): one permute per 8 or 16 codes, the cost of a
-// uniform code's int-to-float conversion, instead of a masked sum per plane (B times the work).
+// uniform code's int-to-float conversion, instead of a masked sum per plane (B times the work). A codebook layer's
+// group table is T[n,g] = s[n,g] L (its levels L, one per layer, times the group's scale), so it runs on the DSQ
+// bodies with that table (CB below); its int8 tables are made the same way as DSQ's.
 // Each row of weights is read once per call and reused from L1 for every token. Threads split the output
 // features (at::parallel_for over torch's intra-op threads: the build adds -fopenmp, without which it runs
 // serially). The AVX2/FMA/F16C, AVX-512 and AVX-512 VNNI bodies are chosen at run time; a portable body serves
@@ -73,16 +76,29 @@ inline void dsq_table(const at::Half* r, int64_t B, float* t) {
   }
 }
 
-template <int BITS>
+// A group's table of weight values: DSQ's from its B row scales; a codebook layer's (CB), its scale times the levels
+template <int BITS, bool CB>
+inline void group_table(const at::Half* rs_row, const float* levels, int64_t g, float* t) {
+  if constexpr (CB) {
+    const float s = h2f(rs_row[g]);
+    for (int c = 0; c < (1 << BITS); ++c) t[c] = s * levels[c];
+  } else {
+    dsq_table(rs_row + g * BITS, BITS, t);
+  }
+}
+
+// rs: DSQ's row scales [N, G, BITS], or (CB) a codebook layer's group scales [N, G]
+template <int BITS, bool CB>
 void dsq_rows_ref(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
-                  const at::Half* rs, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
+                  const at::Half* rs, const float* levels, int64_t G, int64_t gs, float* y, int64_t N, int64_t n0,
+                  int64_t n1) {
   float t[1 << BITS];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * row_bytes;
     for (int64_t m = 0; m < M; ++m) {
       double tot = 0;
       for (int64_t g = 0; g < G; ++g) {
-        dsq_table(rs + (n * G + g) * BITS, BITS, t);
+        group_table<BITS, CB>(rs + n * G * (CB ? 1 : BITS), levels, g, t);
         float acc = 0;
         for (int64_t j = g * gs; j < (g + 1) * gs; j += 8)
           for (int i = 0; i < 8; ++i) acc += t[code_at<BITS>(row, j, i)] * x[m * K + j + i];
@@ -174,18 +190,25 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 lookup_avx2(const uint8_t
   return _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, c), _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
 }
 
-template <int BITS, int M>
+// levels: (CB) the layer's 2^BITS levels, padded with zeros to 16 floats, 64-byte aligned
+template <int BITS, int M, bool CB>
 __attribute__((target("avx2,fma,f16c"))) void dsq_row_avx2(const float* x, int64_t K, const uint8_t* row,
-                                                            const at::Half* rs_row, int64_t G, int64_t gs, float* y,
-                                                            int64_t N) {
+                                                            const at::Half* rs_row, const float* levels, int64_t G,
+                                                            int64_t gs, float* y, int64_t N) {
   __m256 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    for (int k = 0; k < BITS; ++k) {
-      const __m256 r = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k]));
-      lo = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k]), lo);
-      hi = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k] + 8), hi);
+    if constexpr (CB) {
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g]));
+      lo = _mm256_mul_ps(s, _mm256_load_ps(levels));
+      hi = _mm256_mul_ps(s, _mm256_load_ps(levels + 8));
+    } else {
+      for (int k = 0; k < BITS; ++k) {
+        const __m256 r = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k]));
+        lo = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k]), lo);
+        hi = _mm256_fmadd_ps(r, _mm256_load_ps(DSQ_SIGNS[k] + 8), hi);
+      }
     }
     int64_t j = g * gs;
     const int64_t end = (g + 1) * gs;
@@ -272,12 +295,14 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dsq_table_avx2(const uin
 }
 
 // Uniform: scale fp16 [G] and zeros uint8 [G] of the row. DSQ: scale is the row's group steps t (fp16 [G]) and
-// zeros its tables (2^B bytes a group), as kernels_cpu/layout.py dsq_tables lays out a row.
+// zeros its tables (2^B bytes a group, table_stride apart: 0 for a codebook layer's one table), as
+// kernels_cpu/layout.py dsq_tables / codebook_tables lay them out.
 template <int BITS, int M, bool DSQ>
 __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, int64_t K, const uint8_t* row,
                                                              const at::Half* scale, const uint8_t* zeros,
                                                              int64_t G, int64_t gs, const float* dx,
-                                                             const float* dxsum, float* y, int64_t N) {
+                                                             const float* dxsum, float* y, int64_t N,
+                                                             int64_t table_stride = 1 << BITS) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 tot[M];
   float offset[M];
@@ -287,7 +312,7 @@ __attribute__((target("avx2,fma,f16c"))) void int8_row_avx2(const int8_t* xq, in
     float z = 64.f;
     __m256i table = _mm256_setzero_si256();
     if constexpr (DSQ)
-      table = dsq_table_avx2<BITS>(zeros + g * (1 << BITS));
+      table = dsq_table_avx2<BITS>(zeros + g * table_stride);
     else
       z = float(zeros[g]);
     __m256i acc[M];
@@ -436,17 +461,21 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void uniform_row_avx512(
 }
 
 // DSQ: 16 codes a step, looked up in the group's table of up to 16 entries by one vpermps
-template <int BITS, int M>
+template <int BITS, int M, bool CB>
 __attribute__((target("avx512f,avx512bw,fma,f16c"))) void dsq_row_avx512(
-    const float* x, int64_t K, const uint8_t* row, const at::Half* rs_row, int64_t G, int64_t gs, float* y,
-    int64_t N) {
+    const float* x, int64_t K, const uint8_t* row, const at::Half* rs_row, const float* levels, int64_t G,
+    int64_t gs, float* y, int64_t N) {
   __m512 acc[M][2];
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512 t = _mm512_setzero_ps();
-    for (int k = 0; k < BITS; ++k)
-      t = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k])),
-                          _mm512_load_ps(DSQ_SIGNS[k]), t);
+    if constexpr (CB)
+      t = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g])),
+                        _mm512_load_ps(levels));
+    else
+      for (int k = 0; k < BITS; ++k)
+        t = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(rs_row)[g * BITS + k])),
+                            _mm512_load_ps(DSQ_SIGNS[k]), t);
     int64_t j = g * gs;
     const int64_t end = (g + 1) * gs;
     for (; j + 32 <= end; j += 32) {  // two independent sums
@@ -518,7 +547,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) inline __m512i
 template <int BITS, int M, bool DSQ = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"))) void uniform_row_vnni(
     const int8_t* xq, int64_t K, const uint8_t* row, const at::Half* s_row, const uint8_t* z_row, int64_t G,
-    int64_t gs, const float* dx, const float* dxs, float* y, int64_t N) {
+    int64_t gs, const float* dx, const float* dxs, float* y, int64_t N, int64_t table_stride = 1 << BITS) {
   __m512 tot[2][M], zt[M];
   for (int m = 0; m < M; ++m) tot[0][m] = tot[1][m] = zt[m] = _mm512_setzero_ps();
   alignas(64) float coef[M][16];
@@ -537,7 +566,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma,f16c"
       __m512i acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
       __m512i table = _mm512_setzero_si512();
-      if constexpr (DSQ) table = dsq_table_vnni<BITS>(z_row + g * (1 << BITS));
+      if constexpr (DSQ) table = dsq_table_vnni<BITS>(z_row + g * table_stride);
       for (int64_t j = g * gs; j < (g + 1) * gs; j += 64) {
         __m512i c = codes64_vnni<BITS, !DSQ>(row, j);
         if constexpr (DSQ) c = _mm512_permutexvar_epi8(c, table);
@@ -778,25 +807,29 @@ void uniform_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* 
 #endif
 }
 
-template <int B>
+// CB: a codebook layer (rs its group scales [N, G], levels its 16 padded levels); else DSQ (rs [N, G, B])
+template <int B, bool CB>
 void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
-              const at::Half* rs, const uint8_t* tables, int64_t G, int64_t gs, float* y, int64_t N) {
+              const at::Half* rs, const float* levels, const uint8_t* tables, int64_t G, int64_t gs, float* y,
+              int64_t N) {
+  const int64_t rs_row = G * (CB ? 1 : B);
   if (isa == Isa::Ref)
     return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      dsq_rows_ref<B>(x, M, K, codes, row_bytes, rs, G, gs, y, N, n0, n1);
+      dsq_rows_ref<B, CB>(x, M, K, codes, row_bytes, rs, levels, G, gs, y, N, n0, n1);
     });
 #if LOWBIT_X86
-  // a row's tables for the int8 bodies: its G fp16 steps, then its G tables
-  const int64_t table_bytes = G * (2 + (1 << B));
+  // a row's tables for the int8 bodies: DSQ, its G fp16 steps, then its G tables; a codebook layer, its G steps,
+  // and after every row's the layer's one table (its groups' tables differ only by their steps)
+  const int64_t table_bytes = G * (CB ? 2 : 2 + (1 << B)), stride = CB ? 0 : 1 << B;
   const auto steps = [&](int64_t n) { return reinterpret_cast<const at::Half*>(tables + n * table_bytes); };
-  const auto group_tables = [&](int64_t n) { return tables + n * table_bytes + 2 * G; };
+  const auto group_tables = [&](int64_t n) { return CB ? tables + N * table_bytes : tables + n * table_bytes + 2 * G; };
   if constexpr (B >= 2) {
     if (isa == Isa::Vnni) {
       const Int8Tokens t(x, M, K, gs);
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         uniform_row_vnni<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
                                                        group_tables(n), G, gs, t.dx.data() + m0 * G,
-                                                       t.dxsum.data() + m0 * G, y + m0 * N + n, N);
+                                                       t.dxsum.data() + m0 * G, y + m0 * N + n, N, stride);
       });
     }
     if (isa == Isa::Avx2Int8) {
@@ -804,11 +837,11 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
       return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
         int8_row_avx2<B, decltype(mm)::value, true>(t.q.data() + m0 * K, K, codes + n * row_bytes, steps(n),
                                                     group_tables(n), G, gs, t.dx.data() + m0 * G,
-                                                    t.dxsum.data() + m0 * G, y + m0 * N + n, N);
+                                                    t.dxsum.data() + m0 * G, y + m0 * N + n, N, stride);
       });
     }
   }
-  if (isa == Isa::Vnni) {  // one plane: its signs as 0/1 bytes
+  if (isa == Isa::Vnni && !CB) {  // one plane: its signs as 0/1 bytes
     const Int8Tokens t(x, M, K, gs);
     // per (token, group, plane): 2 dx and dx * sum xq, the factors dsq_row_vnni multiplies the row scales by
     const int64_t G_B = G * B;
@@ -823,9 +856,11 @@ void dsq_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* code
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     constexpr int MM = decltype(mm)::value;
     if (isa == Isa::Avx512)
-      dsq_row_avx512<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
+      dsq_row_avx512<B, MM, CB>(x + m0 * K, K, codes + n * row_bytes, rs + n * rs_row, levels, G, gs,
+                                y + m0 * N + n, N);
     else
-      dsq_row_avx2<B, MM>(x + m0 * K, K, codes + n * row_bytes, rs + n * G * B, G, gs, y + m0 * N + n, N);
+      dsq_row_avx2<B, MM, CB>(x + m0 * K, K, codes + n * row_bytes, rs + n * rs_row, levels, G, gs, y + m0 * N + n,
+                              N);
   });
 #endif
 }
@@ -896,12 +931,44 @@ torch::Tensor dsq_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_s
               "tables must be the weight's group steps and tables (kernels_cpu.layout.dsq_tables)");
   auto y = output(x, N, out);
   auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(),
-                              row_bytes, row_scales.data_ptr<at::Half>(), tables.data_ptr<uint8_t>(), G, group_size,
-                              y.data_ptr<float>(), N);
-  if (B == 1) std::apply(dsq_impl<1>, args);
-  else if (B == 2) std::apply(dsq_impl<2>, args);
-  else if (B == 3) std::apply(dsq_impl<3>, args);
-  else std::apply(dsq_impl<4>, args);
+                              row_bytes, row_scales.data_ptr<at::Half>(), nullptr, tables.data_ptr<uint8_t>(), G,
+                              group_size, y.data_ptr<float>(), N);
+  if (B == 1) std::apply(dsq_impl<1, false>, args);
+  else if (B == 2) std::apply(dsq_impl<2, false>, args);
+  else if (B == 3) std::apply(dsq_impl<3, false>, args);
+  else std::apply(dsq_impl<4, false>, args);
+  return y;
+}
+
+// codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes; scales: fp16 [N, G]; levels: float32 [2^B]
+// (B = 2..4); tables: uint8 [N * G * 2 + 2^B], every row's group steps, then the levels' table (kernels_cpu/layout.py
+// codebook_tables), read by the int8 bodies.
+torch::Tensor codebook_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor levels,
+                            torch::Tensor tables, int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 2,
+              "scales must be contiguous fp16 [out, groups]");
+  TORCH_CHECK(levels.scalar_type() == torch::kFloat32 && levels.dim() == 1 &&
+                  (levels.numel() == 4 || levels.numel() == 8 || levels.numel() == 16),
+              "levels must be float32 [2^bits], bits 2 to 4");
+  const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
+  const int64_t B = levels.numel() == 4 ? 2 : levels.numel() == 8 ? 3 : 4;
+  check_x(x, K);
+  TORCH_CHECK(group_size % 8 == 0, "group size must be a multiple of 8");
+  const int64_t row_bytes = K / 8 * B;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
+              "codes must be the chunk8 layout of the weight");
+  TORCH_CHECK(tables.scalar_type() == torch::kUInt8 && tables.is_contiguous() &&
+                  tables.numel() == N * G * 2 + (1 << B),
+              "tables must be the weight's group steps and table (kernels_cpu.layout.codebook_tables)");
+  alignas(64) float padded[16] = {};  // the float bodies load 8 or 16 lanes of the table
+  std::memcpy(padded, levels.contiguous().data_ptr<float>(), levels.numel() * sizeof(float));
+  auto y = output(x, N, out);
+  auto args = std::make_tuple(body(isa, group_size, B), x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(),
+                              row_bytes, scales.data_ptr<at::Half>(), static_cast<const float*>(padded),
+                              tables.data_ptr<uint8_t>(), G, group_size, y.data_ptr<float>(), N);
+  if (B == 2) std::apply(dsq_impl<2, true>, args);
+  else if (B == 3) std::apply(dsq_impl<3, true>, args);
+  else std::apply(dsq_impl<4, true>, args);
   return y;
 }
 
@@ -926,14 +993,22 @@ torch::Tensor dsq_op(torch::Tensor x, torch::Tensor codes, torch::Tensor row_sca
   return dsq_gemv(x.contiguous(), codes, row_scales, tables, group_size, isa, c10::nullopt);
 }
 
+torch::Tensor codebook_op(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor levels,
+                          torch::Tensor tables, int64_t group_size, int64_t isa) {
+  return codebook_gemv(x.contiguous(), codes, scales, levels, tables, group_size, isa, c10::nullopt);
+}
+
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("uniform_gemv(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, int isa) -> Tensor");
   m.def("dsq_gemv(Tensor x, Tensor codes, Tensor row_scales, Tensor tables, int group_size, int isa) -> Tensor");
+  m.def("codebook_gemv(Tensor x, Tensor codes, Tensor scales, Tensor levels, Tensor tables, int group_size, int isa) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("uniform_gemv", &uniform_op);
   m.impl("dsq_gemv", &dsq_op);
+  m.impl("codebook_gemv", &codebook_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -942,6 +1017,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = -1, py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("dsq_gemv", &dsq_gemv, "y = x W^T from chunk8 DSQ codes", py::arg("x"), py::arg("codes"),
         py::arg("row_scales"), py::arg("tables"), py::arg("group_size"), py::arg("isa") = -1,
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("codebook_gemv", &codebook_gemv, "y = x W^T from chunk8 codebook codes", py::arg("x"), py::arg("codes"),
+        py::arg("scales"), py::arg("levels"), py::arg("tables"), py::arg("group_size"), py::arg("isa") = -1,
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "the CPU's best: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI");
   m.def("kernel_body", &kernel_body, "the body that serves this isa, group and width", py::arg("isa"),
