@@ -48,6 +48,9 @@ CHECKPOINTS = {
     "int4": ["--method", "rtn", "--bits", "4"],
     "int3-h4": ["--method", "rtn", "--bits", "3", "--lm-head-bits", "4"],
     "int2-h4": ["--method", "rtn", "--bits", "2", "--lm-head-bits", "4"],
+    "int3-s8-h4": ["--method", "rtn", "--bits", "3", "--scale-bits", "8", "--lm-head-bits", "4"],
+    "int3-km-h4": ["--method", "rtn", "--bits", "3", "--scale-bits", "8", "--codebook", "kmeans",
+                   "--lm-head-bits", "4"],
     "d2quant3-h4": ["--method", "d2quant", "--bits", "3", "--lm-head-bits", "4", "--nsamples", "16"],
 }
 ROWS = {  # row -> (kind, checkpoint, extra bench options)
@@ -60,6 +63,9 @@ ROWS = {  # row -> (kind, checkpoint, extra bench options)
     "ours int3 g64, head int4": ("bench", "int3-h4", []),
     "ours int3 g64, head int4, compiled": ("bench", "int3-h4", ["--compile"]),
     "ours int2 g64, head int4, compiled": ("bench", "int2-h4", ["--compile"]),
+    "ours int3 g64 8-bit scales, head int4, compiled": ("bench", "int3-s8-h4", ["--compile"]),
+    "ours int3 g64 codebook (kmeans levels, 8-bit scales), head int4": ("bench", "int3-km-h4", []),
+    "ours int3 g64 codebook (kmeans levels, 8-bit scales), head int4, compiled": ("bench", "int3-km-h4", ["--compile"]),
     "ours D2Quant w3 g64 (DSQ down_proj), head int4": ("bench", "d2quant3-h4", []),
     "ours D2Quant w3 g64 (DSQ down_proj), head int4, compiled": ("bench", "d2quant3-h4", ["--compile"]),
     "torch int4 kernel, same int4 weights, head int4": ("torch-int4", "int4-h4", []),

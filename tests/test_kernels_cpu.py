@@ -198,17 +198,25 @@ def test_uniform_kernel_matches_float64(ext, bits, out, n, group):
 )
 def test_dsq_kernel_matches_float64(ext, bits, out, n, group):
     layer = dsq_layer(out, n, bits, group, seed=bits * 100 + n)
-    codes = dsq_chunk8(layer.planes, n)
+    tables = dsq_tables(layer.row_scales)
+    check_lookup_kernel(ext, layer, dsq_chunk8(layer.planes, n),
+                        lambda x, codes, isa, y: ext.dsq_gemv(x, codes, layer.row_scales, tables, group, isa, y))
+
+
+def check_lookup_kernel(ext, layer, codes: torch.Tensor, gemv) -> None:
+    """A DSQ or codebook layer's kernel (``gemv(x, codes in the body's layout, isa, out)``) against float64, 1, 4 and
+    7 tokens on every body into NaN-poisoned outputs: the int8 bodies exactly on their int8 tokens and 7-bit tables,
+    and near the float result (as uniform codes are)."""
+    n, bits = layer.in_features, layer.bits
     gen = torch.Generator().manual_seed(bits + n)
     for rows in (1, 4, 7):
         x = torch.randn(rows, n, generator=gen)
         ref = reference(layer, x)
         for isa in isas(ext):
-            y = torch.full((rows, out), float("nan"))
-            body = ext.kernel_body(isa, group, bits)
-            ext.dsq_gemv(x, for_body(codes, bits, n, body), layer.row_scales, dsq_tables(layer.row_scales), group,
-                         isa, y)
-            if body in INT8_BODIES:  # as for uniform codes (AVX2: with its 7-bit tables)
+            y = torch.full((rows, layer.out_features), float("nan"))
+            body = ext.kernel_body(isa, layer.group_size, bits)
+            gemv(x, for_body(codes, bits, n, body), isa, y)
+            if body in INT8_BODIES:
                 close(y, reference(layer, x, body))
                 assert (y.double() - ref).norm() <= 0.05 * ref.norm()
             else:
@@ -232,21 +240,9 @@ def test_codebook_tables_hold_the_levels_to_half_a_step():  # the int8 bodies' c
 )
 def test_codebook_kernel_matches_float64(ext, bits, out, n, group):
     layer = codebook_layer(out, n, bits, group, seed=bits * 10 + n)
-    codes = kernel_buffer(layer.qcodes)
-    gen = torch.Generator().manual_seed(bits + n)
-    for rows in (1, 4, 7):
-        x = torch.randn(rows, n, generator=gen)
-        ref = reference(layer, x)
-        for isa in isas(ext):
-            y = torch.full((rows, out), float("nan"))
-            body = ext.kernel_body(isa, layer.group_size, bits)
-            ext.codebook_gemv(x, for_body(codes, bits, n, body), layer.scales, layer.levels.float(), int8_tables(layer),
-                              layer.group_size, isa, y)
-            if body in INT8_BODIES:  # as for DSQ: exact on the int8 tokens and 7-bit tables, near the float result
-                close(y, reference(layer, x, body))
-                assert (y.double() - ref).norm() <= 0.05 * ref.norm()
-            else:
-                close(y, ref)
+    scales, levels, tables = layer.scales, layer.levels.float(), int8_tables(layer)
+    check_lookup_kernel(ext, layer, kernel_buffer(layer.qcodes), lambda x, codes, isa, y: ext.codebook_gemv(
+        x, codes, scales, levels, tables, layer.group_size, isa, y))
 
 
 @pytest.mark.parametrize("int8", [False, True])  # int8 tokens: each layer's codes in its int8 body's layout

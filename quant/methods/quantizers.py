@@ -29,7 +29,7 @@ SCALE_BITS_HELP = (
 CODEBOOK_HELP = (
     "Code levels: uniform (equally spaced, with a zero-point per group) or kmeans (each layer's own 2^bits levels, "
     "fitted by 1-D k-means to its group-normalized weights; no zero-points, so 4 bits per group fewer; needs "
-    "--scale-bits 8). A format-version-3 checkpoint: no GPTQ export, no low-bit kernel yet (dequantize + matmul)."
+    "--scale-bits 8). A format-version-3 checkpoint: no GPTQ export; the CPU kernel decodes it, CUDA dequantizes."
 )
 
 

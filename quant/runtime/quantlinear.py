@@ -16,11 +16,12 @@ reads a uniform layer reads it too.
 
 ``CodebookLinear`` (format ``codebook-dq8``) stores the same dense codes and 8-bit scales, no zero-points, and
 ``levels`` fp16 ``[2^bits]``: ``w = levels[code] * scale`` (``quant.numerics.codebook``). It is not a
-``QuantLinear``, so the uniform paths (the kernels, the GPTQ export) never take it for one.
+``QuantLinear``, so the uniform paths (the CUDA kernels, the GPTQ export) never take it for one; the CPU kernel
+reads it as a table lookup, as it does DSQ's.
 
 ``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
 the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
-(``kernels_cpu.dispatch``, uniform and DSQ), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
+(``kernels_cpu.dispatch``, uniform, DSQ and codebook), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
 declines (and this path runs) whenever shape, format or ``LOWBIT_KERNELS=0`` rule it out.
 """
 
