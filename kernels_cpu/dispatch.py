@@ -16,8 +16,10 @@ order does (tests/test_kernels_cpu.py states the bounds).
 Uniform codes and DSQ's sign planes are repacked once into the ``chunk8`` layout (:mod:`kernels_cpu.layout`)
 and cached on the module with the per-layer checks (rebuilt when its buffers change): a second copy of the
 codes, the same size or smaller (3-bit), DSQ's group tables for the int8 bodies (2 + 2^B bytes a group, 10 at
-three planes, against its row scales' 6), and no float weight. The fp16 scales and uint8 zeros, and DSQ's row
-scales, are read as stored; 8-bit scales and 4-bit zeros are decoded into them once, in the same cache.
+three planes, against its row scales' 6), a codebook layer's group steps and one table for them (2 bytes a group),
+and no float weight. The fp16 scales and uint8 zeros, and DSQ's row scales, are read as stored; 8-bit scales and
+4-bit zeros are decoded into them once, in the same cache. Codebook layers (each group's values ``s * L[c]``, the
+layer's own levels ``L``) run on the DSQ bodies with that table.
 """
 
 from __future__ import annotations

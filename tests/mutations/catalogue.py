@@ -745,11 +745,29 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "dsq-tables-offset-off-by-one",
         "kernels_cpu/layout.py",
-        ".clamp(-63, 63).to(torch.int16) + 64",
-        ".clamp(-63, 63).to(torch.int16) + 63",
+        "inv[..., None]).clamp(-63, 63).to(torch.int16) + 64",
+        "inv[..., None]).clamp(-63, 63).to(torch.int16) + 63",
         ("tests/test_kernels_cpu.py::test_dsq_tables_hold_each_group_table_to_half_a_step",
          "tests/test_kernels_cpu.py::test_dsq_kernel_matches_float64"),
         "the DSQ tables' unsigned offset is 63 where the kernels take 64 back out: every weight one 7-bit step low",
+    ),
+    Mutation(
+        "codebook-tables-offset-off-by-one",
+        "kernels_cpu/layout.py",
+        "if amax > 0 else 0.0)).clamp(-63, 63).to(torch.int16) + 64",
+        "if amax > 0 else 0.0)).clamp(-63, 63).to(torch.int16) + 63",
+        ("tests/test_kernels_cpu.py::test_codebook_tables_hold_the_levels_to_half_a_step",
+         "tests/test_kernels_cpu.py::test_codebook_kernel_matches_float64"),
+        "the codebook layers' shared int8 table is offset by 63 where the kernels take 64 back out: every weight one "
+        "7-bit step high",
+    ),
+    Mutation(
+        "codebook-plan-reverses-the-int8-table",
+        "kernels_cpu/dispatch.py",
+        "(codes, scales, levels, codebook_tables(scales, levels), layer.group_size)",
+        "(codes, scales, levels, codebook_tables(scales, levels.flip(0)), layer.group_size)",
+        ("tests/test_kernels_cpu.py::test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise",),
+        "a decoding codebook layer's int8 body reads its levels in reverse order (the float bodies are right)",
     ),
     Mutation(
         "split3-high-bits-misplaced",
