@@ -243,7 +243,12 @@ def prepared_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
     eagerly or inside ``torch.compile``; None (not prepared, not a decoding-sized float call, autograd, kernels
     disabled) for the caller's other paths, which compile too."""
     prepared = layer.__dict__.get("_cpu_prepared")
-    if prepared is None or not 0 < x.numel() // layer.in_features <= MAX_ROWS or x.dtype not in _KERNEL_DTYPES:
+    if prepared is None or x.dtype not in _KERNEL_DTYPES:
+        return None
+    rows = x.numel() // layer.in_features
+    if rows > MAX_ROWS:
+        return _prefill(layer, x, prepared)
+    if rows == 0:
         return None
     if torch.compiler.is_compiling():
         ops = torch.ops.lowbit_cpu
@@ -263,6 +268,40 @@ def prepared_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | 
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
+
+
+def group_values(name: str, args: tuple) -> torch.Tensor:
+    """Each group's weight for every code, float32 ``[out, groups, 2^bits]``, from a kernel's arguments (``name``:
+    ``uniform_gemv``, ``codebook_gemv`` or ``dsq_gemv``): ``(c - z) s``, ``s L[c]`` or DSQ's ``T[c]``, computed as
+    each format's ``dequantize`` computes its weights, so that ``lookup_dequantize`` rebuilds them exactly."""
+    if name == "uniform_gemv":
+        _, scales, zeros, bits = args[:4]
+        values = (torch.arange(2**bits, dtype=torch.float32) - zeros.float()[..., None]) * scales.float()[..., None]
+    elif name == "codebook_gemv":
+        values = args[2] * args[1].float()[..., None]  # the levels (float32) times each group's scale
+    else:
+        from quant.methods.dsq import DSQParams
+
+        r = args[1].float()
+        values = DSQParams(r.reshape(-1, r.shape[2]), r.new_ones(1)).levels().view(*r.shape[:2], -1)
+    return values.contiguous()
+
+
+def _prefill(layer: torch.nn.Module, x: torch.Tensor, prepared: tuple) -> torch.Tensor | None:
+    """A prefill-sized call of a prepared layer, eagerly: its float weight rebuilt from the prepared codes by table
+    lookup (``lookup_dequantize``: the same weight as ``dequantize``, in a fraction of its time), then BLAS. None
+    (the dequantize path) inside ``torch.compile``, under autograd or disabled kernels, for 8-bit codes, and for
+    3-bit codes in the AVX2 int8 body's own layout."""
+    name, args = prepared
+    isa, bits = args[-1], layer.bits
+    if (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+            or kernels_cuda.inside_disabled() or bits > 4):
+        return None
+    ext = kernels_cpu.EXTENSION.module
+    if bits == 3 and ext.kernel_body(isa, layer.group_size, bits) == "avx2-int8":
+        return None
+    w = ext.lookup_dequantize(args[0], group_values(name, args), layer.group_size, isa)
+    return torch.nn.functional.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype), layer._buffers["bias"])
 
 
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

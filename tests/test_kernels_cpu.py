@@ -16,7 +16,7 @@ from kernels_cpu.layout import chunk8, codebook_tables, dsq_chunk8, dsq_tables, 
 from quant.numerics.grid import QuantSpec, quantize_rtn
 from quant.numerics.packing import pack, unpack, unpack_dense
 from quant.runtime.dsqlinear import DSQLinear
-from quant.runtime.quantlinear import CodebookLinear, QuantLinear
+from quant.runtime.quantlinear import CodebookLinear, QuantLinear, ScaleCodedLinear
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,12 @@ def codebook_layer(out: int, n: int, bits: int, group: int, seed: int) -> Codebo
     """Fresh Gaussian weights as a codebook layer: the levels k-means fits them, 8-bit scales (group -1: a row)."""
     w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.02
     return QuantLinear.from_quantized(quantize_rtn(w, QuantSpec(bits, group, scale_bits=8, codebook="kmeans")))
+
+
+def scale_coded_layer(out: int, n: int, bits: int, group: int, seed: int) -> ScaleCodedLinear:
+    """Fresh Gaussian weights with 8-bit scales and 4-bit zero-points (uniform codes, stored chunk8)."""
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return QuantLinear.from_quantized(quantize_rtn(w, QuantSpec(bits, group, scale_bits=8)))
 
 
 def int8_tables(layer) -> torch.Tensor:
@@ -278,6 +284,49 @@ def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monk
             kept = isinstance(layer, CodebookLinear)
             close(layer(x.detach()), (kernel_reference(ext, layer, x) if kept else reference(layer, x)).detach())
             assert len(calls) == 1 + kept
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+# rows of 200 (8 * odd): the portable body where the AVX-512 one needs groups of a multiple of 16
+@pytest.mark.parametrize("out,n,group", [(37, 128, 32), (65, 256, 64), (12, 1536, 128), (9, 200, -1)])
+def test_lookup_dequantize_rebuilds_every_format_exactly(ext, bits, out, n, group):
+    layers = [dsq_layer(out, n, bits, n if group == -1 else group, seed=bits + n)]
+    if bits >= 2:
+        layers += [uniform_layer(out, n, bits, n if group == -1 else group, seed=bits * 3 + n),
+                   scale_coded_layer(out, n, bits, group, seed=bits * 5 + n),
+                   codebook_layer(out, n, bits, group, seed=bits * 7 + n)]
+    for layer in layers:
+        _, _, reason, name, args, _ = dispatch._plan(layer)
+        assert reason is None, reason
+        values = dispatch.group_values(name, args)
+        assert values.shape == (out, n // layer.group_size, 2**bits)
+        for isa in (0, -1):  # the portable body, and the best (AVX-512 where this CPU has it)
+            assert torch.equal(ext.lookup_dequantize(args[0], values, layer.group_size, isa), layer.dequantize())
+
+
+def test_prepared_layers_prefill_through_the_lookup(ext, monkeypatch):
+    """A prefill-sized call of a layer readied for decoding builds its weight by lookup from the prepared codes (the
+    same weight, so the same output as dequantize + matmul); 8-bit codes, autograd and disabled kernels take the
+    dequantize path."""
+    layers = torch.nn.ModuleList([
+        uniform_layer(48, 128, 3, 32, seed=1, bias=True), scale_coded_layer(40, 128, 2, 64, seed=2),
+        dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 4, 64, seed=4),
+        uniform_layer(16, 128, 8, 64, seed=5)])
+    assert dispatch.prepare_for_decode(layers) == len(layers)
+    calls = []
+    real = ext.lookup_dequantize
+    monkeypatch.setattr(ext, "lookup_dequantize", lambda *a: calls.append(1) or real(*a))
+    for layer in layers:
+        x = torch.randn(2, 9, 128)
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+            assert len(calls) == (layer.bits <= 4)
+            assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
+            with kernels_cuda.disabled():
+                layer(x)
+        layer(x.requires_grad_()).sum().backward()
+        assert x.grad is not None and len(calls) == (layer.bits <= 4)
 
 
 def test_no_extension_falls_back_to_dequantize(monkeypatch):

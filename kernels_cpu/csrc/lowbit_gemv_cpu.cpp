@@ -879,6 +879,75 @@ torch::Tensor output(const torch::Tensor& x, int64_t N, const c10::optional<torc
   return *out;
 }
 
+// ---------------------------------------------------------------- prefill: the float weight by table lookup
+// w[n, j] = values[n, g, c[n, j]] for the chunk8 codes of rows n0 .. n1 - 1, each group's table of its 2^BITS weight
+// values. A run's BITS bytes are read exactly (no padding needed past the last row); 3 of them byte by byte, as a
+// 3-byte copy into a word stalls the load that follows it (store forwarding).
+template <int BITS>
+inline uint32_t run_at(const uint8_t* p) {
+  if constexpr (BITS == 3) {
+    return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16;
+  } else {
+    uint32_t run = 0;
+    std::memcpy(&run, p, BITS);
+    return run;
+  }
+}
+
+template <int BITS>
+void lookup_rows_ref(const uint8_t* codes, int64_t row_bytes, const float* values, int64_t G, int64_t gs, float* w,
+                     int64_t K, int64_t n0, int64_t n1) {
+  constexpr int V = 1 << BITS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * row_bytes;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* t = values + (n * G + g) * V;
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 8) {
+        const uint32_t run = run_at<BITS>(row + (j / 8) * BITS);
+        for (int i = 0; i < 8; ++i) w[n * K + j + i] = t[(run >> (BITS * i)) & (V - 1)];
+      }
+    }
+  }
+}
+
+#if LOWBIT_X86
+// 16 weights a step: two runs' codes in 16 lanes (a per-lane shift and a mask), then one permute of the group's
+// table (at most 16 values, padded) does all 16 lookups
+template <int BITS>
+__attribute__((target("avx512f,avx512bw"))) void lookup_rows_avx512(const uint8_t* codes, int64_t row_bytes,
+                                                                      const float* values, int64_t G, int64_t gs,
+                                                                      float* w, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int V = 1 << BITS;
+  const __m512i shifts = _mm512_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS, 0,
+                                           BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+  const __m512i mask = _mm512_set1_epi32(V - 1);
+  const __mmask16 table_lanes = static_cast<__mmask16>((1u << V) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * row_bytes;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 t = _mm512_maskz_loadu_ps(table_lanes, values + (n * G + g) * V);
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 16) {
+        const uint32_t a = run_at<BITS>(row + (j / 8) * BITS), b = run_at<BITS>(row + (j / 8 + 1) * BITS);
+        const __m512i both = _mm512_inserti64x4(_mm512_set1_epi32(int(a)), _mm256_set1_epi32(int(b)), 1);
+        const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(both, shifts), mask);
+        _mm512_storeu_ps(w + n * K + j, _mm512_permutexvar_ps(idx, t));
+      }
+    }
+  }
+}
+#endif
+
+template <int BITS>
+void lookup_impl(const uint8_t* codes, int64_t row_bytes, const float* values, int64_t G, int64_t gs, float* w,
+                 int64_t K, int64_t N, bool vector) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#if LOWBIT_X86
+    if (vector) return lookup_rows_avx512<BITS>(codes, row_bytes, values, G, gs, w, K, n0, n1);
+#endif
+    lookup_rows_ref<BITS>(codes, row_bytes, values, G, gs, w, K, n0, n1);
+  });
+}
+
 }  // namespace
 
 // codes: uint8 [N * row_bytes + 4] (chunk8 layout, 4 bytes of padding); scales fp16 [N, G]; zeros uint8 [N, G].
@@ -972,6 +1041,32 @@ torch::Tensor codebook_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   return y;
 }
 
+// The float32 weight [N, G * group_size] of chunk8 codes (uint8, at least N * row_bytes; the kernels' padded buffer
+// too) and values: float32 [N, G, 2^B] (B = 1..4), each group's weight for every code (uniform (c - z) s, codebook
+// s L[c], DSQ's T[c]), so every format dequantizes exactly as its own dequantize does. For prefill, where
+// dequantize + BLAS is the fast path. isa as the kernels': AVX-512 for -1 and 2-3 where the CPU has it and groups
+// are multiples of 16, the portable body otherwise.
+torch::Tensor lookup_dequantize(torch::Tensor codes, torch::Tensor values, int64_t group_size, int64_t isa) {
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.is_contiguous() && values.dim() == 3,
+              "values must be contiguous float32 [out, groups, 2^bits]");
+  const int64_t N = values.size(0), G = values.size(1), V = values.size(2), K = G * group_size;
+  TORCH_CHECK(V == 2 || V == 4 || V == 8 || V == 16, "values must hold 2, 4, 8 or 16 entries a group (1-4 bits)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group size must be a multiple of 8");
+  const int B = V == 2 ? 1 : V == 4 ? 2 : V == 8 ? 3 : 4;
+  const int64_t row_bytes = K / 8 * B;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() >= N * row_bytes,
+              "codes must be the chunk8 layout of the weight");
+  auto w = torch::empty({N, K}, values.options());
+  const bool vector = (isa < 0 || isa >= 2) && group_size % 16 == 0 && int(best_isa()) >= int(Isa::Avx512);
+  auto args = std::make_tuple(codes.data_ptr<uint8_t>(), row_bytes, values.data_ptr<float>(), G, group_size,
+                              w.data_ptr<float>(), K, N, vector);
+  if (B == 1) std::apply(lookup_impl<1>, args);
+  else if (B == 2) std::apply(lookup_impl<2>, args);
+  else if (B == 3) std::apply(lookup_impl<3>, args);
+  else std::apply(lookup_impl<4>, args);
+  return w;
+}
+
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
 
 // The body that serves this isa, group and width (bits, or DSQ's planes): "portable", "avx2", "avx512" (float
@@ -1021,6 +1116,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codebook_gemv", &codebook_gemv, "y = x W^T from chunk8 codebook codes", py::arg("x"), py::arg("codes"),
         py::arg("scales"), py::arg("levels"), py::arg("tables"), py::arg("group_size"), py::arg("isa") = -1,
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("lookup_dequantize", &lookup_dequantize, "the float weight from chunk8 codes and each group's values",
+        py::arg("codes"), py::arg("values"), py::arg("group_size"), py::arg("isa") = -1,
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa_level", &isa_level, "the CPU's best: 0 portable, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI");
   m.def("kernel_body", &kernel_body, "the body that serves this isa, group and width", py::arg("isa"),
         py::arg("group_size"), py::arg("bits"));
