@@ -19,6 +19,7 @@ project dependency:
     python benchmarks/latency.py [--llama-python ../peers/venv_llamacpp/bin/python] [--rows "a;b"] [--force | --again]
         # -> benchmarks/results/latency.{json,md,png}; rows already measured are kept (resumable)
     python benchmarks/latency.py --paired 9    # INT4 / fp32, INT3 / INT4, D2Quant / INT3, interleaved in one process
+    python benchmarks/latency.py --prefill 9   # prefill: table lookup against dequantize, and against fp32
 """
 
 from __future__ import annotations
@@ -218,6 +219,58 @@ def paired(rounds: int) -> dict:
         "d2quant-w3 / int3": ratio("d2quant-w3", "int3")}}
 
 
+# ----------------------------------------------------------------------------------------------- prefill
+PREFILL = {"fp32": None, "int4": "int4-h4", "int3": "int3-h4", "int3 8-bit scales": "int3-s8-h4",
+           "int3 codebook": "int3-km-h4", "d2quant-w3": "d2quant3-h4"}
+
+
+def prefill_pairs(rounds: int) -> dict:
+    """One eager forward over the prompt (batch 1), in one process for ``rounds`` rounds, the order rotating: the
+    fp32 model, and each of our checkpoints readied for decoding twice, its layers' weights rebuilt by table lookup
+    (``lookup_dequantize``, the default) and by ``dequantize`` (inside ``kernels_cuda.disabled()``). Reports
+    each way's median tok/s and the median per-round ratios."""
+    import statistics
+
+    import torch
+
+    import kernels_cuda
+    from kernels_cpu.dispatch import prepare_for_decode
+    from quant.formats.models import load_model
+    from quant.runtime.generation import bench_prompt
+
+    torch.set_num_threads(THREADS)
+    models = {k: load_model(None if v is None else str(checkpoint(v))).model for k, v in PREFILL.items()}
+    for m in models.values():
+        prepare_for_decode(m)
+    ids = bench_prompt(load_model(str(checkpoint("int3-h4"))).tokenizer, PROMPT, 1)
+    ways = [(k, False) for k in models] + [(k, True) for k in models if PREFILL[k]]
+    speeds: dict = {f"{k}{' (dequantize)' if d else ''}": [] for k, d in ways}
+
+    def once(k: str, dequantize: bool) -> float:
+        t0 = time.perf_counter()
+        if dequantize:
+            with kernels_cuda.disabled():
+                models[k](ids, use_cache=False, logits_to_keep=1)
+        else:
+            models[k](ids, use_cache=False, logits_to_keep=1)
+        return PROMPT / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        for k, d in ways:
+            once(k, d)  # warm-up: kernels loaded, BLAS buffers
+        for r in range(rounds):
+            for k, d in ways[r % len(ways):] + ways[: r % len(ways)]:
+                speeds[f"{k}{' (dequantize)' if d else ''}"].append(round(once(k, d), 1))
+
+    def ratio(a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True)), 3)
+
+    ratios = {f"{k} lookup / dequantize": ratio(k, f"{k} (dequantize)") for k in models if PREFILL[k]}
+    ratios |= {f"{k} lookup / fp32": ratio(k, "fp32") for k in models if PREFILL[k]}
+    return {"rounds": rounds, "prompt": PROMPT, "kernel_body": kernel_body(), "prefill_tok_s": speeds,
+            "median_tok_s": {k: statistics.median(v) for k, v in speeds.items()}, "median_ratios": ratios}
+
+
 # ----------------------------------------------------------------------------------------------- llama.cpp
 LLAMA_SCRIPT = r"""
 import json, sys, time
@@ -332,6 +385,14 @@ def write_report(data: dict) -> None:
                   "per round, and the median of the per-round ratios:",
                   *[f"- {k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in p["decode_tok_s"].items()],
                   *[f"- {k}: {v:.3f}x" for k, v in p["median_ratios"].items()]]
+    p = data.get("prefill")
+    if p:
+        lines += ["", f"Prefill, in one process (`--prefill {p['rounds']}`, kernels: the {p['kernel_body']} body): one "
+                  f"eager forward over a {p['prompt']}-token prompt (batch 1), the models in turn, {p['rounds']} "
+                  "rounds; each checkpoint readied for decoding, its weights rebuilt for the matmul by table lookup "
+                  "(the default) and by `dequantize`. Median tok/s, and the median of the per-round ratios:",
+                  *[f"- {k}: {v:.0f}" for k, v in p["median_tok_s"].items()],
+                  *[f"- {k}: {v:.2f}x" for k, v in p["median_ratios"].items()]]
     extra = [f"- {n}: compiled in {r['batches']['1']['compile_s']} s (batch 1)" for n, r in rows.items()
              if "compile_s" in r["batches"]["1"]]
     lines += ["", "Compile times (once per batch size, not in the speeds):", *extra, ""]
@@ -384,6 +445,9 @@ def main() -> None:
     ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                     help="only time our compiled INT4, INT3 and D2Quant checkpoints in turn in one process for ROUNDS "
                     "rounds and report the median per-round ratios (the rows are kept as they are)")
+    ap.add_argument("--prefill", type=int, default=0, metavar="ROUNDS",
+                    help="only time one eager prefill forward of the fp32 model and of our checkpoints, each both with "
+                    "its weights rebuilt by table lookup and by dequantize, in one process for ROUNDS rounds")
     ap.add_argument("--llama-python", type=Path, default=DEFAULT_LLAMA, help="python of the llama-cpp-python venv")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: torch-int4 in this process
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
@@ -396,9 +460,10 @@ def main() -> None:
 
     out = RESULTS / "latency.json"
     data = json.loads(out.read_text()) if out.exists() else {"rows": {}}
-    if args.paired:  # the rows and their bandwidth stay as measured
-        data["paired"] = paired(args.paired)
-        print(json.dumps(data["paired"]["median_ratios"]), flush=True)
+    if args.paired or args.prefill:  # the rows and their bandwidth stay as measured
+        key = "paired" if args.paired else "prefill"
+        data[key] = paired(args.paired) if args.paired else prefill_pairs(args.prefill)
+        print(json.dumps(data[key]["median_ratios"]), flush=True)
         write_atomic(out, data)
         write_report(data)
         return

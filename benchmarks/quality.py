@@ -47,6 +47,10 @@ OTHER_TEXT = {
         "d2quant-w4-nodsq-s8-c512-downh-e2e100-warm-rounding-bf16", "wikitext2-valid", 512),
     "d2quant-w3-nodsq-s8-c4wv-downh-headh-ft-e2e-bf16": (
         "d2quant-w3-nodsq-s8-downh-headh-ft-e2e-bf16", "c4+wikitext2-valid", 128),
+    # the same on 512 windows (262k tokens: the issue asks the end-to-end pass for several hundred thousand; 128
+    # windows are 65k), the C4 row's recipe on 512 windows unchanged
+    "d2quant-w3-nodsq-s8-c4wv-c512-downh-headh-ft-e2e-bf16": (
+        "d2quant-w3-nodsq-s8-c512-downh-headh-ft-e2e-bf16", "c4+wikitext2-valid", 512),
     # data-free: text the float model samples itself (LLM-QAT's distillation data), not chosen to be like any
     # evaluation text, so these rows stand on our protocol beside the C4 rows
     "d2quant-w3-nodsq-s8-self-downh-headh-ft-e2e-bf16": (

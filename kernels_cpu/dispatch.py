@@ -3,8 +3,11 @@
 The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, small batches) without autograd,
 for 2/3/4/8-bit uniform codes, DSQ sign planes and 2-4-bit codebook codes whose group is a multiple of 8.
 Anything else (prefill, where dequantize + a BLAS matmul is faster; training; a failed build;
-``LOWBIT_KERNELS=0``) falls back to ``PackedLinear``'s dequantize + matmul. Other float dtypes are computed in
-float32 and cast back. Each path is logged once per process (logger ``lowbit.kernels``).
+``LOWBIT_KERNELS=0``) falls back to ``PackedLinear``'s dequantize + matmul; in layers readied for decoding
+(:func:`prepare_for_decode`), prefill rebuilds the float weight from the repacked codes by table lookup
+(``lookup_dequantize``: the weight ``dequantize`` builds, in about a tenth of its time) before the matmul.
+Other float dtypes are computed in float32 and cast back. Each path is logged once per process (logger
+``lowbit.kernels``).
 
 With int8 tokens on (opt-in: :func:`use_int8_tokens`, on in ``quantize generate`` and ``bench``;
 ``LOWBIT_CPU_ISA`` overrides both), the kernels quantize the tokens to int8 per group and multiply them with the
@@ -35,7 +38,7 @@ from kernels_cpu.layout import chunk8, codebook_tables, dsq_chunk8, dsq_tables, 
 from kernels_cuda import log_once, rows_reason
 from quant.errors import QuantError
 
-MAX_ROWS = 8  # tokens per call; more is prefill, where dequantize + BLAS is the better path
+MAX_ROWS = 8  # tokens per call; more is prefill, where rebuilding the weight + BLAS is the better path
 ISA_ENV = "LOWBIT_CPU_ISA"  # the highest body to use: 0 portable, 1 AVX2, 2 AVX-512, 3 int8 tokens (VNNI or AVX2)
 
 
@@ -300,6 +303,7 @@ def _prefill(layer: torch.nn.Module, x: torch.Tensor, prepared: tuple) -> torch.
     ext = kernels_cpu.EXTENSION.module
     if bits == 3 and ext.kernel_body(isa, layer.group_size, bits) == "avx2-int8":
         return None
+    log_once(f"cpu-prefill:{layer.FORMAT}", "%s on cpu: prefill, weight by table lookup", type(layer).__name__)
     w = ext.lookup_dequantize(args[0], group_values(name, args), layer.group_size, isa)
     return torch.nn.functional.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype), layer._buffers["bias"])
 

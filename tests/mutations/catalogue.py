@@ -959,4 +959,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_codebook.py::test_tuning_a_codebook_layer_starts_at_its_weight_and_moves_along_the_levels",),
         "learned rounding of codebook layers never moves: the levels' slope carries no gradient",
     ),
+    Mutation(
+        "prefill-values-add-the-zero-point",
+        "kernels_cpu/dispatch.py",
+        "(torch.arange(2**bits, dtype=torch.float32) - zeros.float()[..., None])",
+        "(torch.arange(2**bits, dtype=torch.float32) + zeros.float()[..., None])",
+        ("tests/test_kernels_cpu.py::test_lookup_dequantize_rebuilds_every_format_exactly",),
+        "a prepared uniform layer's prefill weight adds its zero-points where dequantize subtracts them",
+    ),
+    Mutation(
+        "lookup-3-bit-run-misread",
+        "kernels_cpu/csrc/lowbit_gemv_cpu.cpp",
+        "uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16",
+        "uint32_t(p[1]) << 8 | uint32_t(p[2]) << 15",
+        ("tests/test_kernels_cpu.py::test_lookup_dequantize_rebuilds_every_format_exactly",),
+        "the prefill lookup reads a 3-bit run's third byte one bit low: codes 5 to 7 of every run go wrong",
+    ),
+    Mutation(
+        "prefill-looks-up-8-bit-codes",
+        "kernels_cpu/dispatch.py",
+        "or kernels_cuda.inside_disabled() or bits > 4):",
+        "or kernels_cuda.inside_disabled() or bits > 8):",
+        ("tests/test_kernels_cpu.py::test_prepared_layers_prefill_through_the_lookup",),
+        "prefill of a prepared 8-bit layer asks the lookup for 256-entry tables it does not take, and fails",
+    ),
 )
