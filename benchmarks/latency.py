@@ -229,6 +229,7 @@ def prefill_pairs(rounds: int) -> dict:
     fp32 model, and each of our checkpoints readied for decoding twice, its layers' weights rebuilt by table lookup
     (``lookup_dequantize``, the default) and by ``dequantize`` (inside ``kernels_cuda.disabled()``). Reports
     each way's median tok/s and the median per-round ratios."""
+    import contextlib
     import statistics
 
     import torch
@@ -239,19 +240,17 @@ def prefill_pairs(rounds: int) -> dict:
     from quant.runtime.generation import bench_prompt
 
     torch.set_num_threads(THREADS)
-    models = {k: load_model(None if v is None else str(checkpoint(v))).model for k, v in PREFILL.items()}
+    loaded = {k: load_model(None if v is None else str(checkpoint(v))) for k, v in PREFILL.items()}
+    models = {k: lm.model for k, lm in loaded.items()}
     for m in models.values():
         prepare_for_decode(m)
-    ids = bench_prompt(load_model(str(checkpoint("int3-h4"))).tokenizer, PROMPT, 1)
+    ids = bench_prompt(loaded["int3"].tokenizer, PROMPT, 1)
     ways = [(k, False) for k in models] + [(k, True) for k in models if PREFILL[k]]
     speeds: dict = {f"{k}{' (dequantize)' if d else ''}": [] for k, d in ways}
 
     def once(k: str, dequantize: bool) -> float:
         t0 = time.perf_counter()
-        if dequantize:
-            with kernels_cuda.disabled():
-                models[k](ids, use_cache=False, logits_to_keep=1)
-        else:
+        with kernels_cuda.disabled() if dequantize else contextlib.nullcontext():
             models[k](ids, use_cache=False, logits_to_keep=1)
         return PROMPT / (time.perf_counter() - t0)
 

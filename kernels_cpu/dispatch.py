@@ -242,9 +242,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def prepared_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The output of a layer :func:`prepare_for_decode` readied, through its kernel (or its siblings' fused call),
-    eagerly or inside ``torch.compile``; None (not prepared, not a decoding-sized float call, autograd, kernels
-    disabled) for the caller's other paths, which compile too."""
+    """The output of a layer :func:`prepare_for_decode` readied: a decoding-sized call through its kernel (or its
+    siblings' fused call), eagerly or inside ``torch.compile``; a prefill-sized one by lookup + BLAS (eagerly,
+    :func:`_prefill`). None (not prepared, not a float call, autograd, kernels disabled) for the caller's other
+    paths, which compile too."""
     prepared = layer.__dict__.get("_cpu_prepared")
     if prepared is None or x.dtype not in _KERNEL_DTYPES:
         return None
