@@ -4,8 +4,9 @@ The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, sma
 for 2/3/4/8-bit uniform codes, DSQ sign planes and 2-4-bit codebook codes whose group is a multiple of 8.
 Anything else (prefill, where dequantize + a BLAS matmul is faster; training; a failed build;
 ``LOWBIT_KERNELS=0``) falls back to ``PackedLinear``'s dequantize + matmul; in layers readied for decoding
-(:func:`prepare_for_decode`), prefill rebuilds the float weight from the repacked codes by table lookup
-(``lookup_dequantize``: the weight ``dequantize`` builds, in about a tenth of its time) before the matmul.
+(:func:`prepare_for_decode`) or that have decoded, prefill rebuilds the float weight from the repacked codes by
+table lookup (``lookup_dequantize``: the weight ``dequantize`` builds, in about a tenth of its time) before the
+matmul.
 Other float dtypes are computed in float32 and cast back. Each path is logged once per process (logger
 ``lowbit.kernels``).
 
@@ -312,6 +313,12 @@ def _prefill(layer: torch.nn.Module, x: torch.Tensor, prepared: tuple) -> torch.
 def kernel_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the kernel, or None when the caller must fall back."""
     why = unsupported_reason(layer, x)
+    if why is not None and why[0] == "rows" and "_cpu_kernel_plan" in layer.__dict__:
+        # a layer that has decoded holds its repacked codes: a prompt's call rebuilds its weight from them
+        _, _, reason, name, args, isa = _plan(layer)
+        y = None if reason is not None else _prefill(layer, x, (name, (*args, isa)))
+        if y is not None:
+            return y
     if why is not None:
         log_once(f"cpu-fallback:{why[0]}", "%s on cpu: dequantize + matmul (%s)", type(layer).__name__, why[1])
         return None

@@ -305,9 +305,9 @@ def test_lookup_dequantize_rebuilds_every_format_exactly(ext, bits, out, n, grou
 
 
 def test_prepared_layers_prefill_through_the_lookup(ext, monkeypatch):
-    """A prefill-sized call of a layer readied for decoding builds its weight by lookup from the prepared codes (the
-    same weight, so the same output as dequantize + matmul); 8-bit codes, autograd and disabled kernels take the
-    dequantize path."""
+    """A prefill-sized call of a layer readied for decoding (or one that has decoded) builds its weight by lookup from
+    the repacked codes (the same weight, so the same output as dequantize + matmul); 8-bit codes, autograd and
+    disabled kernels take the dequantize path."""
     layers = torch.nn.ModuleList([
         uniform_layer(48, 128, 3, 32, seed=1, bias=True), scale_coded_layer(40, 128, 2, 64, seed=2),
         dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 4, 64, seed=4),
@@ -327,6 +327,13 @@ def test_prepared_layers_prefill_through_the_lookup(ext, monkeypatch):
                 layer(x)
         layer(x.requires_grad_()).sum().backward()
         assert x.grad is not None and len(calls) == (layer.bits <= 4)
+    layer, x = codebook_layer(32, 128, 3, 64, seed=6), torch.randn(9, 128)  # not readied: its repacked codes come
+    calls.clear()  # with its first decoding call, and prompts after that take the lookup
+    with torch.no_grad():
+        layer(x)
+        assert not calls
+        layer(x[:1])
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize())) and len(calls) == 1
 
 
 def test_no_extension_falls_back_to_dequantize(monkeypatch):

@@ -983,4 +983,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_kernels_cpu.py::test_prepared_layers_prefill_through_the_lookup",),
         "prefill of a prepared 8-bit layer asks the lookup for 256-entry tables it does not take, and fails",
     ),
+    Mutation(
+        "decoded-layer-prefill-skips-the-lookup",
+        "kernels_cpu/dispatch.py",
+        'if why is not None and why[0] == "rows" and "_cpu_kernel_plan" in layer.__dict__:',
+        'if why is not None and why[0] == "row" and "_cpu_kernel_plan" in layer.__dict__:',
+        ("tests/test_kernels_cpu.py::test_prepared_layers_prefill_through_the_lookup",),
+        "a layer that has decoded dequantizes its prompts again instead of looking its repacked codes up",
+    ),
 )
