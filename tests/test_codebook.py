@@ -1,5 +1,7 @@
-"""Codebook codes (format codebook-dq8): each layer's own levels, the solvers, fine-tuning, checkpoints, exporters."""
+"""Codebook codes (formats codebook-dq8, vq2-dq8, vq3-dq8): each layer's own levels or vector entries, the solvers,
+fine-tuning, checkpoints, exporters."""
 
+import json
 
 import pytest
 import torch
@@ -12,9 +14,16 @@ from quant.formats.gptq_format import export_gptq
 from quant.methods.d2quant import D2QuantConfig
 from quant.methods.finetune import Tunable
 from quant.methods.gptq import gptq_quantize
-from quant.numerics.codebook import fit_levels
+from quant.numerics.codebook import decode, encode, fit_levels, fit_vectors
 from quant.numerics.grid import QuantSpec, quantize_rtn
-from quant.runtime.quantlinear import CodebookLinear, QuantLinear, quantized_sizes
+from quant.runtime.quantlinear import (
+    CodebookLinear,
+    QuantLinear,
+    Vector3CodebookLinear,
+    VectorCodebookLinear,
+    quantized_sizes,
+    storage_bytes,
+)
 from tests.test_scale_codes import _quantize, check_reload_and_version
 
 UNIFORM = QuantSpec(3, 64, scale_bits=8)
@@ -146,3 +155,97 @@ def test_finetune_tunes_codebook_layers_and_the_result_reloads(tmp_path, tokeniz
     again, _ = load_quantized(out)
     with torch.no_grad():
         assert torch.equal(again(ids[:2]).logits, model(ids[:2]).logits)
+
+
+VQ2 = QuantSpec(3, 64, scale_bits=8, codebook="vq2")
+
+
+def test_vector_codes_index_entries_of_runs_of_weights():
+    levels = fit_vectors(_gaussian(), 3, 64, 2)
+    assert levels.shape == (64, 2) and torch.equal(levels, levels.half().float())
+    x = torch.randn(10, 64) * 0.5
+    codes = encode(x, levels)
+    assert codes.shape == x.shape and int(codes.min()) >= 0 and int(codes.max()) <= 7
+    idx = codes.view(-1, 2)[:, 0] * 8 + codes.view(-1, 2)[:, 1]  # the first code is the most significant
+    torch.testing.assert_close(decode(codes, levels), levels[idx].view(10, 64))
+    dist = (x.view(-1, 1, 2) - levels[None]).pow(2).sum(-1)  # every entry against every run: the nearest is taken
+    torch.testing.assert_close(dist.gather(1, idx[:, None])[:, 0], dist.min(1).values)
+
+
+def test_vector_codes_beat_scalar_codes_at_the_same_bits():
+    w = _gaussian(out=192)
+    km, vq = quantize_rtn(w, KMEANS), quantize_rtn(w, VQ2)
+    err_k, err_v = (km.dequantize() - w).pow(2).mean(), (vq.dequantize() - w).pow(2).mean()
+    assert err_v < 0.92 * err_k
+    layer_k, layer_v = QuantLinear.from_quantized(km), QuantLinear.from_quantized(vq)
+    assert isinstance(layer_v, VectorCodebookLinear) and layer_v.FORMAT == "vq2-dq8"
+    bits_k = quantized_sizes(torch.nn.Sequential(layer_k))["bits_per_weight"]
+    bits_v = quantized_sizes(torch.nn.Sequential(layer_v))["bits_per_weight"]
+    assert bits_v == pytest.approx(bits_k + (128 - 8) * 16 / w.numel(), abs=1e-3)  # 64 entries of 2 against 8
+    assert 8 * storage_bytes(192, 256, 3, 64, 8, "vq2") / w.numel() == pytest.approx(bits_v, abs=1e-3)
+    torch.testing.assert_close(layer_v.dequantize(), vq.dequantize())
+    x = torch.randn(2, 256)
+    with torch.no_grad():  # no kernel reads vector codes: the layer dequantizes
+        torch.testing.assert_close(layer_v(x), F.linear(x, vq.dequantize()))
+
+
+def test_gptq_with_vector_codes_lowers_the_output_error_further():
+    gen = torch.Generator().manual_seed(1)
+    w = _gaussian(out=192, seed=2)
+    x = torch.randn(2048, 256, generator=gen) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=gen) / 16)
+    H = x.T @ x
+    errs = {}
+    for spec in (KMEANS, VQ2):
+        for act_order in (True, False):
+            e = gptq_quantize(w, H, spec, act_order=act_order).dequantize() - w
+            errs[spec.codebook, act_order] = float(torch.einsum("oi,ij,oj->", e, H, e))
+    assert errs["vq2", True] < 0.92 * errs["kmeans", True] and errs["vq2", False] < 0.92 * errs["kmeans", False]
+    rtn = quantize_rtn(w, VQ2).dequantize() - w
+    assert errs["vq2", True] < 0.95 * float(torch.einsum("oi,ij,oj->", rtn, H, rtn))  # the runs' errors are fed on
+
+
+def test_vector_codebooks_check_their_settings():
+    with pytest.raises(QuantError, match="vq3 codebook takes 2-3-bit"):
+        QuantSpec(4, 64, scale_bits=8, codebook="vq3")
+    with pytest.raises(QuantError, match="multiple of 3"):
+        quantize_rtn(_gaussian(), QuantSpec(3, 64, scale_bits=8, codebook="vq3"))
+    w = _gaussian(out=48, n=192)  # per channel: 192 inputs are 64 runs of 3
+    vq3 = quantize_rtn(w, QuantSpec(2, -1, scale_bits=8, codebook="vq3"))
+    assert vq3.levels.shape == (64, 3) and isinstance(QuantLinear.from_quantized(vq3), Vector3CodebookLinear)
+
+
+def test_tuning_a_vector_codebook_layer_trains_its_scales_and_keeps_its_codes():
+    layer = QuantLinear.from_quantized(quantize_rtn(_gaussian(), VQ2))
+    t = Tunable(layer, rounding=True)
+    assert t.v is None  # entries have no order to slide along
+    torch.testing.assert_close(t.weight(), layer.dequantize())
+    F.linear(torch.randn(4, 256), t.weight()).pow(2).sum().backward()
+    assert t.a.grad.abs().sum() > 0
+    codes = layer.codes().clone()
+    with torch.no_grad():
+        t.a.fill_(0.1)
+    t.harden()
+    assert torch.equal(layer.codes(), codes)
+    ratio = layer.scales.float() / QuantLinear.from_quantized(quantize_rtn(_gaussian(), VQ2)).scales.float()
+    assert ratio.mean() == pytest.approx(1.1, abs=0.01)
+
+
+def test_vector_codebook_checkpoint_reloads_bit_exactly_as_version_4(tmp_path, tiny_llama, tokenizer, calib):
+    config = D2QuantConfig(bits=3, group_size=32, scale_bits=8, codebook="vq2", dsq=False)
+    qc = _quantize(tiny_llama, tokenizer, "d2quant", config, calib)
+    check_reload_and_version(tmp_path, tiny_llama, tokenizer, qc, "vq2-dq8", 4, VectorCodebookLinear)
+    with pytest.raises(QuantError, match="codebook codes"):
+        export_gptq(save_quantized(tiny_llama, tokenizer, tmp_path / "v4", qc), tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_vector_group_that_splits_a_run_is_refused(tmp_path, tiny_llama, tokenizer, calib):
+    qc = _quantize(tiny_llama, tokenizer, "gptq", GPTQConfig(bits=3, group_size=32, scale_bits=8, codebook="vq2"),
+                   calib)
+    out = save_quantized(tiny_llama, tokenizer, tmp_path / "q", qc)
+    cfg = json.loads((out / "config.json").read_text())
+    spec = cfg["quantization_config"]["modules"]["model.layers.0.mlp.down_proj"]
+    spec["format"] = "vq3-dq8"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match=r"group_size must be a multiple of 3 for format vq3-dq8, got 32"):
+        load_quantized(out)

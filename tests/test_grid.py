@@ -112,6 +112,9 @@ def test_group_fallback_for_widths_not_divisible():
     assert QuantSpec(4, -1).group_for(576) == 576
     with pytest.raises(QuantError, match="fits no group"):
         spec.group_for(100)
+    # the fallback divides the request too: 96 (vq3's runs of 3) falls back to 48 before 32
+    assert QuantSpec(3, 96).group_for(576) == 96 and QuantSpec(3, 96).group_for(240) == 48
+    assert QuantSpec(3, 96).group_for(32 * 7) == 32 and QuantSpec(3, 192).group_for(640) == 64
 
 
 @pytest.mark.parametrize("kw", [{"bits": 5}, {"bits": 1}, {"group_size": 100}, {"clip": "foo"}])

@@ -1,6 +1,7 @@
 """Quantized checkpoints: safetensors shards + ``config.json`` with ``quantization_config``.
 
-Folder layout (format version 1; 2 where a linear has 8-bit scales; 3 where one has codebook codes)::
+Folder layout (format version 1; 2 where a linear has 8-bit scales; 3 where one has codebook codes; 4 where
+one has vector codebook codes)::
 
     config.json                  HF config + quantization_config (below)
     generation_config.json       if the model has one
@@ -12,8 +13,8 @@ Folder layout (format version 1; 2 where a linear has 8-bit scales; 3 where one 
 ``quantization_config``::
 
     quant_method    "lowbit"
-    format_version  1; 2 when a module has format "uniform-dq8"; 3 when one has "codebook-dq8" (the lowest version
-                    that holds the checkpoint)
+    format_version  1; 2 when a module has format "uniform-dq8"; 3 when one has "codebook-dq8"; 4 when one has
+                    "vq2-dq8" or "vq3-dq8" (the lowest version that holds the checkpoint)
     packing         "rowpack-int32-v1" (see quant.numerics.packing)
     method          the quantizer pass ("rtn", "gptq", ...)
     bits, group_size, sym     the requested defaults
@@ -22,7 +23,8 @@ Folder layout (format version 1; 2 where a linear has 8-bit scales; 3 where one 
                     (``QuantLinear``: qweight/scales/zeros, the default when absent), "dsq"
                     (``DSQLinear``: sign planes + per-(row, group) scales), "uniform-dq8"
                     (``ScaleCodedLinear``: dense codes, 8-bit scale codes on per-row grids, 4-bit zeros) or
-                    "codebook-dq8" (``CodebookLinear``: dense codes indexing the layer's fp16 levels, 8-bit scales)
+                    "codebook-dq8" (``CodebookLinear``: dense codes indexing the layer's fp16 levels, 8-bit scales),
+                    "vq2-dq8"/"vq3-dq8" (``VectorCodebookLinear``: the same, each run of 2/3 codes one entry)
     not_quantized   float modules kept as they were (embeddings, lm_head, norms)
     norm_biases     norms given an additive output bias by DAC (optional): stored as ``<norm>.bias``
                     and added to the norm's output (``quant.runtime.dac``); RMSNorm has no bias of its own
@@ -59,7 +61,14 @@ from quant.numerics.packing import LAYOUT
 from quant.runtime.dac import add_norm_bias
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.inputops import attach_from_config, input_ops_config
-from quant.runtime.quantlinear import CodebookLinear, PackedLinear, QuantLinear, ScaleCoded, ScaleCodedLinear
+from quant.runtime.quantlinear import (
+    CODEBOOK_CLASSES,
+    CodebookLinear,
+    PackedLinear,
+    QuantLinear,
+    ScaleCoded,
+    ScaleCodedLinear,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -204,7 +213,7 @@ def _verified_files(path: Path) -> list[Path]:
     return files
 
 
-LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear, ScaleCodedLinear, CodebookLinear)}
+LINEAR_FORMATS = {cls.FORMAT: cls for cls in (QuantLinear, DSQLinear, ScaleCodedLinear, *CODEBOOK_CLASSES.values())}
 
 
 def empty_packed(lin: nn.Module, spec: dict, dtype: torch.dtype) -> PackedLinear:

@@ -1,7 +1,8 @@
 """The schema of our ``quantization_config`` (format versions 1 to 3), checked before any tensor is read.
 
 Version 2 added the linear format ``uniform-dq8`` (8-bit scales, ``ScaleCodedLinear``), version 3 ``codebook-dq8``
-(codes indexing each layer's levels, ``CodebookLinear``). A checkpoint records the lowest version that holds it,
+(codes indexing each layer's levels, ``CodebookLinear``), version 4 ``vq2-dq8`` and ``vq3-dq8`` (vector codebooks,
+``VectorCodebookLinear``). A checkpoint records the lowest version that holds it,
 so one without them still reads in releases that know only version 1.
 
 Structure and ranges here (:func:`validate`); what needs the model (a module name that exists and is a
@@ -27,10 +28,13 @@ FORMATS_BY_VERSION = {  # the linear formats each allows
     1: ("uniform", "dsq"),
     2: ("uniform", "dsq", "uniform-dq8"),
     3: ("uniform", "dsq", "uniform-dq8", "codebook-dq8"),
+    4: ("uniform", "dsq", "uniform-dq8", "codebook-dq8", "vq2-dq8", "vq3-dq8"),
 }
+VECTOR_DIM = {"vq2-dq8": 2, "vq3-dq8": 3}  # weights one entry covers: the group must be a multiple
 FORMAT_VERSION = max(FORMATS_BY_VERSION)  # the newest this release reads
 FORMATS = FORMATS_BY_VERSION[FORMAT_VERSION]
-BITS_BY_FORMAT = {"uniform": SUPPORTED_BITS, "dsq": DSQ_BITS, "uniform-dq8": (2, 3, 4), "codebook-dq8": (2, 3, 4)}
+BITS_BY_FORMAT = {"uniform": SUPPORTED_BITS, "dsq": DSQ_BITS, "uniform-dq8": (2, 3, 4), "codebook-dq8": (2, 3, 4),
+                  "vq2-dq8": (2, 3, 4), "vq3-dq8": (2, 3)}
 
 
 def version_for(modules: dict) -> int:
@@ -76,6 +80,9 @@ def validate(qc: dict, path: str | Path) -> None:
             raise _bad(path, f"{field}.bits", f"must be one of {allowed} for format {fmt}, got {bits!r}")
         if not _int(group) or group <= 0:
             raise _bad(path, f"{field}.group_size", f"must be a positive integer (the effective group), got {group!r}")
+        if group % VECTOR_DIM.get(fmt, 1):
+            raise _bad(path, f"{field}.group_size", f"must be a multiple of {VECTOR_DIM[fmt]} for format {fmt}, "
+                       f"got {group}")
     norms = qc.get("norm_biases", [])
     if not isinstance(norms, list) or not all(isinstance(n, str) for n in norms):
         raise _bad(path, "norm_biases", "must be a list of norm module names")

@@ -51,6 +51,7 @@ from quant.engine.loop import BlockStep, Run, _advance
 from quant.engine.options import option
 from quant.engine.passes import QuantContext, register_block_pass
 from quant.errors import QuantError
+from quant.numerics.codebook import decode
 from quant.runtime.dsqlinear import DSQLinear
 from quant.runtime.quantlinear import CodebookLinear, PackedLinear, QuantLinear
 
@@ -151,6 +152,8 @@ class Tunable(nn.Module):
             self.register_buffer("s", packed.scales.float().repeat_interleave(g, 1))
             self.register_buffer("levels", packed.levels.float())
             self.register_buffer("base", packed.codes().float())
+            # a vector codebook's entries have no order to slide along: its codes stay, its scales train
+            rounding = rounding and packed.DIM == 1
             self.v = nn.Parameter(torch.zeros_like(self.base)) if rounding else None
             self.a = nn.Parameter(torch.zeros_like(packed.scales.float()))
         elif isinstance(packed, QuantLinear):
@@ -189,7 +192,7 @@ class Tunable(nn.Module):
         """The levels the codes pick; with rounding offsets, their gradient is the levels' local slope (the
         uniform grid's is its step, 1 in code units)."""
         q = self._codes()
-        lv = self.levels[q.detach().long()]
+        lv = decode(q.detach(), self.levels)
         if self.v is None:
             return lv
         top = len(self.levels) - 1

@@ -74,13 +74,19 @@ def gptq_loop(
     damp: float,
     act_order: bool,
     block_size: int,
+    vector: int = 1,
 ) -> torch.Tensor:
     """The GPTQ column loop, for any group quantizer. Returns the codes ``[out, n]`` (original order). ``W`` is
     overwritten; ``H`` is read only.
 
     ``fit_group(gid, current)`` fits group ``gid`` on its columns' current (error-updated) values
     ``[out, g]`` the first time one of them comes up; ``quantize_column(gid, j, w)`` rounds column
-    ``j`` of that group and returns ``(codes, dequantized)``.
+    ``j`` of that group and returns ``(codes, dequantized)``. With ``vector`` > 1 (a vector codebook) the columns
+    go in runs of that many, kept together by act-order, and ``quantize_column(gid, j, w, metric)`` rounds a whole
+    run ``[out, vector]`` at its first column, on the run's current values, nearest in the norm ``e M e^T`` whose
+    ``M = (U_b^T U_b)^-1`` (``U_b`` the run's block of the factor) is what the run's error ``e`` costs the layer
+    once fed on; each column's error is then fed on as usual, the run's later columns included (the vector form of
+    GPTQ's update, as QuIP#'s BlockLDLQ and GPTVQ do it).
     """
     out, n = W.shape
     diag = torch.diag(H).clone()
@@ -88,7 +94,13 @@ def gptq_loop(
     diag[dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(n, device=W.device)
+    if act_order and vector > 1:  # runs ranked by their columns' summed diag H, each kept in order
+        runs = torch.argsort(diag.view(-1, vector).sum(1), descending=True)
+        perm = (runs[:, None] * vector + torch.arange(vector, device=W.device)).flatten()
+    elif act_order:
+        perm = torch.argsort(diag, descending=True)
+    else:
+        perm = torch.arange(n, device=W.device)
     pos = torch.argsort(perm)  # pos[j]: where original column j sits in the processing order
     W = W[:, perm]
     rev = perm.flip(0)  # J P H P J in one gather: H itself is neither copied whole nor changed
@@ -98,6 +110,7 @@ def gptq_loop(
 
     if not act_order:  # keep each group inside one lazy-update block, so its fit sees every update
         block_size = g * max(1, block_size // g) if g < n else n
+    block_size = vector * max(1, block_size // vector)  # and each run
     fitted = [False] * (n // g)
     orig = perm.tolist()
     codes = torch.zeros_like(W)
@@ -117,7 +130,13 @@ def gptq_loop(
                 fit_group(gid, current)
                 fitted[gid] = True
             w = W1[:, i]
-            q, deq = quantize_column(gid, j, w)
+            if vector == 1:
+                q, deq = quantize_column(gid, j, w)
+            else:
+                if j % vector == 0:
+                    U = Hinv1[i : i + vector, i : i + vector]
+                    run_q, run_deq = quantize_column(gid, j, W1[:, i : i + vector], torch.linalg.inv(U.T @ U))
+                q, deq = run_q[:, j % vector], run_deq[:, j % vector]
             codes[:, i1 + i] = q
             err = (w - deq) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: a temporary per column costs page faults
@@ -149,13 +168,15 @@ def gptq_quantize(
         s, z = find_params(current, spec, snap=None if sg is None else sg.snap, levels=levels)
         scales[:, gid], zeros[:, gid] = s[:, 0], z[:, 0]
 
-    def quantize_column(gid: int, j: int, w: torch.Tensor):
+    def quantize_column(gid: int, j: int, w: torch.Tensor, metric: torch.Tensor | None = None):
         s, z = scales[:, gid], zeros[:, gid]
-        q = quantize_codes(w, s, z, spec.bits, levels)
+        if w.dim() == 2:  # a vector codebook's run of columns
+            s, z = s[:, None], z[:, None]
+        q = quantize_codes(w, s, z, spec.bits, levels, metric)
         return q, dequantize_codes(q, s, z, levels)
 
     H = H.detach().float().to(W.device)  # gptq_loop leaves H unchanged: no copy (a down_proj's is 0.8 GB)
-    codes = gptq_loop(W, H, g, fit_group, quantize_column, damp, act_order, block_size)
+    codes = gptq_loop(W, H, g, fit_group, quantize_column, damp, act_order, block_size, spec.vector_dim)
     return QuantizedWeight(
         codes=codes.to(torch.uint8),
         scales=scales.to(torch.float16),

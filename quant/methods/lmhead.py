@@ -30,7 +30,7 @@ class LMHeadConfig:
         "At low bits a small model's float head is most of what a decoded token reads.",
         "--lm-head-bits",
     )
-    group_size: int = option(64, "Inputs per quantization group of lm_head (32, 64, 128, 256 or -1).",
+    group_size: int = option(64, "Inputs per quantization group of lm_head (32, 48, 64, 96, 128, 192, 256 or -1).",
                              "--lm-head-group-size")
     sym: bool = option(False, "Symmetric (fixed zero-point) or asymmetric groups for lm_head.")
     clip: str = option("mse", CLIP_HELP)

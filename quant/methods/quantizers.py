@@ -14,8 +14,9 @@ from quant.methods.blockquant import QuantizeStep, Solver
 from quant.numerics.grid import QuantSpec, check_finite
 
 GROUP_HELP = (
-    "Inputs per quantization group: 32, 64, 128, 256, or -1 for per-channel. A layer whose width it does not "
-    "divide uses the largest supported group that does (recorded per layer)."
+    "Inputs per quantization group: 32, 48, 64, 96, 128, 192, 256 (48, 96, 192 for --codebook vq3, whose groups "
+    "need a multiple of 3), or -1 for per-channel. A layer whose width it does not divide uses the largest "
+    "supported group that divides both (recorded per layer)."
 )
 CLIP_HELP = "Range per group: minmax, or mse (search the clipping that minimises the weight error)."
 DAMP_HELP = "Damping added to the Hessian diagonal, as a fraction of its mean."
@@ -29,7 +30,10 @@ SCALE_BITS_HELP = (
 CODEBOOK_HELP = (
     "Code levels: uniform (equally spaced, with a zero-point per group) or kmeans (each layer's own 2^bits levels, "
     "fitted by 1-D k-means to its group-normalized weights; no zero-points, so 4 bits per group fewer; needs "
-    "--scale-bits 8). A format-version-3 checkpoint: no GPTQ export; the CPU kernel decodes it, CUDA dequantizes."
+    "--scale-bits 8; a format-version-3 checkpoint the CPU kernel decodes), or vq2 / vq3 (the same, but each "
+    "layer's 2^(2 bits) or 2^(3 bits) entries cover 2 or 3 consecutive weights: vector quantization, the codes still "
+    "bits per weight; group size a multiple of 2 or 3; vq3 up to 3 bits; format version 4, dequantized, no kernel "
+    "yet). No GPTQ export for any codebook."
 )
 
 

@@ -52,15 +52,85 @@ def codebook_scale(
     grid's search norm), each rounded to what storage holds (``snap``: the rows' 8-bit grids, or fp16)."""
     w = w.detach().float()
     levels = levels.to(w.device)
+    if levels.dim() == 2:  # a vector search costs 2^(bits*d) distances a run: fewer, coarser shrinks
+        grid = 10
     top = levels.abs().max()
     amax = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / top
     best = pick = None
     for i in range(grid + 1):
         s = snap(amax * (1 - max_shrink * i / grid))
-        err = (w - s * levels[nearest(w / s, levels)]).abs_().pow_(2.4).sum(1, keepdim=True)
+        err = (w - s * decode(encode(w / s, levels), levels)).abs_().pow_(2.4).sum(1, keepdim=True)
         if best is None:
             best, pick = err, s
             continue
         better = err < best
         best, pick = torch.where(better, err, best), torch.where(better, s, pick)
     return pick
+
+
+# Vector codebooks: ``levels`` ``[2^(bits*d), d]``, one entry per d consecutive weights of a group (d = 2 or 3).
+# A vector's index is stored as its d weights' ``bits``-bit codes, the first the most significant, so the codes,
+# their packing and their count are those of scalar codes; only the reading differs.
+
+
+def vector_dim(levels: torch.Tensor) -> int:
+    """1 for scalar levels ``[2^bits]``, d for vector ones ``[2^(bits*d), d]``."""
+    return 1 if levels.dim() == 1 else levels.shape[1]
+
+
+def _code_shifts(levels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    d = levels.shape[1]
+    bits = (levels.shape[0].bit_length() - 1) // d
+    return bits * torch.arange(d - 1, -1, -1, device=levels.device), bits
+
+
+def nearest_vectors(x: torch.Tensor, levels: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """The index of the entry of ``levels`` ``[K, d]`` nearest to each row of ``x`` ``[N, d]``, int64, in the
+    norm ``e M e^T`` of ``metric`` ``[d, d]`` (Euclidean without); in chunks of about 4M distances."""
+    levels = levels.to(x.device)
+    lm = levels if metric is None else levels @ metric.to(x.device)
+    norms = (lm * levels).sum(1)
+    step = max(1, (1 << 22) // levels.shape[0])
+    return torch.cat([torch.addmm(norms, ch, lm.T, alpha=-2).argmin(1) for ch in x.split(step)])
+
+
+def encode(x: torch.Tensor, levels: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (int64, the shape of ``x``) of the nearest level, or, for vector levels, of the nearest entry to each
+    run of d values along ``x``'s last dimension (in ``metric``'s norm, :func:`nearest_vectors`)."""
+    if levels.dim() == 1:
+        return nearest(x, levels)
+    shifts, bits = _code_shifts(levels)
+    idx = nearest_vectors(x.reshape(-1, levels.shape[1]).float(), levels, metric)
+    return ((idx[:, None] >> shifts) & (2**bits - 1)).reshape(x.shape)
+
+
+def decode(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The values (float32, the shape of ``codes``) that ``codes`` stand for."""
+    levels = levels.float().to(codes.device)
+    if levels.dim() == 1:
+        return levels[codes.long()]
+    shifts, _ = _code_shifts(levels)
+    idx = (codes.long().reshape(-1, levels.shape[1]) << shifts).sum(1)
+    return levels[idx].reshape(codes.shape)
+
+
+VECTOR_ITERS = 20
+VECTOR_SAMPLE = 256  # vectors the k-means sees per entry at most
+
+
+def fit_vectors(w: torch.Tensor, bits: int, group_size: int, d: int) -> torch.Tensor:
+    """The ``[2^(bits*d), d]`` entries (float32 holding fp16 values) fitted by Lloyd's k-means to the runs of d
+    weights of ``w``'s groups, each group divided by its largest magnitude; started from the product of the scalar
+    levels (:func:`fit_levels`), so it is never worse than them on what it fits."""
+    g = w.detach().float().reshape(-1, group_size)
+    v = (g / g.abs().amax(1, keepdim=True).clamp(min=1e-12)).reshape(-1, d)
+    k = 2 ** (bits * d)
+    v = v[:: max(1, len(v) // (VECTOR_SAMPLE * k))]
+    scalar = fit_levels(w, bits, group_size)
+    entries = torch.cartesian_prod(*[scalar] * d).reshape(k, d)  # first coordinate the most significant code
+    for _ in range(VECTOR_ITERS):
+        idx = nearest_vectors(v, entries)
+        sums = torch.zeros(k, d).index_add_(0, idx, v)
+        counts = torch.zeros(k).index_add_(0, idx, torch.ones(len(v)))[:, None]
+        entries = torch.where(counts > 0, sums / counts.clamp(min=1), entries)
+    return entries.to(torch.float16).float()

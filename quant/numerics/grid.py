@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from quant.errors import QuantError
-from quant.numerics.codebook import codebook_scale, fit_levels, nearest
+from quant.numerics.codebook import codebook_scale, decode, encode, fit_levels, fit_vectors
 from quant.numerics.scalecodes import SCALE_BITS, ScaleGrid
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)  # plus -1 for per-channel
+SUPPORTED_GROUP_SIZES = (32, 48, 64, 96, 128, 192, 256)  # plus -1 for per-channel; 48, 96, 192 for vq3's runs of 3
 CLIP_METHODS = ("minmax", "mse")
-CODEBOOKS = ("uniform", "kmeans")  # equally spaced levels and a zero-point, or the layer's own (numerics.codebook)
+CODEBOOKS = ("uniform", "kmeans", "vq2", "vq3")  # equally spaced levels and a zero-point, or the layer's own
+# (numerics.codebook): scalar levels, or entries for runs of 2 or 3 weights
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,17 @@ class QuantSpec:
             raise QuantError(f"clip must be one of {CLIP_METHODS}, got {self.clip!r}")
         if self.codebook not in CODEBOOKS:
             raise QuantError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
-        if self.codebook == "kmeans" and (self.scale_bits != 8 or self.bits > 4):
+        if self.codebook != "uniform" and (self.scale_bits != 8 or self.bits > 4):
             raise QuantError(
-                f"the kmeans codebook takes 2-4-bit codes with 8-bit scales (--scale-bits 8); got {self.bits}-bit "
-                f"codes with {self.scale_bits}-bit scales"
+                f"the {self.codebook} codebook takes 2-4-bit codes with 8-bit scales (--scale-bits 8); got "
+                f"{self.bits}-bit codes with {self.scale_bits}-bit scales"
             )
+        if self.vector_dim == 3 and self.bits > 3:  # 2^12 entries of 3 values a layer: more than the codes save
+            raise QuantError(f"the vq3 codebook takes 2-3-bit codes; got {self.bits}")
+
+    @property
+    def vector_dim(self) -> int:
+        return codebook_dim(self.codebook)
 
     @property
     def maxq(self) -> int:
@@ -75,17 +82,23 @@ class QuantSpec:
         """The group size actually used for a layer with ``in_features`` inputs.
 
         When the requested group does not divide the width (SmolLM2: 576 is not a multiple of 128),
-        the largest supported group below it that does is used instead, so groups never straddle rows.
+        the largest supported group that divides both the request and the width is used instead, so groups never
+        straddle rows (and a vq3 request of 96 falls back to 48, a multiple of 3 still, before 32).
         """
         if self.group_size == -1 or self.group_size == in_features:
             return in_features
-        for g in sorted((g for g in SUPPORTED_GROUP_SIZES if g <= self.group_size), reverse=True):
+        for g in sorted((g for g in SUPPORTED_GROUP_SIZES if self.group_size % g == 0), reverse=True):
             if in_features % g == 0:
                 return g
         raise QuantError(
             f"group size {self.group_size} fits no group of a layer with {in_features} inputs "
             f"(needs a divisor among {SUPPORTED_GROUP_SIZES}); use --group-size -1 (per-channel)"
         )
+
+
+def codebook_dim(codebook: str) -> int:
+    """How many consecutive weights one entry of a ``codebook`` (a name of CODEBOOKS) covers: 1 but for vq2, vq3."""
+    return int(codebook[2:]) if codebook.startswith("vq") else 1
 
 
 Snap = Callable[[torch.Tensor], torch.Tensor]  # a scale -> the nearest one storage holds (ScaleGrid.snap)
@@ -113,12 +126,17 @@ def _minmax_params(
 
 
 def quantize_codes(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, levels: torch.Tensor | None = None
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    levels: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer codes (as float) of ``w`` given per-row ``scale``/``zero`` broadcastable to it (with a codebook's
-    ``levels``: the nearest level's index; ``zero`` is unused)."""
+    ``levels``: the nearest level's index, for vector levels in ``metric``'s norm; ``zero`` is unused)."""
     if levels is not None:
-        return nearest(w / scale, levels).float()
+        return encode(w / scale, levels, metric).float()
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
@@ -126,7 +144,7 @@ def dequantize_codes(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor | None = None
 ) -> torch.Tensor:
     if levels is not None:
-        return levels.to(q.device)[q.long()] * scale
+        return decode(q, levels) * scale
     return (q - zero) * scale
 
 
@@ -203,7 +221,7 @@ def dequantize_weight(
 ) -> torch.Tensor:
     out, n = codes.shape
     if levels is not None:
-        g = levels.float().to(codes.device)[codes.long()].view(out, n // group_size, group_size)
+        g = decode(codes, levels).view(out, n // group_size, group_size)
         return (g * scales.float()[..., None]).view(out, n).to(dtype)
     g = codes.float().view(out, n // group_size, group_size)
     w = (g - zeros.float()[..., None]) * scales.float()[..., None]
@@ -220,7 +238,12 @@ def codebook_levels(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     """The layer's codebook levels for ``w`` ``[out, in]`` (None for uniform levels)."""
     if spec.codebook == "uniform":
         return None
-    return fit_levels(w, spec.bits, spec.group_for(w.shape[1]))
+    g, d = spec.group_for(w.shape[1]), spec.vector_dim
+    if d == 1:
+        return fit_levels(w, spec.bits, g)
+    if g % d:
+        raise QuantError(f"the {spec.codebook} codebook needs a group size that is a multiple of {d}; got {g}")
+    return fit_vectors(w, spec.bits, g, d)
 
 
 def scale_grid(w: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = None) -> ScaleGrid | None:

@@ -17,7 +17,9 @@ reads a uniform layer reads it too.
 ``CodebookLinear`` (format ``codebook-dq8``) stores the same dense codes and 8-bit scales, no zero-points, and
 ``levels`` fp16 ``[2^bits]``: ``w = levels[code] * scale`` (``quant.numerics.codebook``). It is not a
 ``QuantLinear``, so the uniform paths (the CUDA kernels, the GPTQ export) never take it for one; the CPU kernel
-reads it as a table lookup, as it does DSQ's.
+reads it as a table lookup, as it does DSQ's. ``VectorCodebookLinear`` (formats ``vq2-dq8``, ``vq3-dq8``) is the same
+with ``levels`` fp16 ``[2^(bits*d), d]``: each run of d codes along a row is one index into d-value entries (2 or 3
+weights a lookup); no kernel reads it yet (dequantize path).
 
 ``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
 the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
@@ -33,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.numerics.grid import QuantizedWeight, dequantize_weight
+from quant.numerics.codebook import vector_dim
+from quant.numerics.grid import QuantizedWeight, codebook_dim, dequantize_weight
 from quant.numerics.packing import pack, pack_dense, packed_width, unpack, unpack_dense
 from quant.numerics.scalecodes import ScaleGrid, pack_nibbles, unpack_nibbles
 
@@ -103,7 +106,7 @@ class QuantLinear(PackedLinear):
         """The packed layer of ``qw``: a ``ScaleCodedLinear`` when its scales are on 8-bit grids, a
         ``CodebookLinear`` when its codes index a codebook."""
         if qw.levels is not None:
-            cls = CodebookLinear
+            cls = CODEBOOK_CLASSES[vector_dim(qw.levels)]
         elif qw.scale_grid is not None:
             cls = ScaleCodedLinear
         out, n = qw.codes.shape
@@ -234,10 +237,12 @@ class CodebookLinear(ScaleCoded, PackedLinear):
 
     FORMAT = "codebook-dq8"
     STORED = ("qcodes", "scale_codes", "scale_grid", "levels")
+    DIM = 1  # weights one entry of the levels covers
 
     def _register_weight(self) -> None:
         self._register_scale_coded()
-        self.register_buffer("levels", torch.zeros(2**self.bits, dtype=torch.float16))
+        shape = (2**self.bits,) if self.DIM == 1 else (2 ** (self.bits * self.DIM), self.DIM)
+        self.register_buffer("levels", torch.zeros(shape, dtype=torch.float16))
 
     def _store(self, scales: torch.Tensor, zeros: torch.Tensor, grid: ScaleGrid | None = None) -> None:
         self._store_scales(scales, grid)
@@ -246,6 +251,22 @@ class CodebookLinear(ScaleCoded, PackedLinear):
         return dequantize_weight(self.codes(), self.scales, None, self.group_size, dtype, self.levels)
 
     extra_repr = QuantLinear.extra_repr
+
+
+class VectorCodebookLinear(CodebookLinear):
+    """A codebook whose entries cover ``DIM`` consecutive weights of a group: levels ``[2^(bits*DIM), DIM]``, and
+    each run of ``DIM`` codes along a row the index of one entry (``quant.numerics.codebook.decode``)."""
+
+    FORMAT = "vq2-dq8"
+    DIM = 2
+
+
+class Vector3CodebookLinear(VectorCodebookLinear):
+    FORMAT = "vq3-dq8"
+    DIM = 3
+
+
+CODEBOOK_CLASSES = {1: CodebookLinear, 2: VectorCodebookLinear, 3: Vector3CodebookLinear}  # by entry length
 
 
 @contextmanager
@@ -274,13 +295,15 @@ def storage_bytes(
 ) -> int:
     """Bytes a ``QuantLinear`` of this shape stores (no bias): rowpack codes, fp16 scales and uint8 zeros; with
     ``scale_bits=8`` (``ScaleCodedLinear``) dense codes, a scale code and a 4-bit zero per group, and the row's fp16
-    grid base and step; with ``codebook="kmeans"`` (``CodebookLinear``) the same without zeros, plus the fp16 levels.
+    grid base and step; with a codebook (``kmeans``, ``vq2``, ``vq3``: ``CodebookLinear``) the same without zeros,
+    plus the fp16 levels (``2^(bits*d)`` entries of d values).
 
     ``group_size`` is the effective one (``QuantSpec.group_for``), so per-channel means ``in_features``.
     """
     groups = in_features // group_size
-    if codebook == "kmeans":
-        return out_features * (in_features // 8 * bits + groups + 4) + 2 * 2**bits
+    if codebook != "uniform":
+        d = codebook_dim(codebook)
+        return out_features * (in_features // 8 * bits + groups + 4) + 2 * d * 2 ** (bits * d)
     if scale_bits == 8:
         return out_features * (in_features // 8 * bits + groups + (groups + 1) // 2 + 4)
     return out_features * (4 * packed_width(in_features, bits) + 3 * groups)
