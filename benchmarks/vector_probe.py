@@ -26,7 +26,6 @@ from common import RESULTS, save_results
 from torch import nn
 from tqdm import tqdm
 
-import quant.numerics.grid as grid
 from calibrate import calibration_windows
 from quant import load_model
 from quant.methods.gptq import gptq_quantize
@@ -44,7 +43,6 @@ def bits_of(qw, out: int, inn: int) -> float:
 
 
 def main() -> None:
-    grid.SUPPORTED_GROUP_SIZES = (*grid.SUPPORTED_GROUP_SIZES, 48, 96)  # for this probe only
     torch.manual_seed(0)
     lm = load_model()
     model = lm.model.eval()

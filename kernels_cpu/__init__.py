@@ -46,6 +46,9 @@ def _register_fakes() -> None:
     torch.library.register_fake("lowbit_cpu::codebook_gemv")(
         lambda x, codes, scales, levels, tables, group_size, isa: x.new_empty(x.shape[0], scales.shape[0])
     )
+    torch.library.register_fake("lowbit_cpu::vector_gemv")(
+        lambda x, codes, scales, levels, group_size, isa: x.new_empty(x.shape[0], scales.shape[0])
+    )
     torch.library.register_fake("lowbit_cpu::decode_attention")(
         lambda q, k, v, mask, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
     )

@@ -1,7 +1,8 @@
 """``QuantLinear``/``DSQLinear.forward`` on the CPU: the low-bit kernel for decoding-sized calls.
 
 The kernel serves float32 inputs of at most :data:`MAX_ROWS` tokens (decode, small batches) without autograd,
-for 2/3/4/8-bit uniform codes, DSQ sign planes and 2-4-bit codebook codes whose group is a multiple of 8.
+for 2/3/4/8-bit uniform codes, DSQ sign planes, 2-4-bit codebook codes and vector codebook codes (``vector_gemv``:
+one portable body, a table read a run of 2 or 3 weights) whose group is a multiple of 8.
 Anything else (prefill, where dequantize + a BLAS matmul is faster; training; a failed build;
 ``LOWBIT_KERNELS=0``) falls back to ``PackedLinear``'s dequantize + matmul; in layers readied for decoding
 (:func:`prepare_for_decode`) or that have decoded, prefill rebuilds the float weight from the repacked codes by
@@ -62,7 +63,9 @@ def max_isa() -> int:
     if v not in ("0", "1", "2", "3"):
         raise QuantError(f"{ISA_ENV} must be 0, 1, 2 or 3, got {v!r}")
     return int(v)
-KERNEL_BITS = {"uniform": (2, 3, 4, 8), "uniform-dq8": (2, 3, 4), "dsq": (1, 2, 3, 4), "codebook-dq8": (2, 3, 4)}
+KERNEL_BITS = {"uniform": (2, 3, 4, 8), "uniform-dq8": (2, 3, 4), "dsq": (1, 2, 3, 4), "codebook-dq8": (2, 3, 4),
+               "vq2-dq8": (2, 3, 4), "vq3-dq8": (2, 3)}
+VECTOR_FORMATS = ("vq2-dq8", "vq3-dq8")  # one portable body, on the stored chunk8 codes
 
 
 def _static_reason(layer: torch.nn.Module) -> tuple[str, str] | None:
@@ -114,9 +117,12 @@ def _plan(layer: torch.nn.Module) -> tuple:
             else:  # 8-bit-scale layers (uniform and codebook) store chunk8 rows already
                 dense = layer.FORMAT != "uniform"
                 codes = kernel_buffer(bufs[0]) if dense else chunk8(bufs[0], layer.bits, layer.in_features)
-            codes = for_body(codes, layer.bits, layer.in_features, body)
+            if layer.FORMAT not in VECTOR_FORMATS:
+                codes = for_body(codes, layer.bits, layer.in_features, body)
         if layer.FORMAT == "dsq":
             name, args = "dsq_gemv", (codes, bufs[1], dsq_tables(bufs[1]), layer.group_size)
+        elif layer.FORMAT in VECTOR_FORMATS:  # each run of codes one entry of the levels
+            name, args = "vector_gemv", (codes, layer.scales, layer.levels.float().contiguous(), layer.group_size)
         elif layer.FORMAT == "codebook-dq8":  # the DSQ bodies, each group's table its scale times the levels
             scales, levels = layer.scales, layer.levels.float()
             name, args = "codebook_gemv", (codes, scales, levels, codebook_tables(scales, levels), layer.group_size)
@@ -296,11 +302,11 @@ def _prefill(layer: torch.nn.Module, x: torch.Tensor, prepared: tuple) -> torch.
     """A prefill-sized call of a prepared layer, eagerly: its float weight rebuilt from the prepared codes by table
     lookup (``lookup_dequantize``: the same weight as ``dequantize``, in a fraction of its time), then BLAS. None
     (the dequantize path) inside ``torch.compile``, under autograd or disabled kernels, for 8-bit codes, and for
-    3-bit codes in the AVX2 int8 body's own layout."""
+    3-bit codes in the AVX2 int8 body's own layout, and vector codebooks (a run's values are not a group's table)."""
     name, args = prepared
     isa, bits = args[-1], layer.bits
     if (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
-            or kernels_cuda.inside_disabled() or bits > 4):
+            or kernels_cuda.inside_disabled() or bits > 4 or name == "vector_gemv"):
         return None
     ext = kernels_cpu.EXTENSION.module
     if bits == 3 and ext.kernel_body(isa, layer.group_size, bits) == "avx2-int8":

@@ -272,6 +272,20 @@ def test_codebook_codes_from_the_command_line(tmp_path, tiny_dir):
     assert "Traceback" not in r.stderr and not bad.exists()
 
 
+def test_vector_codebook_codes_from_the_command_line(tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    r = run("model", tiny_dir, "--method", "gptq", "--bits", "3", "--group-size", "32", "--nsamples", "4",
+            "--seqlen", "64", "--scale-bits", "8", "--codebook", "vq2", "--no-eval", "--out", out)
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 4 and {m["format"] for m in qc["modules"].values()} == {"vq2-dq8"}
+    bad = tmp_path / "bad"
+    r = run("model", tiny_dir, "--method", "gptq", "--bits", "3", "--group-size", "32", "--scale-bits", "8",
+            "--codebook", "vq3", "--no-eval", "--out", bad)
+    assert r.returncode == 2 and "multiple of 3; got 32" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr and not bad.exists()
+
+
 def test_d2quant_and_its_ablation_flags(tmp_path, tiny_dir):
     common = ["--bits", "2", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-eval"]
     out = tmp_path / "d2"

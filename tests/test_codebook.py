@@ -166,7 +166,7 @@ def test_vector_codes_index_entries_of_runs_of_weights():
     x = torch.randn(10, 64) * 0.5
     codes = encode(x, levels)
     assert codes.shape == x.shape and int(codes.min()) >= 0 and int(codes.max()) <= 7
-    idx = codes.view(-1, 2)[:, 0] * 8 + codes.view(-1, 2)[:, 1]  # the first code is the most significant
+    idx = codes.view(-1, 2)[:, 0] + 8 * codes.view(-1, 2)[:, 1]  # the first code is the least significant
     torch.testing.assert_close(decode(codes, levels), levels[idx].view(10, 64))
     dist = (x.view(-1, 1, 2) - levels[None]).pow(2).sum(-1)  # every entry against every run: the nearest is taken
     torch.testing.assert_close(dist.gather(1, idx[:, None])[:, 0], dist.min(1).values)
@@ -207,8 +207,10 @@ def test_gptq_with_vector_codes_lowers_the_output_error_further():
 def test_vector_codebooks_check_their_settings():
     with pytest.raises(QuantError, match="vq3 codebook takes 2-3-bit"):
         QuantSpec(4, 64, scale_bits=8, codebook="vq3")
-    with pytest.raises(QuantError, match="multiple of 3"):
-        quantize_rtn(_gaussian(), QuantSpec(3, 64, scale_bits=8, codebook="vq3"))
+    with pytest.raises(QuantError, match="multiple of 3; got 64"):
+        QuantSpec(3, 64, scale_bits=8, codebook="vq3")
+    with pytest.raises(QuantError, match="multiple of 3; got 256"):  # per channel: the layer's width
+        quantize_rtn(_gaussian(), QuantSpec(3, -1, scale_bits=8, codebook="vq3"))
     w = _gaussian(out=48, n=192)  # per channel: 192 inputs are 64 runs of 3
     vq3 = quantize_rtn(w, QuantSpec(2, -1, scale_bits=8, codebook="vq3"))
     assert vq3.levels.shape == (64, 3) and isinstance(QuantLinear.from_quantized(vq3), Vector3CodebookLinear)

@@ -72,6 +72,12 @@ def codebook_layer(out: int, n: int, bits: int, group: int, seed: int) -> Codebo
     return QuantLinear.from_quantized(quantize_rtn(w, QuantSpec(bits, group, scale_bits=8, codebook="kmeans")))
 
 
+def vector_layer(out: int, n: int, bits: int, group: int, d: int, seed: int) -> CodebookLinear:
+    """Fresh Gaussian weights as a vector codebook layer (vq2 / vq3: entries of d weights), 8-bit scales."""
+    w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return QuantLinear.from_quantized(quantize_rtn(w, QuantSpec(bits, group, scale_bits=8, codebook=f"vq{d}")))
+
+
 def scale_coded_layer(out: int, n: int, bits: int, group: int, seed: int) -> ScaleCodedLinear:
     """Fresh Gaussian weights with 8-bit scales and 4-bit zero-points (uniform codes, stored chunk8)."""
     w = torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.02
@@ -116,6 +122,8 @@ def reference(layer, x: torch.Tensor, body: str = "portable") -> torch.Tensor:
 def kernel_reference(ext, layer, x: torch.Tensor) -> torch.Tensor:
     """What the dispatched body computes (float64)."""
     x = x.reshape(-1, layer.in_features)
+    if layer.FORMAT in dispatch.VECTOR_FORMATS:  # one float body
+        return reference(layer, x)
     return reference(layer, x, ext.kernel_body(dispatch.max_isa(), layer.group_size, layer.bits))
 
 
@@ -251,11 +259,30 @@ def test_codebook_kernel_matches_float64(ext, bits, out, n, group):
         x, codes, scales, levels, tables, layer.group_size, isa, y))
 
 
+@pytest.mark.parametrize("bits,d", [(2, 2), (3, 2), (4, 2), (2, 3), (3, 3)])
+@pytest.mark.parametrize("out,n,group", [(37, 192, 48), (16, 576, 96), (9, 384, -1)])
+def test_vector_kernel_matches_float64(ext, bits, d, out, n, group):
+    """Vector codebook codes (a run of d codes one entry): 1, 4 and 7 tokens, every isa asked for (one body), into
+    NaN-poisoned outputs; the last run of the last row reads the buffer's padding."""
+    layer = vector_layer(out, n, bits, group, d, seed=bits * 10 + d)
+    codes, levels = kernel_buffer(layer.qcodes), layer.levels.float()
+    gen = torch.Generator().manual_seed(n)
+    for rows in (1, 4, 7):
+        x = torch.randn(rows, n, generator=gen)
+        for isa in isas(ext):
+            y = torch.full((rows, out), float("nan"))
+            ext.vector_gemv(x, codes, layer.scales, levels, layer.group_size, isa, y)
+            close(y, reference(layer, x))
+    with pytest.raises(RuntimeError, match="levels must hold"):
+        ext.vector_gemv(x, codes, layer.scales, levels[:-1].contiguous(), layer.group_size, -1)
+
+
 @pytest.mark.parametrize("int8", [False, True])  # int8 tokens: each layer's codes in its int8 body's layout
 def test_forward_uses_the_kernel_for_decoding_and_falls_back_otherwise(ext, monkeypatch, int8):
     monkeypatch.setattr(dispatch, "_INT8_TOKENS", [int8])
     layers = [uniform_layer(48, 128, 3, 32, seed=1, bias=True), dsq_layer(40, 128, 2, 64, seed=2),
-              dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 3, 64, seed=4)]
+              dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 3, 64, seed=4),
+              vector_layer(20, 128, 3, 64, 2, seed=5)]
     calls = []
     real = dispatch.lowbit_matmul_cpu
     monkeypatch.setattr(dispatch, "lowbit_matmul_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -311,7 +338,7 @@ def test_prepared_layers_prefill_through_the_lookup(ext, monkeypatch):
     layers = torch.nn.ModuleList([
         uniform_layer(48, 128, 3, 32, seed=1, bias=True), scale_coded_layer(40, 128, 2, 64, seed=2),
         dsq_layer(24, 128, 3, 64, seed=3), codebook_layer(32, 128, 4, 64, seed=4),
-        uniform_layer(16, 128, 8, 64, seed=5)])
+        uniform_layer(16, 128, 8, 64, seed=5), vector_layer(20, 128, 3, 64, 2, seed=7)])
     assert dispatch.prepare_for_decode(layers) == len(layers)
     calls = []
     real = ext.lookup_dequantize
@@ -321,12 +348,13 @@ def test_prepared_layers_prefill_through_the_lookup(ext, monkeypatch):
         calls.clear()
         with torch.no_grad():
             y = layer(x)
-            assert len(calls) == (layer.bits <= 4)
+            looks_up = layer.bits <= 4 and layer.FORMAT not in dispatch.VECTOR_FORMATS
+            assert len(calls) == looks_up
             assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
             with kernels_cuda.disabled():
                 layer(x)
         layer(x.requires_grad_()).sum().backward()
-        assert x.grad is not None and len(calls) == (layer.bits <= 4)
+        assert x.grad is not None and len(calls) == looks_up
     layer, x = codebook_layer(32, 128, 3, 64, seed=6), torch.randn(9, 128)  # not readied: its repacked codes come
     calls.clear()  # with its first decoding call, and prompts after that take the lookup
     with torch.no_grad():

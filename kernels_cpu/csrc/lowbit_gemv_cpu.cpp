@@ -937,6 +937,45 @@ __attribute__((target("avx512f,avx512bw"))) void lookup_rows_avx512(const uint8_
 }
 #endif
 
+// ---------------------------------------------------------------- vector codebooks (vq2-dq8, vq3-dq8)
+// Each run of D codes along a row is one index into levels [2^(B*D), D], the run's first code the least significant:
+// in the row's LSB-first chunk8 stream the index is simply the run's B*D bits (at most 12, read from a 4-byte word:
+// the buffer's 4 bytes of padding cover the last run). w = scale * entry; one read of D table values a run, MM
+// tokens at a time (portable: the table read is a gather either way).
+template <int B, int D, int MM>
+void vector_row(const float* x, int64_t K, const uint8_t* row, const at::Half* scales, const float* levels, int64_t G,
+                int64_t gs, float* y, int64_t N) {
+  constexpr uint32_t mask = (1u << (B * D)) - 1;
+  float acc[MM] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    float part[MM] = {};
+    for (int64_t j = g * gs; j < (g + 1) * gs; j += D) {
+      const int64_t bit = j * B;
+      uint32_t word;
+      std::memcpy(&word, row + (bit >> 3), 4);
+      const float* e = levels + ((word >> (bit & 7)) & mask) * D;
+      for (int m = 0; m < MM; ++m) {
+        const float* xm = x + m * K + j;
+        float dot = e[0] * xm[0];
+        for (int d = 1; d < D; ++d) dot += e[d] * xm[d];
+        part[m] += dot;
+      }
+    }
+    const float scale = float(scales[g]);
+    for (int m = 0; m < MM; ++m) acc[m] += scale * part[m];
+  }
+  for (int m = 0; m < MM; ++m) y[m * N] = acc[m];
+}
+
+template <int B, int D>
+void vector_impl(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                 const at::Half* scales, const float* levels, int64_t G, int64_t gs, float* y, int64_t N) {
+  each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+    vector_row<B, D, decltype(mm)::value>(x + m0 * K, K, codes + n * row_bytes, scales + n * G, levels, G, gs,
+                                          y + m0 * N + n, N);
+  });
+}
+
 template <int BITS>
 void lookup_impl(const uint8_t* codes, int64_t row_bytes, const float* values, int64_t G, int64_t gs, float* w,
                  int64_t K, int64_t N, bool vector) {
@@ -1041,6 +1080,39 @@ torch::Tensor codebook_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   return y;
 }
 
+// codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes; scales: fp16 [N, G]; levels: float32
+// [2^(B*D), D] (D = 2: B 2..4; D = 3: B 2..3); group_size a multiple of D. isa is taken for the plans' sake: there is
+// one (portable) body.
+torch::Tensor vector_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor levels,
+                          int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
+  (void)isa;
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 2,
+              "scales must be contiguous fp16 [out, groups]");
+  TORCH_CHECK(levels.scalar_type() == torch::kFloat32 && levels.is_contiguous() && levels.dim() == 2 &&
+                  (levels.size(1) == 2 || levels.size(1) == 3),
+              "levels must be contiguous float32 [2^(bits*d), d], d 2 or 3");
+  const int64_t D = levels.size(1), V = levels.size(0);
+  const int64_t B = V == (int64_t(1) << (2 * D)) ? 2 : V == (int64_t(1) << (3 * D)) ? 3
+                  : (D == 2 && V == 256) ? 4 : 0;
+  TORCH_CHECK(B > 0, "levels must hold 2^(bits*d) entries: bits 2 to 4 with d = 2, 2 to 3 with d = 3");
+  const int64_t N = scales.size(0), G = scales.size(1), K = G * group_size;
+  check_x(x, K);
+  TORCH_CHECK(group_size % D == 0 && K % 8 == 0, "group size must be a multiple of d and the width of 8");
+  const int64_t row_bytes = K / 8 * B;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
+              "codes must be the chunk8 layout of the weight");
+  auto y = output(x, N, out);
+  auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
+                              scales.data_ptr<at::Half>(), levels.data_ptr<float>(), G, group_size,
+                              y.data_ptr<float>(), N);
+  if (D == 2 && B == 2) std::apply(vector_impl<2, 2>, args);
+  else if (D == 2 && B == 3) std::apply(vector_impl<3, 2>, args);
+  else if (D == 2) std::apply(vector_impl<4, 2>, args);
+  else if (B == 2) std::apply(vector_impl<2, 3>, args);
+  else std::apply(vector_impl<3, 3>, args);
+  return y;
+}
+
 // The float32 weight [N, G * group_size] of chunk8 codes (uint8, at least N * row_bytes; the kernels' padded buffer
 // too) and values: float32 [N, G, 2^B] (B = 1..4), each group's weight for every code (uniform (c - z) s, codebook
 // s L[c], DSQ's T[c]), so every format dequantizes exactly as its own dequantize does. For prefill, where
@@ -1065,6 +1137,11 @@ torch::Tensor lookup_dequantize(torch::Tensor codes, torch::Tensor values, int64
   else if (B == 3) std::apply(lookup_impl<3>, args);
   else std::apply(lookup_impl<4>, args);
   return w;
+}
+
+torch::Tensor vector_op(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor levels,
+                        int64_t group_size, int64_t isa) {
+  return vector_gemv(x.contiguous(), codes, scales, levels, group_size, isa, c10::nullopt);
 }
 
 int64_t isa_level() { return static_cast<int64_t>(best_isa()); }
@@ -1098,12 +1175,14 @@ TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("dsq_gemv(Tensor x, Tensor codes, Tensor row_scales, Tensor tables, int group_size, int isa) -> Tensor");
   m.def("codebook_gemv(Tensor x, Tensor codes, Tensor scales, Tensor levels, Tensor tables, int group_size, int isa) "
         "-> Tensor");
+  m.def("vector_gemv(Tensor x, Tensor codes, Tensor scales, Tensor levels, int group_size, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("uniform_gemv", &uniform_op);
   m.impl("dsq_gemv", &dsq_op);
   m.impl("codebook_gemv", &codebook_op);
+  m.impl("vector_gemv", &vector_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1115,6 +1194,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("codebook_gemv", &codebook_gemv, "y = x W^T from chunk8 codebook codes", py::arg("x"), py::arg("codes"),
         py::arg("scales"), py::arg("levels"), py::arg("tables"), py::arg("group_size"), py::arg("isa") = -1,
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("vector_gemv", &vector_gemv, "y = x W^T from chunk8 vector codebook codes", py::arg("x"), py::arg("codes"),
+        py::arg("scales"), py::arg("levels"), py::arg("group_size"), py::arg("isa") = -1,
         py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("lookup_dequantize", &lookup_dequantize, "the float weight from chunk8 codes and each group's values",
         py::arg("codes"), py::arg("values"), py::arg("group_size"), py::arg("isa") = -1,

@@ -69,8 +69,9 @@ def codebook_scale(
 
 
 # Vector codebooks: ``levels`` ``[2^(bits*d), d]``, one entry per d consecutive weights of a group (d = 2 or 3).
-# A vector's index is stored as its d weights' ``bits``-bit codes, the first the most significant, so the codes,
-# their packing and their count are those of scalar codes; only the reading differs.
+# A vector's index is stored as its d weights' ``bits``-bit codes, the first the least significant, so the codes,
+# their packing and their count are those of scalar codes, and in the dense layout (LSB first) a run's index is
+# the next bits*d bits of the row; only the reading differs.
 
 
 def vector_dim(levels: torch.Tensor) -> int:
@@ -81,7 +82,7 @@ def vector_dim(levels: torch.Tensor) -> int:
 def _code_shifts(levels: torch.Tensor) -> tuple[torch.Tensor, int]:
     d = levels.shape[1]
     bits = (levels.shape[0].bit_length() - 1) // d
-    return bits * torch.arange(d - 1, -1, -1, device=levels.device), bits
+    return bits * torch.arange(d, device=levels.device), bits
 
 
 def nearest_vectors(x: torch.Tensor, levels: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,7 +128,7 @@ def fit_vectors(w: torch.Tensor, bits: int, group_size: int, d: int) -> torch.Te
     k = 2 ** (bits * d)
     v = v[:: max(1, len(v) // (VECTOR_SAMPLE * k))]
     scalar = fit_levels(w, bits, group_size)
-    entries = torch.cartesian_prod(*[scalar] * d).reshape(k, d)  # first coordinate the most significant code
+    entries = torch.cartesian_prod(*[scalar] * d).reshape(k, d).flip(1)  # the first code the least significant
     for _ in range(VECTOR_ITERS):
         idx = nearest_vectors(v, entries)
         sums = torch.zeros(k, d).index_add_(0, idx, v)

@@ -69,6 +69,9 @@ class QuantSpec:
             )
         if self.vector_dim == 3 and self.bits > 3:  # 2^12 entries of 3 values a layer: more than the codes save
             raise QuantError(f"the vq3 codebook takes 2-3-bit codes; got {self.bits}")
+        if self.group_size != -1 and self.group_size % self.vector_dim:  # (-1: checked per layer, codebook_levels)
+            raise QuantError(f"the {self.codebook} codebook needs a group size that is a multiple of "
+                             f"{self.vector_dim}; got {self.group_size}")
 
     @property
     def vector_dim(self) -> int:
