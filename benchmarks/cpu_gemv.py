@@ -4,9 +4,10 @@
 Decoding streams every weight from memory once per token, so each row cycles through enough copies of the
 layer (random weights) that they do not fit in the last-level cache: the number is what a model's layer costs
 when it is not cache-resident. Shapes: SmolLM2-135M's (576/1536) and Llama-3-8B's (4096/14336); 1 and 4
-tokens; 2/3/4-bit group 64 (torch's int4 kernel: group 64 too), DSQ 3-bit and codebook 3-bit (``--codebook
-kmeans``). The machine's copy bandwidth is measured in the same run, and each row gets its roofline fraction
-(bytes read per call / bandwidth / time).
+tokens; 2/3/4-bit group 64 (torch's int4 kernel: group 64 too), DSQ 3-bit, codebook 3-bit (``--codebook
+kmeans``) and vector codebook 3-bit (``vq2`` group 64; ``vq3`` group 96, on the widths 96 divides). The
+machine's copy bandwidth is measured in the same run, and each row gets its roofline fraction (bytes read per
+call / bandwidth / time).
 
     python benchmarks/cpu_gemv.py        # -> benchmarks/results/cpu_gemv.{json,md}
 """
@@ -122,6 +123,13 @@ def main() -> None:
                 cb.append((for_body(codes, 3, n, body), scales, levels, codebook_tables(scales, levels)))
             cands["ours codebook 3-bit"] = ([partial(ext.codebook_gemv, x, *a, GROUP) for a in cb],
                                             len(cb[0][0]) + out * (n // GROUP) * 2)
+            for d, group in ((2, GROUP), (3, 96)):  # vector codes: random codes, scales and entries
+                if n % group:
+                    continue
+                vq = [(kernel_buffer(pack_dense(torch.randint(0, 8, (out, n)), 3)),
+                       (torch.rand(out, n // group) * 0.01 + 1e-3).half(), torch.randn(8**d, d)) for _ in range(copies)]
+                cands[f"ours vq{d} 3-bit g{group}"] = ([partial(ext.vector_gemv, x, *a, group) for a in vq],
+                                                       len(vq[0][0]) + out * (n // group) * 2)
             mms = [int4_torch(out, n) for _ in range(copies)]
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             cands["torch int4 (_weight_int4pack_mm_for_cpu)"] = ([partial(mm, x, p, GROUP, sz) for p, sz in mms],
@@ -131,7 +139,7 @@ def main() -> None:
                 rows.append({"layer": label, "out": out, "in": n, "tokens": m, "kernel": name, "us": round(t * 1e6, 1),
                              "bytes": nbytes, "roofline_fraction": round(nbytes / bw / t, 3)})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-            del cands, layers, args, dl, mms, cb
+            del cands, layers, args, dl, mms, cb, vq
     res = {"bandwidth_gb_s": round(bw / 1e9, 2), "threads": torch.get_num_threads(),
            "working_set_mib": WORKING_SET // 2**20, "l3_mib": last_level_cache() // 2**20,
            "machine": f"{os.cpu_count()} cores, ISA level {ext.isa_level()} (2 = AVX-512)", "rows": rows}  # fmt: skip

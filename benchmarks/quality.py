@@ -197,9 +197,10 @@ def settings() -> dict[str, list]:
     # in the best 3-bit recipe, nothing else changed. Chosen on a probe that never read WikiText-2's test split, by
     # a rule fixed before it ran (15% less held-out output error than uniform levels within 3.25 bits): vq3 g96
     # -17.7% at 3.18 bits, vq2 g48 -15.2%, vq2 g64 -13.5% (benchmarks/results/vector_codebook.md)
+    vq3 = ("d2quant", D2QuantConfig(bits=3, group_size=96, **{**km, "codebook": "vq3"}))
+    out["d2quant-w3-nodsq-s8-vq3g96-downh-headh"] = [rot_heads, vq3]  # the solver alone (ablation, 40 windows)
     out["d2quant-w3-nodsq-s8-vq3g96-downh-headh-ft-e2e-bf16"] = [
-        rot_heads, ("d2quant", D2QuantConfig(bits=3, group_size=96, **{**km, "codebook": "vq3"})),
-        ("finetune", replace(both[1], dtype="bf16"))]
+        rot_heads, vq3, ("finetune", replace(both[1], dtype="bf16"))]
     out["d2quant-w4-nodsq-s8-c512-km-downh-e2e100-warm-rounding-bf16"] = [
         rot_down, ("d2quant", D2QuantConfig(bits=4, group_size=GROUP, **km)),
         ("finetune", replace(e2e200_h32, e2e_steps=100, warmup=0.1, rounding=True, dtype="bf16"))]

@@ -119,8 +119,7 @@ def _check_exportable(qc: dict, model: torch.nn.Module, linears: dict[str, Quant
     if formats & {"codebook-dq8", "vq2-dq8", "vq3-dq8"}:
         raise QuantError(
             "cannot export to GPTQ format: codebook codes (non-uniform levels, --codebook kmeans/vq2/vq3) have no GPTQ "
-            "form; "
-            f"quantize with --codebook uniform --scale-bits 16 for a GPTQ-exportable model, or {alt}"
+            f"form; quantize with --codebook uniform --scale-bits 16 for a GPTQ-exportable model, or {alt}"
         )
     if formats != {"uniform"}:
         raise QuantError(

@@ -1,4 +1,4 @@
-"""The schema of our ``quantization_config`` (format versions 1 to 3), checked before any tensor is read.
+"""The schema of our ``quantization_config`` (format versions 1 to 4), checked before any tensor is read.
 
 Version 2 added the linear format ``uniform-dq8`` (8-bit scales, ``ScaleCodedLinear``), version 3 ``codebook-dq8``
 (codes indexing each layer's levels, ``CodebookLinear``), version 4 ``vq2-dq8`` and ``vq3-dq8`` (vector codebooks,

@@ -32,8 +32,8 @@ CODEBOOK_HELP = (
     "fitted by 1-D k-means to its group-normalized weights; no zero-points, so 4 bits per group fewer; needs "
     "--scale-bits 8; a format-version-3 checkpoint the CPU kernel decodes), or vq2 / vq3 (the same, but each "
     "layer's 2^(2 bits) or 2^(3 bits) entries cover 2 or 3 consecutive weights: vector quantization, the codes still "
-    "bits per weight; group size a multiple of 2 or 3; vq3 up to 3 bits; format version 4, dequantized, no kernel "
-    "yet). No GPTQ export for any codebook."
+    "bits per weight; group size a multiple of 2 or 3; vq3 up to 3 bits; format version 4, its own portable CPU "
+    "kernel, CUDA dequantizes). No GPTQ export for any codebook."
 )
 
 

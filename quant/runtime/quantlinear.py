@@ -19,11 +19,11 @@ reads a uniform layer reads it too.
 ``QuantLinear``, so the uniform paths (the CUDA kernels, the GPTQ export) never take it for one; the CPU kernel
 reads it as a table lookup, as it does DSQ's. ``VectorCodebookLinear`` (formats ``vq2-dq8``, ``vq3-dq8``) is the same
 with ``levels`` fp16 ``[2^(bits*d), d]``: each run of d codes along a row is one index into d-value entries (2 or 3
-weights a lookup); no kernel reads it yet (dequantize path).
+weights a lookup), read on the CPU by its own kernel (``vector_gemv``).
 
 ``forward`` dequantizes and runs a dense matmul in the input's dtype: the reference path, and the one
 the kernels must match. It first offers the call to a low-bit kernel: on a CPU input with few tokens
-(``kernels_cpu.dispatch``, uniform, DSQ and codebook), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
+(``kernels_cpu.dispatch``, uniform, DSQ and both codebooks), on a CUDA input (``kernels_cuda.dispatch``, uniform); each
 declines (and this path runs) whenever shape, format or ``LOWBIT_KERNELS=0`` rule it out.
 """
 
