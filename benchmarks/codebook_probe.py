@@ -24,7 +24,6 @@ from common import RESULTS, save_results
 from torch import nn
 from tqdm import tqdm
 
-import quant.numerics.grid as grid
 from calibrate import calibration_windows
 from quant import load_model
 from quant.methods.gptq import gptq_quantize
@@ -69,8 +68,9 @@ def eora(E: torch.Tensor, H: torch.Tensor, rank: int) -> torch.Tensor:
     return q4_rows((B * g).T.float()).T @ q4_rows((A / g[:, None]).float())
 
 
-def main() -> None:
-    grid.SUPPORTED_GROUP_SIZES = (*grid.SUPPORTED_GROUP_SIZES, 192)  # for this probe only: 576 and 1536 split in 192s
+def setup() -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SmolLM2 with norms folded and the residual stream Hadamard-rotated: its block linears, and their float-stream
+    input moments over 32 C4 calibration windows of 512 (fit) and 16 more (held out)."""
     torch.manual_seed(0)
     lm = load_model()
     model = lm.model.eval()
@@ -79,6 +79,11 @@ def main() -> None:
     names = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     calib = calibration_windows(lm.tokenizer, "c4", 48, 512, seed=0)
     fit, held = hessians(model, calib[:32], names), hessians(model, calib[32:], names)
+    return names, fit, held
+
+
+def main() -> None:
+    names, fit, held = setup()
     sums: dict[str, dict[str, float]] = {k: {} for k in KINDS}
     t0 = time.time()
     for n, m in tqdm(names.items(), desc="linears"):

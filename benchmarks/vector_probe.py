@@ -21,15 +21,11 @@ from __future__ import annotations
 import time
 
 import torch
-from codebook_probe import KINDS, hessians
+from codebook_probe import KINDS, setup
 from common import RESULTS, save_results
-from torch import nn
 from tqdm import tqdm
 
-from calibrate import calibration_windows
-from quant import load_model
 from quant.methods.gptq import gptq_quantize
-from quant.methods.rotation import RotationConfig, fold_norms, rotate, rotation_matrix
 from quant.numerics.grid import QuantSpec
 
 COLUMNS = (("uniform", 64), ("vq2", 64), ("vq2", 48), ("vq3", 96))
@@ -43,14 +39,7 @@ def bits_of(qw, out: int, inn: int) -> float:
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    lm = load_model()
-    model = lm.model.eval()
-    fold_norms(model)
-    rotate(model, rotation_matrix(model.config.hidden_size, RotationConfig(mode="hadamard"))[0])
-    names = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    calib = calibration_windows(lm.tokenizer, "c4", 48, 512, seed=0)
-    fit, held = hessians(model, calib[:32], names), hessians(model, calib[32:], names)
+    names, fit, held = setup()
     cols = [f"{book} w3 g{g}" for book, g in COLUMNS]
     sums: dict[str, dict[str, float]] = {k: dict.fromkeys(cols, 0.0) for k in KINDS}
     bits = dict.fromkeys(cols, 0.0)
