@@ -945,9 +945,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "codebook-rounds-to-the-level-above",
-        "quant/numerics/grid.py",
-        "return nearest(w / scale, levels).float()",
-        "return torch.bucketize(w / scale, levels.to(w.device)).clamp(max=len(levels) - 1).float()",
+        "quant/numerics/codebook.py",
+        "return nearest(x, levels)",
+        "return torch.bucketize(x, levels.to(x.device)).clamp(max=len(levels) - 1)",
         ("tests/test_codebook.py::test_kmeans_codes_beat_uniform_codes_with_fewer_bytes",),
         "--codebook kmeans codes pick the level above the weight, not the nearest",
     ),
@@ -978,8 +978,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "prefill-looks-up-8-bit-codes",
         "kernels_cpu/dispatch.py",
-        "or kernels_cuda.inside_disabled() or bits > 4):",
-        "or kernels_cuda.inside_disabled() or bits > 8):",
+        "or kernels_cuda.inside_disabled() or bits > 4 or name",
+        "or kernels_cuda.inside_disabled() or bits > 8 or name",
         ("tests/test_kernels_cpu.py::test_prepared_layers_prefill_through_the_lookup",),
         "prefill of a prepared 8-bit layer asks the lookup for 256-entry tables it does not take, and fails",
     ),
