@@ -2,7 +2,8 @@
 
 SmolLM2-135M cut to its first ``--blocks`` (4) blocks, the best 3-bit recipe's start (Hadamard rotation with the
 down and head Hadamards, D²Quant w3 g64 without DSQ, 8-bit scales; ``--bits 4`` for 4 bits), then
-``--finetune block`` in bf16 with the scales alone or with the rounding too, on the benchmarks' 128 x 512 C4
+``--finetune block`` in bf16 with the scales alone or with the rounding too (and, with vector codes ``vq3`` at
+group 96, the scales alone or with each layer's entries too: ``--finetune-levels``), on the benchmarks' 128 x 512 C4
 calibration windows. Per variant: each block's held-out error (the pass's own measurement on the 16 held-out
 windows: quantized block on the quantized stream against the float block on the float stream) before and after
 tuning, and the wall time. A block's error carries the earlier blocks' tuning (the quantized stream goes through
@@ -30,23 +31,28 @@ from quant.methods.finetune import FinetuneConfig
 from quant.methods.rotation import RotationConfig
 
 BASE = FinetuneConfig(mode="block", dtype="bf16")
-VARIANTS = {"scales": BASE, "rounding": replace(BASE, rounding=True)}
+UNIFORM = {"group_size": 64}
+VQ3 = {"group_size": 96, "codebook": "vq3"}  # vector codes (3 bits only): each layer's 512 entries of 3 weights
+# name: (the quantizer's settings, the block pass's); a name's "-scales" sibling is its reference
+VARIANTS = {"scales": (UNIFORM, BASE), "rounding": (UNIFORM, replace(BASE, rounding=True)),
+            "vq3g96-scales": (VQ3, BASE), "vq3g96-levels": (VQ3, replace(BASE, levels=True))}
 
 
 def write_markdown(results: dict, meta: dict) -> None:
     lines = [
         "# Block pass variants: held-out block error on the first blocks (SmolLM2-135M-Instruct, calibration only)",
         "",
-        setup_line(meta) + " Hadamard rotation with the down and head Hadamards, D²Quant g64 without DSQ, 8-bit "
-        "scales, then `--finetune block` in bf16 (50 steps of 4 windows). Error: mean squared error of the block's "
-        "output on the 16 held-out calibration windows, before -> after tuning; each block's starts from the "
-        "earlier blocks as tuned.",
+        setup_line(meta) + " Hadamard rotation with the down and head Hadamards, D²Quant g64 (vq3 rows: vector "
+        "codes, g96) without DSQ, 8-bit scales, then `--finetune block` in bf16 (50 steps of 4 windows). Error: "
+        "mean squared error of the block's output on the 16 held-out calibration windows, before -> after tuning; "
+        "each block's starts from the earlier blocks as tuned.",
         "",
         "| bits | variant | error per block, before -> after | last block against the scales alone | wall (s) |",
         "|---|---|---|---|---|",
     ]
     for _, r in sorted(results.items()):
-        ref = results.get(f"w{r['bits']}-scales")
+        stem = r["variant"].rpartition("-")[0]
+        ref = results.get(f"w{r['bits']}-{stem + '-' if stem else ''}scales")
         vs = f"{100 * (r['after'][-1] / ref['after'][-1] - 1):+.1f}%" if ref else "-"
         blocks = "; ".join(f"{b:.4f} -> {a:.4f}" for b, a in zip(r["before"], r["after"], strict=True))
         lines.append(f"| {r['bits']} | {r['variant']} | {blocks} | {vs} | {r['seconds']:.0f} |")
@@ -62,8 +68,10 @@ def main() -> None:
     path, results, meta = load_results("block_finetune")
     meta = meta or common_meta("c4 (bundled), 128 x 512 tokens, seed 0")
     for bits in args.bits:
-        for variant, cfg in VARIANTS.items():
+        for variant, (quantizer, cfg) in VARIANTS.items():
             key = f"w{bits}-{variant}"
+            if quantizer.get("codebook") == "vq3" and bits != 3:
+                continue
             if key in results and not args.force:
                 print(f"{key}: already measured, skipping")
                 continue
@@ -73,7 +81,7 @@ def main() -> None:
             calib = calibration_windows(lm.tokenizer, "c4", 128, 512, seed=0)
             ctx = QuantContext(lm.model, lm.tokenizer, calib_ids=calib, progress=False)
             steps = [("rotate", RotationConfig(mode="hadamard", down_hadamard=True, head_hadamard=True)),
-                     ("d2quant", D2QuantConfig(bits=bits, group_size=64, dsq=False, scale_bits=8)),
+                     ("d2quant", D2QuantConfig(bits=bits, dsq=False, scale_bits=8, **quantizer)),
                      ("finetune", cfg)]
             t0 = time.perf_counter()
             records = run_pipeline(ctx, steps)

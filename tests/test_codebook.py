@@ -12,7 +12,7 @@ from quant import GPTQConfig, QuantContext, QuantError, load_quantized, run_pipe
 from quant.formats.checkpoint import save_quantized
 from quant.formats.gptq_format import export_gptq
 from quant.methods.d2quant import D2QuantConfig
-from quant.methods.finetune import Tunable
+from quant.methods.finetune import FinetuneConfig, Schedule, Tunable, fit
 from quant.methods.gptq import gptq_quantize
 from quant.numerics.codebook import decode, encode, fit_levels, fit_vectors
 from quant.numerics.grid import QuantSpec, quantize_rtn
@@ -230,6 +230,56 @@ def test_tuning_a_vector_codebook_layer_trains_its_scales_and_keeps_its_codes():
     assert torch.equal(layer.codes(), codes)
     ratio = layer.scales.float() / QuantLinear.from_quantized(quantize_rtn(_gaussian(), VQ2)).scales.float()
     assert ratio.mean() == pytest.approx(1.1, abs=0.01)
+
+
+@pytest.mark.parametrize("spec", [KMEANS, VQ2], ids=["kmeans", "vq2"])
+def test_training_a_codebooks_levels_fits_the_output_closer_than_its_scales_alone(spec):
+    gen = torch.Generator().manual_seed(3)
+    w = _gaussian(seed=4)
+    x = torch.randn(16, 64, 256, generator=gen)
+    target = w + 0.5 * w**3 / w.abs().amax(1, keepdim=True) ** 2  # a warp of each row: levels can follow it, scales not
+    held = {}
+    for levels in (False, True):
+        layer = QuantLinear.from_quantized(quantize_rtn(w, spec))
+        codes, fitted = layer.codes().clone(), layer.levels.clone()
+        t = Tunable(layer, rounding=False, levels=levels)
+
+        def loss_on(idx, t=t):
+            return F.mse_loss(F.linear(x[idx], t.weight()), F.linear(x[idx], target))
+
+        cfg = FinetuneConfig(mode="block", holdout=0.25, eval_every=5)
+        curve = fit([t], loss_on, len(x), cfg, Schedule(steps=60, batch=4, scale_lr=5e-3), progress=False)
+        held[levels] = curve["held_best"]
+        assert torch.equal(layer.codes(), codes)  # the codes stay either way
+        assert torch.equal(layer.levels, fitted) != levels  # the trained levels are what the layer stores
+        with torch.no_grad():  # and the hardened layer computes what was measured (to the 8-bit scales' grid)
+            got = F.mse_loss(F.linear(x[12:], layer.dequantize()), F.linear(x[12:], target))
+        assert float(got) == pytest.approx(curve["held_best"], rel=0.05)
+    assert held[True] < 0.9 * held[False]
+
+
+def test_e2e_distillation_trains_vector_entries_and_the_checkpoint_keeps_them(tmp_path, tokenizer):
+    from conftest import tiny_model
+
+    from calibrate import calibration_windows
+
+    ids = calibration_windows(tokenizer, "c4", 32, 128, seed=0)  # as the uniform layers' end-to-end test
+    config = D2QuantConfig(bits=2, group_size=32, scale_bits=8, codebook="vq2", dsq=False)
+    e2e = FinetuneConfig(mode="e2e", levels=True, e2e_steps=40, e2e_batch=4, holdout=0.25, e2e_lr=5e-3, eval_every=5)
+    levels, codes = {}, {}
+    for name, tail in {"solver": [], "e2e": [("finetune", e2e)]}.items():
+        model = tiny_model("llama", seed=5)
+        ctx = QuantContext(model, tokenizer, calib_ids=ids, progress=False)
+        records = run_pipeline(ctx, [("d2quant", config), *tail])
+        layers = [m for m in model.modules() if isinstance(m, VectorCodebookLinear)]
+        levels[name] = torch.cat([m.levels.flatten() for m in layers])
+        codes[name] = torch.cat([m.codes().flatten() for m in layers])
+    summary = records[-1]["summary"]["e2e"]
+    assert summary["held_best"] < summary["held"][0], summary
+    assert torch.equal(codes["e2e"], codes["solver"])  # the codes stay
+    assert (levels["e2e"] != levels["solver"]).float().mean() > 0.5  # the entries moved
+    qc = {"method": "d2quant", "modules": ctx.modules, "passes": records}
+    check_reload_and_version(tmp_path, model, tokenizer, qc, "vq2-dq8", 4, VectorCodebookLinear)
 
 
 def test_vector_codebook_checkpoint_reloads_bit_exactly_as_version_4(tmp_path, tiny_llama, tokenizer, calib):

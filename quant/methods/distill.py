@@ -69,7 +69,7 @@ def distill_scales(run: Run, cfg, progress: bool = True) -> dict:
 
     names = [n for n in tunable_names(model) if n.startswith(f"{structure.layers}.")]  # the blocks' linears
     with _blocks_loaded(run):
-        with tunables(model, names, cfg.rounding) as tun, \
+        with tunables(model, names, cfg.rounding, cfg.levels) as tun, \
                 _trainable(norm_parameters(model, structure) if cfg.e2e_norms else []) as extra:
             # every step runs (no early stop): the held-out KL of 16 windows is noisy at 4 bits, and twice three
             # measurements above the best ended a run that was still to fall; the best measured point is kept

@@ -77,6 +77,9 @@ class FinetuneConfig:
     rounding: bool = option(False, "Also learn the rounding of uniform layers, per block and end to end (off: the "
                             "scale factors only, which measured better per block on SmolLM2).",
                             "--finetune-rounding/--finetune-scales-only")
+    levels: bool = option(False, "Also train each codebook layer's own levels or vector entries (--codebook kmeans, "
+                          "vq2, vq3; codes stay), per block and end to end, as GPTVQ's codebook update and AQLM's "
+                          "fine-tuning do; off: its scales only.", "--finetune-levels/--finetune-fixed-levels")
     e2e_steps: int = option(100, "Steps of the end-to-end distillation (e2e, both).", "--finetune-e2e-steps")
     e2e_batch: int = option(2, "Calibration windows per end-to-end step.", "--finetune-e2e-batch")
     e2e_lr: float = option(1e-3, "Adam learning rate of the scale factors end to end; decays linearly.",
@@ -144,13 +147,16 @@ class Tunable(nn.Module):
     """A packed linear while its block is tuned: the weight rebuilt from trainable rounding offsets and scale
     factors on every forward. ``harden()`` writes the result back into the packed module."""
 
-    def __init__(self, packed: PackedLinear, rounding: bool) -> None:
+    def __init__(self, packed: PackedLinear, rounding: bool, levels: bool = False) -> None:
         super().__init__()
         self.packed = packed
         g = packed.group_size
+        self.e = None  # a codebook's trained change to its levels
         if isinstance(packed, CodebookLinear):  # codes index the levels: the offsets move along them
             self.register_buffer("s", packed.scales.float().repeat_interleave(g, 1))
-            self.register_buffer("levels", packed.levels.float())
+            self.register_buffer("fitted", packed.levels.float())
+            if levels:  # shared by the whole layer: a few hundred values that every group's weights move with
+                self.e = nn.Parameter(torch.zeros_like(self.fitted))
             self.register_buffer("base", packed.codes().float())
             # a vector codebook's entries have no order to slide along: its codes stay, its scales train
             rounding = rounding and packed.DIM == 1
@@ -183,6 +189,10 @@ class Tunable(nn.Module):
         codes = m.codes()
         return torch.stack([((codes >> k) & 1).float() * 2 - 1 for k in range(m.bits)])
 
+    @property
+    def levels(self) -> torch.Tensor:
+        return self.fitted if self.e is None else self.fitted + self.e
+
     def _codes(self) -> torch.Tensor:
         m = self.packed
         u = self.base if self.v is None else self.base + self.v
@@ -192,12 +202,13 @@ class Tunable(nn.Module):
         """The levels the codes pick; with rounding offsets, their gradient is the levels' local slope (the
         uniform grid's is its step, 1 in code units)."""
         q = self._codes()
-        lv = decode(q.detach(), self.levels)
+        levels = self.levels
+        lv = decode(q.detach(), levels)
         if self.v is None:
             return lv
-        top = len(self.levels) - 1
+        top = len(levels) - 1
         hi, lo = (q.detach() + 1).clamp(max=top).long(), (q.detach() - 1).clamp(min=0).long()
-        slope = (self.levels[hi] - self.levels[lo]) / (hi - lo).float()
+        slope = (levels[hi] - levels[lo]).detach() / (hi - lo).float()
         u = self.base + self.v
         return lv + slope * (u - u.detach())
 
@@ -227,6 +238,8 @@ class Tunable(nn.Module):
         if isinstance(m, (QuantLinear, CodebookLinear)):
             m.set_codes(self._codes().to(torch.int64))
             m.set_scales(m.scales.float() * (1 + self.a))  # 8-bit scales: the nearest point of the row's grid
+            if self.e is not None:
+                m.levels.copy_(self.levels)
         else:
             m.row_scales.copy_((self.r * (1 + self.a)).half())
 
@@ -288,11 +301,11 @@ def tunable_names(module: nn.Module) -> list[str]:
 
 
 @contextmanager
-def tunables(module: nn.Module, names: list[str], rounding: bool):
+def tunables(module: nn.Module, names: list[str], rounding: bool, levels: bool = False):
     """The packed linears ``names`` of ``module`` swapped for :class:`Tunable` s and every other parameter frozen,
     for the duration; the packed modules come back, hardened only by an explicit ``harden()``."""
     packed = [module.get_submodule(n) for n in names]
-    tun = [Tunable(m, rounding) for m in packed]
+    tun = [Tunable(m, rounding, levels) for m in packed]
     frozen = [p for p in module.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -313,7 +326,7 @@ def fit(tun: list[Tunable], loss_on, n: int, cfg: FinetuneConfig, sched: Schedul
     warm-up is over), then
     harden the tunables into their packed modules; returns the loss curve."""
     rounding = [t.v for t in tun if t.v is not None]
-    scales = [t.a for t in tun] + list(extra)
+    scales = [t.a for t in tun] + [t.e for t in tun if t.e is not None] + list(extra)
     params = rounding + scales
     adam = torch.optim.Adam(scales, lr=sched.scale_lr)
     train, hold = split(n, cfg.holdout)
@@ -387,7 +400,7 @@ def tune_block(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: 
         out = call_block(block, x[idx], kwargs)
         return F.mse_loss(out.float(), target[idx].float())
 
-    with tunables(block, names, cfg.rounding) as tun:
+    with tunables(block, names, cfg.rounding, cfg.levels) as tun:
         return fit(tun, loss_on, x.shape[0], cfg, Schedule(cfg.steps, cfg.batch, cfg.scale_lr, cfg.lr), desc,
                    progress)
 

@@ -797,8 +797,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "e2e-rounding-left-out",
         "quant/methods/distill.py",
-        "tunables(model, names, cfg.rounding) as tun",
-        "tunables(model, names, False) as tun",
+        "tunables(model, names, cfg.rounding, cfg.levels) as tun",
+        "tunables(model, names, False, cfg.levels) as tun",
         ("tests/test_finetune.py::test_e2e_distillation_brings_the_next_token_distribution_closer_to_the_float_one",),
         "--finetune e2e --finetune-rounding is accepted but only the scales train end to end: no code moves",
     ),
@@ -1046,5 +1046,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "or kernels_cuda.inside_disabled() or bits > 4):",
         ("tests/test_kernels_cpu.py::test_prepared_layers_prefill_through_the_lookup",),
         "a prepared vector codebook layer's prompt is rebuilt from per-code tables it does not have, and fails",
+    ),
+    Mutation(
+        "trained-levels-never-stored",
+        "quant/methods/finetune.py",
+        "                m.levels.copy_(self.levels)",
+        "                m.levels.copy_(self.fitted)",
+        ("tests/test_codebook.py::test_training_a_codebooks_levels_fits_the_output_closer_than_its_scales_alone",),
+        "--finetune-levels trains a codebook's levels and the checkpoint keeps the fitted ones: what was measured "
+        "is not what ships",
+    ),
+    Mutation(
+        "levels-left-out-of-the-optimiser",
+        "quant/methods/finetune.py",
+        "    scales = [t.a for t in tun] + [t.e for t in tun if t.e is not None] + list(extra)",
+        "    scales = [t.a for t in tun] + list(extra)",
+        ("tests/test_codebook.py::test_training_a_codebooks_levels_fits_the_output_closer_than_its_scales_alone",),
+        "--finetune-levels is accepted but the levels never reach the optimiser: they stay as fitted",
+    ),
+    Mutation(
+        "e2e-levels-left-out",
+        "quant/methods/distill.py",
+        "tunables(model, names, cfg.rounding, cfg.levels) as tun",
+        "tunables(model, names, cfg.rounding) as tun",
+        ("tests/test_codebook.py::test_e2e_distillation_trains_vector_entries_and_the_checkpoint_keeps_them",),
+        "--finetune e2e --finetune-levels trains the scales alone end to end: the entries stay as fitted",
     ),
 )
