@@ -3,6 +3,7 @@
 //   y[m, n] = sum_g s[n,g] * (sum_{j in g} c[n,j] x[m,j] - z[n,g] * xsum[m,g])        (uniform, 2/3/4/8-bit)
 //   y[m, n] = sum_g sum_j T[n,g][c[n,j]] x[m,j]                                       (DSQ, 1-4 sign planes)
 //   y[m, n] = sum_g s[n,g] sum_j L[c[n,j]] x[m,j]                                     (codebook, 2-4 bits)
+//   y[m, n] = sum_g s[n,g] sum_r E[c[n,rD..rD+D-1]] . x[m,rD..rD+D-1]                 (vector codebook, D = 2, 3)
 //
 // Both come in the "chunk8" layout (kernels_cpu/layout.py): every 8 consecutive codes of a row fill `bits` bytes,
 // code i at bit bits*i, so one unaligned 32-bit load, a broadcast, a per-lane shift and a mask give 8 codes in 8
@@ -941,7 +942,7 @@ __attribute__((target("avx512f,avx512bw"))) void lookup_rows_avx512(const uint8_
 // Each run of D codes along a row is one index into levels [2^(B*D), D], the run's first code the least significant:
 // in the row's LSB-first chunk8 stream the index is simply the run's B*D bits (at most 12, read from a 4-byte word:
 // the buffer's 4 bytes of padding cover the last run). w = scale * entry; one read of D table values a run, MM
-// tokens at a time (portable: the table read is a gather either way).
+// tokens at a time (the portable body, and the tests' reference for the AVX-512 one below).
 template <int B, int D, int MM>
 void vector_row(const float* x, int64_t K, const uint8_t* row, const at::Half* scales, const float* levels, int64_t G,
                 int64_t gs, float* y, int64_t N) {
@@ -967,9 +968,62 @@ void vector_row(const float* x, int64_t K, const uint8_t* row, const at::Half* s
   for (int m = 0; m < MM; ++m) y[m * N] = acc[m];
 }
 
+#if LOWBIT_X86
+// AVX-512: 16 runs a step. Their indices are one gather of 16 unaligned 4-byte words (run r's at byte r*B*D/8)
+// shifted by each run's bit offset; each of an entry's D values is a gather from the layer's table (at most 6 KB:
+// L1-resident), multiplied with the tokens deinterleaved once a call (xd[m][d][r] = x[m][r*D + d]), so every
+// token load is contiguous. A group's last runs short of 16 (groups of 48 with D = 2, per-channel widths) are
+// masked.
+template <int B, int D, int MM>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) void vector_row_avx512(
+    const float* xd, int64_t R, const uint8_t* row, const at::Half* scales, const float* levels, int64_t G,
+    int64_t rg, float* y, int64_t N) {
+  constexpr int BD = B * D;
+  const __m512i lane_bits = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(BD));
+  const __m512i mask = _mm512_set1_epi32((1 << BD) - 1), seven = _mm512_set1_epi32(7);
+  __m512 tot[MM];
+  for (int m = 0; m < MM; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * rg;
+    for (int64_t r = g * rg; r < end; r += 16) {
+      const __mmask16 k = end - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - r)) - 1);
+      const __m512i bit = _mm512_add_epi32(_mm512_set1_epi32(int32_t(r * BD)), lane_bits);
+      const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, _mm512_srli_epi32(bit, 3), row, 1);
+      const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(word, _mm512_and_si512(bit, seven)), mask);
+      const __m512i at = D == 2 ? _mm512_slli_epi32(idx, 1) : _mm512_add_epi32(idx, _mm512_slli_epi32(idx, 1));
+      for (int d = 0; d < D; ++d) {
+        const __m512 e = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, _mm512_add_epi32(at, _mm512_set1_epi32(d)),
+                                                  levels, 4);
+        for (int m = 0; m < MM; ++m)
+          acc[m] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(k, xd + (m * D + d) * R + r), acc[m]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(scales)[g]));
+    for (int m = 0; m < MM; ++m) tot[m] = _mm512_fmadd_ps(s, acc[m], tot[m]);
+  }
+  for (int m = 0; m < MM; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]);
+}
+#endif
+
 template <int B, int D>
-void vector_impl(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
+void vector_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t row_bytes,
                  const at::Half* scales, const float* levels, int64_t G, int64_t gs, float* y, int64_t N) {
+#if LOWBIT_X86
+  if (isa == Isa::Avx512) {
+    const int64_t R = K / D;
+    std::vector<float> xd(M * K);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < R; ++r)
+        for (int d = 0; d < D; ++d) xd[(m * D + d) * R + r] = x[m * K + r * D + d];
+    return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
+      vector_row_avx512<B, D, decltype(mm)::value>(xd.data() + m0 * K, R, codes + n * row_bytes, scales + n * G,
+                                                   levels, G, gs / D, y + m0 * N + n, N);
+    });
+  }
+#endif
   each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
     vector_row<B, D, decltype(mm)::value>(x + m0 * K, K, codes + n * row_bytes, scales + n * G, levels, G, gs,
                                           y + m0 * N + n, N);
@@ -1081,11 +1135,11 @@ torch::Tensor codebook_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor 
 }
 
 // codes: uint8 [N * row_bytes + 4], chunk8 layout of the B-bit codes; scales: fp16 [N, G]; levels: float32
-// [2^(B*D), D] (D = 2: B 2..4; D = 3: B 2..3); group_size a multiple of D. isa is taken for the plans' sake: there is
-// one (portable) body.
+// [2^(B*D), D] (D = 2: B 2..4; D = 3: B 2..3); group_size a multiple of D. isa: the AVX-512 body for -1 and 2-3
+// where the CPU has it (the tokens stay float: a run's value is a table entry, not a small integer), the portable
+// body otherwise (no AVX2 one).
 torch::Tensor vector_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor levels,
                           int64_t group_size, int64_t isa, c10::optional<torch::Tensor> out) {
-  (void)isa;
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 2,
               "scales must be contiguous fp16 [out, groups]");
   TORCH_CHECK(levels.scalar_type() == torch::kFloat32 && levels.is_contiguous() && levels.dim() == 2 &&
@@ -1102,9 +1156,10 @@ torch::Tensor vector_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight");
   auto y = output(x, N, out);
-  auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), K, codes.data_ptr<uint8_t>(), row_bytes,
-                              scales.data_ptr<at::Half>(), levels.data_ptr<float>(), G, group_size,
-                              y.data_ptr<float>(), N);
+  const bool avx512 = (isa < 0 || isa >= 2) && int(best_isa()) >= int(Isa::Avx512);
+  auto args = std::make_tuple(avx512 ? Isa::Avx512 : Isa::Ref, x.data_ptr<float>(), x.size(0), K,
+                              codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(),
+                              levels.data_ptr<float>(), G, group_size, y.data_ptr<float>(), N);
   if (D == 2 && B == 2) std::apply(vector_impl<2, 2>, args);
   else if (D == 2 && B == 3) std::apply(vector_impl<3, 2>, args);
   else if (D == 2) std::apply(vector_impl<4, 2>, args);
