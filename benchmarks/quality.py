@@ -51,6 +51,10 @@ OTHER_TEXT = {
     # windows are 65k), the C4 row's recipe on 512 windows unchanged
     "d2quant-w3-nodsq-s8-c4wv-c512-downh-headh-ft-e2e-bf16": (
         "d2quant-w3-nodsq-s8-c512-downh-headh-ft-e2e-bf16", "c4+wikitext2-valid", 512),
+    # vector codes (vq3 g96) under this protocol: on C4 they lowered every C4 measure and lost on WikiText-2; do
+    # they keep their gain when half the text is like the evaluation's?
+    "d2quant-w3-nodsq-s8-c4wv-vq3g96-downh-headh-ft-e2e-bf16": (
+        "d2quant-w3-nodsq-s8-vq3g96-downh-headh-ft-e2e-bf16", "c4+wikitext2-valid", 128),
     # data-free: text the float model samples itself (LLM-QAT's distillation data), not chosen to be like any
     # evaluation text, so these rows stand on our protocol beside the C4 rows
     "d2quant-w3-nodsq-s8-self-downh-headh-ft-e2e-bf16": (
