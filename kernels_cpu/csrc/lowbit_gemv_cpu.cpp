@@ -969,19 +969,50 @@ void vector_row(const float* x, int64_t K, const uint8_t* row, const at::Half* s
 }
 
 #if LOWBIT_X86
-// AVX-512: 16 runs a step. Their indices are one gather of 16 unaligned 4-byte words (run r's at byte r*B*D/8)
-// shifted by each run's bit offset; each of an entry's D values is a gather from the layer's table (at most 6 KB:
-// L1-resident), multiplied with the tokens deinterleaved once a call (xd[m][d][r] = x[m][r*D + d]), so every
+// AVX-512: 16 runs a step, starting on a byte (a step starts at a multiple of 8 runs: the dispatch checks it).
+// Their 16 indices come from the step's at most 20 bytes without a gather: one masked load, bytes 0-15 broadcast to
+// the first three 128-bit lanes and bytes 4-19 to the last (each lane's four runs lie within its 16 bytes for
+// B*D <= 9), one in-lane byte shuffle that puts run l's 4 bytes at byte (l*B*D)/8 into dword l, then each dword's
+// shift. An entry's d-th value is a lookup in the layer's table transposed per d (lt[d][v]): in registers for up to
+// 64 entries (vq2 at 2-3 bits, vq3 at 2: one or two permutes and a blend), else a gather (vq3 at 3 bits: 512
+// entries, 2 KB a d, L1-resident). Tokens are deinterleaved once a call (xd[m][d][r] = x[m][r*D + d]), so every
 // token load is contiguous. A group's last runs short of 16 (groups of 48 with D = 2, per-channel widths) are
 // masked.
+template <int BD>
+struct RunBytes {  // the byte shuffle and shifts that give 16 runs' indices
+  alignas(64) int8_t ctrl[64];
+  alignas(64) int32_t shift[16];
+  constexpr RunBytes() : ctrl(), shift() {
+    for (int l = 0; l < 16; ++l) {
+      for (int b = 0; b < 4; ++b) ctrl[4 * l + b] = int8_t((l * BD) / 8 + b - (l >= 12 ? 4 : 0));
+      shift[l] = (l * BD) % 8;
+    }
+  }
+};
+template <int BD>
+constexpr RunBytes<BD> RUN_BYTES{};
+
+template <int BD>
+__attribute__((target("avx512f,avx512bw,fma,f16c"))) inline __m512i run_indices(const uint8_t* step, int lanes) {
+  static_assert(BD >= 4 && BD <= 9, "a lane's four runs must lie within its 16 bytes");
+  const int bytes = ((lanes - 1) * BD) / 8 + 4;  // none past the last run's word: the buffer ends 4 bytes after it
+  const __m512i v = _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), step);
+  const __m128i lo = _mm512_castsi512_si128(v), hi = _mm512_extracti32x4_epi32(v, 1);
+  const __m512i lanes4 = _mm512_inserti32x4(_mm512_broadcast_i32x4(lo), _mm_alignr_epi8(hi, lo, 4), 3);
+  const __m512i word = _mm512_shuffle_epi8(lanes4, _mm512_load_si512(RUN_BYTES<BD>.ctrl));
+  return _mm512_and_si512(_mm512_srlv_epi32(word, _mm512_load_si512(RUN_BYTES<BD>.shift)),
+                          _mm512_set1_epi32((1 << BD) - 1));
+}
+
 template <int B, int D, int MM>
 __attribute__((target("avx512f,avx512bw,fma,f16c"))) void vector_row_avx512(
-    const float* xd, int64_t R, const uint8_t* row, const at::Half* scales, const float* levels, int64_t G,
+    const float* xd, int64_t R, const uint8_t* row, const at::Half* scales, const float* lt, int64_t G,
     int64_t rg, float* y, int64_t N) {
-  constexpr int BD = B * D;
-  const __m512i lane_bits = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(BD));
-  const __m512i mask = _mm512_set1_epi32((1 << BD) - 1), seven = _mm512_set1_epi32(7);
+  constexpr int BD = B * D, V = 1 << BD;
+  constexpr int T = V <= 64 ? V / 16 : 0;  // table registers a d (V is 16, 64, 256 or 512)
+  __m512 t[D][T > 0 ? T : 1];
+  for (int d = 0; d < D; ++d)
+    for (int i = 0; i < T; ++i) t[d][i] = _mm512_loadu_ps(lt + d * V + 16 * i);
   __m512 tot[MM];
   for (int m = 0; m < MM; ++m) tot[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -989,20 +1020,26 @@ __attribute__((target("avx512f,avx512bw,fma,f16c"))) void vector_row_avx512(
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     const int64_t end = (g + 1) * rg;
     for (int64_t r = g * rg; r < end; r += 16) {
-      const __mmask16 k = end - r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - r)) - 1);
-      const __m512i bit = _mm512_add_epi32(_mm512_set1_epi32(int32_t(r * BD)), lane_bits);
-      const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, _mm512_srli_epi32(bit, 3), row, 1);
-      const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(word, _mm512_and_si512(bit, seven)), mask);
-      const __m512i at = D == 2 ? _mm512_slli_epi32(idx, 1) : _mm512_add_epi32(idx, _mm512_slli_epi32(idx, 1));
+      const int lanes = int(std::min<int64_t>(16, end - r));
+      const __mmask16 k = __mmask16((1u << lanes) - 1);
+      const __m512i idx = run_indices<BD>(row + r * BD / 8, lanes);
       for (int d = 0; d < D; ++d) {
-        const __m512 e = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, _mm512_add_epi32(at, _mm512_set1_epi32(d)),
-                                                  levels, 4);
+        __m512 e;
+        if constexpr (T == 1) {
+          e = _mm512_permutexvar_ps(idx, t[d][0]);
+        } else if constexpr (T == 4) {
+          const __m512 lo = _mm512_permutex2var_ps(t[d][0], idx, t[d][1]);
+          const __m512 hi = _mm512_permutex2var_ps(t[d][2], idx, t[d][3]);
+          e = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
+        } else {
+          e = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, lt + d * V, 4);
+        }
         for (int m = 0; m < MM; ++m)
           acc[m] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(k, xd + (m * D + d) * R + r), acc[m]);
       }
     }
-    const __m512 s = _mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(scales)[g]));
-    for (int m = 0; m < MM; ++m) tot[m] = _mm512_fmadd_ps(s, acc[m], tot[m]);
+    const __m512 sc = _mm512_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(scales)[g]));
+    for (int m = 0; m < MM; ++m) tot[m] = _mm512_fmadd_ps(sc, acc[m], tot[m]);
   }
   for (int m = 0; m < MM; ++m) y[m * N] = _mm512_reduce_add_ps(tot[m]);
 }
@@ -1013,14 +1050,17 @@ void vector_impl(Isa isa, const float* x, int64_t M, int64_t K, const uint8_t* c
                  const at::Half* scales, const float* levels, int64_t G, int64_t gs, float* y, int64_t N) {
 #if LOWBIT_X86
   if (isa == Isa::Avx512) {
+    constexpr int V = 1 << (B * D);
     const int64_t R = K / D;
-    std::vector<float> xd(M * K);
+    std::vector<float> xd(M * K), lt(D * V);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < R; ++r)
         for (int d = 0; d < D; ++d) xd[(m * D + d) * R + r] = x[m * K + r * D + d];
+    for (int v = 0; v < V; ++v)
+      for (int d = 0; d < D; ++d) lt[d * V + v] = levels[v * D + d];
     return each_row(N, M, [&](auto mm, int64_t n, int64_t m0) {
       vector_row_avx512<B, D, decltype(mm)::value>(xd.data() + m0 * K, R, codes + n * row_bytes, scales + n * G,
-                                                   levels, G, gs / D, y + m0 * N + n, N);
+                                                   lt.data(), G, gs / D, y + m0 * N + n, N);
     });
   }
 #endif
@@ -1156,7 +1196,9 @@ torch::Tensor vector_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.numel() == N * row_bytes + 4,
               "codes must be the chunk8 layout of the weight");
   auto y = output(x, N, out);
-  const bool avx512 = (isa < 0 || isa >= 2) && int(best_isa()) >= int(Isa::Avx512);
+  // the AVX-512 body's steps of 16 runs start on a byte: groups of a multiple of 8 runs (every supported size), or one
+  const bool avx512 =
+      (isa < 0 || isa >= 2) && int(best_isa()) >= int(Isa::Avx512) && (G == 1 || group_size / D % 8 == 0);
   auto args = std::make_tuple(avx512 ? Isa::Avx512 : Isa::Ref, x.data_ptr<float>(), x.size(0), K,
                               codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(),
                               levels.data_ptr<float>(), G, group_size, y.data_ptr<float>(), N);

@@ -1072,4 +1072,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_codebook.py::test_e2e_distillation_trains_vector_entries_and_the_checkpoint_keeps_them",),
         "--finetune e2e --finetune-levels trains the scales alone end to end: the entries stay as fitted",
     ),
+    Mutation(
+        "vector-kernel-last-lane-reads-from-byte-0",
+        "kernels_cpu/csrc/lowbit_gemv_cpu.cpp",
+        "int8_t((l * BD) / 8 + b - (l >= 12 ? 4 : 0))",
+        "int8_t((l * BD) / 8 + b)",
+        ("tests/test_kernels_cpu.py::test_vector_kernel_matches_float64",),
+        "the AVX-512 vector body forgets that its last 128-bit lane holds bytes 4-19: runs 12-15 of every step "
+        "read the wrong code bits",
+    ),
+    Mutation(
+        "vector-kernel-small-table-ignores-bit-5",
+        "kernels_cpu/csrc/lowbit_gemv_cpu.cpp",
+        "e = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);",
+        "e = lo;",
+        ("tests/test_kernels_cpu.py::test_vector_kernel_matches_float64",),
+        "the register table of 64 entries answers the upper half with the lower: vq2 at 3 bits decodes wrong",
+    ),
 )
